@@ -1,0 +1,5 @@
+import sys
+
+from onnxpress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""``compile_model``: the Python API behind ``onnxpress compile``.
+
+Validates everything cheap first (output name, pass names and settings, calibration
+inputs) so bad input fails in a second with one line, then runs the passes and
+writes the model and ``<output>.report.json`` only when every stage passed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import load_model, save_model
+from onnxpress.pass_infra import build_pass
+from onnxpress.pass_manager import CompileContext, PassManager
+from onnxpress.recipe import Recipe, load_recipe, parse_pass_args
+from onnxpress.report import CompileReport
+
+DEFAULT_RECIPE = "lossless"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# Samples held back from the calibration data to verify each stage.
+VERIFY_FRACTION = 0.15
+
+
+def report_path(output: str | os.PathLike) -> Path:
+    return Path(output).with_suffix(".report.json")
+
+
+def find_tokenizer_dir(model_path: Path, tokenizer_dir: str | os.PathLike | None) -> Path | None:
+    if tokenizer_dir is not None:
+        path = Path(tokenizer_dir)
+        if not any((path / f).exists() for f in TOKENIZER_FILES):
+            raise OnnxpressError(f"--tokenizer {path} holds no tokenizer files: pass the exported model's folder")
+        return path
+    folder = model_path.parent if model_path.is_file() else model_path
+    return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
+
+
+def resolve_recipe(recipe: str | os.PathLike | None, passes: Sequence[str] | None) -> Recipe:
+    if recipe is not None and passes:
+        raise OnnxpressError("give either --recipe or --passes, not both")
+    if passes:
+        return parse_pass_args(list(passes))
+    return load_recipe(recipe or DEFAULT_RECIPE)
+
+
+def load_calibration(
+    calib: Sequence[str | os.PathLike] | None,
+    model,
+    tokenizer_dir: Path | None,
+    *,
+    max_samples: int | None,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+):
+    from onnxpress.calibration import CalibrationSet
+
+    if not calib:
+        return None
+    paths = [Path(p) for p in calib]
+    if len(paths) == 1 and paths[0].suffix == ".npz":
+        return CalibrationSet.from_npz(paths[0], model)
+    if tokenizer_dir is None:
+        raise OnnxpressError("text calibration needs a tokenizer: pass --tokenizer DIR (the exported model's folder)")
+    return CalibrationSet.from_files(
+        paths, tokenizer_dir, model, max_length=max_length, batch_size=batch_size, max_samples=max_samples, seed=seed
+    )
+
+
+def compile_model(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    recipe: str | os.PathLike | None = None,
+    passes: Sequence[str] | None = None,
+    calib: Sequence[str | os.PathLike] | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    threads: int | None = None,
+    verify: bool = True,
+    external_data: bool | None = None,
+    progress: bool = True,
+) -> CompileReport:
+    from onnxpress.calibration import CalibrationSet
+
+    start = time.perf_counter()
+    src, out = Path(model), Path(output)
+    if out.suffix != ".onnx":
+        raise OnnxpressError(f"output {out} must end in .onnx: choose a name like model.compressed.onnx")
+    plan = resolve_recipe(recipe, passes)
+    pass_objs = [build_pass(spec.name, spec.settings) for spec in plan.passes]
+    manager = PassManager(pass_objs, verify=verify, progress=progress)
+
+    ir_model = load_model(src)
+    manager.check_applicable(ir_model, src.name)
+    tok_dir = find_tokenizer_dir(src, tokenizer_dir)
+    calibration = load_calibration(
+        calib,
+        ir_model,
+        tok_dir,
+        max_samples=max_samples or plan.calibration.get("max_samples"),
+        max_length=max_length or plan.calibration.get("max_length", 128),
+        batch_size=batch_size,
+        seed=seed,
+    )
+    needy = [p.name for p in pass_objs if p.needs_calibration]
+    if needy and calibration is None:
+        raise OnnxpressError(
+            f"passes {', '.join(needy)} need calibration data: pass --calib TEXT_FILES_OR_FOLDER "
+            "(tokenizer from the model's folder or --tokenizer) or --calib inputs.npz"
+        )
+    if calibration is not None and len(calibration) >= 4:
+        calibration, held_out = calibration.split(VERIFY_FRACTION)
+        verification = held_out.batches
+    elif calibration is not None:
+        verification = calibration.batches[:1]
+    else:
+        verification = CalibrationSet.synthetic(ir_model, seed=seed).batches
+    ctx = CompileContext(
+        verification=verification, calibration=calibration, tokenizer_dir=tok_dir, seed=seed, threads=threads
+    )
+    results = manager.run(ir_model, ctx)
+
+    save_model(ir_model, out, external_data=external_data)
+    report = CompileReport(
+        model=str(src),
+        output=str(out),
+        recipe=plan.name,
+        calibration=calibration.source if calibration is not None else "synthetic tokens (no --calib given)",
+        passes=results,
+        size_before=_file_size(src),
+        size_after=_file_size(out),
+        seconds=time.perf_counter() - start,
+    )
+    try:
+        report.write_json(report_path(out))
+    except BaseException:
+        out.unlink(missing_ok=True)  # no model without its report
+        raise
+    return report
+
+
+def _file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

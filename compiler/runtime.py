@@ -1,0 +1,74 @@
+"""ONNX Runtime sessions: one place that creates them and runs batches through them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import model_bytes
+
+Feeds = Mapping[str, np.ndarray]
+
+
+def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or int(os.environ.get("ONNXPRESS_THREADS", "0"))
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def make_session(
+    model: ir.Model | str | os.PathLike | bytes,
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """A session for an in-memory model, serialised bytes or a file; registers
+    onnxpress's operator library when the model uses the ``onnxpress`` domain."""
+    source: bytes | str = (
+        model_bytes(model) if isinstance(model, ir.Model) else model if isinstance(model, bytes) else str(model)
+    )
+    opts = options or session_options(threads, optimize=optimize)
+    if _uses_onnxpress_ops(model):
+        from onnxpress import runtime_ops
+
+        opts = runtime_ops.session_options_for(source, opts)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=list(providers))
+    except Exception as exc:  # ORT raises several types; make it one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxpressError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+def _uses_onnxpress_ops(model: ir.Model | str | os.PathLike | bytes) -> bool:
+    if isinstance(model, ir.Model):
+        return any(node.domain == "onnxpress" for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    if isinstance(model, str | os.PathLike) and not Path(model).exists():
+        return False
+    from onnxpress import runtime_ops
+
+    return runtime_ops.uses_onnxpress_ops(model)
+
+
+def run_batches(
+    session: ort.InferenceSession, batches: Iterable[Feeds], outputs: Sequence[str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Run every batch; returns one {output name: array} dict per batch."""
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    results = []
+    for feeds in batches:
+        arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        results.append(dict(zip(names, arrays, strict=True)))
+    return results

@@ -1,0 +1,41 @@
+// Inner loops of the CPU flash-attention kernel, one set per instruction set.
+//
+// The AVX2 set lives in its own translation unit compiled with -mavx2 -mfma and is only
+// picked after a runtime CPU check, so the library still runs on CPUs without AVX2.
+#pragma once
+
+#include <cstdint>
+
+namespace onnxpress {
+
+// Keys are packed in panels of kPanelWidth keys: panel[d][c] = K[panel_start + c][d], so the
+// QK^T inner loop reads one contiguous 64-byte row per head-dimension step.
+constexpr int kPanelWidth = 16;
+
+struct TileKernels {
+  const char* name;
+
+  // S[r][c] = sum_d Q[r][d] * K[c][d] for r < rows and c < panels * kPanelWidth.
+  void (*qk)(const float* q, int64_t ldq, int rows, const float* k_panels, int panels, int head_size,
+             float* s, int64_t lds);
+
+  // One online-softmax step over scores S[r][0..n) (base-2 logits). Updates the running
+  // row_max / row_sum, writes alpha[r] = 2^(old_max - new_max) for rescaling the output and
+  // replaces S by P = 2^(S - new_max). Rows whose scores are all -inf get P = 0, alpha = 1.
+  // May overwrite S[r][n .. round_up(n, 8)).
+  void (*softmax)(float* s, int64_t lds, int rows, int n, float* row_max, float* row_sum, float* alpha);
+
+  // O[r][0..width) = alpha[r] * O[r] + sum_{c < n} P[r][c] * V[c][0..width). width % 8 == 0.
+  void (*pv)(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o,
+             int64_t ldo, int width, const float* alpha);
+};
+
+const TileKernels& ScalarTileKernels();
+
+// nullptr when the library was built without the AVX2 translation unit.
+const TileKernels* Avx2TileKernels();
+
+// AVX2+FMA when the CPU has it, else scalar; ONNXPRESS_OPS_SIMD=scalar forces scalar (tests).
+const TileKernels& SelectTileKernels();
+
+}  // namespace onnxpress

@@ -1,0 +1,388 @@
+"""Tiny random-weight transformer exports for tests.
+
+Every test that needs "a real exported transformer" calls :func:`tiny_model`; it
+builds a seeded, few-layer HF model from a transformers config, exports it with the
+requested exporter and caches the ``.onnx`` on disk, so only the first run pays for
+the export (a few seconds each).
+
+Cache: ``$ONNXPRESS_TINY_CACHE`` or ``~/.cache/onnxpress/tiny/<transformers version>/
+<torch version>/<arch>-<exporter>-<attn>-<past|nopast>/model.onnx``; each entry is
+written into a temporary folder and renamed into place, so an interrupted export
+never leaves a half-written model and concurrent test workers cannot collide.
+
+The signature of :func:`tiny_model` and the ``*_ARCHS`` lists are a stable API
+used by the pass tests of other engineers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ENCODER_ARCHS = ["bert", "roberta", "distilbert", "electra", "mpnet", "xlm-roberta"]
+DECODER_ARCHS = ["gpt2", "llama", "qwen2", "mistral", "phi", "gpt-neox"]
+VISION_ARCHS = ["vit"]
+ALL_ARCHS = ENCODER_ARCHS + DECODER_ARCHS + VISION_ARCHS
+EXPORTERS = ["optimum", "torchscript", "dynamo"]
+# archs whose config uses grouped-query attention (num_kv_heads < num_heads)
+GQA_ARCHS = ["qwen2", "mistral"]
+ROTARY_ARCHS = ["llama", "qwen2", "mistral", "phi", "gpt-neox"]
+
+HIDDEN = 64
+HEADS = 4
+HEAD_SIZE = HIDDEN // HEADS
+FFN = 128
+LAYERS = 2
+KV_HEADS_GQA = 2
+VOCAB = 1000
+MAX_POS = 128
+SEED = 0
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+def _make_config(arch: str, attn: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB)
+    if arch == "bert":
+        cfg = tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                            intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+    elif arch == "roberta":
+        cfg = tf.RobertaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                               intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+    elif arch == "xlm-roberta":
+        cfg = tf.XLMRobertaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+    elif arch == "electra":
+        # embedding_size != hidden_size: exercises a weight MatMul outside the layers
+        cfg = tf.ElectraConfig(hidden_size=HIDDEN, embedding_size=32, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, intermediate_size=FFN,
+                               max_position_embeddings=MAX_POS, **common)
+    elif arch == "mpnet":
+        cfg = tf.MPNetConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                             intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+    elif arch == "distilbert":
+        cfg = tf.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
+                                  max_position_embeddings=MAX_POS, **common)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=MAX_POS,
+                            **common)
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                             num_key_value_heads=HEADS, intermediate_size=FFN,
+                             max_position_embeddings=MAX_POS, **common)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                             num_key_value_heads=KV_HEADS_GQA, intermediate_size=FFN,
+                             max_position_embeddings=MAX_POS, **common)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                               num_key_value_heads=KV_HEADS_GQA, intermediate_size=FFN,
+                               max_position_embeddings=MAX_POS, sliding_window=None, **common)
+    elif arch == "phi":
+        cfg = tf.PhiConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+    elif arch == "gpt-neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                               intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+    elif arch == "vit":
+        cfg = tf.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           intermediate_size=FFN, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_config_values(arch: str) -> dict:
+    """What the analysis must find for ``arch``: num_layers, num_heads, num_kv_heads,
+    head_size, ffn_size, hidden_size, causal, rotary, kind."""
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
+    return {
+        "num_layers": LAYERS,
+        "num_heads": HEADS,
+        "num_kv_heads": KV_HEADS_GQA if arch in GQA_ARCHS else HEADS,
+        "head_size": HEAD_SIZE,
+        "ffn_size": FFN,
+        "hidden_size": HIDDEN,
+        "causal": arch in DECODER_ARCHS,
+        "rotary": arch in ROTARY_ARCHS,
+        "kind": "encoder" if arch in ENCODER_ARCHS else "decoder" if arch in DECODER_ARCHS else "vision",
+    }
+
+
+def cache_root() -> Path:
+    import torch
+    import transformers
+
+    base = os.environ.get("ONNXPRESS_TINY_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "onnxpress" / "tiny"
+    return root / transformers.__version__ / torch.__version__.split("+")[0]
+
+
+def _build_hf_model(arch: str, attn: str):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    cfg = _make_config(arch, attn)
+    if arch in ENCODER_ARCHS:
+        model = tf.AutoModel.from_config(cfg, attn_implementation=attn)
+    elif arch in DECODER_ARCHS:
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    else:
+        model = tf.ViTModel(cfg, add_pooling_layer=False, attn_implementation=attn)
+    _randomize(model)
+    model.eval()
+    return model
+
+
+def _randomize(model) -> None:
+    """Give every parameter distinct random values.
+
+    HF init leaves biases at 0 and norm weights at 1; exporters then fold equal
+    initializers into one (Identity-shared) tensor and fidelity checks of passes see
+    a degenerate model. Seeded, so exports are reproducible.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            lname = name.lower()
+            if p.ndim == 1 and ("norm" in lname or lname.endswith("ln_1.weight") or lname.endswith("ln_2.weight")
+                                or lname.endswith("ln_f.weight")):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.05 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def effective_attn(arch: str, attn: str) -> str:
+    """The attention implementation actually used: archs without SDPA support
+    (ELECTRA, MPNet in transformers 4.57) always export eager attention."""
+    if attn == "sdpa":
+        import transformers as tf
+
+        cls = {"electra": tf.ElectraModel, "mpnet": tf.MPNetModel}.get(arch)
+        if cls is not None and not getattr(cls, "_supports_sdpa", False):
+            return "eager"
+    return attn
+
+
+def _save_tokenizer(arch: str, out: Path) -> None:
+    """A tiny word-level tokenizer (optional; exporters do not need one)."""
+    if arch in VISION_ARCHS:
+        return
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+        for i in range(len(vocab), VOCAB):
+            vocab[f"w{i}"] = i
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        fast.save_pretrained(out)
+    except Exception:  # pragma: no cover - the tokenizer is a convenience only
+        pass
+
+
+def _export_optimum(model, arch: str, with_past: bool, hf_dir: Path, out_dir: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    model.save_pretrained(hf_dir)
+    _save_tokenizer(arch, hf_dir)
+    if arch in DECODER_ARCHS:
+        task = "text-generation-with-past" if with_past else "text-generation"
+    else:
+        task = "feature-extraction"
+    main_export(
+        str(hf_dir),
+        output=str(out_dir),
+        task=task,
+        opset=None,
+        device="cpu",
+        do_validation=False,
+        no_post_process=True,
+        local_files_only=True,
+        library_name="transformers",
+    )
+    # optimum saves preprocessors/config next to the model; keep only the graph
+    for extra in out_dir.iterdir():
+        if extra.name != "model.onnx" and not extra.name.startswith("model.onnx"):
+            if extra.is_dir():
+                shutil.rmtree(extra)
+            else:
+                extra.unlink()
+
+
+def _torch_inputs(arch: str, with_past: bool):
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    if arch in VISION_ARCHS:
+        return ("pixel_values",), (torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),), {
+            "pixel_values": {0: "batch"}}
+    ids = torch.randint(5, VOCAB, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    names = ("input_ids", "attention_mask")
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    return names, (ids, mask), axes
+
+
+def _export_torch(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool) -> None:
+    import torch
+
+    if with_past:
+        return _export_torch_with_past(model, arch, out_dir, dynamo)
+    names, args, axes = _torch_inputs(arch, with_past)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def _run(self, **kwargs):
+            if arch in DECODER_ARCHS:
+                kwargs["use_cache"] = False
+            out = self.inner(**kwargs, return_dict=True)
+            return out.logits if arch in DECODER_ARCHS else out.last_hidden_state
+
+    class TextWrapper(Wrapper):
+        def forward(self, input_ids, attention_mask):
+            return self._run(input_ids=input_ids, attention_mask=attention_mask)
+
+    class VisionWrapper(Wrapper):
+        def forward(self, pixel_values):
+            return self._run(pixel_values=pixel_values)
+
+    Wrapper = VisionWrapper if arch in VISION_ARCHS else TextWrapper  # noqa: N806
+    wrapper = Wrapper(model).eval()
+    out_name = "logits" if arch in DECODER_ARCHS else "last_hidden_state"
+    path = out_dir / "model.onnx"
+    with torch.no_grad():
+        if dynamo:
+            dyn = {n: {k: torch.export.Dim.AUTO for k in ax} for n, ax in axes.items()}
+            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=list(names),
+                                     output_names=[out_name], dynamic_shapes=tuple(dyn[n] for n in names),
+                                     optimize=True, verbose=False)
+            prog.save(str(path))
+        else:
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=list(names),
+                              output_names=[out_name], dynamic_axes={**axes, out_name: {0: "batch"}},
+                              opset_version=17)
+
+
+def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool) -> None:
+    """Decoder with KV cache through torch.onnx: past key/values are flat graph inputs."""
+    import torch
+    from transformers import DynamicCache
+
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(SEED)
+    past_len, seq = 5, 3
+    ids = torch.randint(5, VOCAB, (2, seq), generator=g)
+    mask = torch.ones(2, past_len + seq, dtype=torch.int64)
+    past = [torch.randn(2, n_kv, past_len, head, generator=g) for _ in range(2 * n_layers)]
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, *flat_past):
+            cache = DynamicCache()
+            for i in range(n_layers):
+                cache.update(flat_past[2 * i], flat_past[2 * i + 1], i)
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=True, return_dict=True)
+            pkv = out.past_key_values
+            flat = []
+            for i in range(n_layers):
+                if hasattr(pkv, "layers"):
+                    flat += [pkv.layers[i].keys, pkv.layers[i].values]
+                else:
+                    flat += [pkv.key_cache[i], pkv.value_cache[i]]
+            return (out.logits, *flat)
+
+    in_names = ["input_ids", "attention_mask"]
+    out_names = ["logits"]
+    for i in range(n_layers):
+        in_names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        out_names += [f"present.{i}.key", f"present.{i}.value"]
+    wrapper = Wrapper(model).eval()
+    args = (ids, mask, *past)
+    path = out_dir / "model.onnx"
+    with torch.no_grad():
+        if dynamo:
+            dyn = [{0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}] * 2 + [
+                tuple([{0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}] * (2 * n_layers))]
+            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
+                                     dynamic_shapes=tuple(dyn), optimize=True, verbose=False)
+            prog.save(str(path))
+        else:
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
+            for n in in_names[2:]:
+                axes[n] = {0: "batch", 2: "past"}
+            for n in out_names[1:]:
+                axes[n] = {0: "batch", 2: "total"}
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=in_names,
+                              output_names=out_names, dynamic_axes=axes, opset_version=17)
+
+
+def tiny_model(arch: str, exporter: str = "optimum", *, with_past: bool = False, attn: str = "sdpa") -> Path:
+    """Path to a cached ONNX export of a tiny random-weight ``arch``.
+
+    ``exporter``: "optimum" (optimum ``main_export``), "torchscript"
+    (``torch.onnx.export(dynamo=False)``) or "dynamo" (``torch.onnx.export(dynamo=True)``).
+    ``with_past``: decoders only; export with KV-cache inputs/outputs.
+    ``attn``: HF ``attn_implementation`` ("sdpa", the HF and optimum default, or "eager").
+    """
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"attn must be 'sdpa' or 'eager', not {attn!r}")
+    if with_past and arch not in DECODER_ARCHS:
+        raise ValueError(f"with_past is for decoders ({DECODER_ARCHS}), not {arch!r}")
+    attn = effective_attn(arch, attn)
+    entry = cache_root() / f"{arch}-{exporter}-{attn}-{'past' if with_past else 'nopast'}"
+    path = entry / "model.onnx"
+    if path.exists():
+        return path
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        out_dir = tmp / "onnx"
+        out_dir.mkdir()
+        model = _build_hf_model(arch, attn)
+        if exporter == "optimum":
+            _export_optimum(model, arch, with_past, tmp / "hf", out_dir)
+        else:
+            _export_torch(model, arch, with_past, out_dir, dynamo=exporter == "dynamo")
+        if not (out_dir / "model.onnx").exists():
+            raise RuntimeError(f"export of {arch} with {exporter} wrote no model.onnx")
+        try:
+            os.replace(out_dir, entry)
+        except OSError:
+            if not path.exists():  # someone else won the race only if the model is there
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
