@@ -16,6 +16,7 @@ used by the pass tests of other engineers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -138,7 +139,7 @@ def _build_hf_model(arch: str, attn: str):
     elif arch in DECODER_ARCHS:
         model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     else:
-        model = tf.ViTModel(cfg, add_pooling_layer=False, attn_implementation=attn)
+        model = tf.ViTModel(cfg, add_pooling_layer=False)  # attn set on the config
     _randomize(model)
     model.eval()
     return model
@@ -242,11 +243,39 @@ def _torch_inputs(arch: str, with_past: bool):
     return names, (ids, mask), axes
 
 
-def _export_torch(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool) -> None:
+@contextlib.contextmanager
+def _masks_without_vmap():
+    """transformers >= 4.53 builds attention masks with torch.vmap, which the
+    TorchScript exporter cannot trace (``RuntimeError: unordered_map::at``); swap in
+    optimum's vectorised equivalents for the duration of the export, as optimum does."""
+    try:
+        from optimum.exporters.onnx.model_patcher import eager_mask_without_vmap, sdpa_mask_without_vmap
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # older transformers: nothing to patch
+        yield
+        return
+    saved = {k: ALL_MASK_ATTENTION_FUNCTIONS[k] for k in ("sdpa", "eager")}
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask_without_vmap)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("eager", eager_mask_without_vmap)
+    try:
+        yield
+    finally:
+        for k, fn in saved.items():
+            ALL_MASK_ATTENTION_FUNCTIONS.register(k, fn)
+
+
+def _export_torch(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool, opset: int | None) -> None:
+    if not dynamo:
+        with _masks_without_vmap():
+            return _export_torch_impl(model, arch, with_past, out_dir, dynamo, opset or 17)
+    return _export_torch_impl(model, arch, with_past, out_dir, dynamo, opset)
+
+
+def _export_torch_impl(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool, opset: int | None) -> None:
     import torch
 
     if with_past:
-        return _export_torch_with_past(model, arch, out_dir, dynamo)
+        return _export_torch_with_past(model, arch, out_dir, dynamo, opset)
     names, args, axes = _torch_inputs(arch, with_past)
 
     class Wrapper(torch.nn.Module):
@@ -277,15 +306,15 @@ def _export_torch(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool
             dyn = {n: {k: torch.export.Dim.AUTO for k in ax} for n, ax in axes.items()}
             prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=list(names),
                                      output_names=[out_name], dynamic_shapes=tuple(dyn[n] for n in names),
-                                     optimize=True, verbose=False)
+                                     optimize=True, verbose=False, opset_version=opset)
             prog.save(str(path))
         else:
             torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=list(names),
                               output_names=[out_name], dynamic_axes={**axes, out_name: {0: "batch"}},
-                              opset_version=17)
+                              opset_version=opset)
 
 
-def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool) -> None:
+def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset: int | None) -> None:
     """Decoder with KV cache through torch.onnx: past key/values are flat graph inputs."""
     import torch
     from transformers import DynamicCache
@@ -333,7 +362,7 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool) -> No
             dyn = [{0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}] * 2 + [
                 tuple([{0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}] * (2 * n_layers))]
             prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
-                                     dynamic_shapes=tuple(dyn), optimize=True, verbose=False)
+                                     dynamic_shapes=tuple(dyn), optimize=True, verbose=False, opset_version=opset)
             prog.save(str(path))
         else:
             axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
@@ -342,16 +371,20 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool) -> No
             for n in out_names[1:]:
                 axes[n] = {0: "batch", 2: "total"}
             torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=in_names,
-                              output_names=out_names, dynamic_axes=axes, opset_version=17)
+                              output_names=out_names, dynamic_axes=axes, opset_version=opset or 17)
 
 
-def tiny_model(arch: str, exporter: str = "optimum", *, with_past: bool = False, attn: str = "sdpa") -> Path:
+def tiny_model(
+    arch: str, exporter: str = "optimum", *, with_past: bool = False, attn: str = "sdpa", opset: int | None = None
+) -> Path:
     """Path to a cached ONNX export of a tiny random-weight ``arch``.
 
     ``exporter``: "optimum" (optimum ``main_export``), "torchscript"
     (``torch.onnx.export(dynamo=False)``) or "dynamo" (``torch.onnx.export(dynamo=True)``).
     ``with_past``: decoders only; export with KV-cache inputs/outputs.
     ``attn``: HF ``attn_implementation`` ("sdpa", the HF and optimum default, or "eager").
+    ``opset``: torch exporters only; None = the exporter's default (TorchScript: 17,
+    dynamo: 18). Dynamo with ``opset=23`` emits the ONNX ``Attention`` op.
     """
     if arch not in ALL_ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
@@ -361,8 +394,11 @@ def tiny_model(arch: str, exporter: str = "optimum", *, with_past: bool = False,
         raise ValueError(f"attn must be 'sdpa' or 'eager', not {attn!r}")
     if with_past and arch not in DECODER_ARCHS:
         raise ValueError(f"with_past is for decoders ({DECODER_ARCHS}), not {arch!r}")
+    if opset is not None and exporter == "optimum":
+        raise ValueError("opset is for the torch exporters; optimum picks its own")
     attn = effective_attn(arch, attn)
-    entry = cache_root() / f"{arch}-{exporter}-{attn}-{'past' if with_past else 'nopast'}"
+    name = f"{arch}-{exporter}-{attn}-{'past' if with_past else 'nopast'}"
+    entry = cache_root() / (name if opset is None else f"{name}-opset{opset}")
     path = entry / "model.onnx"
     if path.exists():
         return path
@@ -375,7 +411,7 @@ def tiny_model(arch: str, exporter: str = "optimum", *, with_past: bool = False,
         if exporter == "optimum":
             _export_optimum(model, arch, with_past, tmp / "hf", out_dir)
         else:
-            _export_torch(model, arch, with_past, out_dir, dynamo=exporter == "dynamo")
+            _export_torch(model, arch, with_past, out_dir, dynamo=exporter == "dynamo", opset=opset)
         if not (out_dir / "model.onnx").exists():
             raise RuntimeError(f"export of {arch} with {exporter} wrote no model.onnx")
         try:
@@ -386,3 +422,13 @@ def tiny_model(arch: str, exporter: str = "optimum", *, with_past: bool = False,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def hf_layer_params(arch: str, layer: int = 0) -> int:
+    """Parameters of one transformer block of the tiny HF model (weights, biases and
+    norms of ``layer``), to check the analysis' per-layer count against."""
+    import re
+
+    model = _build_hf_model(arch, "eager")
+    pat = re.compile(rf"(^|\.)(layer|layers|h)\.{layer}\.")
+    return sum(p.numel() for name, p in model.named_parameters() if pat.search(name))

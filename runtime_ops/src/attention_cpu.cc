@@ -15,8 +15,12 @@
 namespace onnxpress {
 namespace {
 
-constexpr int kQueryBlock = 64;
-constexpr int kKeyBlock = 128;  // multiple of kPanelWidth
+#ifndef ONNXPRESS_QBLOCK
+#define ONNXPRESS_QBLOCK 64
+#define ONNXPRESS_KBLOCK 128
+#endif
+constexpr int kQueryBlock = ONNXPRESS_QBLOCK;
+constexpr int kKeyBlock = ONNXPRESS_KBLOCK;  // multiple of kPanelWidth
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kKeyBlock % kPanelWidth == 0, "key tiles must be whole panels");

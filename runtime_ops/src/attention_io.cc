@@ -216,12 +216,11 @@ AttentionCall BindAttentionCall(OrtKernelContext* context, const AttentionAttrs&
 }
 
 OrtStatusPtr InferAttentionOutputShape(const OrtApi& api, OrtShapeInferContext* ctx) {
-  // The output has exactly the query's type and (possibly symbolic) shape.
+  // The output has exactly the query's type and (possibly symbolic) shape. The info belongs to
+  // the context: releasing it here would double free.
   OrtTensorTypeAndShapeInfo* query_info = nullptr;
   if (OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(ctx, kQuery, &query_info)) return status;
-  OrtStatusPtr status = api.ShapeInferContext_SetOutputTypeShape(ctx, kOutput, query_info);
-  api.ReleaseTensorTypeAndShapeInfo(query_info);
-  return status;
+  return api.ShapeInferContext_SetOutputTypeShape(ctx, kOutput, query_info);
 }
 
 }  // namespace onnxpress

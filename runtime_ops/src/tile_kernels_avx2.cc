@@ -153,8 +153,22 @@ inline void PvRows(const float* p, int64_t lds, int n, const float* v, int64_t l
   if (col < width) PvBlock<MR, 1>(p, lds, n, v + col, ldv, o + col, ldo, alpha);
 }
 
+// Head size 32 (BERT-small, MiniLM, ...): all 4 column vectors in one pass, 3 rows at a time,
+// so each P value is broadcast once instead of once per 16 columns.
+void PvWidth32(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o, int64_t ldo,
+               const float* alpha) {
+  int r = 0;
+  for (; r + 3 <= rows; r += 3) PvBlock<3, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
+  if (rows - r == 2) PvBlock<2, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
+  if (rows - r == 1) PvBlock<1, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
+}
+
 void PvAvx2(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o, int64_t ldo,
             int width, const float* alpha) {
+  if (width == 32) {
+    PvWidth32(p, lds, rows, n, v, ldv, o, ldo, alpha);
+    return;
+  }
   int r = 0;
   for (; r + 6 <= rows; r += 6) PvRows<6>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, width, alpha + r);
   p += r * lds;

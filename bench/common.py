@@ -1,0 +1,96 @@
+"""Shared benchmark plumbing: alternating timing, machine header, table + JSON output.
+
+Speed is only ever reported as ratios between variants measured in the same run:
+variants are timed round-robin (one run of each in turn, repeated), so drift in the
+machine's load hits all of them alike; we report medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx")) or "vnni" in f)
+    except OSError:
+        pass
+    return []
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "flags": cpu_flags(), "onnxruntime": onnxruntime.__version__}
+
+
+def time_alternating(
+    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """Median seconds per call of each callable, measured round-robin."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    while True:
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        done = len(next(iter(samples.values())))
+        if done >= repeats and time.perf_counter() - start >= min_seconds:
+            break
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    table = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str, notes: Mapping[str, Any] | None = None,
+                  columns: Sequence[str] | None = None) -> Path:
+    """Print the machine header and the table; write bench/results/<name>.json."""
+    header = machine()
+    print(f"# {name}: {header['cpu']}, {header['cores']} cores, flags {' '.join(header['flags'])}, "
+          f"onnxruntime {header['onnxruntime']}")
+    print(f"# command: {command}")
+    print(format_table(rows, columns))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": header, "command": command, "notes": dict(notes or {}), "rows": list(rows)},
+                              indent=2, default=str))
+    os.replace(tmp, path)
+    return path

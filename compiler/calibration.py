@@ -1,0 +1,361 @@
+"""Calibration data: feed batches that match a model's inputs, deterministic given a seed.
+
+Feeds are built from the model's graph inputs by name (``make_feeds``): token ids and
+mask come from the text; ``token_type_ids`` are zeros, ``position_ids`` follow the mask,
+``past_key_values.*`` are empty (zero-length past), so decoder exports with a KV cache
+run as plain prefill. Texts are right-padded per batch (the mask marks padding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.datasets import expand_text_paths, load_tokenizer, read_text, text_chunks
+from onnxpress.errors import OnnxpressError
+
+Feeds = dict[str, np.ndarray]
+
+_NAMED_DIMS = {"input_ids": "[batch, sequence]", "attention_mask": "[batch, sequence]",
+               "token_type_ids": "[batch, sequence]", "position_ids": "[batch, sequence]",
+               "pixel_values": "[batch, channels, height, width]"}
+
+
+class InputSpec(NamedTuple):
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]  # None for symbolic / unknown dims
+
+
+def input_specs(model) -> list[InputSpec]:
+    """Graph inputs of an onnx_ir.Model or an onnxruntime.InferenceSession."""
+    if isinstance(model, ir.Model):
+        initializers = set(model.graph.initializers)
+        return [
+            InputSpec(v.name, v.dtype.numpy(), tuple(d if isinstance(d, int) else None for d in (v.shape or ())))
+            for v in model.graph.inputs if v.name not in initializers
+        ]
+    return [InputSpec(i.name, _ort_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+            for i in model.get_inputs()]
+
+
+def _ort_dtype(type_str: str) -> np.dtype:
+    name = type_str.removeprefix("tensor(").removesuffix(")")
+    return np.dtype({"float": "float32", "double": "float64", "float16": "float16"}.get(name, name))
+
+
+def is_past_input(name: str) -> bool:
+    return name.startswith("past_key_values") or name.startswith("past.")
+
+
+def make_feeds(model, input_ids: np.ndarray, attention_mask: np.ndarray, *, seed: int = 0) -> Feeds:
+    """Feeds for every graph input of ``model`` from token ids and their mask (see module doc)."""
+    batch = input_ids.shape[0]
+    feeds: Feeds = {}
+    for spec in input_specs(model):
+        if spec.name == "input_ids":
+            value = input_ids
+        elif spec.name == "attention_mask":
+            value = attention_mask
+        elif spec.name == "token_type_ids":
+            value = np.zeros_like(input_ids)
+        elif spec.name == "position_ids":
+            value = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+        elif is_past_input(spec.name):
+            value = np.zeros(_empty_past_shape(spec, batch), dtype=spec.dtype)
+        elif spec.name == "pixel_values":
+            value = synthetic_pixels(spec, batch, seed)
+        else:
+            raise OnnxpressError(
+                f"model input {spec.name!r} cannot be built from text: pass calibration data as .npz with that key"
+            )
+        feeds[spec.name] = np.ascontiguousarray(value.astype(spec.dtype, copy=False))
+    return feeds
+
+
+def _empty_past_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:
+    if len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[3] is None:
+        raise OnnxpressError(
+            f"past input {spec.name!r} has shape {spec.shape}; expected [batch, kv_heads, past, head_size] "
+            "with static heads/head size: re-export with optimum"
+        )
+    return (batch, spec.shape[1], 0, spec.shape[3])
+
+
+def synthetic_pixels(spec: InputSpec, batch: int, seed: int) -> np.ndarray:
+    dims = spec.shape[1:]
+    if any(d is None for d in dims):
+        raise OnnxpressError(
+            f"input {spec.name!r} has dynamic image dims {spec.shape}: pass real images as .npz calibration data"
+        )
+    return np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
+
+
+def vocab_size(model: ir.Model) -> int:
+    """Rows of the token embedding table: the Gather that reads ``input_ids``."""
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    if ids is None:
+        raise OnnxpressError("model has no input_ids input: synthetic token data needs a text model")
+    for node in ids.uses():
+        user = node.node
+        if user.op_type == "Gather" and user.inputs[1] is ids:
+            table = _source_table(user.inputs[0])
+            if table is not None:
+                return table
+    raise OnnxpressError("cannot find the token embedding table (a Gather on input_ids): pass real calibration text")
+
+
+def _source_table(value: ir.Value | None, depth: int = 4) -> int | None:
+    """First dim of the 2-D weight behind ``value``, looking through a few producer nodes
+    (a quantized table reaches the Gather through DequantizeLinear and friends)."""
+    if value is None or depth < 0:
+        return None
+    if value.const_value is not None or value.is_initializer():
+        shape = value.shape if value.shape is not None else value.const_value.shape
+        return int(shape[0]) if shape is not None and len(shape) == 2 else None
+    producer = value.producer()
+    if producer is None:
+        return None
+    for inp in producer.inputs:
+        found = _source_table(inp, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class CalibrationSet:
+    """Feed batches keyed by model input names, plus a description for reports."""
+
+    batches: list[Feeds]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Feeds]:
+        return iter(self.batches)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(_batch_size(b) for b in self.batches)
+
+    @property
+    def num_tokens(self) -> int:
+        total = 0
+        for b in self.batches:
+            if "attention_mask" in b and "input_ids" in b:
+                total += int(b["attention_mask"][:, -b["input_ids"].shape[1]:].sum())
+            elif "input_ids" in b:
+                total += b["input_ids"].size
+        return total
+
+    def take(self, n_batches: int) -> CalibrationSet:
+        return CalibrationSet(self.batches[:n_batches], f"{self.source}, first {n_batches} batches")
+
+    def split(self, holdout_fraction: float) -> tuple[CalibrationSet, CalibrationSet]:
+        """(calibration, holdout) by sample: the last ``holdout_fraction`` of samples, re-batched.
+
+        Samples keep their order (from_texts already shuffled them with the seed), so the
+        split is deterministic; holdout gets at least one sample when there are two or more.
+        """
+        if not 0.0 < holdout_fraction < 1.0:
+            raise OnnxpressError(f"holdout fraction {holdout_fraction} must be between 0 and 1: e.g. 0.1")
+        samples = [s for b in self.batches for s in _unbatch(b)]
+        if len(samples) < 2:
+            raise OnnxpressError(f"cannot split {len(samples)} calibration sample(s): give at least two")
+        n_hold = min(len(samples) - 1, max(1, round(len(samples) * holdout_fraction)))
+        size = max(_batch_size(b) for b in self.batches)
+        keep, hold = samples[: len(samples) - n_hold], samples[len(samples) - n_hold:]
+        return (
+            CalibrationSet(_rebatch(keep, size), f"{self.source}, calibration part ({len(keep)} samples)"),
+            CalibrationSet(_rebatch(hold, size), f"{self.source}, holdout part ({len(hold)} samples)"),
+        )
+
+    # ---- constructors -------------------------------------------------------------
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer_dir, model: ir.Model, *, max_length: int = 128,
+                   batch_size: int = 8, max_samples: int | None = None, seed: int = 0,
+                   source: str | None = None) -> CalibrationSet:
+        """Tokenize ``texts`` (shuffled with ``seed``, cut to ``max_samples``) into padded batches."""
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise OnnxpressError("no calibration text: pass non-empty texts or files")
+        order = np.random.default_rng(seed).permutation(len(texts))[: max_samples or len(texts)]
+        tokenizer = load_tokenizer(tokenizer_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batches = []
+        for start in range(0, len(order), batch_size):
+            chunk = [texts[i] for i in order[start:start + batch_size]]
+            ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+            input_ids, mask = pad_right(ids, pad_id)
+            batches.append(make_feeds(model, input_ids, mask, seed=seed + start))
+        desc = source or f"{len(texts)} texts"
+        return cls(batches, f"{desc}: {len(order)} samples, max_length {max_length}, seed {seed}")
+
+    @classmethod
+    def from_files(cls, paths, tokenizer_dir, model: ir.Model, **kwargs) -> CalibrationSet:
+        """Text from .txt (sentence chunks) / .jsonl ("text" field) files or folders of them."""
+        files = expand_text_paths([paths] if isinstance(paths, str | os.PathLike) else paths)
+        max_chars = 4 * kwargs.get("max_length", 128)  # ~4 characters per token: fill the window
+        texts: list[str] = []
+        for path in files:
+            texts.extend(_jsonl_texts(path) if path.suffix == ".jsonl" else text_chunks(read_text(path), max_chars))
+        names = files[0].name if len(files) == 1 else f"{files[0].name} .. {files[-1].name}"
+        kwargs.setdefault("source", f"{len(files)} file(s) [{names}] in {files[0].parent}")
+        return cls.from_texts(texts, tokenizer_dir, model, **kwargs)
+
+    @classmethod
+    def from_npz(cls, path, model: ir.Model, *, batch_size: int = 8) -> CalibrationSet:
+        """Arrays keyed by input names, first axis = samples; missing text inputs are derived."""
+        path = Path(path)
+        if not path.exists():
+            raise OnnxpressError(f"calibration file {path} does not exist: check the path")
+        try:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise OnnxpressError(f"{path} is not a readable .npz ({type(exc).__name__}): save it with np.savez") from None
+        specs = {s.name: s for s in input_specs(model)}
+        arrays = _validate_arrays(arrays, specs, path.name)
+        n = len(next(iter(arrays.values())))
+        batches = []
+        for start in range(0, n, batch_size):
+            part = {k: v[start:start + batch_size] for k, v in arrays.items()}
+            batches.append(_complete_feeds(model, part, specs))
+        return cls(batches, f"{path.name}: {n} samples, batch size {batch_size}")
+
+    @classmethod
+    def synthetic(cls, model: ir.Model, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0,
+                  num_batches: int = 1) -> CalibrationSet:
+        """Random tokens within the vocabulary (or random pixels): for checking lossless passes."""
+        specs = {s.name: s for s in input_specs(model)}
+        rng = np.random.default_rng(seed)
+        batches = []
+        for i in range(num_batches):
+            if "input_ids" in specs:
+                ids = rng.integers(0, vocab_size(model), size=(batch_size, seq_len), dtype=np.int64)
+            else:
+                ids = np.zeros((batch_size, seq_len), np.int64)  # vision: only pixel_values is used
+            batches.append(make_feeds(model, ids, np.ones_like(ids), seed=seed + i))
+        return cls(batches, f"synthetic: {num_batches} batch(es) of {batch_size}x{seq_len}, seed {seed}")
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise OnnxpressError(f"{path.name} line {lineno} is not JSON: write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise OnnxpressError(f'{path.name} line {lineno} has no "text" string field: add one to every record')
+        texts.append(record["text"])
+    return texts
+
+
+def _validate_arrays(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], where: str) -> dict:
+    if not arrays:
+        raise OnnxpressError(f"{where} holds no arrays: save one array per model input")
+    unknown = sorted(set(arrays) - set(specs))
+    if unknown:
+        raise OnnxpressError(
+            f"calibration input {unknown[0]!r} in {where} is not a model input: use the names {sorted(specs)}"
+        )
+    counts = {len(a) if a.ndim else 0 for a in arrays.values()}
+    if len(counts) != 1:
+        raise OnnxpressError(f"arrays in {where} have different sample counts {sorted(counts)}: make axis 0 match")
+    out = {}
+    for name, array in arrays.items():
+        spec = specs[name]
+        dims = _NAMED_DIMS.get(name, "")
+        if array.ndim != len(spec.shape):
+            raise OnnxpressError(
+                f"calibration input {name!r} has rank {array.ndim}, the model expects rank {len(spec.shape)} "
+                f"{dims}: reshape it (first axis = samples)".replace("  ", " ")
+            )
+        if _kind(array.dtype) != _kind(spec.dtype):
+            raise OnnxpressError(
+                f"calibration input {name!r} has dtype {array.dtype}, the model expects {spec.dtype}: convert it"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+            if want is not None and axis > 0 and want != got:
+                raise OnnxpressError(
+                    f"calibration input {name!r} has shape {array.shape}, the model expects size {want} "
+                    f"on axis {axis}: resize it"
+                )
+        out[name] = array.astype(spec.dtype, copy=False)  # same kind: int32 -> int64 etc. is safe
+    return out
+
+
+def _kind(dtype: np.dtype) -> str:
+    return "int" if np.issubdtype(dtype, np.integer) else "float" if np.issubdtype(dtype, np.floating) else str(dtype)
+
+
+def _complete_feeds(model: ir.Model, part: Feeds, specs: dict[str, InputSpec]) -> Feeds:
+    """Fill inputs the npz leaves out (mask, token types, positions, empty past) like text feeds do."""
+    missing = set(specs) - set(part)
+    if not missing:
+        return part
+    if "input_ids" not in part:
+        raise OnnxpressError(f"calibration data lacks model input {sorted(missing)[0]!r}: add it to the .npz")
+    mask = part.get("attention_mask", np.ones_like(part["input_ids"]))
+    derived = make_feeds(model, part["input_ids"], mask)
+    return {name: part.get(name, derived[name]) for name in specs}
+
+
+def _batch_size(batch: Feeds) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+def _unbatch(batch: Feeds) -> list[Feeds]:
+    """Per-sample feeds; padding past a sample's own length is trimmed so re-batching can re-pad."""
+    samples = []
+    for i in range(_batch_size(batch)):
+        sample = {k: v[i:i + 1] for k, v in batch.items()}
+        if "attention_mask" in sample and "input_ids" in sample:
+            n = int(sample["attention_mask"].sum()) if sample["attention_mask"].size else 0
+            seq = sample["input_ids"].shape[1]
+            if n and sample["attention_mask"].shape[1] == seq and sample["attention_mask"][0, :n].all():
+                sample = {k: (v[:, :n] if _is_token_axis(k, v, seq) else v) for k, v in sample.items()}
+        samples.append(sample)
+    return samples
+
+
+def _is_token_axis(name: str, value: np.ndarray, seq: int) -> bool:
+    return name in ("input_ids", "attention_mask", "token_type_ids", "position_ids") and value.shape[1] == seq
+
+
+def _rebatch(samples: list[Feeds], size: int) -> list[Feeds]:
+    batches = []
+    for start in range(0, len(samples), size):
+        group = samples[start:start + size]
+        batches.append({k: _stack([s[k] for s in group], k) for k in group[0]})
+    return batches
+
+
+def _stack(parts: list[np.ndarray], name: str) -> np.ndarray:
+    if name in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+        length = max(p.shape[1] for p in parts)
+        parts = [np.pad(p, ((0, 0), (0, length - p.shape[1]))) for p in parts]
+    return np.concatenate(parts, axis=0)

@@ -1,0 +1,466 @@
+"""Low-rank splitting: ``X @ W`` -> ``(X @ A) @ B`` with A [d_in, r], B [r, d_out].
+
+Calibration -> decision -> rewrite:
+
+1. the matrices: FFN up/gate/down and attention Q/K/V/O from the analysis map (or
+   any constant-weight MatMul/Gemm whose node or weight name matches a regex);
+2. capture the Gram matrix X^T X of each matrix's input on calibration data and
+   decompose each W by activation-aware (whitened) SVD, whose dropped singular values
+   are the output error on that data (``method: plain`` = SVD of W, the baseline);
+3. choose ranks under one budget (``fraction`` of the selected matrices' parameters
+   or MACs): ``uniform`` (every matrix loses that fraction) or ``global`` (greedy on
+   normalised truncation loss per parameter saved); a rank at which the two factors
+   would cost as much as W is never used;
+4. fit and rewrite; with ``sequential`` the factors of each group of matrices are fitted
+   on the inputs of the model compressed so far, by least squares to the original
+   outputs X W, so later layers absorb earlier errors; ``bias_correction`` restores
+   the mean output on calibration data.
+
+The numerics are in :mod:`onnxpress.passes.lowrank_fit`; bench/bench_lowrank.py
+compares the options end to end on MiniLM and SmolLM2 and motivates the defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import model_proto
+from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
+from onnxpress.passes import lowrank_fit as fit
+from onnxpress.runtime import make_session
+
+ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+
+
+@dataclass
+class LowRankConfig(PassConfig):
+    # share of the selected matrices' parameters (target=params) or MACs to remove
+    fraction: float = 0.2
+    target: Literal["params", "macs"] = "params"
+    method: Literal["whitened", "plain"] = "whitened"
+    allocation: Literal["uniform", "global"] = "uniform"
+    # roles (ffn.up, attn.q, ...) from the analysis map, or regexes on node / weight names
+    include: list[str] = field(default_factory=lambda: list(ROLES))
+    sequential: bool = True
+    bias_correction: bool = True
+    eps: float = fit.DEFAULT_EPS  # Cholesky ridge, relative to the mean Gram diagonal
+    max_batches: int | None = None  # calibration batches used (None: all)
+
+    def validate(self) -> None:
+        if not 0 < self.fraction < 1:
+            self.fail("fraction", f"must be between 0 and 1 (share of parameters removed), got {self.fraction}")
+        if not self.include:
+            self.fail("include", f"must name at least one matrix role ({', '.join(ROLES)}) or regex")
+        for pattern in self.include:
+            if pattern not in ROLES:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    self.fail("include", f"entry {pattern!r} is neither a role ({', '.join(ROLES)}) nor a regex ({exc})")
+        if not 0 <= self.eps < 1:
+            self.fail("eps", f"must be in [0, 1), e.g. 1e-4, got {self.eps}")
+        if self.max_batches is not None and self.max_batches < 1:
+            self.fail("max_batches", f"must be a positive number of batches, got {self.max_batches}")
+
+
+# ----------------------------------------------------------------------------- matrices
+
+
+@dataclass
+class Matrix:
+    """One weight matrix to split, with the effective W [d_in, d_out] of ``y = x @ W (+ b)``."""
+
+    key: str  # e.g. "layer3.ffn.up" or the node name
+    node: ir.Node  # the MatMul or Gemm
+    input: ir.Value  # x
+    weight: np.ndarray  # effective W, float64
+    bias: np.ndarray | None  # effective bias (Gemm: beta * C; MatMul: the Add's constant)
+    bias_value: ir.Value | None  # the constant bias input (of the Add or the Gemm)
+    bias_node: ir.Node | None  # the Add (MatMul + Add); None for Gemm or no bias
+    dtype: ir.DataType
+    layer: int | None = None
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[1]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        attr = value.producer().attributes.get("value")
+        tensor = attr.value if attr is not None else None
+    return None if tensor is None else tensor.numpy()
+
+
+def _matrix_of(node: ir.Node, key: str, layer: int | None, bias_value=None, bias_node=None) -> Matrix | None:
+    """The effective W of a MatMul/Gemm with a constant 2-D weight, or None if unsupported."""
+    if node.op_type == "MatMul":
+        if len(node.inputs) < 2 or node.inputs[0] is None:
+            return None
+        w = _const(node.inputs[1])
+        transposed = False
+        if w is None and node.inputs[1].producer() is not None and node.inputs[1].producer().op_type == "Transpose":
+            w = _const(node.inputs[1].producer().inputs[0])  # MatMul(x, Transpose(W_stored))
+            transposed = True
+        if w is None or w.ndim != 2:
+            return None
+        w = w.T if transposed else w
+        bias = _const(bias_value)
+    elif node.op_type == "Gemm":
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        w = _const(node.inputs[1])
+        if attrs.get("transA", 0) or w is None or w.ndim != 2:
+            return None
+        w = attrs.get("alpha", 1.0) * (w.T if attrs.get("transB", 0) else w)
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = _const(bias_value)
+        if bias_value is not None and bias is None:
+            return None  # a computed C cannot be moved onto the second factor as a constant
+        bias = None if bias is None else attrs.get("beta", 1.0) * np.broadcast_to(bias, (w.shape[1],))
+        bias_node = None
+    else:
+        return None
+    if bias is not None and bias.size != w.shape[1]:
+        bias, bias_value, bias_node = None, None, None  # not a per-output-channel bias: leave it alone
+    if not np.issubdtype(w.dtype, np.floating):
+        return None
+    dtype = ir.DataType.from_numpy(w.dtype)
+    return Matrix(key, node, node.inputs[0], w.astype(np.float64), None if bias is None else bias.astype(np.float64),
+                  bias_value, bias_node, dtype, layer)
+
+
+def _linears_by_role(tmap) -> list[tuple[str, int, object]]:
+    found = []
+    for layer in tmap.layers:
+        att, ffn = layer.attention, layer.ffn
+        pairs = []
+        if att is not None:
+            pairs += [("attn.q", att.q), ("attn.k", att.k), ("attn.v", att.v), ("attn.qkv", att.qkv), ("attn.o", att.o)]
+        if ffn is not None:
+            pairs += [("ffn.up", ffn.up), ("ffn.gate", ffn.gate), ("ffn.down", ffn.down)]
+        found += [(role, layer.index, lin) for role, lin in pairs if lin is not None]
+    return found
+
+
+def select_matrices(model: ir.Model, include: list[str], tmap=None) -> list[Matrix]:
+    """The matrices named by ``include`` (roles need ``tmap``, the analysis map)."""
+    roles = {p for p in include if p in ROLES}
+    patterns = [re.compile(p) for p in include if p not in ROLES]
+    chosen: dict[int, Matrix] = {}  # by node id: a node matched twice is split once
+    if roles and tmap is not None:
+        for role, index, lin in _linears_by_role(tmap):
+            if role in roles and id(lin.node) not in chosen:
+                m = _matrix_of(lin.node, f"layer{index}.{role}", index, lin.bias, lin.bias_node)
+                if m is not None:
+                    chosen[id(lin.node)] = m
+    if patterns:
+        for node in model.graph:
+            if node.op_type not in ("MatMul", "Gemm") or id(node) in chosen or len(node.inputs) < 2:
+                continue
+            names = [node.name or "", node.inputs[1].name or ""]
+            if any(p.search(n) for p in patterns for n in names):
+                bias_value, bias_node = _bias_add(node)
+                m = _matrix_of(node, node.name or node.outputs[0].name, None, bias_value, bias_node)
+                if m is not None:
+                    chosen[id(node)] = m
+    return list(chosen.values())
+
+
+def _bias_add(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
+    """The constant of an ``Add(matmul_out, bias)`` that is the MatMul output's only use."""
+    uses = list(node.outputs[0].uses())
+    if node.op_type != "MatMul" or len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None, None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    bias = _const(other)
+    return (other, add) if bias is not None and bias.ndim == 1 else (None, None)
+
+
+# ----------------------------------------------------------------------------- calibration statistics
+
+
+@dataclass
+class InputStats:
+    """Streaming second moments of one input tensor over real tokens (padding excluded):
+    X' from the model being compressed and X from the original one, on the same tokens.
+    Before anything upstream is compressed X' = X and the reference terms are the same arrays."""
+
+    gram: np.ndarray  # X'^T X'
+    total: np.ndarray  # sum of X' rows
+    count: int
+    cross: np.ndarray  # X'^T X
+    gram_ref: np.ndarray  # X^T X
+    total_ref: np.ndarray  # sum of X rows
+
+    @classmethod
+    def zeros(cls, d: int) -> InputStats:
+        return cls(np.zeros((d, d)), np.zeros(d), 0, np.zeros((d, d)), np.zeros((d, d)), np.zeros(d))
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_ref(self) -> np.ndarray:
+        return self.total_ref / max(self.count, 1)
+
+
+def _probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataType], threads: int | None):
+    """A session whose outputs are the tensors ``names``, on a copy of ``model`` pruned to
+    the nodes they need (ORT runs every node otherwise; early groups need only the first layers)."""
+    probe = ir.from_proto(model_proto(model))
+    values = {v.name: v for node in probe.graph for v in node.outputs}
+    values.update({v.name: v for v in probe.graph.inputs})
+    probe.graph.outputs.clear()
+    for name in names:
+        value = values[name]
+        if value.dtype is None:
+            value.dtype = dtypes[name]  # ORT needs the element type of every graph output
+        probe.graph.outputs.append(value)
+    common.RemoveUnusedNodesPass()(probe)
+    return make_session(probe, threads=threads)
+
+
+def _token_rows(x: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """[tokens, d] rows of an activation, without padded positions when the mask tells them."""
+    rows = x.reshape(-1, x.shape[-1])
+    mask = feeds.get("attention_mask")
+    if mask is None or x.ndim < 2:
+        return rows
+    if x.ndim == 3 and mask.ndim == 2 and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
+        keep = mask[:, mask.shape[1] - x.shape[1]:].reshape(-1) != 0  # decoders: the last seq positions
+    elif x.ndim == 2 and mask.size == rows.shape[0]:
+        keep = mask.reshape(-1) != 0
+    else:
+        return rows
+    return rows[keep]
+
+
+def collect_stats(
+    model: ir.Model,
+    names: list[str],
+    dtypes: dict[str, ir.DataType],
+    batches: list[dict[str, np.ndarray]],
+    *,
+    reference: ir.Model | None = None,
+    threads: int | None = None,
+) -> dict[str, InputStats]:
+    """Gram, sum and count of each named tensor on ``batches``; with ``reference``,
+    also the cross products with the same tensor of the reference model (same tokens)."""
+    session = _probe_session(model, names, dtypes, threads)
+    ref_session = _probe_session(reference, names, dtypes, threads) if reference is not None else None
+    stats: dict[str, InputStats] = {}
+    for feeds in batches:
+        wanted = {i.name for i in session.get_inputs()}
+        feed = {k: v for k, v in feeds.items() if k in wanted}
+        outs = session.run(names, feed)
+        refs = ref_session.run(names, feed) if ref_session is not None else [None] * len(names)
+        for name, x, x_ref in zip(names, outs, refs, strict=True):
+            # per-batch products in float32 (BLAS sgemm, half the time of float64; a batch has
+            # few thousand rows, far from where float32 sums lose digits), accumulated in float64
+            rows = _token_rows(x, feeds).astype(np.float32)
+            s = stats.get(name)
+            if s is None:
+                s = stats[name] = InputStats.zeros(rows.shape[1])
+            s.gram += rows.T @ rows
+            s.total += rows.sum(0, dtype=np.float64)
+            s.count += rows.shape[0]
+            if x_ref is not None:
+                ref_rows = _token_rows(x_ref, feeds).astype(np.float32)
+                s.cross += rows.T @ ref_rows
+                s.gram_ref += ref_rows.T @ ref_rows
+                s.total_ref += ref_rows.sum(0, dtype=np.float64)
+    if reference is None:  # X' = X: share the arrays
+        stats = {k: InputStats(v.gram, v.total, v.count, v.gram, v.gram, v.total) for k, v in stats.items()}
+    return stats
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None) -> None:
+    """Replace m.node by MatMul(x, A) -> MatMul(., B) (+ bias), in the original float dtype.
+
+    MatMul + Add: the Add stays; its constant is replaced when the bias changed.
+    Gemm: becomes MatMul, MatMul, Add(beta * C) (alpha is folded into B).
+    """
+    np_dtype = m.dtype.numpy()
+    stem = m.node.name or m.key
+    a_val = _initializer(graph, f"{stem}.lowrank_A", a.astype(np_dtype))
+    b_val = _initializer(graph, f"{stem}.lowrank_B", b.astype(np_dtype))
+    first = ir.node("MatMul", [m.input, a_val], name=f"{stem}/lowrank_A")
+    second = ir.node("MatMul", [first.outputs[0], b_val], name=f"{stem}/lowrank_B")
+    new_nodes = [first, second]
+    out = second.outputs[0]
+    if m.node.op_type == "Gemm" and bias is not None:
+        add = ir.node("Add", [out, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
+        new_nodes.append(add)
+        out = add.outputs[0]
+    elif bias is not None and m.bias_node is not None:
+        idx = next(i for i, v in enumerate(m.bias_node.inputs) if v is m.bias_value)
+        m.bias_node.replace_input_with(idx, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype)))
+    elif bias is not None:  # bias correction on a matrix without bias: a new Add
+        add = ir.node("Add", [out, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
+        new_nodes.append(add)
+        out = add.outputs[0]
+    old_out = m.node.outputs[0]
+    for value in (first.outputs[0], second.outputs[0], out):
+        value.dtype = m.dtype
+    out.shape = old_out.shape
+    ir.convenience.replace_nodes_and_values(graph, m.node, [m.node], new_nodes, [old_out], [out])
+    _drop_if_unused(graph, [v for v in (m.bias_value,) if v is not None])
+
+
+def _drop_if_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+    for value in values:
+        if value.name in graph.initializers and not list(value.uses()) and value not in graph.outputs:
+            del graph.initializers[value.name]
+
+
+def _remove_dead(model: ir.Model) -> None:
+    common.RemoveUnusedNodesPass()(model)  # old weights, their Transposes and Constants
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+@register_pass
+class LowRankPass(Pass):
+    name = "lowrank"
+    config_class = LowRankConfig
+    needs_calibration = True
+
+    def apply(self, model: ir.Model, ctx) -> Outcome:
+        cfg: LowRankConfig = self.config
+        calib = ctx.require_calibration(self.name)
+        batches = list(calib.batches)[: cfg.max_batches] if cfg.max_batches else list(calib.batches)
+        tmap = ctx.analysis(model) if any(p in ROLES for p in cfg.include) else None
+        matrices = [m for m in select_matrices(model, cfg.include, tmap) if fit.break_even_rank(m.d_in, m.d_out) >= 1]
+        if not matrices:
+            return Outcome(changes={"matrices_split": 0}, details={"reason": "no splittable matrix selected"})
+        threads = getattr(ctx, "threads", None)
+        dtypes = {m.input.name: m.dtype for m in matrices}
+        stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads)
+        plan = plan_ranks(matrices, stats, cfg, _mac_weights(model, matrices, cfg.target))
+        chosen = [(m, r) for m, r in zip(matrices, plan, strict=True) if r is not None]
+        if cfg.sequential and cfg.method == "whitened":
+            errors = self._fit_sequential(model, chosen, stats, batches, cfg, threads)
+        else:
+            errors = {}
+            for m, r in chosen:
+                errors[m.key] = _fit_and_split(model.graph, m, r, stats.get(m.input.name), cfg)
+        _remove_dead(model)
+        saved = sum(m.d_in * m.d_out - fit.factor_cost(r, m.d_in, m.d_out) for m, r in chosen)
+        total = sum(m.d_in * m.d_out for m in matrices)
+        return Outcome(
+            changes={"matrices_split": len(chosen)},
+            details={
+                "method": cfg.method,
+                "allocation": cfg.allocation,
+                "sequential": cfg.sequential and cfg.method == "whitened",
+                "params_saved": int(saved),
+                "fraction_saved": saved / total,
+                "calibration_tokens": int(max((s.count for s in stats.values()), default=0)),
+                "ranks": {m.key: {"rank": r, "shape": [m.d_in, m.d_out], "fit_error": errors.get(m.key)}
+                          for m, r in chosen},
+            },
+        )
+
+    def _fit_sequential(self, model, chosen, stats, batches, cfg, threads) -> dict[str, float]:
+        """Fit group after group (matrices sharing an input, in graph order), each on the
+        inputs of the model as compressed so far, towards the original outputs."""
+        reference = ir.from_proto(model_proto(model))  # frozen copy of the uncompressed model
+        order = {id(node): i for i, node in enumerate(model.graph)}
+        groups: dict[str, list[tuple[Matrix, int]]] = defaultdict(list)
+        for m, r in chosen:
+            groups[m.input.name].append((m, r))
+        names = sorted(groups, key=lambda n: min(order[id(m.node)] for m, _ in groups[n]))
+        errors = {}
+        for i, name in enumerate(names):
+            if i == 0:
+                s = stats[name]  # nothing upstream is compressed yet: the inputs are the original ones
+            else:
+                s = collect_stats(model, [name], {name: groups[name][0][0].dtype}, batches,
+                                  reference=reference, threads=threads)[name]
+            for m, r in groups[name]:
+                errors[m.key] = _fit_and_split(model.graph, m, r, s, cfg)
+        return errors
+
+
+def _mac_weights(model: ir.Model, matrices: list[Matrix], target: str) -> list[float]:
+    """Cost of one parameter of each matrix in the budget's unit. Every matrix of a
+    transformer layer runs once per token, so MACs and parameters are proportional and
+    both targets weigh each parameter 1; kept separate so the report says which."""
+    return [1.0 for _ in matrices]
+
+
+def plan_ranks(matrices: list[Matrix], stats: dict[str, InputStats], cfg: LowRankConfig,
+               cost_weights: list[float]) -> list[int | None]:
+    if cfg.allocation == "uniform":
+        return fit.uniform_ranks([fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices], cfg.fraction)
+    candidates = []
+    for m, weight in zip(matrices, cost_weights, strict=True):
+        gram = stats[m.input.name].gram if cfg.method == "whitened" else None
+        energy = fit.decompose(m.weight, gram, eps=cfg.eps).energy
+        # per-weight cost: scale the loss so ratios compare loss per budget unit
+        candidates.append(fit.Candidate(m.d_in, m.d_out, energy, weight=1.0 / weight))
+    budget = cfg.fraction * sum(m.d_in * m.d_out * w for m, w in zip(matrices, cost_weights, strict=True))
+    return fit.global_ranks(candidates, budget)
+
+
+def _fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: InputStats | None, cfg: LowRankConfig) -> float:
+    """Factorise m at ``rank`` and rewrite it; returns the relative output error on the
+    calibration data (||X'AB - XW|| / ||XW||, bias correction included)."""
+    whitened = cfg.method == "whitened" and s is not None
+    # the cross term only matters once X' differs from X (sequential fitting after the first group)
+    cross = s.cross if whitened and s.cross is not s.gram else None
+    dec = fit.decompose(m.weight, s.gram if whitened else None, cross=cross, eps=cfg.eps)
+    a, b = dec.factors(rank)
+    w_r = a @ b
+    bias = m.bias
+    if cfg.bias_correction and s is not None:
+        shift = fit.bias_shift(m.weight, w_r, s.mean_ref, s.mean)
+        bias = shift if bias is None else bias + shift
+    split_matrix(graph, m, a, b, bias)
+    if s is None:
+        return float(np.linalg.norm(m.weight - w_r) / max(np.linalg.norm(m.weight), 1e-30))
+    return _output_error(m, w_r, s, bias)
+
+
+def _output_error(m: Matrix, w_r: np.ndarray, s: InputStats, bias: np.ndarray | None) -> float:
+    """||X' W_r + b' - (X W + b)|| / ||X W + b|| on the calibration tokens, from the
+    second moments (X' = the compressed model's inputs, X = the original ones)."""
+    w, n = m.weight, s.count
+    b0 = m.bias if m.bias is not None else np.zeros(m.d_out)
+    b1 = bias if bias is not None else np.zeros(m.d_out)
+    new_sq = np.einsum("ij,ik,kj->", w_r, s.gram, w_r) + 2 * (s.total @ w_r) @ b1 + n * b1 @ b1
+    ref_sq = np.einsum("ij,ik,kj->", w, s.gram_ref, w) + 2 * (s.total_ref @ w) @ b0 + n * b0 @ b0
+    dot = (np.einsum("ij,ik,kj->", w_r, s.cross, w) + (s.total @ w_r) @ b0 + (s.total_ref @ w) @ b1
+           + n * b1 @ b0)
+    return float(np.sqrt(max(new_sq - 2 * dot + ref_sq, 0.0) / max(ref_sq, 1e-30)))

@@ -1,0 +1,190 @@
+"""Structured pruning of FFN neurons (intermediate channels).
+
+Neuron ``j`` is column ``j`` of the up (and gate) projection and row ``j`` of the
+down projection; removing it is exact slicing, and the down projection is then
+refitted by ridge least squares on the calibration activations so the layer output
+is preserved (decision and repair: :mod:`onnxpress.passes.prune_common`). Shape
+constants between up/gate and down that spell the intermediate width (GPT-2's
+Conv1D reshapes, the Split of a packed gate-up projection) are patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnxpress.errors import OnnxpressError
+from onnxpress.pass_infra import Outcome, Pass, register_pass
+from onnxpress.passes import prune_common as pc
+
+# Thousands of neurons: the greedy elimination removes the cheapest this many per OBS
+# update (recorded errors stay exact for the set; see eliminate_with_repair).
+_STEPS = 256
+
+
+@dataclass
+class PruneFfnConfig(pc.PruneConfig):
+    targets: ClassVar[tuple[str, ...]] = ("neurons", "params", "macs")
+    fraction: float = 0.25
+    target: str = "neurons"  # share of FFN neurons, of FFN parameters or of FFN MACs (the same for FFNs)
+    min_neurons_per_layer: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.min_neurons_per_layer < 1:
+            self.fail("min_neurons_per_layer", "must be at least 1: removing a whole FFN is not supported")
+
+
+@register_pass
+class PruneFfnPass(Pass):
+    name = "prune_ffn"
+    config_class = PruneFfnConfig
+    needs_attention = True
+    needs_calibration = True
+
+    def apply(self, model: ir.Model, ctx) -> Outcome:
+        cfg: PruneFfnConfig = self.config
+        tmap = ctx.analysis(model)
+        layers, skipped = [], []
+        for layer in tmap.layers:
+            if layer.ffn is None:
+                continue
+            why = _unsupported(layer.ffn)
+            (skipped.append(f"layer {layer.index}: {why}") if why else layers.append(layer))
+        details: dict = {"skipped": skipped, "layers": []}
+        if not layers:
+            raise OnnxpressError(f"prune_ffn: no FFN can be pruned ({'; '.join(skipped) or 'none found'})")
+        if cfg.fraction == 0:
+            return Outcome(changes={"neurons_removed": 0}, details=details)
+
+        ffns = [layer.ffn for layer in layers]
+        weights = [pc.read_weight(f.down) for f in ffns]
+        biases = [pc.read_bias(f.down) for f in ffns]
+        stats = residuals = None
+        if cfg.score == "contribution" or cfg.repair:
+            batches = pc.calibration_batches(ctx, self.name, cfg.max_batches)
+            residuals = [pc.residual_output(f.down, layer) for f, layer in zip(ffns, layers, strict=True)]
+            stats = pc.capture_stats(model, batches, [f.down.input.name for f in ffns],
+                                     [r.name for r in residuals if r is not None], threads=ctx.threads)
+            details["calibration_tokens"] = int(stats.grams[ffns[0].down.input.name].count)
+
+        curves, totals = [], []
+        for i, f in enumerate(ffns):
+            n = f.ffn_size
+            max_remove = max(0, n - cfg.min_neurons_per_layer)
+            groups = [np.array([j]) for j in range(n)]
+            if cfg.score == "weight_norm":
+                elim, scale = pc.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
+            else:
+                gram = stats.grams[f.down.input.name]
+                if cfg.repair:
+                    chunk = max(1, max_remove // _STEPS)
+                    elim = pc.eliminate_with_repair(gram, weights[i], biases[i], groups, max_remove,
+                                                    ridge=cfg.ridge, chunk=chunk)
+                else:
+                    elim = _eliminate_no_repair_fast(gram, weights[i], max_remove)
+                scale = stats.energy.get(residuals[i].name, 0.0) if residuals[i] is not None else 0.0
+                if scale <= 0:
+                    scale = pc.output_energy(gram, weights[i], biases[i])
+            cost = 1.0 if cfg.target == "neurons" else float(_neuron_params(f) if cfg.target == "params"
+                                                              else _neuron_macs(f))
+            curves.append(pc.LayerCurve(elim, unit_cost=cost, scale=scale, max_remove=max_remove))
+            totals.append(n)
+        grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
+        if cfg.allocation == "global":
+            counts = pc.allocate(curves, cfg.fraction * grand_total)
+        else:
+            counts = pc.uniform_counts(curves, cfg.fraction, totals)
+
+        editor = pc.GraphEditor(model)
+        removed = 0
+        for i, (f, curve, count) in enumerate(zip(ffns, curves, counts, strict=True)):
+            drop = set(curve.elimination.order[:count])
+            keep = np.array([j for j in range(f.ffn_size) if j not in drop], dtype=np.int64)
+            details["layers"].append({"layer": f.layer, "neurons": f.ffn_size, "removed": len(drop),
+                                      "predicted_error": float(curve.path()[count - 1]) if count else 0.0})
+            if not drop:
+                continue
+            if cfg.repair:
+                w, b = pc.ridge_refit(stats.grams[f.down.input.name], weights[i], biases[i], keep, ridge=cfg.ridge)
+            else:
+                w, b = weights[i][keep], biases[i]
+            _rewrite(editor, f, keep, w, b, add_bias=cfg.add_bias and cfg.repair)
+            removed += len(drop)
+        total = sum(totals)
+        details["removed_fraction_of_neurons"] = removed / total if total else 0.0
+        return Outcome(changes={"neurons_removed": removed}, details=details)
+
+
+def _unsupported(ffn) -> str | None:
+    n = ffn.ffn_size
+    width = 2 * n if ffn.packed_gate_up else n
+    for lin in (ffn.up, ffn.gate):
+        if lin is not None and lin.d_out != width:
+            return f"{lin.name} has {lin.d_out} outputs for {n} neurons"
+    return None
+
+
+def _neuron_params(ffn) -> int:
+    n = sum(lin.d_in + (1 if lin.bias is not None else 0) for lin in (ffn.up, ffn.gate) if lin is not None)
+    if ffn.packed_gate_up:
+        n *= 2
+    return n + ffn.down.d_out
+
+
+def _neuron_macs(ffn) -> int:
+    n = sum(lin.d_in for lin in (ffn.up, ffn.gate) if lin is not None)
+    return n * (2 if ffn.packed_gate_up else 1) + ffn.down.d_out
+
+
+def _eliminate_no_repair_fast(gram: pc.AugmentedGram, w: np.ndarray, max_remove: int) -> pc.Elimination:
+    """Without repair, for single neurons: order by the energy ``G_jj ||W_j||^2`` each
+    contributes (cross terms between neurons are second order; the exact greedy is
+    quadratic in the width)."""
+    energy = np.diag(gram.xtx) * (w**2).sum(1)
+    order = [int(i) for i in np.argsort(energy, kind="stable")[:max_remove]]
+    return pc.Elimination(order, np.cumsum(energy[order]))
+
+
+def _rewrite(editor: pc.GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *, add_bias: bool) -> None:
+    n, n2 = ffn.ffn_size, len(keep)
+    cols = np.concatenate([keep, n + keep]) if ffn.packed_gate_up else keep
+    for lin in (ffn.up, ffn.gate):
+        if lin is None:
+            continue
+        lw, lb = pc.read_weight(lin), pc.read_bias(lin)
+        pc.write_linear(editor, lin, lw[:, cols], None if lb is None else lb[cols])
+    starts = [lin.node.outputs[0] for lin in (ffn.up, ffn.gate) if lin is not None]
+    region = pc.region_between(starts, ffn.down.node)
+    for node in region:
+        _patch_width(editor, node, n, n2, packed=ffn.packed_gate_up)
+    pc.write_linear(editor, ffn.down, w, b, add_bias=add_bias)
+    pc.clear_shapes([v for node in region for v in node.outputs])
+    pc.clear_shapes([*starts, *(lin.output for lin in (ffn.up, ffn.gate) if lin is not None)])
+
+
+def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, packed: bool) -> None:
+    """Reshape targets ending in the width, Split sizes and Slice bounds of the
+    packed halves: n -> n2 (and 2n -> 2n2)."""
+    from onnxpress.analysis.graph_utils import const_array
+
+    widths = {n: n2, 2 * n: 2 * n2}
+    if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
+        shape = const_array(node.inputs[1])
+        if shape is not None and shape.ndim == 1 and len(shape) and int(shape[-1]) in widths:
+            new = shape.copy()
+            new[-1] = widths[int(shape[-1])]
+            editor.set_constant(node.inputs[1], new, [node])
+    elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        sizes = const_array(node.inputs[1])
+        if sizes is not None and sizes.ndim == 1 and all(int(s) in widths for s in sizes):
+            editor.set_constant(node.inputs[1], np.array([widths[int(s)] for s in sizes], sizes.dtype), [node])
+    elif node.op_type == "Slice" and packed:
+        for idx in (1, 2):
+            if len(node.inputs) > idx and node.inputs[idx] is not None:
+                bound = const_array(node.inputs[idx])
+                if bound is not None and bound.ndim == 1 and any(int(x) in widths for x in bound):
+                    new = np.array([widths.get(int(x), int(x)) for x in bound], bound.dtype)
+                    editor.set_constant(node.inputs[idx], new, [node])

@@ -1,0 +1,345 @@
+"""Structured pruning of attention heads (whole KV groups under grouped-query attention).
+
+Decision and repair are in :mod:`onnxpress.passes.prune_common`; this module maps
+heads to the output projection's input columns, prices them and rewrites the graph:
+
+* Q/K/V (or packed QKV) weight columns and biases of removed heads are sliced away,
+  the output projection loses the matching rows (and is refitted when ``repair``);
+* head-count constants of Reshape/Expand targets and of the packed-QKV Split are
+  patched, fused ops get new ``num_heads``/``kv_num_heads``/``qkv_hidden_sizes``;
+* KV-cache graph inputs and outputs get their new head dimension.
+
+Under GQA a KV head and the ``num_heads / num_kv_heads`` query heads that read it
+(HF ``repeat_kv`` and ORT's GroupQueryAttention both map query head ``h`` to KV head
+``h // n_rep``) are one unit: removing a lone query head would break the ratio the
+kernels assume. Rotary embeddings act within a head, so they are unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnxpress.errors import OnnxpressError
+from onnxpress.pass_infra import Outcome, Pass, register_pass
+from onnxpress.passes import prune_common as pc
+
+_FUSED_KINDS = ("com.microsoft.Attention", "com.microsoft.MultiHeadAttention",
+                "com.microsoft.GroupQueryAttention", "Attention", "onnxpress.Attention")
+
+
+@dataclass
+class PruneHeadsConfig(pc.PruneConfig):
+    targets: ClassVar[tuple[str, ...]] = ("heads", "params", "macs")
+    fraction: float = 0.33
+    target: str = "heads"  # share of query heads, of attention parameters or of attention MACs
+    min_groups_per_layer: int = 1  # KV groups (heads without GQA) every layer keeps
+
+    def validate(self) -> None:
+        super().validate()
+        if self.min_groups_per_layer < 1:
+            self.fail("min_groups_per_layer", "must be at least 1: removing a whole attention block is not supported")
+
+
+@dataclass
+class _Unit:
+    """One prunable attention block and the cost of each of its KV groups."""
+
+    layer: object  # analysis Layer
+    att: object  # analysis Attention
+    n_rep: int
+    params_per_group: int
+    macs_per_group: int
+
+    @property
+    def groups(self) -> list[np.ndarray]:
+        """o-proj input columns of each KV group (its query heads' context vectors)."""
+        width = self.n_rep * self.att.head_size
+        return [np.arange(g * width, (g + 1) * width) for g in range(self.att.num_kv_heads)]
+
+
+@register_pass
+class PruneHeadsPass(Pass):
+    name = "prune_heads"
+    config_class = PruneHeadsConfig
+    needs_attention = True
+    needs_calibration = True
+
+    def apply(self, model: ir.Model, ctx) -> Outcome:
+        cfg: PruneHeadsConfig = self.config
+        tmap = ctx.analysis(model)
+        units, skipped = _units(tmap)
+        details: dict = {"skipped": skipped, "layers": []}
+        if not units:
+            raise OnnxpressError(f"prune_heads: no attention block can be pruned ({'; '.join(skipped) or 'none found'})")
+        if cfg.fraction == 0:
+            return Outcome(changes={"heads_removed": 0}, details=details)
+
+        weights = [pc.read_weight(u.att.o) for u in units]
+        biases = [pc.read_bias(u.att.o) for u in units]
+        stats = None
+        if cfg.score == "contribution" or cfg.repair:
+            batches = pc.calibration_batches(ctx, self.name, cfg.max_batches)
+            residuals = [pc.residual_output(u.att.o, u.layer) for u in units]
+            stats = pc.capture_stats(
+                model, batches, [u.att.o.input.name for u in units],
+                [r.name for r in residuals if r is not None], threads=ctx.threads,
+            )
+            details["calibration_tokens"] = int(stats.grams[units[0].att.o.input.name].count)
+
+        curves, totals = [], []
+        for i, u in enumerate(units):
+            max_remove = u.att.num_kv_heads - cfg.min_groups_per_layer
+            elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats, residuals if stats else None, i, max_remove)
+            cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
+            curves.append(pc.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
+            totals.append(u.att.num_kv_heads)
+        grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
+        if cfg.allocation == "global":
+            counts = pc.allocate(curves, cfg.fraction * grand_total)
+        else:
+            counts = pc.uniform_counts(curves, cfg.fraction, totals)
+
+        editor = pc.GraphEditor(model)
+        removed_heads = removed_groups = 0
+        for i, (u, curve, count) in enumerate(zip(units, curves, counts, strict=True)):
+            drop = set(curve.elimination.order[:count])
+            keep = [g for g in range(u.att.num_kv_heads) if g not in drop]
+            layer_info = {"layer": u.att.layer, "heads": u.att.num_heads, "kv_heads": u.att.num_kv_heads,
+                          "removed_kv_groups": sorted(drop),
+                          "predicted_error": float(curve.path()[count - 1]) if count else 0.0}
+            details["layers"].append(layer_info)
+            if not drop:
+                continue
+            cols = np.concatenate([u.groups[g] for g in keep])
+            if cfg.repair:
+                gram = stats.grams[u.att.o.input.name]
+                w_o, b_o = pc.ridge_refit(gram, weights[i], biases[i], cols, ridge=cfg.ridge)
+            else:
+                w_o, b_o = weights[i][cols], biases[i]
+            _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
+            removed_groups += len(drop)
+            removed_heads += len(drop) * u.n_rep
+        total_heads = sum(u.att.num_heads for u in units)
+        details["removed_fraction_of_heads"] = removed_heads / total_heads if total_heads else 0.0
+        return Outcome(changes={"heads_removed": removed_heads, "kv_groups_removed": removed_groups}, details=details)
+
+
+def _units(tmap) -> tuple[list[_Unit], list[str]]:
+    units, skipped = [], []
+    for layer in tmap.layers:
+        att = layer.attention
+        if att is None:
+            continue
+        why = _unsupported(att)
+        if why:
+            skipped.append(f"layer {layer.index}: {why}")
+            continue
+        h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
+        n_rep = h // kv
+        d_model = att.o.d_out
+        d_in = (att.q or att.qkv).d_in
+        q_bias = (att.q or att.qkv).bias is not None
+        kv_bias = (att.k or att.qkv).bias is not None
+        params = d_in * d * (n_rep + 2) + (n_rep * d if q_bias else 0) + (2 * d if kv_bias else 0) + n_rep * d * d_model
+        macs = d_in * d * (n_rep + 2) + n_rep * d * d_model + 2 * tmap.seq_len * d * n_rep
+        units.append(_Unit(layer, att, n_rep, params, macs))
+    return units, skipped
+
+
+def _unsupported(att) -> str | None:
+    if att.kind != "decomposed" and att.kind not in _FUSED_KINDS:
+        return f"attention kind {att.kind} is not supported"
+    if att.o is None:
+        return "no output projection found"
+    h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
+    if kv <= 0 or h % kv:
+        return f"{h} heads do not split into {kv} KV groups"
+    if att.o.d_in != h * d:
+        return f"output projection input {att.o.d_in} != {h} heads x {d}"
+    if att.qkv is None and (att.q is None or att.k is None or att.v is None):
+        return "Q/K/V projections not found"
+    if att.qkv is not None and att.qkv_layout not in ("blocks", "interleaved"):
+        return f"packed QKV layout {att.qkv_layout!r} is unknown"
+    if att.qkv is None and (att.q.d_out != h * d or att.k.d_out != kv * d or att.v.d_out != kv * d):
+        return "Q/K/V widths do not match the head geometry"
+    return None
+
+
+def _eliminate(cfg, u: _Unit, w, b, stats, residuals, i, max_remove):
+    groups = u.groups
+    max_remove = max(0, max_remove)
+    if cfg.score == "weight_norm":
+        return pc.eliminate_by_weight_norm(w, groups, max_remove), 1.0
+    gram = stats.grams[u.att.o.input.name]
+    if cfg.repair:
+        elim = pc.eliminate_with_repair(gram, w, b, groups, max_remove, ridge=cfg.ridge)
+    else:
+        elim = pc.eliminate_without_repair(gram, w, groups, max_remove)
+    res = residuals[i]
+    scale = stats.energy.get(res.name, 0.0) if res is not None else 0.0
+    if scale <= 0:  # no residual found: the layer's own output energy
+        scale = pc.output_energy(gram, w, b)
+    return elim, scale
+
+
+# ----------------------------------------------------------------------- rewriting
+
+
+def _rewrite(editor: pc.GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray, b_o, *, add_bias: bool) -> None:
+    att = u.att
+    h, kv, d, n_rep = att.num_heads, att.num_kv_heads, att.head_size, u.n_rep
+    h2, kv2 = len(keep) * n_rep, len(keep)
+    q_heads = [g * n_rep + r for g in keep for r in range(n_rep)]
+    q_cols, kv_cols = pc.group_columns(q_heads, d), pc.group_columns(keep, d)
+
+    # everything downstream of the projections up to o: shape constants and stale shapes
+    starts = [p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None]
+    region = pc.region_between(starts, att.o.node)
+    if att.qkv is not None:
+        if att.qkv_layout == "interleaved":  # [group0: q heads, k, v | group1: ...]
+            cols = pc.group_columns(keep, (n_rep + 2) * d)
+        else:
+            cols = np.concatenate([q_cols, h * d + kv_cols, (h + kv) * d + kv_cols])
+        _slice_outputs(editor, att.qkv, cols)
+    else:
+        _slice_outputs(editor, att.q, q_cols)
+        _slice_outputs(editor, att.k, kv_cols)
+        _slice_outputs(editor, att.v, kv_cols)
+    _slice_fused_bias(editor, att, q_cols, kv_cols)
+
+    geometry = (h, kv, d, h2, kv2)
+    nodes = list(dict.fromkeys([*region, *att.nodes, *att.head_shape_nodes]))
+    for node in nodes:
+        if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
+            _patch_shape(editor, node, geometry, expand=node.op_type == "Expand")
+        elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            _patch_split(editor, node, geometry)
+    _patch_attributes(att, geometry)
+    _patch_cache_shapes(att, kv2)
+
+    pc.write_linear(editor, att.o, w_o, b_o, add_bias=add_bias)
+    pc.clear_shapes([v for n in nodes for v in n.outputs])
+    pc.clear_shapes([p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None])
+    pc.clear_shapes([p.output for p in (att.q, att.k, att.v, att.qkv) if p is not None])
+
+
+def _slice_outputs(editor: pc.GraphEditor, lin, cols: np.ndarray) -> None:
+    w = pc.read_weight(lin)
+    b = pc.read_bias(lin)
+    pc.write_linear(editor, lin, w[:, cols], None if b is None else b[cols])
+
+
+def _slice_fused_bias(editor, att, q_cols, kv_cols) -> None:
+    """MultiHeadAttention / GroupQueryAttention may carry the packed Q|K|V bias as an
+    input of the fused node rather than after the projections."""
+    node = att.fused_node
+    if node is None or node.op_type not in ("MultiHeadAttention",) or len(node.inputs) < 4:
+        return
+    bias = pc.constant_array(node.inputs[3])
+    h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
+    if bias is None or bias.size != (h + 2 * kv) * d:
+        return
+    cols = np.concatenate([q_cols, h * d + kv_cols, (h + kv) * d + kv_cols])
+    editor.set_constant(node.inputs[3], bias.reshape(-1)[cols], [node])
+
+
+def _new_dims(dims: list[int | None], geometry, expand: bool) -> list[int | None]:
+    """The target shape with head counts replaced, by position: the last entry may be
+    a width (heads x head size), the head axis is the first of the middle positions
+    holding the head / KV count. In a 5-D repeat_kv shape [B, KV, n_rep, S, D] only
+    the KV axis changes (n_rep is the same after pruning whole groups)."""
+    h, kv, d, h2, kv2 = geometry
+    widths = {h * d: h2 * d, kv * d: kv2 * d, (h + 2 * kv) * d: (h2 + 2 * kv2) * d}
+    counts = {h: h2, kv: kv2}
+    new = list(dims)
+    r = len(new)
+    if r >= 2 and new[-1] is not None and new[-1] in widths and new[-1] != d:
+        new[-1] = widths[new[-1]]
+        return new
+    if r == 5:  # [B, KV, n_rep, S, D]: position 2 is n_rep even when it equals the KV count
+        if new[1] is not None and new[1] == kv:
+            new[1] = kv2
+        return new
+    if r == 4 or (r == 3 and new[-1] == d):
+        for i in range(1, r - 1):
+            if new[i] is not None and new[i] > 0 and new[i] in counts:
+                new[i] = counts[new[i]]
+                break
+    return new
+
+
+def _patch_shape(editor, node: ir.Node, geometry, expand: bool) -> None:
+    from onnxpress.analysis.graph_utils import shape_elements
+
+    shape_in = node.inputs[1]
+    dims = shape_elements(shape_in)
+    if not dims:
+        return
+    new = _new_dims(dims, geometry, expand)
+    if new != dims:
+        _write_shape(editor, shape_in, dims, new, [node])
+
+
+def _write_shape(editor, value: ir.Value, old: list, new: list, users: list[ir.Node]) -> None:
+    """Write the changed elements of a shape tensor back into the constants it is built from."""
+    from onnxpress.analysis.graph_utils import const_array, shape_elements
+
+    arr = const_array(value)
+    if arr is not None:
+        editor.set_constant(value, np.asarray(new, dtype=arr.dtype).reshape(arr.shape), users)
+        return
+    node = value.producer()
+    if node is None:
+        return
+    if node.op_type == "Concat":
+        off = 0
+        for piece in node.inputs:
+            part = shape_elements(piece)
+            if part is None:
+                raise OnnxpressError(f"prune_heads: cannot patch head counts in {node.name} (please report this bug)")
+            n = len(part)
+            if old[off:off + n] != new[off:off + n]:
+                _write_shape(editor, piece, old[off:off + n], new[off:off + n], [node])
+            off += n
+    elif node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and const_array(node.inputs[0]) is not None:
+        src = node.inputs[0]
+        src_arr = const_array(src)
+        editor.set_constant(src, np.asarray(new, dtype=src_arr.dtype).reshape(src_arr.shape), [node])
+    # anything else is computed at run time from actual shapes: already right
+
+
+def _patch_split(editor, node: ir.Node, geometry) -> None:
+    from onnxpress.analysis.graph_utils import const_array
+
+    h, kv, d, h2, kv2 = geometry
+    sizes = const_array(node.inputs[1])
+    if sizes is None or sizes.ndim != 1:
+        return
+    widths = {h * d: h2 * d, kv * d: kv2 * d}
+    if len(sizes) == 3 and all(int(s) in widths for s in sizes):
+        editor.set_constant(node.inputs[1], np.asarray([widths[int(s)] for s in sizes], sizes.dtype), [node])
+
+
+def _patch_attributes(att, geometry) -> None:
+    node = att.fused_node
+    if node is None:
+        return
+    h, kv, d, h2, kv2 = geometry
+    for name, value in (("num_heads", h2), ("q_num_heads", h2), ("kv_num_heads", kv2)):
+        if name in node.attributes:
+            node.attributes[name] = ir.AttrInt64(name, value)
+    if "qkv_hidden_sizes" in node.attributes:
+        node.attributes["qkv_hidden_sizes"] = ir.AttrInt64s("qkv_hidden_sizes", [h2 * d, kv2 * d, kv2 * d])
+
+
+def _patch_cache_shapes(att, kv2: int) -> None:
+    """KV-cache inputs/outputs are [batch, kv_heads, seq, head_size]."""
+    for value in (att.past_key, att.past_value, att.present_key, att.present_value):
+        if value is None or value.shape is None or len(value.shape) != 4:
+            continue
+        dims = list(value.shape)
+        dims[1] = kv2
+        value.shape = ir.Shape(dims)

@@ -1,0 +1,62 @@
+"""Did ONNX Runtime turn our Q/DQ patterns into integer kernels?
+
+QDQ is only a promise: ORT's CPU provider must recognise each pattern and replace it
+with an integer kernel, otherwise the model runs the float MatMul plus extra
+quantise/dequantise work (slower than fp32). We let ORT optimise the model into a file
+(``optimized_model_filepath``) and count what it produced.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from onnxpress.model_io import model_proto
+
+INTEGER_KERNELS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger",
+                   "MatMulNBits", "QGemm", "QAttention", "DynamicQuantizeLSTM")
+
+
+def fusion_report(model, level: str = "extended") -> dict:
+    """Op counts of ORT's optimised graph: integer kernels, and Q/DQ nodes left standing
+    in front of float ops (unfused pairs), by the op they feed."""
+    proto = model_proto(model) if not isinstance(model, onnx.ModelProto) else model
+    with tempfile.TemporaryDirectory(prefix="onnxpress-fusion-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
+        large = proto.ByteSize() > 1_800_000_000
+        onnx.save_model(proto, str(src), save_as_external_data=large, location="in.onnx.data")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        opts.optimized_model_filepath = str(dst)
+        if large:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          "optimized.onnx.data")
+        opts.intra_op_num_threads = int(os.environ.get("ONNXPRESS_THREADS", "1") or 1)
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(dst), load_external_data=False)
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    consumers: dict[str, list[str]] = {}
+    for n in optimized.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    unfused = Counter()
+    for n in optimized.graph.node:
+        if n.op_type == "DequantizeLinear":
+            for out in n.output:
+                for op in consumers.get(out, []):
+                    unfused[op] += 1
+    return {
+        "integer_kernels": {op: ops[op] for op in INTEGER_KERNELS if ops[op]},
+        "fused": sum(ops[op] for op in INTEGER_KERNELS),
+        "unfused_dq_consumers": dict(unfused),
+        "unfused": sum(unfused.values()),
+        "quantize_linear_left": ops["QuantizeLinear"],
+        "dynamic_quantize_left": ops["DynamicQuantizeLinear"],
+    }

@@ -1,0 +1,323 @@
+"""Graph rewrites of the quantize pass (onnx-ir, in place).
+
+Every rewrite emits the node patterns ONNX Runtime's CPU provider fuses into integer
+kernels, never kernels of our own:
+
+- static: ``QuantizeLinear -> DequantizeLinear`` on the input (per tensor) and an int8
+  weight behind ``DequantizeLinear(axis=1)`` (per output channel) -> ``MatMulIntegerToFloat``
+  (or ``QLinearMatMul``), bias Add included;
+- dynamic: ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)``
+  (what ``quantize_dynamic`` writes) -> ``DynamicQuantizeMatMul``;
+- weight-only: the MatMul becomes ``com.microsoft.MatMulNBits``.
+
+Also: finding the MatMuls to quantise (from the analysis when it recognises the model,
+else every MatMul with a constant 2-D weight) and SmoothQuant's per-channel scaling,
+folded into the producer of the input where that is exact and cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization"}
+
+
+@dataclass(eq=False)
+class QLinear:
+    """A MatMul with a constant weight ``[K, N]``, with what the analysis knows of it."""
+
+    node: ir.Node
+    role: str  # q k v qkv o up gate down lm_head other
+    layer: int | None = None
+
+    # read through the node: smoothing may swap the weight or put a Mul before the input
+    @property
+    def weight(self) -> ir.Value:
+        return self.node.inputs[1]
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or "matmul"
+
+    def weight_array(self) -> np.ndarray:
+        return _const(self.weight).astype(np.float32)
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        attr = value.producer().attributes.get("value")
+        tensor = attr.value if attr is not None else None
+    return None if tensor is None else tensor.numpy()
+
+
+def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, str]]:
+    """The MatMuls to quantise and, for other weight-bearing nodes, why they stay float."""
+    roles: dict[int, tuple[str, int | None]] = {}
+    if tmap is not None:
+        for layer in getattr(tmap, "layers", []):
+            att, ffn = layer.attention, layer.ffn
+            pairs = []
+            if att is not None:
+                pairs += [("q", att.q), ("k", att.k), ("v", att.v), ("qkv", att.qkv), ("o", att.o)]
+            if ffn is not None:
+                pairs += [("up", ffn.up), ("gate", ffn.gate), ("down", ffn.down)]
+            for role, lin in pairs:
+                if lin is not None:
+                    roles[id(lin.node)] = (role, layer.index)
+    linears: list[QLinear] = []
+    skipped: dict[str, str] = {}
+    for node in model.graph:
+        if node.op_type == "Gemm" and _const(node.inputs[1]) is not None:
+            skipped[node.name] = "op type (Gemm)"
+            continue
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = _const(node.inputs[1])
+        if w is None or _const(node.inputs[0]) is not None:
+            continue  # activation x activation (attention scores) stays float
+        if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
+            skipped[node.name] = f"op type (weight rank {w.ndim} / {w.dtype})"
+            continue
+        role, layer = roles.get(id(node), ("other", None))
+        linears.append(QLinear(node, role, layer))
+    if linears and tmap is not None and getattr(tmap, "causal", False):
+        # the LM head is the widest non-layer MatMul of a decoder
+        others = [lin for lin in linears if lin.role == "other"]
+        if others:
+            head = max(others, key=lambda lin: lin.weight.shape[1] if lin.weight.shape else 0)
+            head.role = "lm_head"
+    return linears, skipped
+
+
+def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = _unique_name(graph, name)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    existing = graph.initializers
+    if name not in existing:
+        return name
+    i = 1
+    while f"{name}_{i}" in existing:
+        i += 1
+    return f"{name}_{i}"
+
+
+def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
+    node.replace_input_with(index, value)
+
+
+class QuantRewriter:
+    """Applies the rewrites to one model; shares one activation quantiser per input tensor."""
+
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.graph = model.graph
+        self._static_q: dict[str, ir.Value] = {}
+        self._dynamic_q: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+
+    def _insert(self, before: ir.Node, nodes: Iterable[ir.Node]) -> None:
+        self.graph.insert_before(before, list(nodes))
+
+    def static(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zp: int,
+               x_type: str) -> None:
+        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        x = lin.input
+        key = f"{x.name}|{x_scale}|{x_zp}|{x_type}"
+        xs = _init(g, f"{base}_x_scale", np.array(x_scale, np.float32))
+        xz = _init(g, f"{base}_x_zero_point", np.array(x_zp, np.uint8 if x_type == "uint8" else np.int8))
+        new: list[ir.Node] = []
+        xq = self._static_q.get(key)
+        if xq is None:
+            q = ir.node("QuantizeLinear", [x, xs, xz], name=f"{base}_QuantizeInput")
+            xq = q.outputs[0]
+            xq.name = f"{x.name}_quantized_{len(self._static_q)}"
+            self._static_q[key] = xq
+            new.append(q)
+        dq_x = ir.node("DequantizeLinear", [xq, xs, xz], name=f"{base}_DequantizeInput")
+        wq = _init(g, f"{base}_weight_int8", w_codes.astype(np.int8))
+        ws = _init(g, f"{base}_weight_scale", w_scale.astype(np.float32))
+        wz = _init(g, f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
+        dq_w = ir.node("DequantizeLinear", [wq, ws, wz], {"axis": 1}, name=f"{base}_DequantizeWeight")
+        dq_x.outputs[0].name = f"{base}_input_dq"
+        dq_w.outputs[0].name = f"{base}_weight_dq"
+        new += [dq_x, dq_w]
+        self._insert(lin.node, new)
+        _set_input(lin.node, 0, dq_x.outputs[0])
+        _set_input(lin.node, 1, dq_w.outputs[0])
+
+    def dynamic(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray) -> None:
+        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        x = lin.input
+        new: list[ir.Node] = []
+        if x.name not in self._dynamic_q:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}_DynamicQuantize")
+            for out, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point"), strict=True):
+                out.name = f"{x.name}_{suffix}_{len(self._dynamic_q)}"
+            self._dynamic_q[x.name] = tuple(dql.outputs)
+            new.append(dql)
+        xq, xs, xz = self._dynamic_q[x.name]
+        wq = _init(g, f"{base}_weight_int8", w_codes.astype(np.int8))
+        ws = _init(g, f"{base}_weight_scale", w_scale.astype(np.float32))
+        wz = _init(g, f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
+        scale = ir.node("Mul", [xs, ws], name=f"{base}_ScaleProduct")
+        mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{base}_MatMulInteger")
+        cast = ir.node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
+        out = lin.node.outputs[0]
+        mul = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{base}_Rescale")
+        for n, suffix in ((scale, "scale_product"), (mmi, "int32"), (cast, "float")):
+            n.outputs[0].name = f"{base}_{suffix}"
+        new += [scale, mmi, cast, mul]
+        self._insert(lin.node, new)
+        self._replace_node_output(lin.node, mul)
+
+    def nbits(self, lin: QLinear, nw) -> None:
+        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        inputs = [lin.input, _init(g, f"{base}_weight_q{nw.bits}", nw.packed),
+                  _init(g, f"{base}_weight_scales", nw.scales)]
+        if nw.zero_points is not None:
+            inputs.append(_init(g, f"{base}_weight_zero_points", nw.zero_points))
+        node = ir.node("MatMulNBits", inputs,
+                       {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": 0},
+                       domain="com.microsoft", name=f"{base}_MatMulNBits")
+        self._insert(lin.node, [node])
+        self._replace_node_output(lin.node, node)
+        if "com.microsoft" not in self.model.opset_imports:
+            self.model.opset_imports["com.microsoft"] = 1
+
+    def _replace_node_output(self, old: ir.Node, new: ir.Node) -> None:
+        """``new`` takes over ``old``'s output value (name, type, consumers, graph output slot)."""
+        out = old.outputs[0]
+        replacement = new.outputs[0]
+        replacement.type, replacement.shape = out.type, out.shape
+        ir.convenience.replace_all_uses_with(out, replacement)
+        for i, o in enumerate(self.graph.outputs):
+            if o is out:
+                self.graph.outputs[i] = replacement
+        name = out.name
+        self.graph.remove(old, safe=True)
+        replacement.name = name
+
+    def finish(self) -> None:
+        self.graph.sort()
+        _remove_unused_initializers(self.graph)
+        opset = self.model.opset_imports.get("", 13)
+        if opset < 13:  # per-axis DequantizeLinear needs opset 13
+            self.model.opset_imports[""] = 13
+
+
+def _remove_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+# -- SmoothQuant ---------------------------------------------------------------------------------
+
+
+def _only_consumers(value: ir.Value, nodes: set[int]) -> bool:
+    return all(id(node) in nodes for node, _ in value.uses()) and not value.is_graph_output()
+
+
+def _scale_const_input(graph: ir.Graph, node: ir.Node, index: int, factor: np.ndarray, axis_len: int) -> bool:
+    """Multiply ``node``'s constant input ``index`` (a per-channel vector or scalar) by ``factor``."""
+    c = _const(node.inputs[index])
+    if c is None or c.size not in (1, axis_len) or (c.ndim and c.shape[-1] != c.size):
+        return False
+    scaled = (np.broadcast_to(c.reshape(-1), (axis_len,)) * factor).astype(c.dtype)
+    value = _init(graph, f"{node.inputs[index].name}_smoothed", scaled)
+    node.replace_input_with(index, value)
+    return True
+
+
+def fold_channel_scale(graph: ir.Graph, value: ir.Value, factor: np.ndarray, consumers: set[int]) -> str | None:
+    """Make ``value`` (channels last) come out multiplied by ``factor`` by editing its producer
+    exactly; returns where it was folded, or None when no exact fold applies. Only values
+    consumed by ``consumers`` alone are edited (others would see the change)."""
+    if not _only_consumers(value, consumers):
+        return None
+    node = value.producer()
+    if node is None:
+        return None
+    k = factor.size
+    op = node.op_type
+    if op in NORM_OPS and node.outputs[0] is value:
+        # y = normed * gamma (+ beta): scale gamma and beta
+        gamma_idx = 2 if op.startswith("Skip") else 1
+        beta_idx = {"LayerNormalization": 2, "SkipLayerNormalization": 3}.get(op)
+        has_beta = beta_idx is not None and len(node.inputs) > beta_idx and node.inputs[beta_idx] is not None
+        if _const(node.inputs[gamma_idx]) is None or (has_beta and _const(node.inputs[beta_idx]) is None):
+            return None
+        if not _scale_const_input(graph, node, gamma_idx, factor, k):
+            return None
+        if has_beta:
+            _scale_const_input(graph, node, beta_idx, factor, k)
+        return op
+    if op in ("Mul", "Add"):
+        # only per-channel vector constants (gamma, beta, biases): folding into a scalar
+        # (GELU's 0.5) would be exact but break ORT's Gelu/LayerNorm fusions
+        consts = [i for i in (0, 1) if _const(node.inputs[i]) is not None and _const(node.inputs[i]).size == k]
+        if op == "Mul" and consts:
+            return "Mul constant" if _scale_const_input(graph, node, consts[0], factor, k) else None
+        if op == "Add" and consts:
+            other = node.inputs[1 - consts[0]]
+            # (x + b) * f = x * f + b * f: fold into b and recurse into x
+            where = fold_channel_scale(graph, other, factor, {id(node)})
+            if where is None:
+                return None
+            _scale_const_input(graph, node, consts[0], factor, k)
+            return where
+        if op == "Mul" and not consts:
+            # gated FFN: act(gate) * up -> scale the up branch (a linear, exact)
+            for i in (1, 0):
+                where = fold_channel_scale(graph, node.inputs[i], factor, {id(node)})
+                if where is not None:
+                    return where
+        return None
+    if op == "MatMul":
+        w = _const(node.inputs[1])
+        if w is None or w.ndim != 2 or w.shape[1] != k:
+            return None
+        scaled = (w * factor[None, :]).astype(w.dtype)
+        node.replace_input_with(1, _init(graph, f"{node.inputs[1].name}_smoothed", scaled))
+        return "MatMul weight"
+    return None
+
+
+def apply_smoothing(graph: ir.Graph, x: ir.Value, linears: list[QLinear], s: np.ndarray) -> str:
+    """Divide input ``x`` by ``s`` (folded upstream if exact, else a Mul on this branch) and
+    multiply the rows of every consumer's weight by ``s``. Returns where the division went."""
+    consumers = {id(lin.node) for lin in linears}
+    where = fold_channel_scale(graph, x, (1.0 / s).astype(np.float32), consumers)
+    if where is None:
+        inv = _init(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
+        mul = ir.node("Mul", [x, inv], name=f"{x.name}_Smooth")
+        mul.outputs[0].name = f"{x.name}_smoothed"
+        mul.outputs[0].type = x.type
+        mul.outputs[0].shape = x.shape
+        graph.insert_before(linears[0].node, [mul])
+        for lin in linears:
+            lin.node.replace_input_with(0, mul.outputs[0])
+        where = "inserted Mul"
+    for lin in linears:
+        w = lin.weight_array()
+        scaled = (w * s[:, None]).astype(w.dtype)
+        lin.node.replace_input_with(1, _init(graph, f"{lin.weight.name}_smoothed", scaled))
+    return where

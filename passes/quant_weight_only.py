@@ -1,0 +1,104 @@
+"""Block-quantised weights in ``com.microsoft.MatMulNBits`` layout.
+
+MatMulNBits computes ``Y = A @ dequant(B)`` with ``A[..., K]``; its B is stored
+transposed and blocked along K:
+
+- ``B``: uint8 ``[N, n_blocks, block_size * bits / 8]``, codes packed low bits first along K;
+- ``scales``: float ``[N, n_blocks]``;
+- ``zero_points``: uint8 ``[N, ceil(n_blocks * bits / 8)]``, packed the same way (4-bit:
+  two blocks per byte, low nibble first); absent means the mid code (8 for 4-bit);
+
+exactly what ORT's ``MatMulNBitsQuantizer`` (QOperator format) writes, so ORT's CPU
+kernels and ours agree; ``tests/passes/test_quantize_numerics.py`` checks the layout by
+running the op in ORT against the numpy dequantisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxpress.passes.quant_gptq import BlockQuantizer, gptq
+
+
+@dataclass
+class NBitsWeight:
+    packed: np.ndarray  # uint8 [N, n_blocks, blob]
+    scales: np.ndarray  # float32 [N, n_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, packed blocks], None when symmetric
+    dequantized: np.ndarray  # float32 [K, N], what the kernel will compute with
+    K: int
+    N: int
+    bits: int
+    block_size: int
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer codes along the last axis, low bits first (``8 // bits`` per byte)."""
+    per = 8 // bits
+    c = codes.astype(np.uint8)
+    pad = (-c.shape[-1]) % per
+    if pad:
+        c = np.concatenate([c, np.zeros((*c.shape[:-1], pad), np.uint8)], axis=-1)
+    c = c.reshape(*c.shape[:-1], -1, per)
+    out = np.zeros(c.shape[:-1], dtype=np.uint8)
+    for j in range(per):
+        out |= (c[..., j] & ((1 << bits) - 1)) << (bits * j)
+    return out
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    per = 8 // bits
+    parts = [(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(per)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def quantize_nbits(
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    *,
+    symmetric: bool = False,
+    hessian: np.ndarray | None = None,
+    damp: float = 0.01,
+    clip_search: bool = True,
+) -> NBitsWeight:
+    """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given."""
+    K, N = weight.shape
+    nblocks = -(-K // block_size)
+    padded = nblocks * block_size
+    w = np.zeros((padded, N), dtype=np.float64)
+    w[:K] = weight
+    quantizer = BlockQuantizer((padded, N), bits, block_size, symmetric=symmetric, clip_search=clip_search)
+    if hessian is None:
+        deq = quantizer.quantize_all(w)
+    else:
+        h = np.eye(padded, dtype=np.float64)
+        h[:K, :K] = hessian
+        deq = gptq(w, h, quantizer, block=max(128, block_size), damp=damp, group_size=block_size)
+    codes = quantizer.q.reshape(nblocks, block_size, N).transpose(2, 0, 1)  # [N, nblocks, block]
+    packed = pack_codes(codes, bits)
+    zps = None if symmetric else pack_codes(quantizer.zero_points.T, bits)
+    return NBitsWeight(
+        packed=np.ascontiguousarray(packed),
+        scales=np.ascontiguousarray(quantizer.scales.T.astype(np.float32)),
+        zero_points=None if zps is None else np.ascontiguousarray(zps),
+        dequantized=deq[:K].astype(np.float32),
+        K=K,
+        N=N,
+        bits=bits,
+        block_size=block_size,
+    )
+
+
+def dequantize_nbits(nw: NBitsWeight) -> np.ndarray:
+    """Reference dequantisation from the packed tensors (the kernel's semantics)."""
+    nblocks = nw.scales.shape[1]
+    codes = unpack_codes(nw.packed, nw.bits, nw.block_size).astype(np.float64)  # [N, nb, block]
+    if nw.zero_points is None:
+        z = np.full((nw.N, nblocks), 1 << (nw.bits - 1), dtype=np.float64)
+    else:
+        z = unpack_codes(nw.zero_points, nw.bits, nblocks).astype(np.float64)
+    deq = (codes - z[..., None]) * nw.scales.astype(np.float64)[..., None]
+    return deq.reshape(nw.N, -1)[:, : nw.K].T.astype(np.float32)

@@ -1,0 +1,439 @@
+"""Post-training int8 / int4 quantisation of a transformer's MatMuls.
+
+Three modes, all emitting standard ops ORT's CPU provider fuses into integer kernels
+(see ``quant_graph``):
+
+- ``static``: per-channel symmetric int8 weights, per-tensor activations (u8 by default:
+  ORT's s8 QDQ kernels are 2-4x slower on AVX2) with calibrated ranges;
+- ``dynamic``: the same weights, activations quantised at run time (DynamicQuantizeMatMul);
+- ``weight_only``: int4/int8 block-quantised weights in ``com.microsoft.MatMulNBits``.
+
+What keeps accuracy, in order: SmoothQuant (migrates activation outliers into the weights,
+folded into the producer where exact); GPTQ (error-compensated weight rounding with
+X^T X from calibration); per-tensor range choice (``auto`` scores minmax / percentile /
+entropy / MSE by the consumer's output error on real rows); and a sensitivity search that
+keeps the MatMuls that hurt the model output most in float until ``budget`` is met.
+LayerNorm, Softmax, residual adds, embeddings and attention-score MatMuls stay float.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.fidelity import compare_outputs
+from onnxpress.passes.quant_calibrate import QParams, choose_range_for_linear
+from onnxpress.passes.quant_capture import capture_stats
+from onnxpress.passes.quant_fusion import fusion_report
+from onnxpress.passes.quant_graph import QLinear, QuantRewriter, apply_smoothing, find_linears
+from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
+from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
+from onnxpress.passes.quant_weight_only import quantize_nbits
+from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
+
+log = logging.getLogger(__name__)
+
+ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down", "lm_head", "other")
+# Above this many candidate MatMuls, sensitivity is estimated per MatMul from the captured
+# rows instead of one model run per MatMul.
+MEASURED_SENSITIVITY_LIMIT = 64
+
+
+@dataclass
+class QuantizeConfig(PassConfig):
+    mode: Literal["static", "dynamic", "weight_only"] = "static"
+    # static: activation integer type; u8 runs 2-4x faster than s8 in ORT's AVX2 kernels
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "auto"
+    percentile: float = 99.99
+    # per-tensor method overrides, "ROLE_OR_NODE_NAME=METHOD", e.g. ["down=percentile"]
+    method_overrides: list[str] = field(default_factory=list)
+    smooth: bool = True
+    smooth_alpha: float | None = None  # None: chosen per input among 0.3-0.8 or off, by quantised error
+    smooth_roles: list[str] = field(default_factory=list)  # empty: all roles
+    gptq: bool = True
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    # int8 weights in +-64 instead of +-127. None: on when the CPU lacks VNNI, whose absence makes
+    # ORT's u8 x s8 kernels use vpmaddubsw, which saturates int16 pair sums (measured: 3x the error)
+    reduce_range: bool | None = None
+    # accuracy budget on calibration data; None: quantise everything eligible
+    budget: float | None = None
+    budget_metric: Literal["rel_l2", "cosine"] = "rel_l2"
+    sensitivity: Literal["auto", "measured", "local"] = "auto"
+    sensitivity_batches: int = 4
+    exclude: list[str] = field(default_factory=list)  # roles or node names kept float
+    calibration_batches: int = 32
+    # weight_only
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
+    check_fusion: bool = True
+
+    def validate(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            self.fail("percentile", "must be in (50, 100], e.g. 99.99")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            self.fail("smooth_alpha", "must be between 0 and 1, e.g. 0.5")
+        if self.gptq_damp < 0 or self.gptq_damp > 1:
+            self.fail("gptq_damp", "must be between 0 and 1, e.g. 0.01")
+        if self.gptq_block < 1:
+            self.fail("gptq_block", "must be a positive integer, e.g. 128")
+        if self.budget is not None and self.budget <= 0:
+            self.fail("budget", "must be positive, e.g. 0.05 (relative L2) or 0.005 (1 - cosine)")
+        if self.bits not in (4, 8):
+            self.fail("bits", "must be 4 or 8")
+        if self.lm_head_bits not in (0, 4, 8, -1):
+            self.fail("lm_head_bits", "must be 0 (same as bits), 4, 8 or -1 (keep float)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            self.fail("block_size", "must be a power of two >= 16, e.g. 32, 64 or 128")
+        if self.sensitivity_batches < 1 or self.calibration_batches < 1:
+            self.fail("sensitivity_batches", "and calibration_batches must be at least 1")
+        for item in self.method_overrides:
+            key, _, method = item.partition("=")
+            if not key or method not in ("minmax", "percentile", "entropy", "mse", "auto"):
+                self.fail("method_overrides", f"entry {item!r} must look like 'down=percentile' "
+                          "(method: minmax, percentile, entropy, mse or auto)")
+        for role in self.smooth_roles:
+            if role not in ROLES:
+                self.fail("smooth_roles", f"has unknown role {role!r}; roles: {', '.join(ROLES)}")
+
+
+@register_pass
+class QuantizePass(Pass):
+    name = "quantize"
+    config_class = QuantizeConfig
+    needs_calibration = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        cfg: QuantizeConfig = self.config
+        # round-to-nearest dynamic / weight-only quantisation needs no data
+        self.needs_calibration = cfg.mode == "static" or cfg.gptq or (cfg.mode == "dynamic" and cfg.smooth)
+
+    # -- entry ---------------------------------------------------------------------------------
+
+    def apply(self, model: ir.Model, ctx) -> Outcome:
+        cfg: QuantizeConfig = self.config
+        tmap = _try_analysis(ctx, model)
+        linears, skipped = find_linears(model, tmap)
+        for i, lin in enumerate(linears):  # trial models find the MatMuls again by name
+            lin.node.name = lin.node.name or f"quantize_matmul_{i}"
+        linears, excluded = _split_excluded(linears, cfg.exclude)
+        reasons = {**skipped, **{lin.name: "excluded by config" for lin in excluded}}
+        if not linears:
+            return Outcome(changes={}, details={"kept_float": reasons, "note": "no MatMul with a constant weight"})
+        batches = None
+        if ctx.calibration is not None:
+            batches = ctx.calibration.batches[: cfg.calibration_batches]
+        elif self.needs_calibration:
+            batches = ctx.require_calibration(self.name).batches
+        if cfg.mode == "weight_only":
+            return self._weight_only(model, ctx, linears, reasons, batches)
+        return self._int8(model, ctx, linears, reasons, batches)
+
+    # -- int8: static and dynamic --------------------------------------------------------------
+
+    def _int8(self, model, ctx, linears, reasons, batches) -> Outcome:
+        cfg: QuantizeConfig = self.config
+        outputs = ctx.output_names or _primary_outputs(model)
+        sens_batches = (batches or ctx.verification)[: cfg.sensitivity_batches]
+        reference = None
+        if cfg.budget is not None:
+            # smoothing is exact in float, so the reference can come from the model as given
+            reference = ctx.run(model, sens_batches, outputs)
+
+        smoothed: dict[str, str] = {}
+        if cfg.smooth and batches:
+            smoothed = self._smooth(model, ctx, linears, batches)
+
+        groups = _by_input(linears)
+        need_gram = cfg.gptq and batches is not None
+        stats = {}
+        if batches:
+            stats = capture_stats(model, batches, list(groups), gram_names=list(groups) if need_gram else (),
+                                  sample_rows=512 if cfg.mode == "static" else 0, threads=ctx.threads, seed=ctx.seed)
+
+        reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not cpu_has_vnni()
+        qmax = INT8_QMAX[reduce_range]
+        weights: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for lin in linears:
+            st = stats.get(lin.input.name)
+            weights[id(lin)] = _quantize_int8_weight(lin.weight_array(), st.gram if st is not None else None,
+                                                     qmax, cfg)
+        act: dict[str, tuple[QParams, str]] = {}
+        if cfg.mode == "static":
+            for name, group in groups.items():
+                method = _method_for(group, cfg)
+                st = stats[name]
+                act[name] = choose_range_for_linear(st.hist, st.sample, [g.weight_array() for g in group],
+                                                    method, cfg.activation_type, cfg.percentile)
+
+        def build(target: ir.Model, chosen: list[QLinear]) -> None:
+            rw = QuantRewriter(target)
+            nodes = {n.name: n for n in target.graph} if target is not model else None
+            for lin in chosen:
+                node_lin = lin if nodes is None else QLinear(nodes[lin.node.name], lin.role, lin.layer)
+                codes, scales = weights[id(lin)]
+                if cfg.mode == "static":
+                    qp, _ = act[lin.input.name]
+                    rw.static(node_lin, codes, scales, qp.scale, qp.zero_point, qp.qtype)
+                else:
+                    rw.dynamic(node_lin, codes, scales)
+            rw.finish()
+
+        chosen, sensitivity, trials = list(linears), {}, []
+        if cfg.budget is not None:
+            chosen, sensitivity, trials = self._budget_search(model, ctx, linears, build, reference, sens_batches,
+                                                              outputs, stats, weights, act)
+            for lin in linears:
+                if lin not in chosen:
+                    reasons[lin.name] = "sensitivity"
+        in_names = {id(lin): lin.input.name for lin in linears}  # the rewrite detaches some nodes
+        build(model, chosen)
+
+        details = {
+            "mode": cfg.mode,
+            "activation_type": cfg.activation_type if cfg.mode == "static" else "uint8 (dynamic)",
+            "weight_range": f"+-{qmax}",
+            "matmuls": [_describe(lin, in_names[id(lin)], lin in chosen, reasons, smoothed, act, sensitivity)
+                        for lin in linears],
+            "kept_float": reasons,
+            "range_methods": dict(Counter(m for _, m in act.values())),
+            "budget_trials": trials,
+        }
+        changes = {
+            "matmuls_quantized": len(chosen),
+            "matmuls_kept_float": len(reasons),
+            "kept_float_sensitivity": sum(1 for r in reasons.values() if r == "sensitivity"),
+            "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
+            "matmuls_smoothed": sum(1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed),
+            "matmuls_gptq": len(chosen) if cfg.gptq and batches else 0,
+        }
+        return self._finish(model, changes, details)
+
+    def _smooth(self, model, ctx, linears, batches) -> dict[str, str]:
+        """SmoothQuant on every input group whose roles are selected; returns {input: where folded}."""
+        cfg: QuantizeConfig = self.config
+        groups = {name: g for name, g in _by_input(linears).items()
+                  if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)}
+        if not groups:
+            return {}
+        stats = capture_stats(model, batches, list(groups), sample_rows=512, threads=ctx.threads, seed=ctx.seed)
+        done, self._alphas = {}, {}
+        qtype = cfg.activation_type if cfg.mode == "static" else "uint8"
+        method = "mse" if cfg.mode == "static" else "minmax"
+        for name, group in groups.items():
+            st = stats.get(name)
+            if st is None or st.absmax is None:
+                continue
+            weights = [lin.weight_array() for lin in group]
+            alpha = cfg.smooth_alpha
+            if alpha is None:
+                alpha, _, _ = choose_alpha(st.absmax, st.sample, weights, qtype, method)
+            self._alphas[name] = alpha
+            if alpha is None:
+                continue
+            s = smooth_scales(st.absmax, weights, alpha)
+            done[name] = f"{apply_smoothing(model.graph, group[0].input, group, s)} (alpha {alpha})"
+            for lin in group:
+                lin.node.meta["onnxpress_smoothed_input"] = name
+        model.graph.sort()
+        return done
+
+    def _budget_search(self, model, ctx, linears, build, reference, batches, outputs, stats, weights, act):
+        """Keep the most sensitive MatMuls float until the calibration error meets the budget.
+
+        Sensitivity = output error with that MatMul alone quantised (one model run each), or for
+        large models its local relative output error on the captured rows. The number kept float
+        is then found by doubling + bisection over that order (monotone in practice)."""
+        cfg: QuantizeConfig = self.config
+        trials = []
+
+        def error(chosen) -> float:
+            trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            build(trial, chosen)
+            fid = compare_outputs(reference, ctx.run(trial, batches, outputs))
+            value = fid.rel_l2 if cfg.budget_metric == "rel_l2" else 1.0 - fid.cosine_mean
+            trials.append({"quantized": len(chosen), "error": value})
+            return value
+
+        if error(linears) <= cfg.budget:
+            return list(linears), {}, trials
+        mode = cfg.sensitivity
+        if mode == "auto":
+            mode = "measured" if len(linears) <= MEASURED_SENSITIVITY_LIMIT else "local"
+        if mode == "measured":
+            sensitivity = {lin.name: error([lin]) for lin in linears}
+        else:
+            sensitivity = {lin.name: _local_error(lin, stats, weights, act, cfg) for lin in linears}
+        order = sorted(linears, key=lambda lin: -sensitivity[lin.name])
+
+        def quantized_with(k_float: int):
+            return [lin for lin in linears if lin not in order[:k_float]]
+
+        lo, hi, step = 0, None, 1  # lo: fails the budget; hi: meets it
+        while hi is None:
+            k = min(step, len(order))
+            if error(quantized_with(k)) <= cfg.budget:
+                hi = k
+            else:
+                lo = k
+                if k == len(order):
+                    hi = k
+            step *= 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if error(quantized_with(mid)) <= cfg.budget:
+                hi = mid
+            else:
+                lo = mid
+        return quantized_with(hi), sensitivity, trials
+
+    # -- weight only ---------------------------------------------------------------------------
+
+    def _weight_only(self, model, ctx, linears, reasons, batches) -> Outcome:
+        cfg: QuantizeConfig = self.config
+        groups = _by_input(linears)
+        stats = {}
+        if cfg.gptq and batches:
+            stats = capture_stats(model, batches, list(groups), gram_names=list(groups), sample_rows=0,
+                                  threads=ctx.threads, seed=ctx.seed)
+        rw = QuantRewriter(model)
+        done, per_bits = [], Counter()
+        for lin in linears:
+            bits = cfg.bits
+            if lin.role == "lm_head" and cfg.lm_head_bits:
+                if cfg.lm_head_bits < 0:
+                    reasons[lin.name] = "lm_head kept float by config"
+                    continue
+                bits = cfg.lm_head_bits
+            st = stats.get(lin.input.name)
+            nw = quantize_nbits(lin.weight_array(), bits, cfg.block_size, symmetric=cfg.symmetric,
+                                hessian=st.gram if st is not None else None, damp=cfg.gptq_damp)
+            rw.nbits(lin, nw)
+            done.append(lin)
+            per_bits[bits] += 1
+        rw.finish()
+        changes = {
+            "matmuls_quantized": len(done),
+            "matmuls_kept_float": len(reasons),
+            "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
+            "matmuls_gptq": len(done) if stats else 0,
+            **{f"matmuls_int{b}": n for b, n in per_bits.items()},
+        }
+        details = {"mode": "weight_only", "bits": cfg.bits, "block_size": cfg.block_size,
+                   "symmetric": cfg.symmetric, "kept_float": reasons}
+        return self._finish(model, changes, details)
+
+    def _finish(self, model, changes, details) -> Outcome:
+        if self.config.check_fusion:
+            fusion = fusion_report(model)
+            details["ort_fusion"] = fusion
+            changes["fused_integer_kernels"] = fusion["fused"]
+            if fusion["unfused"]:
+                details["unfused_qdq"] = (f"{fusion['unfused']} DequantizeLinear outputs still feed float ops "
+                                          f"after ORT optimisation: {fusion['unfused_dq_consumers']}")
+        return Outcome(changes=changes, details=details)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False  # unknown: the reduced range is the safe choice
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _try_analysis(ctx, model):
+    try:
+        return ctx.analysis(model)
+    except ImportError:
+        return None
+    except Exception as exc:  # the analysis is an aid here (roles), never a requirement
+        log.info("quantize: analysis failed (%s); treating every MatMul as generic", exc)
+        return None
+
+
+def _primary_outputs(model):
+    from onnxpress.pass_manager import primary_outputs
+
+    return primary_outputs(model)
+
+
+def _split_excluded(linears, exclude):
+    keep, out = [], []
+    for lin in linears:
+        (out if lin.role in exclude or lin.name in exclude else keep).append(lin)
+    return keep, out
+
+
+def _by_input(linears: list[QLinear]) -> dict[str, list[QLinear]]:
+    groups: dict[str, list[QLinear]] = {}
+    for lin in linears:
+        groups.setdefault(lin.input.name, []).append(lin)
+    return groups
+
+
+def _orig_input(lin: QLinear) -> str:
+    return lin.node.meta.get("onnxpress_smoothed_input", "")
+
+
+def _method_for(group: list[QLinear], cfg: QuantizeConfig) -> str:
+    for item in cfg.method_overrides:
+        key, _, method = item.partition("=")
+        if any(lin.role == key or lin.name == key for lin in group):
+            return method
+    return cfg.calibration_method
+
+
+def _quantize_int8_weight(w: np.ndarray, gram, qmax: int, cfg: QuantizeConfig):
+    """Per-channel symmetric int8 codes and scales, GPTQ-rounded when a Hessian is given."""
+    diag = np.diag(gram) if gram is not None else None
+    scales = channel_scales(w, qmax, clip_search=gram is not None, hessian_diag=diag)
+    quantizer = ChannelQuantizer(scales, qmax)
+    if gram is not None and cfg.gptq:
+        deq = gptq(w, gram, quantizer, block=cfg.gptq_block, damp=cfg.gptq_damp)
+        codes = np.round(deq / scales.astype(np.float64))
+    else:
+        codes = quantizer.codes(w.astype(np.float64))
+    return np.clip(codes, -qmax, qmax).astype(np.int8), scales
+
+
+def _local_error(lin, stats, weights, act, cfg) -> float:
+    """Relative error of this MatMul's output on the captured rows when it alone is quantised."""
+    st = stats.get(lin.input.name)
+    w = lin.weight_array()
+    codes, scales = weights[id(lin)]
+    wq = codes.astype(np.float32) * scales[None, :]
+    if st is None or st.sample is None or not len(st.sample):
+        return float(np.linalg.norm(wq - w) / max(np.linalg.norm(w), 1e-30))
+    x = st.sample
+    xq = act[lin.input.name][0].fake_quant(x) if lin.input.name in act else x
+    ref = x @ w
+    return float(np.linalg.norm(xq @ wq - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _describe(lin, input_name, quantized, reasons, smoothed, act, sensitivity) -> dict:
+    entry = {"name": lin.node.name, "role": lin.role, "layer": lin.layer, "quantized": quantized}
+    if not quantized:
+        entry["reason"] = reasons.get(lin.node.name, "")
+    src = _orig_input(lin) or input_name
+    if src in smoothed:
+        entry["smoothed_into"] = smoothed[src]
+    if input_name in act:
+        qp, method = act[input_name]
+        entry.update(range_method=method, act_scale=qp.scale, act_zero_point=qp.zero_point)
+    if lin.name in sensitivity:
+        entry["sensitivity"] = sensitivity[lin.name]
+    return entry

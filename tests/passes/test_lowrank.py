@@ -1,0 +1,260 @@
+"""Tests of the low-rank pass: numerics on random matrices, the rewrite on a hand-built
+MatMul/Gemm graph, and the whole pass on tiny exported transformers (checked in ORT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.passes import lowrank_fit as fit
+
+
+def _correlated_inputs(rng, n, d):
+    # anisotropic inputs, like real activations: a few directions carry most energy
+    mix = rng.standard_normal((d, d)) * np.logspace(0, -2, d)[:, None]
+    return rng.standard_normal((n, d)) @ mix + 0.3 * rng.standard_normal(d)
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def test_whitened_svd_minimises_output_error_better_than_plain():
+    rng = np.random.default_rng(0)
+    x = _correlated_inputs(rng, 2000, 48)
+    w = rng.standard_normal((48, 32))
+    gram = x.T @ x
+    for rank in (4, 8, 16):
+        a_p, b_p = fit.decompose(w).factors(rank)
+        a_w, b_w = fit.decompose(w, gram, eps=1e-9).factors(rank)
+        err_plain = np.linalg.norm(x @ w - x @ a_p @ b_p)
+        err_white = np.linalg.norm(x @ w - x @ a_w @ b_w)
+        assert err_white < 0.8 * err_plain
+        # the dropped energies are exactly the output error on the calibration data
+        dec = fit.decompose(w, gram, eps=1e-12)
+        assert np.isclose(err_white**2, dec.energy[rank:].sum(), rtol=1e-4)
+
+
+def test_full_rank_is_exact_and_plain_svd_minimises_weight_error():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((20, 30))
+    x = _correlated_inputs(rng, 500, 20)
+    for dec in (fit.decompose(w), fit.decompose(w, x.T @ x)):
+        a, b = dec.factors(20)
+        np.testing.assert_allclose(a @ b, w, atol=1e-8)
+    a, b = fit.decompose(w).factors(5)
+    s = np.linalg.svd(w, compute_uv=False)
+    assert np.isclose(np.linalg.norm(w - a @ b) ** 2, (s[5:] ** 2).sum())
+
+
+def test_cross_fit_recovers_original_outputs_from_perturbed_inputs():
+    """Sequential fitting: with X' = X + noise, the rank-r factors fitted to (X', X W)
+    reproduce X W better than factors fitted on X alone."""
+    rng = np.random.default_rng(2)
+    x = _correlated_inputs(rng, 3000, 40)
+    x_new = x @ (np.eye(40) + 0.1 * rng.standard_normal((40, 40)))
+    w = rng.standard_normal((40, 40))
+    a0, b0 = fit.decompose(w, x.T @ x).factors(12)
+    a1, b1 = fit.decompose(w, x_new.T @ x_new, cross=x_new.T @ x).factors(12)
+    err_naive = np.linalg.norm(x_new @ a0 @ b0 - x @ w)
+    err_cross = np.linalg.norm(x_new @ a1 @ b1 - x @ w)
+    assert err_cross < 0.9 * err_naive
+
+
+def test_bias_shift_restores_mean_output():
+    rng = np.random.default_rng(3)
+    x = _correlated_inputs(rng, 1000, 16) + 2.0
+    w = rng.standard_normal((16, 8))
+    a, b = fit.decompose(w).factors(3)
+    shift = fit.bias_shift(w, a @ b, x.mean(0))
+    np.testing.assert_allclose((x @ a @ b + shift).mean(0), (x @ w).mean(0), atol=1e-9)
+
+
+def test_break_even_rank_never_adds_cost():
+    for d_in, d_out in [(2, 2), (3, 5), (64, 64), (384, 1536), (1, 100)]:
+        r = fit.break_even_rank(d_in, d_out)
+        assert r * (d_in + d_out) < d_in * d_out or r == 0
+        assert (r + 1) * (d_in + d_out) >= d_in * d_out
+    assert fit.break_even_rank(1, 100) == 0
+
+
+def _candidates(rng, shapes):
+    cands = []
+    for d_in, d_out in shapes:
+        decay = rng.uniform(0.5, 3.0)
+        energy = np.sort(rng.uniform(0.5, 1, min(d_in, d_out)) * np.arange(1, min(d_in, d_out) + 1) ** -decay)[::-1]
+        cands.append(fit.Candidate(d_in, d_out, energy))
+    return cands
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4, 0.6])
+def test_allocation_respects_the_budget(fraction):
+    rng = np.random.default_rng(4)
+    cands = _candidates(rng, [(64, 64), (64, 256), (256, 64), (64, 16)] * 3)
+    total = sum(c.full_cost for c in cands)
+    for ranks in (fit.global_ranks(cands, fraction * total), fit.uniform_ranks(cands, fraction)):
+        saved = fit.params_saved(cands, ranks)
+        largest_move = max(c.full_cost for c in cands)
+        assert fraction * total * 0.97 <= saved <= fraction * total + largest_move
+        for c, r in zip(cands, ranks, strict=True):  # a split never costs more than it saves
+            assert r is None or 1 <= r <= fit.break_even_rank(c.d_in, c.d_out)
+
+
+def test_global_allocation_loses_less_than_uniform_on_its_objective():
+    rng = np.random.default_rng(5)
+    cands = _candidates(rng, [(64, 256), (256, 64)] * 4)
+    total = sum(c.full_cost for c in cands)
+    g = fit.global_ranks(cands, 0.3 * total)
+    u = fit.uniform_ranks(cands, 0.3)
+
+    def loss(ranks):
+        return sum(c.loss(r) if r else 0.0 for c, r in zip(cands, ranks, strict=True))
+
+    assert fit.params_saved(cands, g) >= 0.3 * total
+    assert loss(g) <= loss(u) + 1e-12
+
+
+# ---------------------------------------------------------------------------- rewrite on a hand-built graph
+
+
+def _handbuilt(dtype=np.float32, seed=0):
+    """x -> MatMul+Add -> Relu -> Gemm(transB, alpha, beta) -> Relu -> MatMul -> y, plus a
+    [32, 1] MatMul no split can ever make cheaper."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    arrays = {
+        "w1": rng.standard_normal((16, 32)), "b1": rng.standard_normal(32),
+        "w2": rng.standard_normal((24, 32)) / 4, "c2": rng.standard_normal(24),  # Gemm transB: [d_out, d_in]
+        "w3": rng.standard_normal((24, 20)) / 4, "w4": rng.standard_normal((32, 1)),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("Gemm", ["r1", "w2", "c2"], ["g2"], name="gemm2", transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("Relu", ["g2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["y"], name="mm3"),
+        helper.make_node("MatMul", ["r1", "w4"], ["z"], name="thin"),
+    ]
+    graph = helper.make_graph(
+        nodes, "handbuilt", [helper.make_tensor_value_info("x", elem, ["n", 16])],
+        [helper.make_tensor_value_info("y", elem, ["n", 20]), helper.make_tensor_value_info("z", elem, ["n", 1])],
+        [numpy_helper.from_array(a.astype(dtype), n) for n, a in arrays.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": (rng.standard_normal((64, 16)) @ np.diag(np.logspace(0, -1.5, 16))).astype(dtype)}
+               for _ in range(4)]
+    return proto, batches
+
+
+def _ctx(model, batches, outputs=None):
+    from types import SimpleNamespace
+
+    from onnxpress.pass_manager import CompileContext
+
+    ctx = CompileContext(verification=batches[:1], calibration=SimpleNamespace(batches=batches), threads=1)
+    ctx.output_names = outputs or [v.name for v in model.graph.outputs]
+    ctx.reference = ctx.run(model)
+    return ctx
+
+
+def test_full_rank_split_of_matmul_and_gemm_is_exact():
+    import onnx_ir as ir
+
+    from onnxpress.passes import lowrank
+
+    for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
+        proto, batches = _handbuilt(dtype)
+        model = ir.from_proto(proto)
+        ctx = _ctx(model, batches)
+        matrices = lowrank.select_matrices(model, ["mm1", "gemm2", "mm3"])
+        assert sorted(m.key for m in matrices) == ["gemm2", "mm1", "mm3"]
+        for m in matrices:
+            a, b = fit.decompose(m.weight).factors(min(m.d_in, m.d_out))
+            lowrank.split_matrix(model.graph, m, a, b, m.bias)
+        ops = [n.op_type for n in model.graph]
+        assert "Gemm" not in ops and ops.count("MatMul") == 7
+        assert all(v.const_value.dtype.numpy() == dtype for v in model.graph.initializers.values())
+        assert ctx.measure(model).rel_l2 < tol
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"method": "plain"},
+        {"allocation": "global", "sequential": False},
+        {"sequential": False, "bias_correction": False},
+    ],
+)
+def test_pass_on_handbuilt_graph_reports_the_measured_error(settings):
+    import onnx
+    import onnx_ir as ir
+
+    from onnxpress.fidelity import compare_outputs
+    from onnxpress.model_io import model_proto
+    from onnxpress.passes.lowrank import LowRankPass
+    from onnxpress.runtime import make_session, run_batches
+
+    proto, batches = _handbuilt()
+    model = ir.from_proto(proto)
+    ctx = _ctx(model, batches, outputs=["y"])
+    outcome = LowRankPass({"fraction": 0.3, "include": ["^mm", "gemm", "thin"], **settings}).apply(model, ctx)
+    ranks = outcome.details["ranks"]
+    assert "thin" not in ranks  # [32, 1]: two factors always cost more
+    for r in ranks.values():
+        d_in, d_out = r["shape"]
+        assert r["rank"] * (d_in + d_out) < d_in * d_out
+    assert outcome.details["fraction_saved"] >= 0.29
+    saved = model_proto(model)
+    onnx.checker.check_model(saved)
+    outputs = run_batches(make_session(saved.SerializeToString()), batches, ["y"])
+    measured = compare_outputs(run_batches(make_session(proto.SerializeToString()), batches, ["y"]), outputs)
+    assert 0 < measured.rel_l2 < 0.6
+    # mm3 produces y, so its fitted error on calibration data is the end-to-end error there
+    # (exact when fitted sequentially, or when it is the only thing that changed the inputs of y)
+    if settings.get("sequential", True) and settings.get("method") != "plain":
+        assert np.isclose(ranks["mm3"]["fit_error"], measured.rel_l2, rtol=1e-3)
+
+
+def test_whitened_beats_plain_end_to_end_on_handbuilt_graph():
+    import onnx_ir as ir
+
+    from onnxpress.passes.lowrank import LowRankPass
+
+    errors = {}
+    for method in ("plain", "whitened"):
+        proto, batches = _handbuilt()
+        model = ir.from_proto(proto)
+        ctx = _ctx(model, batches, outputs=["y"])
+        LowRankPass({"fraction": 0.3, "include": [".*"], "method": method}).apply(model, ctx)
+        errors[method] = ctx.measure(model).rel_l2
+    assert errors["whitened"] < 0.7 * errors["plain"]
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"fraction": 0.0}, "'fraction'"),
+        ({"fraction": 1.5}, "'fraction'"),
+        ({"fraction": "lots"}, "'fraction'"),
+        ({"method": "svd++"}, "'method'"),
+        ({"allocation": "magic"}, "'allocation'"),
+        ({"target": "flops"}, "'target'"),
+        ({"include": []}, "'include'"),
+        ({"include": ["ffn.up", "(unclosed"]}, "'include'"),
+        ({"eps": -1}, "'eps'"),
+        ({"max_batches": 0}, "'max_batches'"),
+        ({"rank": 3}, "unknown setting 'rank'"),
+    ],
+)
+def test_config_errors_are_one_line(settings, words):
+    from onnxpress.pass_infra import build_pass
+
+    with pytest.raises(OnnxpressError) as err:
+        build_pass("lowrank", settings)
+    message = str(err.value)
+    assert "\n" not in message and words in message and message.startswith("lowrank")
