@@ -65,7 +65,9 @@ def capture(
     wanted = {i.name for i in session.get_inputs()}
     batches = list(calib) if not isinstance(calib, CalibrationSet) else calib.batches
     for feeds in tqdm(batches, desc=desc, disable=not progress_enabled(), leave=False):
-        arrays = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+        arrays = dict(
+            zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True)
+        )
         if accumulators is None:
             for name in names:
                 consumer(name, arrays[name], feeds)
@@ -96,7 +98,9 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in values:
-            raise OnnxpressError(f"tensor {name!r} is not in the model: pick a node output or graph input name")
+            raise OnnxpressError(
+                f"tensor {name!r} is not in the model: pick a node output or graph input name"
+            )
         if name in existing:
             continue
         value = values[name]
@@ -123,7 +127,7 @@ def token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return array.reshape(1, 1)
     channels = array.shape[-1] if array.ndim > 1 else 1
     if mask is not None and array.ndim >= 2:
-        seq_mask = mask[:, -array.shape[1]:] if array.ndim >= 3 else mask  # KV prefix is not in the tensor
+        seq_mask = mask[:, -array.shape[1] :] if array.ndim >= 3 else mask  # KV prefix is not in the tensor
         keep = seq_mask.astype(bool)
         if array.ndim >= 3 and array.shape[:2] == keep.shape:
             return array[keep].reshape(-1, channels)

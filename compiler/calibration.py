@@ -23,9 +23,13 @@ from onnxpress.errors import OnnxpressError
 
 Feeds = dict[str, np.ndarray]
 
-_NAMED_DIMS = {"input_ids": "[batch, sequence]", "attention_mask": "[batch, sequence]",
-               "token_type_ids": "[batch, sequence]", "position_ids": "[batch, sequence]",
-               "pixel_values": "[batch, channels, height, width]"}
+_NAMED_DIMS = {
+    "input_ids": "[batch, sequence]",
+    "attention_mask": "[batch, sequence]",
+    "token_type_ids": "[batch, sequence]",
+    "position_ids": "[batch, sequence]",
+    "pixel_values": "[batch, channels, height, width]",
+}
 
 
 class InputSpec(NamedTuple):
@@ -39,11 +43,16 @@ def input_specs(model) -> list[InputSpec]:
     if isinstance(model, ir.Model):
         initializers = set(model.graph.initializers)
         return [
-            InputSpec(v.name, v.dtype.numpy(), tuple(d if isinstance(d, int) else None for d in (v.shape or ())))
-            for v in model.graph.inputs if v.name not in initializers
+            InputSpec(
+                v.name, v.dtype.numpy(), tuple(d if isinstance(d, int) else None for d in (v.shape or ()))
+            )
+            for v in model.graph.inputs
+            if v.name not in initializers
         ]
-    return [InputSpec(i.name, _ort_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
-            for i in model.get_inputs()]
+    return [
+        InputSpec(i.name, _ort_dtype(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+        for i in model.get_inputs()
+    ]
 
 
 def _ort_dtype(type_str: str) -> np.dtype:
@@ -109,7 +118,9 @@ def vocab_size(model: ir.Model) -> int:
             table = _source_table(user.inputs[0])
             if table is not None:
                 return table
-    raise OnnxpressError("cannot find the token embedding table (a Gather on input_ids): pass real calibration text")
+    raise OnnxpressError(
+        "cannot find the token embedding table (a Gather on input_ids): pass real calibration text"
+    )
 
 
 def _source_table(value: ir.Value | None, depth: int = 4) -> int | None:
@@ -152,7 +163,7 @@ class CalibrationSet:
         total = 0
         for b in self.batches:
             if "attention_mask" in b and "input_ids" in b:
-                total += int(b["attention_mask"][:, -b["input_ids"].shape[1]:].sum())
+                total += int(b["attention_mask"][:, -b["input_ids"].shape[1] :].sum())
             elif "input_ids" in b:
                 total += b["input_ids"].size
         return total
@@ -173,7 +184,7 @@ class CalibrationSet:
             raise OnnxpressError(f"cannot split {len(samples)} calibration sample(s): give at least two")
         n_hold = min(len(samples) - 1, max(1, round(len(samples) * holdout_fraction)))
         size = max(_batch_size(b) for b in self.batches)
-        keep, hold = samples[: len(samples) - n_hold], samples[len(samples) - n_hold:]
+        keep, hold = samples[: len(samples) - n_hold], samples[len(samples) - n_hold :]
         return (
             CalibrationSet(_rebatch(keep, size), f"{self.source}, calibration part ({len(keep)} samples)"),
             CalibrationSet(_rebatch(hold, size), f"{self.source}, holdout part ({len(hold)} samples)"),
@@ -182,9 +193,18 @@ class CalibrationSet:
     # ---- constructors -------------------------------------------------------------
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], tokenizer_dir, model: ir.Model, *, max_length: int = 128,
-                   batch_size: int = 8, max_samples: int | None = None, seed: int = 0,
-                   source: str | None = None) -> CalibrationSet:
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        tokenizer_dir,
+        model: ir.Model,
+        *,
+        max_length: int = 128,
+        batch_size: int = 8,
+        max_samples: int | None = None,
+        seed: int = 0,
+        source: str | None = None,
+    ) -> CalibrationSet:
         """Tokenize ``texts`` (shuffled with ``seed``, cut to ``max_samples``) into padded batches."""
         texts = [t for t in texts if t.strip()]
         if not texts:
@@ -194,7 +214,7 @@ class CalibrationSet:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batches = []
         for start in range(0, len(order), batch_size):
-            chunk = [texts[i] for i in order[start:start + batch_size]]
+            chunk = [texts[i] for i in order[start : start + batch_size]]
             ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
             input_ids, mask = pad_right(ids, pad_id)
             batches.append(make_feeds(model, input_ids, mask, seed=seed + start))
@@ -208,7 +228,9 @@ class CalibrationSet:
         max_chars = 4 * kwargs.get("max_length", 128)  # ~4 characters per token: fill the window
         texts: list[str] = []
         for path in files:
-            texts.extend(_jsonl_texts(path) if path.suffix == ".jsonl" else text_chunks(read_text(path), max_chars))
+            texts.extend(
+                _jsonl_texts(path) if path.suffix == ".jsonl" else text_chunks(read_text(path), max_chars)
+            )
         names = files[0].name if len(files) == 1 else f"{files[0].name} .. {files[-1].name}"
         kwargs.setdefault("source", f"{len(files)} file(s) [{names}] in {files[0].parent}")
         return cls.from_texts(texts, tokenizer_dir, model, **kwargs)
@@ -223,19 +245,22 @@ class CalibrationSet:
             with np.load(path) as data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
-            raise OnnxpressError(f"{path} is not a readable .npz ({type(exc).__name__}): save it with np.savez") from None
+            raise OnnxpressError(
+                f"{path} is not a readable .npz ({type(exc).__name__}): save it with np.savez"
+            ) from None
         specs = {s.name: s for s in input_specs(model)}
         arrays = _validate_arrays(arrays, specs, path.name)
         n = len(next(iter(arrays.values())))
         batches = []
         for start in range(0, n, batch_size):
-            part = {k: v[start:start + batch_size] for k, v in arrays.items()}
+            part = {k: v[start : start + batch_size] for k, v in arrays.items()}
             batches.append(_complete_feeds(model, part, specs))
         return cls(batches, f"{path.name}: {n} samples, batch size {batch_size}")
 
     @classmethod
-    def synthetic(cls, model: ir.Model, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0,
-                  num_batches: int = 1) -> CalibrationSet:
+    def synthetic(
+        cls, model: ir.Model, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0, num_batches: int = 1
+    ) -> CalibrationSet:
         """Random tokens within the vocabulary (or random pixels): for checking lossless passes."""
         specs = {s.name: s for s in input_specs(model)}
         rng = np.random.default_rng(seed)
@@ -267,9 +292,13 @@ def _jsonl_texts(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise OnnxpressError(f"{path.name} line {lineno} is not JSON: write one JSON object per line") from None
+            raise OnnxpressError(
+                f"{path.name} line {lineno} is not JSON: write one JSON object per line"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise OnnxpressError(f'{path.name} line {lineno} has no "text" string field: add one to every record')
+            raise OnnxpressError(
+                f'{path.name} line {lineno} has no "text" string field: add one to every record'
+            )
         texts.append(record["text"])
     return texts
 
@@ -284,7 +313,9 @@ def _validate_arrays(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec],
         )
     counts = {len(a) if a.ndim else 0 for a in arrays.values()}
     if len(counts) != 1:
-        raise OnnxpressError(f"arrays in {where} have different sample counts {sorted(counts)}: make axis 0 match")
+        raise OnnxpressError(
+            f"arrays in {where} have different sample counts {sorted(counts)}: make axis 0 match"
+        )
     out = {}
     for name, array in arrays.items():
         spec = specs[name]
@@ -309,7 +340,9 @@ def _validate_arrays(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec],
 
 
 def _kind(dtype: np.dtype) -> str:
-    return "int" if np.issubdtype(dtype, np.integer) else "float" if np.issubdtype(dtype, np.floating) else str(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return "int"
+    return "float" if np.issubdtype(dtype, np.floating) else str(dtype)
 
 
 def _complete_feeds(model: ir.Model, part: Feeds, specs: dict[str, InputSpec]) -> Feeds:
@@ -332,7 +365,7 @@ def _unbatch(batch: Feeds) -> list[Feeds]:
     """Per-sample feeds; padding past a sample's own length is trimmed so re-batching can re-pad."""
     samples = []
     for i in range(_batch_size(batch)):
-        sample = {k: v[i:i + 1] for k, v in batch.items()}
+        sample = {k: v[i : i + 1] for k, v in batch.items()}
         if "attention_mask" in sample and "input_ids" in sample:
             n = int(sample["attention_mask"].sum()) if sample["attention_mask"].size else 0
             seq = sample["input_ids"].shape[1]
@@ -349,7 +382,7 @@ def _is_token_axis(name: str, value: np.ndarray, seq: int) -> bool:
 def _rebatch(samples: list[Feeds], size: int) -> list[Feeds]:
     batches = []
     for start in range(0, len(samples), size):
-        group = samples[start:start + size]
+        group = samples[start : start + size]
         batches.append({k: _stack([s[k] for s in group], k) for k in group[0]})
     return batches
 

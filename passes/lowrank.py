@@ -30,12 +30,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-
-from onnxpress.errors import OnnxpressError
+from onnxpress.activations import token_rows
+from onnxpress.analysis import as_linear
+from onnxpress.analysis.graph_utils import const_array
 from onnxpress.model_io import model_proto
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes import lowrank_fit as fit
 from onnxpress.runtime import make_session
+from threadpoolctl import threadpool_limits
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
 
@@ -97,51 +99,30 @@ class Matrix:
         return self.weight.shape[1]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
+def _matrix_of(lin, key: str, layer: int | None) -> Matrix | None:
+    """The effective W of an analysis ``Linear`` (MatMul or Gemm with a float weight that
+    folds to a constant 2-D matrix), or None for kinds this pass leaves alone
+    (quantized MatMulNBits, fused attention weights, transA Gemm)."""
+    node = lin.node
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
         return None
-    tensor = value.const_value
-    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-        attr = value.producer().attributes.get("value")
-        tensor = attr.value if attr is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
-def _matrix_of(node: ir.Node, key: str, layer: int | None, bias_value=None, bias_node=None) -> Matrix | None:
-    """The effective W of a MatMul/Gemm with a constant 2-D weight, or None if unsupported."""
-    if node.op_type == "MatMul":
-        if len(node.inputs) < 2 or node.inputs[0] is None:
-            return None
-        w = _const(node.inputs[1])
-        transposed = False
-        if w is None and node.inputs[1].producer() is not None and node.inputs[1].producer().op_type == "Transpose":
-            w = _const(node.inputs[1].producer().inputs[0])  # MatMul(x, Transpose(W_stored))
-            transposed = True
-        if w is None or w.ndim != 2:
-            return None
-        w = w.T if transposed else w
-        bias = _const(bias_value)
-    elif node.op_type == "Gemm":
+    w = const_array(node.inputs[1])  # through Identity/Transpose/Cast: the matrix the node sees
+    if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        return None
+    bias = const_array(lin.bias) if lin.bias is not None else None
+    if node.op_type == "Gemm":
         attrs = {k: a.value for k, a in node.attributes.items()}
-        w = _const(node.inputs[1])
-        if attrs.get("transA", 0) or w is None or w.ndim != 2:
+        if attrs.get("transA", 0):
             return None
         w = attrs.get("alpha", 1.0) * (w.T if attrs.get("transB", 0) else w)
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        bias = _const(bias_value)
-        if bias_value is not None and bias is None:
-            return None  # a computed C cannot be moved onto the second factor as a constant
-        bias = None if bias is None else attrs.get("beta", 1.0) * np.broadcast_to(bias, (w.shape[1],))
-        bias_node = None
-    else:
-        return None
-    if bias is not None and bias.size != w.shape[1]:
-        bias, bias_value, bias_node = None, None, None  # not a per-output-channel bias: leave it alone
-    if not np.issubdtype(w.dtype, np.floating):
-        return None
-    dtype = ir.DataType.from_numpy(w.dtype)
-    return Matrix(key, node, node.inputs[0], w.astype(np.float64), None if bias is None else bias.astype(np.float64),
-                  bias_value, bias_node, dtype, layer)
+        if lin.bias_node is None and bias is not None:  # Gemm's own C
+            bias = attrs.get("beta", 1.0) * bias
+    if bias is not None:
+        if bias.size != w.shape[1]:
+            return None  # C broadcast over rows (or a stranger shape): not a per-channel bias
+        bias = bias.reshape(-1).astype(np.float64)
+    return Matrix(key, node, lin.input, w.astype(np.float64), bias, lin.bias, lin.bias_node,
+                  ir.DataType.from_numpy(w.dtype), layer)
 
 
 def _linears_by_role(tmap) -> list[tuple[str, int, object]]:
@@ -149,47 +130,41 @@ def _linears_by_role(tmap) -> list[tuple[str, int, object]]:
     for layer in tmap.layers:
         att, ffn = layer.attention, layer.ffn
         pairs = []
-        if att is not None:
+        if att is not None and att.fused_node is None:
             pairs += [("attn.q", att.q), ("attn.k", att.k), ("attn.v", att.v), ("attn.qkv", att.qkv), ("attn.o", att.o)]
-        if ffn is not None:
+        if ffn is not None and not ffn.packed_gate_up:
             pairs += [("ffn.up", ffn.up), ("ffn.gate", ffn.gate), ("ffn.down", ffn.down)]
+        elif ffn is not None:
+            pairs += [("ffn.up", ffn.up), ("ffn.down", ffn.down)]  # packed [gate | up]: one matrix
         found += [(role, layer.index, lin) for role, lin in pairs if lin is not None]
     return found
 
 
 def select_matrices(model: ir.Model, include: list[str], tmap=None) -> list[Matrix]:
-    """The matrices named by ``include`` (roles need ``tmap``, the analysis map)."""
+    """The matrices named by ``include``: roles from the analysis map ``tmap``, regexes
+    searched in the node name and the weight name of every constant-weight MatMul/Gemm."""
     roles = {p for p in include if p in ROLES}
     patterns = [re.compile(p) for p in include if p not in ROLES]
     chosen: dict[int, Matrix] = {}  # by node id: a node matched twice is split once
     if roles and tmap is not None:
         for role, index, lin in _linears_by_role(tmap):
             if role in roles and id(lin.node) not in chosen:
-                m = _matrix_of(lin.node, f"layer{index}.{role}", index, lin.bias, lin.bias_node)
+                m = _matrix_of(lin, f"layer{index}.{role}", index)
                 if m is not None:
                     chosen[id(lin.node)] = m
     if patterns:
         for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or id(node) in chosen or len(node.inputs) < 2:
+            if id(node) in chosen:
                 continue
-            names = [node.name or "", node.inputs[1].name or ""]
+            lin = as_linear(node)
+            if lin is None:
+                continue
+            names = [node.name or "", lin.weight.name or ""]
             if any(p.search(n) for p in patterns for n in names):
-                bias_value, bias_node = _bias_add(node)
-                m = _matrix_of(node, node.name or node.outputs[0].name, None, bias_value, bias_node)
+                m = _matrix_of(lin, node.name or lin.weight.name or node.outputs[0].name, None)
                 if m is not None:
                     chosen[id(node)] = m
     return list(chosen.values())
-
-
-def _bias_add(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
-    """The constant of an ``Add(matmul_out, bias)`` that is the MatMul output's only use."""
-    uses = list(node.outputs[0].uses())
-    if node.op_type != "MatMul" or len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None, None
-    add = uses[0].node
-    other = add.inputs[1 - uses[0].idx]
-    bias = _const(other)
-    return (other, add) if bias is not None and bias.ndim == 1 else (None, None)
 
 
 # ----------------------------------------------------------------------------- calibration statistics
@@ -237,21 +212,6 @@ def _probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataT
     return make_session(probe, threads=threads)
 
 
-def _token_rows(x: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """[tokens, d] rows of an activation, without padded positions when the mask tells them."""
-    rows = x.reshape(-1, x.shape[-1])
-    mask = feeds.get("attention_mask")
-    if mask is None or x.ndim < 2:
-        return rows
-    if x.ndim == 3 and mask.ndim == 2 and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
-        keep = mask[:, mask.shape[1] - x.shape[1]:].reshape(-1) != 0  # decoders: the last seq positions
-    elif x.ndim == 2 and mask.size == rows.shape[0]:
-        keep = mask.reshape(-1) != 0
-    else:
-        return rows
-    return rows[keep]
-
-
 def collect_stats(
     model: ir.Model,
     names: list[str],
@@ -274,7 +234,7 @@ def collect_stats(
         for name, x, x_ref in zip(names, outs, refs, strict=True):
             # per-batch products in float32 (BLAS sgemm, half the time of float64; a batch has
             # few thousand rows, far from where float32 sums lose digits), accumulated in float64
-            rows = _token_rows(x, feeds).astype(np.float32)
+            rows = token_rows(x, feeds.get("attention_mask")).astype(np.float32)
             s = stats.get(name)
             if s is None:
                 s = stats[name] = InputStats.zeros(rows.shape[1])
@@ -282,7 +242,7 @@ def collect_stats(
             s.total += rows.sum(0, dtype=np.float64)
             s.count += rows.shape[0]
             if x_ref is not None:
-                ref_rows = _token_rows(x_ref, feeds).astype(np.float32)
+                ref_rows = token_rows(x_ref, feeds.get("attention_mask")).astype(np.float32)
                 s.cross += rows.T @ ref_rows
                 s.gram_ref += ref_rows.T @ ref_rows
                 s.total_ref += ref_rows.sum(0, dtype=np.float64)
@@ -308,7 +268,7 @@ def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias:
     """Replace m.node by MatMul(x, A) -> MatMul(., B) (+ bias), in the original float dtype.
 
     MatMul + Add: the Add stays; its constant is replaced when the bias changed.
-    Gemm: becomes MatMul, MatMul, Add(beta * C) (alpha is folded into B).
+    Gemm: becomes MatMul, MatMul, Add(beta * C) (alpha is folded into B, transB into A).
     """
     np_dtype = m.dtype.numpy()
     stem = m.node.name or m.key
@@ -318,14 +278,10 @@ def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias:
     second = ir.node("MatMul", [first.outputs[0], b_val], name=f"{stem}/lowrank_B")
     new_nodes = [first, second]
     out = second.outputs[0]
-    if m.node.op_type == "Gemm" and bias is not None:
-        add = ir.node("Add", [out, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
-        new_nodes.append(add)
-        out = add.outputs[0]
-    elif bias is not None and m.bias_node is not None:
+    if bias is not None and m.bias_node is not None:  # MatMul + Add: the Add stays, with the new constant
         idx = next(i for i, v in enumerate(m.bias_node.inputs) if v is m.bias_value)
         m.bias_node.replace_input_with(idx, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype)))
-    elif bias is not None:  # bias correction on a matrix without bias: a new Add
+    elif bias is not None:  # Gemm's C, or a bias correction where there was no bias: a new Add
         add = ir.node("Add", [out, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
         new_nodes.append(add)
         out = add.outputs[0]
@@ -357,6 +313,12 @@ class LowRankPass(Pass):
     needs_calibration = True
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
+        # One BLAS thread for the numerics (ORT keeps its own pool): OpenBLAS threads spin-wait,
+        # and on a shared machine an SVD with several of them ran ~20x slower than with one.
+        with threadpool_limits(limits=1):
+            return self._apply(model, ctx)
+
+    def _apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: LowRankConfig = self.config
         calib = ctx.require_calibration(self.name)
         batches = list(calib.batches)[: cfg.max_batches] if cfg.max_batches else list(calib.batches)
@@ -459,8 +421,10 @@ def _output_error(m: Matrix, w_r: np.ndarray, s: InputStats, bias: np.ndarray | 
     w, n = m.weight, s.count
     b0 = m.bias if m.bias is not None else np.zeros(m.d_out)
     b1 = bias if bias is not None else np.zeros(m.d_out)
-    new_sq = np.einsum("ij,ik,kj->", w_r, s.gram, w_r) + 2 * (s.total @ w_r) @ b1 + n * b1 @ b1
-    ref_sq = np.einsum("ij,ik,kj->", w, s.gram_ref, w) + 2 * (s.total_ref @ w) @ b0 + n * b0 @ b0
-    dot = (np.einsum("ij,ik,kj->", w_r, s.cross, w) + (s.total @ w_r) @ b0 + (s.total_ref @ w) @ b1
-           + n * b1 @ b0)
+    def trace(left, gram, right):  # tr(left^T gram right)
+        return float(np.sum(left * (gram @ right)))
+
+    new_sq = trace(w_r, s.gram, w_r) + 2 * (s.total @ w_r) @ b1 + n * b1 @ b1
+    ref_sq = trace(w, s.gram_ref, w) + 2 * (s.total_ref @ w) @ b0 + n * b0 @ b0
+    dot = trace(w_r, s.cross, w) + (s.total @ w_r) @ b0 + (s.total_ref @ w) @ b1 + n * b1 @ b0
     return float(np.sqrt(max(new_sq - 2 * dot + ref_sq, 0.0) / max(ref_sq, 1e-30)))

@@ -398,37 +398,23 @@ class PruneConfig(PassConfig):
 # ---------------------------------------------------------------------- activations
 
 
-class _LayerStats:
-    """Accumulators for one capture: Grams of some values, squared norms of others."""
+class _Energy:
+    """Accumulator (for ``onnxpress.activations.capture``): the squared norm of a tensor
+    over real tokens."""
 
-    def __init__(self, grams: Sequence[str], energies: Sequence[str]):
-        self.grams: dict[str, AugmentedGram] = {}
-        self.energy: dict[str, float] = dict.fromkeys(energies, 0.0)
-        self._gram_names = list(dict.fromkeys(grams))
+    def __init__(self, name: str):
+        self.names = (name,)
+        self.total = 0.0
 
-    def add(self, name: str, rows: np.ndarray) -> None:
-        if name in self._gram_names:
-            if name not in self.grams:
-                self.grams[name] = AugmentedGram.empty(rows.shape[-1])
-            self.grams[name].update(rows)
-        if name in self.energy:
-            r = rows.astype(np.float64)
-            self.energy[name] += float(np.einsum("ij,ij->", r, r))
+    def update(self, rows: dict[str, np.ndarray]) -> None:
+        r = rows[self.names[0]].astype(np.float64)
+        self.total += float(np.einsum("ij,ij->", r, r))
 
 
-def token_rows(array: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """``array`` [batch, seq, d] (or [batch*seq, d]) as rows of real tokens: padding,
-    marked by ``attention_mask``, would bias every statistic towards pad embeddings."""
-    d = array.shape[-1]
-    mask = feeds.get("attention_mask")
-    rows = array.reshape(-1, d)
-    if mask is None or mask.ndim != 2:
-        return rows
-    seq = array.shape[-2] if array.ndim >= 3 else rows.shape[0] // mask.shape[0]
-    if array.ndim >= 3 and array.shape[0] != mask.shape[0]:
-        return rows
-    keep = mask[:, -seq:].reshape(-1) > 0  # with a KV cache the mask also covers the past
-    return rows[keep] if keep.shape[0] == rows.shape[0] else rows
+@dataclass
+class CapturedStats:
+    grams: dict[str, AugmentedGram]
+    energy: dict[str, float]
 
 
 def capture_stats(
@@ -438,30 +424,41 @@ def capture_stats(
     energies: Sequence[str] = (),
     *,
     threads: int | None = None,
-) -> _LayerStats:
-    """Stream ``batches`` through ``model`` in ONNX Runtime once, accumulating the Gram
-    of each value in ``grams`` and the squared norm of each in ``energies`` over real
-    tokens. Only one batch of activations is alive at a time."""
+) -> CapturedStats:
+    """Stream ``batches`` through ``model`` once (one batch of activations alive at a
+    time), accumulating the Gram of each value in ``grams`` and the squared norm of each
+    in ``energies`` over real (unpadded) tokens."""
+    from onnxpress.activations import GramStats, capture
+
+    gram_accs = {n: GramStats(n) for n in dict.fromkeys(grams)}
+    energy_accs = {n: _Energy(n) for n in dict.fromkeys(energies)}
+    accs = [*gram_accs.values(), *energy_accs.values()]
+    if accs:
+        capture(model, None, list(batches), accs, threads=threads, desc="pruning statistics")
+    return CapturedStats(
+        grams={n: AugmentedGram(a.xtx, a.sum, float(a.count)) for n, a in gram_accs.items() if a.xtx is not None},
+        energy={n: a.total for n, a in energy_accs.items()},
+    )
+
+
+def probe_shapes(
+    model: ir.Model, values: Sequence[ir.Value], feeds: dict[str, np.ndarray], *, threads: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Run-time shapes of ``values`` on one batch (for facts static shapes do not give)."""
     import onnx
     from onnxpress.model_io import model_proto
     from onnxpress.runtime import make_session
 
-    names = list(dict.fromkeys([*grams, *energies]))
-    stats = _LayerStats(grams, energies)
+    names = list(dict.fromkeys(v.name for v in values))
     if not names:
-        return stats
+        return {}
     proto = model_proto(model)
     present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     session = make_session(proto.SerializeToString(), threads=threads)
     wanted = {i.name for i in session.get_inputs()}
-    for feeds in batches:
-        arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-        for name, array in zip(names, arrays, strict=True):
-            stats.add(name, token_rows(array, feeds))
-    return stats
+    arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return {n: tuple(a.shape) for n, a in zip(names, arrays, strict=True)}
 
 
 def calibration_batches(ctx, pass_name: str, max_batches: int) -> list[dict[str, np.ndarray]]:
@@ -612,8 +609,7 @@ def _append_bias(editor: GraphEditor, linear: Linear, bias: np.ndarray) -> None:
     editor.graph.register_initializer(b)
     add = ir.node("Add", [out, b], name=editor.fresh_name(f"{linear.name}/bias_add"))
     add.outputs[0].name = editor.fresh_name(f"{out.name}_biased")
-    add.outputs[0].dtype = out.dtype
-    add.outputs[0].shape = out.shape
+    add.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(bias.dtype))
     editor.graph.insert_after(out.producer(), add)
     for use in uses:
         use.node.replace_input_with(use.idx, add.outputs[0])

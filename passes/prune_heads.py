@@ -102,6 +102,13 @@ class PruneHeadsPass(Pass):
         else:
             counts = pc.uniform_counts(curves, cfg.fraction, totals)
 
+        # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
+        # the removed heads too; which inputs of the score Adds carry a head axis is a
+        # run-time fact
+        candidates = [v for u in units for _, _, v in _score_bias_inputs(u.att)]
+        feeds = ctx.verification[0] if ctx.verification else pc.calibration_batches(ctx, self.name, 1)[0]
+        bias_shapes = pc.probe_shapes(model, candidates, feeds, threads=ctx.threads)
+
         editor = pc.GraphEditor(model)
         removed_heads = removed_groups = 0
         for i, (u, curve, count) in enumerate(zip(units, curves, counts, strict=True)):
@@ -120,8 +127,11 @@ class PruneHeadsPass(Pass):
             else:
                 w_o, b_o = weights[i][cols], biases[i]
             _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
+            _gather_score_biases(editor, u, keep, bias_shapes)
             removed_groups += len(drop)
             removed_heads += len(drop) * u.n_rep
+        if removed_groups:
+            _resize_empty_past(model, ctx)
         total_heads = sum(u.att.num_heads for u in units)
         details["removed_fraction_of_heads"] = removed_heads / total_heads if total_heads else 0.0
         return Outcome(changes={"heads_removed": removed_heads, "kv_groups_removed": removed_groups}, details=details)
@@ -224,6 +234,46 @@ def _rewrite(editor: pc.GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray,
     pc.clear_shapes([v for n in nodes for v in n.outputs])
     pc.clear_shapes([p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None])
     pc.clear_shapes([p.output for p in (att.q, att.k, att.v, att.qkv) if p is not None])
+
+
+def _score_bias_inputs(att) -> list[tuple[ir.Node, int, ir.Value]]:
+    """(node, input index, value) of every tensor added to the attention scores between
+    the scores MatMul and the Softmax, other than the scores themselves."""
+    if att.scores_matmul is None or att.softmax is None:
+        return []
+    members = {id(n) for n in att.nodes}
+    out, cur = [], att.scores_matmul.outputs[0]
+    for _ in range(12):
+        nxt = [n for n in cur.consumers() if id(n) in members and n.op_type != "Shape"]
+        if len(nxt) != 1 or nxt[0] is att.softmax:
+            break
+        node = nxt[0]
+        if node.op_type in ("Add", "Sub", "Where"):
+            out += [(node, i, v) for i, v in enumerate(node.inputs) if v is not None and v is not cur
+                    and (node.op_type != "Where" or i > 0)]
+        cur = node.outputs[0]
+    return out
+
+
+def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tuple[int, ...]]) -> None:
+    att = u.att
+    h = att.num_heads
+    kept_heads = np.array([g * u.n_rep + r for g in keep for r in range(u.n_rep)], dtype=np.int64)
+    for node, idx, value in _score_bias_inputs(att):
+        shape = shapes.get(value.name)
+        if shape is None or len(shape) != 4 or shape[1] != h or h == 1:
+            continue  # broadcast over heads (padding / causal masks): nothing to do
+        index = ir.Value(name=editor.fresh_name(f"{value.name}_kept_heads"), shape=ir.Shape(kept_heads.shape),
+                         type=ir.TensorType(ir.DataType.INT64))
+        index.const_value = ir.tensor(kept_heads, name=index.name)
+        editor.graph.register_initializer(index)
+        gather = ir.node("Gather", [value, index], attributes={"axis": 1},
+                         name=editor.fresh_name(f"{node.name}/kept_heads"))
+        gather.outputs[0].name = editor.fresh_name(f"{value.name}_kept")
+        if value.dtype is not None:
+            gather.outputs[0].type = ir.TensorType(value.dtype)
+        editor.graph.insert_before(node, gather)
+        node.replace_input_with(idx, gather.outputs[0])
 
 
 def _slice_outputs(editor: pc.GraphEditor, lin, cols: np.ndarray) -> None:
@@ -343,3 +393,24 @@ def _patch_cache_shapes(att, kv2: int) -> None:
         dims = list(value.shape)
         dims[1] = kv2
         value.shape = ir.Shape(dims)
+
+
+def _resize_empty_past(model: ir.Model, ctx) -> None:
+    """Give the zero-length KV-cache feeds of the verification and calibration batches
+    the new head count. They hold no data, so this changes nothing numerically, but ONNX
+    Runtime checks the static head dimension of every input, and the pass manager and
+    later passes run the pruned model on these same feeds."""
+    dims = {v.name: v.shape[1] for v in model.graph.inputs
+            if v.shape is not None and len(v.shape) == 4 and isinstance(v.shape[1], int)}
+    batches = list(ctx.verification) + (list(ctx.calibration.batches) if ctx.calibration is not None else [])
+    for feeds in batches:
+        for name, heads in dims.items():
+            arr = feeds.get(name)
+            if arr is None or arr.ndim != 4 or arr.shape[1] == heads:
+                continue
+            if arr.shape[2] != 0:
+                raise OnnxpressError(
+                    f"prune_heads: input {name} carries a non-empty KV cache in the calibration data; "
+                    "calibrate with prompts only (empty past)"
+                )
+            feeds[name] = np.zeros((arr.shape[0], heads, 0, arr.shape[3]), dtype=arr.dtype)

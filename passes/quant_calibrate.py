@@ -133,20 +133,35 @@ def percentile_range(hist: StreamingHistogram, percentile: float) -> tuple[float
     return float(lo), float(hi)
 
 
-def mse_range(hist: StreamingHistogram, qtype: str, steps: int = 100) -> tuple[float, float]:
-    """Coordinate search over the two clip points (fractions of min and max)."""
+def mse_range(hist: StreamingHistogram, qtype: str, steps: int = 64) -> tuple[float, float]:
+    """Coordinate search over the two clip points (fractions of min and max), each sweep
+    evaluated for all candidates at once."""
+    qmin, qmax = QRANGES[qtype]
+    c, n = hist.centers, hist.counts.astype(np.float64)
     fractions = np.linspace(0.05, 1.0, steps)
-    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
-    best = (lo, hi)
-    best_err = expected_mse(hist, qparams_from_range(lo, hi, qtype))
+    lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
+    symmetric = qtype == "int8"
+
+    def errors(los: np.ndarray, his: np.ndarray) -> np.ndarray:
+        if symmetric:
+            bound = np.maximum(np.abs(los), np.abs(his))
+            scale = np.where(bound > 0, bound / ((qmax - qmin) / 2), 1.0)
+            zp = np.zeros_like(scale)
+        else:
+            scale = np.where(his > los, (his - los) / (qmax - qmin), 1.0)
+            zp = np.clip(np.round(qmin - los / scale), qmin, qmax)
+        lo_q, hi_q = ((qmin - zp) * scale)[:, None], ((qmax - zp) * scale)[:, None]
+        clipped = np.clip(c[None, :], lo_q, hi_q)
+        inside = (c[None, :] >= lo_q) & (c[None, :] <= hi_q)
+        err = (c[None, :] - clipped) ** 2 + np.where(inside, (scale**2 / 12)[:, None], 0.0)
+        return (err * n[None, :]).sum(axis=1)
+
+    lo, hi = lo0, hi0
     for _ in range(2):
-        for side in (1, 0):
-            for f in fractions:
-                cand = (best[0], hi * f) if side else (lo * f, best[1])
-                err = expected_mse(hist, qparams_from_range(*cand, qtype))
-                if err < best_err:
-                    best, best_err = cand, err
-    return best
+        hi = float(hi0 * fractions[np.argmin(errors(np.full(steps, lo), hi0 * fractions))])
+        lo = float(lo0 * fractions[np.argmin(errors(lo0 * fractions, np.full(steps, hi)))]) if lo0 < 0 else lo0
+    full = errors(np.array([lo0]), np.array([hi0]))[0]
+    return (lo, hi) if errors(np.array([lo]), np.array([hi]))[0] <= full else (lo0, hi0)
 
 
 def entropy_range(hist: StreamingHistogram, num_quantized_bins: int = 128) -> tuple[float, float]:
@@ -156,7 +171,7 @@ def entropy_range(hist: StreamingHistogram, num_quantized_bins: int = 128) -> tu
     bound = max(abs(hist.min), abs(hist.max), 1e-12)
     abs_counts, _ = np.histogram(np.abs(centers), bins=nbins, range=(0, bound), weights=counts)
     best_t, best_kl = bound, np.inf
-    for i in range(num_quantized_bins, nbins + 1, 16):
+    for i in range(num_quantized_bins, nbins + 1, 64):
         p = abs_counts[:i].copy()
         p[i - 1] += abs_counts[i:].sum()
         if p.sum() == 0:

@@ -202,6 +202,32 @@ class QuantRewriter:
         if "com.microsoft" not in self.model.opset_imports:
             self.model.opset_imports["com.microsoft"] = 1
 
+    def embedding(self, node: ir.Node) -> bool:
+        """Store a Gather's embedding table as int8 with one scale per row (weight-only: the
+        gathered rows are dequantised exactly, LayerNorm and everything after stay float).
+        Tables shared with a MatMul (tied LM heads) are left alone: the MatMul needs the floats."""
+        table = _const(node.inputs[0])
+        if table is None or table.ndim != 2 or table.dtype != np.float32:
+            return False
+        if any(n is not node for n, _ in node.inputs[0].uses()):
+            return False
+        g, base = self.graph, (node.name or node.inputs[0].name).replace("/", "_").strip("_")
+        scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127
+        codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+        axis = node.attributes.get_int("axis", 0)
+        if axis != 0:
+            return False
+        rows = ir.node("Gather", [_init(g, f"{base}_table_int8", codes), node.inputs[1]], name=f"{base}_GatherInt8")
+        cast = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
+        scales = ir.node("Gather", [_init(g, f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
+                         name=f"{base}_GatherScale")
+        mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{base}_Dequantize")
+        for n, suffix in ((rows, "rows_int8"), (cast, "rows_float"), (scales, "row_scales_gathered")):
+            n.outputs[0].name = f"{base}_{suffix}"
+        self._insert(node, [rows, cast, scales, mul])
+        self._replace_node_output(node, mul)
+        return True
+
     def _replace_node_output(self, old: ir.Node, new: ir.Node) -> None:
         """``new`` takes over ``old``'s output value (name, type, consumers, graph output slot)."""
         out = old.outputs[0]

@@ -69,6 +69,9 @@ class QuantizeConfig(PassConfig):
     sensitivity_batches: int = 4
     exclude: list[str] = field(default_factory=list)  # roles or node names kept float
     calibration_batches: int = 32
+    # int8 storage of embedding tables (Gather) with per-row scales: 8, or 0 to keep them float
+    embedding_bits: int = 8
+    min_embedding_size: int = 1 << 20  # elements; small tables (positions, token types) stay float
     # weight_only
     bits: int = 4
     block_size: int = 32
@@ -87,6 +90,8 @@ class QuantizeConfig(PassConfig):
             self.fail("gptq_block", "must be a positive integer, e.g. 128")
         if self.budget is not None and self.budget <= 0:
             self.fail("budget", "must be positive, e.g. 0.05 (relative L2) or 0.005 (1 - cosine)")
+        if self.embedding_bits not in (0, 8):
+            self.fail("embedding_bits", "must be 8 (int8 rows) or 0 (keep embedding tables float)")
         if self.bits not in (4, 8):
             self.fail("bits", "must be 4 or 8")
         if self.lm_head_bits not in (0, 4, 8, -1):
@@ -197,6 +202,7 @@ class QuantizePass(Pass):
                     reasons[lin.name] = "sensitivity"
         in_names = {id(lin): lin.input.name for lin in linears}  # the rewrite detaches some nodes
         build(model, chosen)
+        embeddings = self._embeddings(model)
 
         details = {
             "mode": cfg.mode,
@@ -215,8 +221,20 @@ class QuantizePass(Pass):
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
             "matmuls_smoothed": sum(1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed),
             "matmuls_gptq": len(chosen) if cfg.gptq and batches else 0,
+            "embeddings_int8": embeddings,
         }
         return self._finish(model, changes, details)
+
+    def _embeddings(self, model) -> int:
+        cfg: QuantizeConfig = self.config
+        if not cfg.embedding_bits:
+            return 0
+        rw = QuantRewriter(model)
+        gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0] is not None
+                   and n.inputs[0].const_value is not None and n.inputs[0].const_value.size >= cfg.min_embedding_size]
+        done = sum(rw.embedding(n) for n in gathers)
+        rw.finish()
+        return done
 
     def _smooth(self, model, ctx, linears, batches) -> dict[str, str]:
         """SmoothQuant on every input group whose roles are selected; returns {input: where folded}."""

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import onnxruntime as ort
-
 from onnxpress.errors import OnnxpressError
 
 from ._cache import cache_root

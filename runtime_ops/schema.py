@@ -2,7 +2,6 @@
 
 import onnx
 from onnx import helper
-
 from onnxpress.errors import OnnxpressError
 
 DOMAIN = "onnxpress"

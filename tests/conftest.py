@@ -31,6 +31,8 @@ def pytest_configure(config):
         "ignore::torch.jit.TracerWarning",
         "ignore:Exporting aten.index operator:UserWarning",
         "ignore:.*torch_dtype.*is deprecated.*",
+        "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
+        "ignore:The feature will be removed:DeprecationWarning",
     ):
         config.addinivalue_line("filterwarnings", line)
 
@@ -73,8 +75,15 @@ def export_minilm() -> Path:
     def build(tmp: Path, out: Path) -> None:
         from optimum.exporters.onnx import main_export
 
-        main_export(gt.get_model_path(), output=str(out), task="feature-extraction", device="cpu",
-                    do_validation=False, local_files_only=True, library_name="transformers")
+        main_export(
+            gt.get_model_path(),
+            output=str(out),
+            task="feature-extraction",
+            device="cpu",
+            do_validation=False,
+            local_files_only=True,
+            library_name="transformers",
+        )
 
     return _atomic_export(real_cache_root() / "all-minilm-l6-v2-optimum", build)
 
@@ -96,8 +105,15 @@ def export_smollm2() -> Path:
         model.save_pretrained(hf)
         AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name).save_pretrained(hf)
         del model
-        main_export(str(hf), output=str(out), task="text-generation-with-past", device="cpu",
-                    do_validation=False, local_files_only=True, library_name="transformers")
+        main_export(
+            str(hf),
+            output=str(out),
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=False,
+            local_files_only=True,
+            library_name="transformers",
+        )
 
     return _atomic_export(real_cache_root() / "smollm2-135m-optimum-past", build)
 

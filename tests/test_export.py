@@ -44,15 +44,27 @@ def _train_tokenizer(kind: str):
     tok = Tokenizer(models.BPE(unk_token="[UNK]" if kind == "bert" else None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([read_text(f) for f in sotu_files("calibration")[:3]], trainer)
     if kind == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def _tiny_hf_model(kind: str):
@@ -62,13 +74,29 @@ def _tiny_hf_model(kind: str):
     torch.manual_seed(0)
     if kind == "llama":
         # A larger init range than HF's 0.02 gives peaked next-token distributions.
-        config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0,
-                             bos_token_id=1, eos_token_id=2)
+        config = LlamaConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return LlamaForCausalLM(config).eval()
-    config = BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     return BertModel(config).eval()
 
 
@@ -140,6 +168,13 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     assert "wav2vec2" in message and "bert" in message and "llama" in message
 
 
+def test_unavailable_task_is_one_line_error(tmp_path):
+    with pytest.raises(OnnxpressError) as exc:
+        export_model(tiny_hf_dir("bert"), tmp_path / "out", task="text-generation-with-past")
+    assert "not available for 'bert'" in _one_line(exc) and "feature-extraction" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_export_extra_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # import now raises ImportError
@@ -178,10 +213,16 @@ def test_tiny_encoder_export_matches_torch():
     ids = np.array([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]], dtype=np.int64)
     mask = (np.arange(5) < np.array([[5], [4]])).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["last_hidden_state"], feeds)[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["last_hidden_state"], feeds
+    )[0]
     with torch.no_grad():
-        ref = AutoModel.from_pretrained(tiny_hf_dir("bert"))(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    np.testing.assert_allclose(got[mask.astype(bool)], ref.last_hidden_state.numpy()[mask.astype(bool)], atol=1e-4)
+        ref = AutoModel.from_pretrained(tiny_hf_dir("bert"))(
+            **{k: torch.from_numpy(v) for k, v in feeds.items()}
+        )
+    np.testing.assert_allclose(
+        got[mask.astype(bool)], ref.last_hidden_state.numpy()[mask.astype(bool)], atol=1e-4
+    )
 
 
 def test_tiny_decoder_export_has_kv_cache_and_greedy_matches_torch():
@@ -204,8 +245,9 @@ def test_tiny_decoder_export_has_kv_cache_and_greedy_matches_torch():
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = AutoModelForCausalLM.from_pretrained(tiny_hf_dir("llama")).generate(
-            **enc, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert got == out[0, enc["input_ids"].shape[1]:].tolist()
+            **enc, max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    assert got == out[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def test_export_replaces_existing_output(tmp_path):
@@ -271,6 +313,7 @@ def test_smollm2_export_greedy_matches_hf_generate():
     assert enc["input_ids"][0, 0].item() != tok.bos_token_id  # GGUF metadata: no BOS added
     with torch.no_grad():
         out = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).generate(
-            **enc, max_new_tokens=20, do_sample=False)
-    assert got == out[0, enc["input_ids"].shape[1]:].tolist()
+            **enc, max_new_tokens=20, do_sample=False
+        )
+    assert got == out[0, enc["input_ids"].shape[1] :].tolist()
     assert len(got) == 20

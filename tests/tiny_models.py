@@ -52,49 +52,123 @@ def _make_config(arch: str, attn: str):
 
     common = dict(vocab_size=VOCAB)
     if arch == "bert":
-        cfg = tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                            intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+        cfg = tf.BertConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "roberta":
-        cfg = tf.RobertaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                               intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+        cfg = tf.RobertaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS + 2,
+            **common,
+        )
     elif arch == "xlm-roberta":
-        cfg = tf.XLMRobertaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                  intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+        cfg = tf.XLMRobertaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS + 2,
+            **common,
+        )
     elif arch == "electra":
         # embedding_size != hidden_size: exercises a weight MatMul outside the layers
-        cfg = tf.ElectraConfig(hidden_size=HIDDEN, embedding_size=32, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, intermediate_size=FFN,
-                               max_position_embeddings=MAX_POS, **common)
+        cfg = tf.ElectraConfig(
+            hidden_size=HIDDEN,
+            embedding_size=32,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "mpnet":
-        cfg = tf.MPNetConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                             intermediate_size=FFN, max_position_embeddings=MAX_POS + 2, **common)
+        cfg = tf.MPNetConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS + 2,
+            **common,
+        )
     elif arch == "distilbert":
-        cfg = tf.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
-                                  max_position_embeddings=MAX_POS, **common)
+        cfg = tf.DistilBertConfig(
+            dim=HIDDEN,
+            n_layers=LAYERS,
+            n_heads=HEADS,
+            hidden_dim=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=MAX_POS,
-                            **common)
+        cfg = tf.GPT2Config(
+            n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=MAX_POS, **common
+        )
     elif arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                             num_key_value_heads=HEADS, intermediate_size=FFN,
-                             max_position_embeddings=MAX_POS, **common)
+        cfg = tf.LlamaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                             num_key_value_heads=KV_HEADS_GQA, intermediate_size=FFN,
-                             max_position_embeddings=MAX_POS, **common)
+        cfg = tf.Qwen2Config(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS_GQA,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "mistral":
-        cfg = tf.MistralConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                               num_key_value_heads=KV_HEADS_GQA, intermediate_size=FFN,
-                               max_position_embeddings=MAX_POS, sliding_window=None, **common)
+        cfg = tf.MistralConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS_GQA,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            sliding_window=None,
+            **common,
+        )
     elif arch == "phi":
-        cfg = tf.PhiConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                           intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+        cfg = tf.PhiConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "gpt-neox":
-        cfg = tf.GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                               intermediate_size=FFN, max_position_embeddings=MAX_POS, **common)
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            max_position_embeddings=MAX_POS,
+            **common,
+        )
     elif arch == "vit":
-        cfg = tf.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                           intermediate_size=FFN, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+        cfg = tf.ViTConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+        )
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
     cfg._attn_implementation = attn
@@ -159,8 +233,12 @@ def _randomize(model) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
             lname = name.lower()
-            if p.ndim == 1 and ("norm" in lname or lname.endswith("ln_1.weight") or lname.endswith("ln_2.weight")
-                                or lname.endswith("ln_f.weight")):
+            if p.ndim == 1 and (
+                "norm" in lname
+                or lname.endswith("ln_1.weight")
+                or lname.endswith("ln_2.weight")
+                or lname.endswith("ln_f.weight")
+            ):
                 p.copy_(1.0 + 0.1 * noise)
             elif p.ndim == 1:
                 p.copy_(0.05 * noise)
@@ -193,8 +271,14 @@ def _save_tokenizer(arch: str, out: Path) -> None:
             vocab[f"w{i}"] = i
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
         fast.save_pretrained(out)
     except Exception:  # pragma: no cover - the tokenizer is a convenience only
         pass
@@ -234,8 +318,11 @@ def _torch_inputs(arch: str, with_past: bool):
 
     g = torch.Generator().manual_seed(SEED)
     if arch in VISION_ARCHS:
-        return ("pixel_values",), (torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),), {
-            "pixel_values": {0: "batch"}}
+        return (
+            ("pixel_values",),
+            (torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),),
+            {"pixel_values": {0: "batch"}},
+        )
     ids = torch.randint(5, VOCAB, (2, 8), generator=g)
     mask = torch.ones(2, 8, dtype=torch.int64)
     names = ("input_ids", "attention_mask")
@@ -271,7 +358,9 @@ def _export_torch(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool
     return _export_torch_impl(model, arch, with_past, out_dir, dynamo, opset)
 
 
-def _export_torch_impl(model, arch: str, with_past: bool, out_dir: Path, dynamo: bool, opset: int | None) -> None:
+def _export_torch_impl(
+    model, arch: str, with_past: bool, out_dir: Path, dynamo: bool, opset: int | None
+) -> None:
     import torch
 
     if with_past:
@@ -304,14 +393,29 @@ def _export_torch_impl(model, arch: str, with_past: bool, out_dir: Path, dynamo:
     with torch.no_grad():
         if dynamo:
             dyn = {n: {k: torch.export.Dim.AUTO for k in ax} for n, ax in axes.items()}
-            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=list(names),
-                                     output_names=[out_name], dynamic_shapes=tuple(dyn[n] for n in names),
-                                     optimize=True, verbose=False, opset_version=opset)
+            prog = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                input_names=list(names),
+                output_names=[out_name],
+                dynamic_shapes=tuple(dyn[n] for n in names),
+                optimize=True,
+                verbose=False,
+                opset_version=opset,
+            )
             prog.save(str(path))
         else:
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=list(names),
-                              output_names=[out_name], dynamic_axes={**axes, out_name: {0: "batch"}},
-                              opset_version=opset)
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=list(names),
+                output_names=[out_name],
+                dynamic_axes={**axes, out_name: {0: "batch"}},
+                opset_version=opset,
+            )
 
 
 def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset: int | None) -> None:
@@ -338,8 +442,13 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset
             cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(flat_past[2 * i], flat_past[2 * i + 1], i)
-            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             use_cache=True, return_dict=True)
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+                return_dict=True,
+            )
             pkv = out.past_key_values
             flat = []
             for i in range(n_layers):
@@ -360,9 +469,19 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset
     with torch.no_grad():
         if dynamo:
             dyn = [{0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}] * 2 + [
-                tuple([{0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}] * (2 * n_layers))]
-            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
-                                     dynamic_shapes=tuple(dyn), optimize=True, verbose=False, opset_version=opset)
+                tuple([{0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}] * (2 * n_layers))
+            ]
+            prog = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_shapes=tuple(dyn),
+                optimize=True,
+                verbose=False,
+                opset_version=opset,
+            )
             prog.save(str(path))
         else:
             axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
@@ -370,12 +489,25 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset
                 axes[n] = {0: "batch", 2: "past"}
             for n in out_names[1:]:
                 axes[n] = {0: "batch", 2: "total"}
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=in_names,
-                              output_names=out_names, dynamic_axes=axes, opset_version=opset or 17)
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=axes,
+                opset_version=opset or 17,
+            )
 
 
 def tiny_model(
-    arch: str, exporter: str = "optimum", *, with_past: bool = False, attn: str = "sdpa", opset: int | None = None
+    arch: str,
+    exporter: str = "optimum",
+    *,
+    with_past: bool = False,
+    attn: str = "sdpa",
+    opset: int | None = None,
 ) -> Path:
     """Path to a cached ONNX export of a tiny random-weight ``arch``.
 

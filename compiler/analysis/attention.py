@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxpress.analysis.graph_utils import (
     ELEMENTWISE_OPS,
     FUSED_NORM_OPS,
@@ -61,8 +60,23 @@ _UP_OPS = (
 )
 _ROTARY_OPS = frozenset({"RotaryEmbedding", "Cos", "Sin"})
 # Ops crossed between the Softmax and the scores MatMul.
-_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Reshape", "Max", "Min", "Clip",
-                        "Squeeze", "Unsqueeze"})
+_SCORE_OPS = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Where",
+        "Cast",
+        "Identity",
+        "Reshape",
+        "Max",
+        "Min",
+        "Clip",
+        "Squeeze",
+        "Unsqueeze",
+    }
+)
 # Ops crossed between the Softmax and the context MatMul.
 _PROB_OPS = frozenset({"Cast", "Identity", "Dropout", "Where", "Reshape", "Squeeze", "Unsqueeze"})
 # Ops crossed from the context MatMul (or fused output) down to the output projection.
@@ -164,8 +178,10 @@ class _Scores:
 
 
 def _is_scores_matmul(node: ir.Node) -> bool:
-    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") or (
-        node.op_type == "FusedMatMul" and node.domain == "com.microsoft"
+    if (
+        node.op_type == "MatMul"
+        and node.domain in ("", "ai.onnx")
+        or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft")
     ):
         return all(v is not None and not is_constant(v) for v in node.inputs[:2])
     return False
@@ -278,6 +294,7 @@ class AttentionFinder:
         self.graph = graph
         self.index = index
         self.notes: list[str] = []
+        self._order: dict[int, int] | None = None
 
     # ------------------------------------------------------------------ entry
 
@@ -314,7 +331,9 @@ class AttentionFinder:
         q, k, v = q_tr.linear, k_tr.linear, v_tr.linear
         if q is None or k is None or v is None:
             missing = [n for n, lin in (("Q", q), ("K", k), ("V", v)) if lin is None]
-            self.notes.append(f"{where}: attention-like, but no constant-weight {'/'.join(missing)} projection found")
+            self.notes.append(
+                f"{where}: attention-like, but no constant-weight {'/'.join(missing)} projection found"
+            )
             return None
         for name, tr in (("Q", q_tr), ("K", k_tr), ("V", v_tr)):
             if len(tr.linears) > 1:
@@ -356,12 +375,31 @@ class AttentionFinder:
         projections = [p for p in (q, k, v) if p is not None]
         core = self._core_nodes(projections, o, context)
         att = Attention(
-            layer=-1, kind="decomposed", q=None if packed else q, k=None if packed else k, v=None if packed else v,
-            qkv=qkv, o=o, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, scale=scale,
-            causal=causal, mask=masks[0] if masks else None, rotary=rotary, softmax=softmax,
-            scores_matmul=scores.matmul, context_matmul=context, fused_node=None, past_key=past_k,
-            past_value=past_v, present_key=present_k, present_value=present_v, nodes=core,
-            scale_source=scale_source, qkv_layout=layout,
+            layer=-1,
+            kind="decomposed",
+            q=None if packed else q,
+            k=None if packed else k,
+            v=None if packed else v,
+            qkv=qkv,
+            o=o,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            scale=scale,
+            causal=causal,
+            mask=masks[0] if masks else None,
+            rotary=rotary,
+            softmax=softmax,
+            scores_matmul=scores.matmul,
+            context_matmul=context,
+            fused_node=None,
+            past_key=past_k,
+            past_value=past_v,
+            present_key=present_k,
+            present_value=present_v,
+            nodes=core,
+            scale_source=scale_source,
+            qkv_layout=layout,
         )
         att.head_shape_nodes, att.head_shape_values = _head_shape_nodes(core, att)
         return att
@@ -490,7 +528,9 @@ class AttentionFinder:
                 continue
             core[id(node)] = node
             queue.extend(v for v in node.inputs if v is not None)
-        order = {id(n): i for i, n in enumerate(self.graph)}
+        if self._order is None:
+            self._order = {id(n): i for i, n in enumerate(self.graph)}
+        order = self._order
         return sorted(core.values(), key=lambda n: order.get(id(n), 0))
 
     # ------------------------------------------------------------------ fused
@@ -515,8 +555,17 @@ class AttentionFinder:
             if shape is None or len(shape) != 2:
                 self.notes.append(f"{where}: packed weights are not a constant matrix")
                 return None
-            qkv = Linear(node=node, weight=w, bias=ins[2], bias_node=None, d_in=shape[0], d_out=shape[1],
-                         transposed=False, input=ins[0], output=node.outputs[0])
+            qkv = Linear(
+                node=node,
+                weight=w,
+                bias=ins[2],
+                bias_node=None,
+                d_in=shape[0],
+                d_out=shape[1],
+                transposed=False,
+                input=ins[0],
+                output=node.outputs[0],
+            )
             sizes = _attr(node, "qkv_hidden_sizes", None)
             q_size, k_size = (int(sizes[0]), int(sizes[1])) if sizes else (shape[1] // 3, shape[1] // 3)
             head_size = q_size // max(num_heads, 1)
@@ -589,13 +638,27 @@ class AttentionFinder:
         if not causal and mask is not None:
             causal = _mask_is_causal(mask)
         att = Attention(
-            layer=-1, kind=kind, q=q, k=k, v=v, qkv=qkv, o=o, num_heads=num_heads, num_kv_heads=num_kv or num_heads,
-            head_size=head_size, scale=scale, causal=causal, mask=mask, rotary=rotary, fused_node=node,
+            layer=-1,
+            kind=kind,
+            q=q,
+            k=k,
+            v=v,
+            qkv=qkv,
+            o=o,
+            num_heads=num_heads,
+            num_kv_heads=num_kv or num_heads,
+            head_size=head_size,
+            scale=scale,
+            causal=causal,
+            mask=mask,
+            rotary=rotary,
+            fused_node=node,
             past_key=past_k if past_k is not None and past_k.is_graph_input() else None,
             past_value=past_v if past_v is not None and past_v.is_graph_input() else None,
             present_key=present_k if present_k is not None and present_k.is_graph_output() else None,
             present_value=present_v if present_v is not None and present_v.is_graph_output() else None,
-            scale_source=scale_source, qkv_layout="blocks" if qkv is not None else None,
+            scale_source=scale_source,
+            qkv_layout="blocks" if qkv is not None else None,
         )
         projections = [p for p in (q, k, v) if p is not None and p.node is not node]
         att.nodes = self._core_nodes(projections, o, node) if projections else [node]
@@ -688,7 +751,8 @@ def _mask_is_causal(value: ir.Value) -> bool:
         if node.op_type == "Trilu":
             return True
         if node.op_type in _CAUSAL_COMPARE and all(
-            x is not None and not is_constant(x) and _has_ancestor(x, {"Range"}, limit=30) for x in node.inputs
+            x is not None and not is_constant(x) and _has_ancestor(x, {"Range"}, limit=30)
+            for x in node.inputs
         ):
             return True
         if node.op_type == "Constant":
@@ -768,7 +832,9 @@ def _split_size(nodes: list[ir.Node], lin: Linear) -> int | None:
         if node.op_type == "Split":
             if _attr(node, "axis", 0) not in (-1, 1, 2):
                 return None
-            sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            sizes = (
+                const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            )
             if sizes is None:
                 sizes = _attr(node, "split", None)
             if sizes is None:
@@ -776,7 +842,9 @@ def _split_size(nodes: list[ir.Node], lin: Linear) -> int | None:
             return int(list(sizes)[_which_output(node, nodes)])
         if node.op_type == "Slice":
             starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
-            axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+            axes = (
+                const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+            )
             if starts is None or ends is None or starts.size != 1:
                 return None
             if axes is not None and int(axes.reshape(-1)[0]) not in (-1, 1, 2):
@@ -852,7 +920,14 @@ def _head_shape_nodes(core: list[ir.Node], att: Attention) -> tuple[list[ir.Node
                     if p is not None:
                         add_node(p)
                 continue
-            if p is not None and p.op_type in ("Concat", "Unsqueeze", "Cast", "Identity", "Reshape", "Squeeze"):
+            if p is not None and p.op_type in (
+                "Concat",
+                "Unsqueeze",
+                "Cast",
+                "Identity",
+                "Reshape",
+                "Squeeze",
+            ):
                 if p.op_type == "Concat":
                     add_node(p)
                 queue.extend(x for x in p.inputs if x is not None)

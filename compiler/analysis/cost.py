@@ -14,25 +14,28 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-
 from onnxpress.analysis.graph_utils import _attr, constant_tensor, numel
 
 _WEIGHT_TYPES = frozenset(
     {
-        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
-        ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
-        ir.DataType.FLOAT8E5M2FNUZ, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
-        ir.DataType.INT16, ir.DataType.UINT16,
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT4,
+        ir.DataType.UINT4,
+        ir.DataType.INT16,
+        ir.DataType.UINT16,
     }
 )
 _MATMUL_NBITS_META = (2, 3)  # scales, zero_points
 _DEQUANT_META = (1, 2)  # x_scale, x_zero_point
-
-
-def _graphs(model: ir.Model):
-    yield model.graph
-    for fn in model.functions.values():
-        yield fn
 
 
 def count_params(model: ir.Model) -> int:
@@ -67,8 +70,13 @@ def count_params(model: ir.Model) -> int:
     for node in graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             tensor = constant_tensor(node.outputs[0])
-            if tensor is not None and tensor.dtype in _WEIGHT_TYPES and len(tensor.shape) >= 2 \
-                    and numel(tensor.shape) >= 256 and _feeds_linear(node):
+            if (
+                tensor is not None
+                and tensor.dtype in _WEIGHT_TYPES
+                and len(tensor.shape) >= 2
+                and numel(tensor.shape) >= 256
+                and _feeds_linear(node)
+            ):
                 total += numel(tensor.shape)
     return total
 
@@ -120,8 +128,4 @@ def count_macs(model: ir.Model, seq_len: int = 128, tmap=None) -> int:
     return total
 
 
-def linear_params(lin) -> int:
-    return lin.params
-
-
-__all__ = ["attention_macs", "count_macs", "count_params", "linear_macs", "numel"]
+__all__ = ["attention_macs", "count_macs", "count_params", "linear_macs"]

@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
-
 from onnxpress.analysis.graph_utils import (
     ACTIVATION_OPS,
     _attr,
@@ -28,8 +27,27 @@ from onnxpress.analysis.structures import FFN, Linear
 
 # Ops crossed walking up from a down projection's input to the up/gate projections.
 _FFN_OPS = ACTIVATION_OPS | {
-    "Mul", "Div", "Add", "Sub", "Pow", "Cast", "Identity", "Reshape", "Split", "Slice", "Neg", "Max", "Min", "Clip",
-    "Dropout", "Squeeze", "Unsqueeze", "Exp", "Log", "Abs", "Sqrt",
+    "Mul",
+    "Div",
+    "Add",
+    "Sub",
+    "Pow",
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Split",
+    "Slice",
+    "Neg",
+    "Max",
+    "Min",
+    "Clip",
+    "Dropout",
+    "Squeeze",
+    "Unsqueeze",
+    "Exp",
+    "Log",
+    "Abs",
+    "Sqrt",
 }
 
 
@@ -103,7 +121,9 @@ def find_ffns(index, attention_linears: set[int]) -> tuple[list[FFN], list[str]]
             elif b_act and not a_act:
                 gate, up = b, a
             else:
-                notes.append(f"MatMul {down.node.name or '?'}: two-branch FFN without a single activated branch")
+                notes.append(
+                    f"MatMul {down.node.name or '?'}: two-branch FFN without a single activated branch"
+                )
                 gate, up = a, b
             ffn = FFN(layer=-1, up=up, gate=gate, down=down, activation=activation)
         else:
@@ -177,8 +197,10 @@ def _classify_activation(acts: list[ir.Node], nodes: list[ir.Node]) -> str:
     if "Sigmoid" in ops:
         sig = next(n for n in acts if n.op_type == "Sigmoid")
         p = producer(sig.inputs[0])
-        if p is not None and p.op_type == "Mul" and any(
-            abs((const_scalar(v) or 0) - 1.702) < 1e-3 for v in p.inputs
+        if (
+            p is not None
+            and p.op_type == "Mul"
+            and any(abs((const_scalar(v) or 0) - 1.702) < 1e-3 for v in p.inputs)
         ):
             return "quick_gelu"
         if any(n.op_type == "Mul" and _is_self_gated(n) for n in nodes):
@@ -187,5 +209,7 @@ def _classify_activation(acts: list[ir.Node], nodes: list[ir.Node]) -> str:
     if "Swish" in ops:
         return "silu"
     if "Relu" in ops:
-        return "relu2" if any(n.op_type == "Pow" and const_scalar(n.inputs[1]) == 2.0 for n in nodes) else "relu"
+        return (
+            "relu2" if any(n.op_type == "Pow" and const_scalar(n.inputs[1]) == 2.0 for n in nodes) else "relu"
+        )
     return sorted(ops)[0].lower()

@@ -18,6 +18,7 @@ Everything here is read-only: no helper mutates the graph.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -38,23 +39,48 @@ ELEMENTWISE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "Where"})
 # Activation functions as they appear decomposed or fused; used to classify FFNs.
 ACTIVATION_OPS = frozenset(
     {
-        "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Softplus",
-        "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Celu", "Swish", "BiasFastGelu",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Relu",
+        "Gelu",
+        "FastGelu",
+        "BiasGelu",
+        "QuickGelu",
+        "Softplus",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "HardSigmoid",
+        "HardSwish",
+        "Mish",
+        "Celu",
+        "Swish",
+        "BiasFastGelu",
     }
 )
 # Ops that define a normalisation (fused or the anchor of a decomposed one).
 FUSED_NORM_OPS = frozenset(
     {
-        "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-        "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RMSNormalization",
+        "EmbedLayerNormalization",
     }
 )
 LINEAR_OPS = frozenset({"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "FusedMatMul"})
 
 _FLOAT_TYPES = frozenset(
     {
-        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
-        ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
         ir.DataType.FLOAT8E5M2FNUZ,
     }
 )
@@ -146,8 +172,9 @@ def walk_down(
                 queue.extend(node.outputs)
 
 
-def ancestors(values: Iterable[ir.Value], stop: Callable[[ir.Node], bool] | None = None,
-              limit: int = 100_000) -> set[ir.Node]:
+def ancestors(
+    values: Iterable[ir.Value], stop: Callable[[ir.Node], bool] | None = None, limit: int = 100_000
+) -> set[ir.Node]:
     """All nodes upstream of ``values`` (stopping before nodes where ``stop`` is true)."""
     out: list[ir.Node] = []
 
@@ -180,11 +207,48 @@ def topo_index(graph: ir.Graph) -> dict[int, int]:
 
 _FOLDABLE = frozenset(
     {
-        "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Mul", "Div", "Add", "Sub", "Sqrt",
-        "Reciprocal", "Neg", "Pow", "Transpose", "Gather", "Slice", "Flatten", "CastLike", "Expand",
+        "Identity",
+        "Cast",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Mul",
+        "Div",
+        "Add",
+        "Sub",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Pow",
+        "Transpose",
+        "Gather",
+        "Slice",
+        "Flatten",
+        "CastLike",
+        "Expand",
     }
 )
 _CONST_CACHE_LIMIT = 1 << 22  # elements; do not fold large tensors, they are weights
+
+
+_CACHE: dict[str, dict[int, object]] | None = None
+
+
+@contextlib.contextmanager
+def memoized():
+    """Cache constant lookups (``is_constant``, ``const_array``) while inside the
+    block. Only for read-only phases (``analyze`` uses it): a rewrite inside the block
+    would see stale answers."""
+    global _CACHE
+    outer = _CACHE
+    if outer is None:
+        _CACHE = {"is_constant": {}, "const_array": {}}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _CACHE = None
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -193,32 +257,50 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
     if value.const_value is not None and not value.is_graph_input():
         return value.const_value
-    node = producer(value)
+    node = value.producer()
     if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
         for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-            if key in node.attributes:
-                attr = node.attributes[key].value
-                if isinstance(attr, ir.TensorProtocol):
-                    return attr
-                return ir.tensor(np.array(attr, dtype=np.float32 if "float" in key else np.int64))
+            attr = node.attributes.get(key)
+            if attr is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                return attr.value
+            return ir.tensor(np.array(attr.value, dtype=np.float32 if "float" in key else np.int64))
     return None
 
 
-def is_constant(value: ir.Value | None, _depth: int = 0) -> bool:
+_NEVER_CONSTANT = frozenset(
+    {"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+)
+
+
+def is_constant(value: ir.Value | None) -> bool:
     """True when ``value`` does not depend on any graph input (folding is possible)."""
     if value is None:
         return True
+    cache = _CACHE["is_constant"] if _CACHE is not None else None
+    if cache is not None and id(value) in cache:
+        return cache[id(value)]  # type: ignore[return-value]
+    result = _is_constant(value, 0, cache)
+    return result
+
+
+def _is_constant(value: ir.Value, depth: int, cache) -> bool:
+    if cache is not None and id(value) in cache:
+        return cache[id(value)]
     if value.is_graph_input():
-        return False
-    if constant_tensor(value) is not None:
-        return True
-    node = producer(value)
-    if node is None or _depth > 24:
-        return False
-    if node.op_type in ("Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                        "RandomUniformLike", "Multinomial"):
-        return False
-    return all(is_constant(v, _depth + 1) for v in node.inputs if v is not None)
+        result = False
+    elif constant_tensor(value) is not None:
+        result = True
+    else:
+        node = value.producer()
+        if node is None or depth > 24 or node.op_type in _NEVER_CONSTANT:
+            result = False
+        else:
+            result = all(_is_constant(v, depth + 1, cache) for v in node.inputs if v is not None)
+    if cache is not None:
+        cache[id(value)] = result
+    return result
 
 
 def const_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
@@ -226,6 +308,15 @@ def const_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
     else None. Weights (large tensors) are returned as stored, never copied by folding."""
     if value is None:
         return None
+    cache = _CACHE["const_array"] if _CACHE is not None else None
+    if cache is not None:
+        if id(value) not in cache:
+            cache[id(value)] = _const_array(value, _depth)
+        return cache[id(value)]  # type: ignore[return-value]
+    return _const_array(value, _depth)
+
+
+def _const_array(value: ir.Value, _depth: int) -> np.ndarray | None:
     tensor = constant_tensor(value)
     if tensor is not None:
         try:
@@ -267,7 +358,9 @@ def _fold(node: ir.Node, a: list[np.ndarray | None]) -> np.ndarray | None:
         return a[0].astype(a[1].dtype)
     if op == "Reshape":
         shape = [int(s) for s in a[1]]
-        shape = [a[0].shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(shape)]
+        shape = [
+            a[0].shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(shape)
+        ]
         return a[0].reshape(shape)
     if op == "Unsqueeze":
         axes = a[1] if len(a) > 1 and a[1] is not None else _attr(node, "axes")
@@ -284,8 +377,7 @@ def _fold(node: ir.Node, a: list[np.ndarray | None]) -> np.ndarray | None:
         axis = _attr(node, "axis", 1)
         return a[0].reshape(int(np.prod(a[0].shape[:axis])), -1)
     if op == "Transpose":
-        perm = _attr(node, "perm")
-        return np.transpose(a[0], perm)
+        return np.transpose(a[0], _attr(node, "perm"))
     if op == "Gather":
         return np.take(a[0], a[1], axis=_attr(node, "axis", 0))
     if op == "Slice":
@@ -437,8 +529,8 @@ def find_weight(value: ir.Value | None, max_depth: int = 6) -> tuple[ir.Value, b
             cur = node.inputs[0]
             continue
         if node.op_type == "Transpose":
-            perm = _attr(node, "perm")
-            if perm is not None and len(perm) >= 2 and list(perm[-2:]) == [len(perm) - 1, len(perm) - 2]:
+            perm = _attr(node, "perm")  # None: reverse all axes (a plain matrix transpose for 2-D)
+            if perm is None or len(perm) >= 2 and list(perm[-2:]) == [len(perm) - 1, len(perm) - 2]:
                 transposed = not transposed
             via.append(node)
             cur = node.inputs[0]

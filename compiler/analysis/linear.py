@@ -9,7 +9,6 @@ a constant vector of size ``d_out``.
 from __future__ import annotations
 
 import onnx_ir as ir
-
 from onnxpress.analysis.graph_utils import (
     _attr,
     constant_tensor,
@@ -55,8 +54,15 @@ def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
     d_in, d_out = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     bias, bias_node = _following_bias(node.outputs[0], d_out)
     return Linear(
-        node=node, weight=weight, bias=bias, bias_node=bias_node, d_in=d_in, d_out=d_out, transposed=transposed,
-        input=node.inputs[0], output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
+        node=node,
+        weight=weight,
+        bias=bias,
+        bias_node=bias_node,
+        d_in=d_in,
+        d_out=d_out,
+        transposed=transposed,
+        input=node.inputs[0],
+        output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
         weight_via=via,
     )
 
@@ -80,8 +86,15 @@ def _gemm(node: ir.Node) -> Linear | None:
     if bias is None:
         bias, bias_node = _following_bias(node.outputs[0], d_out)
     return Linear(
-        node=node, weight=weight, bias=bias, bias_node=bias_node, d_in=d_in, d_out=d_out, transposed=transposed,
-        input=node.inputs[0], output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
+        node=node,
+        weight=weight,
+        bias=bias,
+        bias_node=bias_node,
+        d_in=d_in,
+        d_out=d_out,
+        transposed=transposed,
+        input=node.inputs[0],
+        output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
         weight_via=via,
     )
 
@@ -95,8 +108,14 @@ def _matmul_nbits(node: ir.Node) -> Linear | None:
     if bias is None:
         bias, bias_node = _following_bias(node.outputs[0], int(n))
     return Linear(
-        node=node, weight=node.inputs[1], bias=bias, bias_node=bias_node, d_in=int(k), d_out=int(n),
-        transposed=True, input=node.inputs[0],
+        node=node,
+        weight=node.inputs[1],
+        bias=bias,
+        bias_node=bias_node,
+        d_in=int(k),
+        d_out=int(n),
+        transposed=True,
+        input=node.inputs[0],
         output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
     )
 

@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
-
 from onnxpress.analysis.graph_utils import (
     FUSED_NORM_OPS,
     const_scalar,
@@ -72,7 +71,9 @@ def _decomposed(reduce: ir.Node) -> Norm | None:
             source = p.inputs[0]
             nodes = [mean, p, *nodes]
     # the normalising Mul/Div: consumes `centered` and something computed from `reduce`
-    scale_nodes = _downstream(reduce.outputs[0], {"Add", "Sqrt", "Reciprocal", "Div", "Pow", "Cast", "Max"}, 8)
+    scale_nodes = _downstream(
+        reduce.outputs[0], {"Add", "Sqrt", "Reciprocal", "Div", "Pow", "Cast", "Max"}, 8
+    )
     scale_values = {id(o) for n in scale_nodes for o in n.outputs} | {id(reduce.outputs[0])}
     normed = None
     for c in consumers(centered):

@@ -114,7 +114,9 @@ class Layer:
     index: int
     attention: Attention | None
     ffn: FFN | None
-    norms: list[ir.Node] = field(default_factory=list)  # fused norm nodes, or the output node of a decomposed one
+    norms: list[ir.Node] = field(
+        default_factory=list
+    )  # fused norm nodes, or the output node of a decomposed one
     residual_adds: list[ir.Node] = field(default_factory=list)
     params: int = 0  # weights in this layer (projections, biases, norm weights)
     macs: int = 0  # MACs per token at seq_len (see cost.count_macs)
@@ -207,8 +209,21 @@ class TransformerMap:
         )
         if self.kv_cache_inputs:
             head += f", KV cache ({len(self.kv_cache_inputs)} inputs / {len(self.kv_cache_outputs)} outputs)"
-        cols = ["layer", "attention", "heads", "kv", "head", "rope", "mask", "ffn", "act", "gated", "norms", "params",
-                "MACs"]
+        cols = [
+            "layer",
+            "attention",
+            "heads",
+            "kv",
+            "head",
+            "rope",
+            "mask",
+            "ffn",
+            "act",
+            "gated",
+            "norms",
+            "params",
+            "MACs",
+        ]
         rows = []
         for layer in self.layers:
             att, ffn = layer.attention, layer.ffn
@@ -220,7 +235,7 @@ class TransformerMap:
                     str(att.num_kv_heads) if att else "-",
                     str(att.head_size) if att else "-",
                     ("yes" if att.rotary else "no") if att else "-",
-                    ("causal" if att.causal else "") + ("+mask" if att and att.mask is not None else "") if att else "-",
+                    _mask_label(att) if att else "-",
                     str(ffn.ffn_size) if ffn else "-",
                     ffn.activation if ffn else "-",
                     ("yes" if ffn.gate is not None or ffn.packed_gate_up else "no") if ffn else "-",
@@ -238,6 +253,11 @@ class TransformerMap:
         for msg in self.unrecognised:
             lines.append(f"not recognised: {msg}")
         return "\n".join(lines)
+
+
+def _mask_label(att: Attention) -> str:
+    parts = (["causal"] if att.causal else []) + (["mask"] if att.mask is not None else [])
+    return "+".join(parts) or "none"
 
 
 def _human(n: int) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections import deque
 
 import onnx_ir as ir
-
 from onnxpress.analysis.attention import AttentionFinder, LinearIndex
 from onnxpress.analysis.cost import attention_macs, count_params
 from onnxpress.analysis.ffn import find_ffns
@@ -30,6 +29,7 @@ from onnxpress.analysis.graph_utils import (
     consumers,
     data_consumers,
     is_constant,
+    memoized,
     numel,
     tensor_shape,
 )
@@ -39,6 +39,11 @@ from onnxpress.analysis.structures import FFN, Attention, Extra, Layer, Linear, 
 
 def analyze(model: ir.Model, *, seq_len: int = 128) -> TransformerMap:
     """Map the transformer layers of ``model`` (see module docstring)."""
+    with memoized():
+        return _analyze(model, seq_len)
+
+
+def _analyze(model: ir.Model, seq_len: int) -> TransformerMap:
     graph = model.graph
     index = LinearIndex(graph)
     order = {id(n): i for i, n in enumerate(graph)}
@@ -90,12 +95,22 @@ def analyze(model: ir.Model, *, seq_len: int = 128) -> TransformerMap:
     causal = any(a.causal for a in attentions)
     kind = "decoder" if causal else "vision" if _is_vision(graph) else "encoder"
     tmap = TransformerMap(
-        layers=layers, kind=kind, causal=causal, kv_cache_inputs=kv_in, kv_cache_outputs=kv_out,
-        unrecognised=unrecognised, params=count_params(model), macs=0, extras=extras, seq_len=seq_len,
+        layers=layers,
+        kind=kind,
+        causal=causal,
+        kv_cache_inputs=kv_in,
+        kv_cache_outputs=kv_out,
+        unrecognised=unrecognised,
+        params=count_params(model),
+        macs=0,
+        extras=extras,
+        seq_len=seq_len,
     )
     from onnxpress.analysis.cost import linear_macs
 
-    tmap.macs = linear_macs(model) + sum(attention_macs(a.num_heads, a.head_size, seq_len) for a in attentions)
+    tmap.macs = linear_macs(model) + sum(
+        attention_macs(a.num_heads, a.head_size, seq_len) for a in attentions
+    )
     if not attentions:
         unrecognised.append("no attention block recognised in the graph")
     return tmap
@@ -120,7 +135,9 @@ def _dedupe(attentions: list[Attention], notes: list[str]) -> list[Attention]:
     for att in attentions:
         key = tuple(id(p.node) for p in att.projections if p is not att.o)
         if key in seen:
-            notes.append(f"attention at {_anchor(att).name or '?'} repeats another block's projections; skipped")
+            notes.append(
+                f"attention at {_anchor(att).name or '?'} repeats another block's projections; skipped"
+            )
             continue
         seen.add(key)
         out.append(att)
@@ -148,7 +165,9 @@ def _high_bit(mask: int, n: int) -> int:
     return m.bit_length()
 
 
-def _place_ffns(ffns: list[FFN], attentions: list[Attention], layers: list[Layer], masks, n: int, notes) -> None:
+def _place_ffns(
+    ffns: list[FFN], attentions: list[Attention], layers: list[Layer], masks, n: int, notes
+) -> None:
     for j, ffn in enumerate(ffns):
         first = ffn.gate or ffn.up
         k = _high_bit(masks.get(id(first.node), 0), n)
@@ -189,8 +208,10 @@ def _is_post_norm(attentions: list[Attention], norm_inputs: set[int]) -> bool:
         for c in data_consumers(att.o.output):
             if c.op_type == "Add" and all(v is not None and not is_constant(v) for v in c.inputs):
                 users = data_consumers(c.outputs[0])
-                return bool(users) and all(id(c.outputs[0]) in norm_inputs for _ in users) and all(
-                    u.op_type not in ("Add", "MatMul", "Gemm") for u in users
+                return (
+                    bool(users)
+                    and all(id(c.outputs[0]) in norm_inputs for _ in users)
+                    and all(u.op_type not in ("Add", "MatMul", "Gemm") for u in users)
                 )
     return False
 
@@ -261,7 +282,11 @@ def _residual_adds(layer: Layer) -> list[ir.Node]:
                 value = users[0].outputs[0]
                 users = data_consumers(value)
             add = next(
-                (u for u in users if u.op_type == "Add" and all(v is not None and not is_constant(v) for v in u.inputs)),
+                (
+                    u
+                    for u in users
+                    if u.op_type == "Add" and all(v is not None and not is_constant(v) for v in u.inputs)
+                ),
                 None,
             )
             if add is None:
@@ -300,7 +325,9 @@ def _extras(graph: ir.Graph, index: LinearIndex, in_layers: set[int], masks, n: 
             if _high_bit(masks.get(id(node), 0), n) == 0:
                 extras.append(Extra("patch_embedding", node))
             else:
-                notes.append(f"Conv {node.name or '?'} with constant weights inside the layers is not recognised")
+                notes.append(
+                    f"Conv {node.name or '?'} with constant weights inside the layers is not recognised"
+                )
     for lin in index.ordered:
         if id(lin.node) in in_layers or lin.node.op_type == "Attention":
             continue

@@ -15,12 +15,10 @@
 namespace onnxpress {
 namespace {
 
-#ifndef ONNXPRESS_QBLOCK
-#define ONNXPRESS_QBLOCK 64
-#define ONNXPRESS_KBLOCK 128
-#endif
-constexpr int kQueryBlock = ONNXPRESS_QBLOCK;
-constexpr int kKeyBlock = ONNXPRESS_KBLOCK;  // multiple of kPanelWidth
+// Tile sizes: Q block 64 x D, score tile 64 x 128 (32 KB) stay in L1/L2. Measured on Zen 3 with
+// D = 32: 32..96 query rows and 64..256 keys are all within noise of each other.
+constexpr int kQueryBlock = 64;
+constexpr int kKeyBlock = 128;  // multiple of kPanelWidth
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kKeyBlock % kPanelWidth == 0, "key tiles must be whole panels");
@@ -97,58 +95,74 @@ struct KeyMask {
   }
 };
 
-// K of one (batch, kv head) as key panels [panel][d][16], V as rows [S_total][head_size_padded].
-struct PackedKV {
-  int64_t panels = 0;
-  int64_t v_stride = 0;  // head size rounded up to 8 (zero padded) so PV needs no column tail
-  float* k = nullptr;
-  float* v = nullptr;
+// Row j of the concatenated [past; new] keys (or values) of one (batch, kv head).
+const float* KvRow(const AttentionCall& call, const float* past, const float* fresh, int64_t b, int64_t hk,
+                   int64_t j) {
+  const int64_t D = call.head_size;
+  if (j < call.past_len) return past + ((b * call.kv_num_heads + hk) * call.past_len + j) * D;
+  return fresh + ((b * call.kv_len + j - call.past_len) * call.kv_num_heads + hk) * D;
+}
 
-  const float* KeyPanels(int64_t b, int64_t kv_head, int64_t kv_heads, int64_t head_size) const {
-    return k + (b * kv_heads + kv_head) * panels * head_size * kPanelWidth;
+// Keys [begin, end) as panels [panel][d][16] (begin is a multiple of 16), so the QK^T micro-kernel
+// reads one contiguous 64-byte row per head-dimension step. Each task packs the keys it needs:
+// that avoids a separate packing pass and its thread-pool barrier (which costs more than the
+// vectorised re-packing on a busy machine), and a window packs only its own keys.
+void PackKeys(const AttentionCall& call, const TileKernels& tiles, int64_t b, int64_t hk, int64_t begin,
+              int64_t end, float* panels) {
+  const int D = static_cast<int>(call.head_size);
+  const int64_t Hkv = call.kv_num_heads;
+  const int64_t past_end = std::min(end, call.past_len);
+  if (begin < past_end) {  // past segment: rows of [B, H_kv, S_past, D]
+    tiles.pack_keys(call.past_key + ((b * Hkv + hk) * call.past_len + begin) * D, D,
+                    static_cast<int>(past_end - begin), D, panels, 0);
   }
-  const float* Values(int64_t b, int64_t kv_head, int64_t kv_heads, int64_t total) const {
-    return v + (b * kv_heads + kv_head) * total * v_stride;
+  const int64_t new_begin = std::max(begin, call.past_len);
+  if (new_begin < end) {  // new keys: rows of [B, S_kv, H_kv * D]
+    tiles.pack_keys(call.key + ((b * call.kv_len + new_begin - call.past_len) * Hkv + hk) * D, Hkv * D,
+                    static_cast<int>(end - new_begin), D, panels, new_begin - begin);
   }
-};
+  for (int64_t j = end; j < begin + RoundUp(end - begin, kPanelWidth); ++j) {  // finite filler
+    float* column = panels + ((j - begin) / kPanelWidth) * D * kPanelWidth + (j - begin) % kPanelWidth;
+    for (int d = 0; d < D; ++d) column[d * kPanelWidth] = 0.0f;
+  }
+}
 
-// Gathers past + new keys/values of one (batch, kv head) into the packed layout and writes
-// present_key / present_value (which have the plain [S_total, D] layout) on the way.
-void PackOneHead(const AttentionCall& call, const PackedKV& packed, int64_t b, int64_t hk) {
-  const int64_t D = call.head_size, Hkv = call.kv_num_heads, total = call.total_len;
-  const int64_t bh = b * Hkv + hk;
-  float* k_panels = packed.k + bh * packed.panels * D * kPanelWidth;
-  float* v_rows = packed.v + bh * total * packed.v_stride;
-  for (int64_t j = 0; j < total; ++j) {
-    const bool from_past = j < call.past_len;
-    const float* k_row = from_past ? call.past_key + (bh * call.past_len + j) * D
-                                   : call.key + ((b * call.kv_len + j - call.past_len) * Hkv + hk) * D;
-    const float* v_row = from_past ? call.past_value + (bh * call.past_len + j) * D
-                                   : call.value + ((b * call.kv_len + j - call.past_len) * Hkv + hk) * D;
-    float* panel = k_panels + (j / kPanelWidth) * D * kPanelWidth + j % kPanelWidth;
-    for (int64_t d = 0; d < D; ++d) panel[d * kPanelWidth] = k_row[d];
-    float* v_out = v_rows + j * packed.v_stride;
-    std::memcpy(v_out, v_row, D * sizeof(float));
-    std::fill(v_out + D, v_out + packed.v_stride, 0.0f);
-    if (call.present_key) std::memcpy(call.present_key + (bh * total + j) * D, k_row, D * sizeof(float));
-    if (call.present_value) std::memcpy(call.present_value + (bh * total + j) * D, v_row, D * sizeof(float));
+// Values [begin, end) as rows of `stride` floats, zero padded past the head size.
+void GatherValues(const AttentionCall& call, int64_t b, int64_t hk, int64_t begin, int64_t end, int64_t stride,
+                  float* rows) {
+  const int64_t D = call.head_size;
+  for (int64_t j = begin; j < end; ++j) {
+    float* out = rows + (j - begin) * stride;
+    std::memcpy(out, KvRow(call, call.past_value, call.value, b, hk, j), D * sizeof(float));
+    std::fill(out + D, out + stride, 0.0f);
   }
-  // Zero the unused key slots of the last panel so the QK tile reads finite numbers.
-  for (int64_t j = total; j < packed.panels * kPanelWidth; ++j) {
-    float* panel = k_panels + (j / kPanelWidth) * D * kPanelWidth + j % kPanelWidth;
-    for (int64_t d = 0; d < D; ++d) panel[d * kPanelWidth] = 0.0f;
+}
+
+// present_key / present_value of one (batch, kv head): [S_total, D] rows of [past; new].
+void WritePresent(const AttentionCall& call, int64_t b, int64_t hk) {
+  const int64_t D = call.head_size, bh = b * call.kv_num_heads + hk;
+  for (int64_t j = 0; j < call.total_len; ++j) {
+    const size_t bytes = D * sizeof(float);
+    if (call.present_key) {
+      std::memcpy(call.present_key + (bh * call.total_len + j) * D, KvRow(call, call.past_key, call.key, b, hk, j),
+                  bytes);
+    }
+    if (call.present_value) {
+      std::memcpy(call.present_value + (bh * call.total_len + j) * D,
+                  KvRow(call, call.past_value, call.value, b, hk, j), bytes);
+    }
   }
 }
 
 struct TaskScratch {
-  Scratch q, o, s, stats;
+  Scratch q, o, s, stats, k, v;
 };
 
 // Attention for query rows [i0, i0 + rows) of one (batch, head).
-void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const PackedKV& packed,
-                   const KeyMask& mask, int64_t b, int64_t h, int64_t i0, int rows) {
+void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const KeyMask& mask, int64_t b, int64_t h,
+                   int64_t i0, int rows) {
   thread_local TaskScratch scratch;
-  const int64_t D = call.head_size, Dp = packed.v_stride, total = call.total_len;
+  const int64_t D = call.head_size, Dp = RoundUp(D, 8), total = call.total_len;
   const int64_t H = call.num_heads, hk = h / (H / call.kv_num_heads);
   const int64_t p0 = call.q_offset + i0, p1 = p0 + rows - 1;  // absolute positions of the rows
 
@@ -185,13 +199,26 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Pa
   std::fill(row_max, row_max + rows, kNegInf);
   std::fill(row_sum, row_sum + rows, 0.0f);
 
-  const float* k_panels = packed.KeyPanels(b, hk, call.kv_num_heads, D);
-  const float* values = packed.Values(b, hk, call.kv_num_heads, total);
+  // K/V of the keys this block can see. V is read in place (rows of the value input) unless a
+  // past must be prepended or the head size needs zero padding to a multiple of 8.
+  const int64_t first = lo / kPanelWidth * kPanelWidth;
+  float* k_panels = scratch.k.Get(RoundUp(hi - first, kPanelWidth) * D);
+  PackKeys(call, tiles, b, hk, first, hi, k_panels);
+  const bool v_in_place = call.past_len == 0 && D == Dp;
+  const int64_t ldv = v_in_place ? call.kv_num_heads * D : Dp;
+  const float* values = call.value + (b * call.kv_len * call.kv_num_heads + hk) * D;  // row = key 0
+  int64_t values_first_key = 0;
+  if (!v_in_place) {
+    float* gathered = scratch.v.Get((hi - first) * Dp);
+    GatherValues(call, b, hk, first, hi, Dp, gathered);
+    values = gathered;  // row = key `first`
+    values_first_key = first;
+  }
   const uint8_t* keep = mask.present() ? &mask.keep[b * total] : nullptr;
-  for (int64_t j = lo / kPanelWidth * kPanelWidth; j < hi; j += kKeyBlock) {
+  for (int64_t j = first; j < hi; j += kKeyBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, hi - j));
     const int panels = (n + kPanelWidth - 1) / kPanelWidth;
-    tiles.qk(q, Dp, rows, k_panels + j * D, panels, static_cast<int>(D), s, kKeyBlock);
+    tiles.qk(q, Dp, rows, k_panels + (j - first) * D, panels, static_cast<int>(D), s, kKeyBlock);
 
     // Per-element masking only for tiles that straddle a mask boundary.
     bool partial = j < lo;
@@ -218,7 +245,7 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Pa
       }
     }
     tiles.softmax(s, kKeyBlock, rows, n, row_max, row_sum, alpha);
-    tiles.pv(s, kKeyBlock, rows, n, values + j * Dp, Dp, o, Dp, static_cast<int>(Dp), alpha);
+    tiles.pv(s, kKeyBlock, rows, n, values + (j - values_first_key) * ldv, ldv, o, Dp, static_cast<int>(Dp), alpha);
   }
 
   for (int r = 0; r < rows; ++r) {
@@ -235,33 +262,28 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Pa
 }  // namespace
 
 void RunAttentionCpu(const AttentionCall& call, const TileKernels& tiles, OrtKernelContext* context) {
-  const int64_t D = call.head_size;
-  const int64_t kv_heads = call.batch * call.kv_num_heads;
-
-  // Packed K/V live in the calling thread's scratch and are shared read-only by the tasks.
-  thread_local Scratch k_scratch, v_scratch;
-  PackedKV packed;
-  packed.panels = (call.total_len + kPanelWidth - 1) / kPanelWidth;
-  packed.v_stride = RoundUp(D, 8);
-  packed.k = k_scratch.Get(kv_heads * packed.panels * D * kPanelWidth);
-  packed.v = v_scratch.Get(kv_heads * call.total_len * packed.v_stride);
-
-  auto pack = [&](size_t index) {
-    PackOneHead(call, packed, static_cast<int64_t>(index) / call.kv_num_heads,
-                static_cast<int64_t>(index) % call.kv_num_heads);
-  };
-  ParallelFor(context, static_cast<size_t>(kv_heads), pack);
-
   const KeyMask mask(call);
   const int64_t q_blocks = (call.q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t group = call.num_heads / call.kv_num_heads;
+  const bool write_present = call.present_key || call.present_value;
+  // One parallel pass over (batch, head, query block); the first task of each (batch, kv head)
+  // also writes its present_key / present_value.
   auto attend = [&](size_t index) {
     const int64_t block = static_cast<int64_t>(index) % q_blocks;
     const int64_t bh = static_cast<int64_t>(index) / q_blocks;
+    const int64_t b = bh / call.num_heads, h = bh % call.num_heads;
+    if (write_present && block == 0 && h % group == 0) WritePresent(call, b, h / group);
     const int64_t i0 = block * kQueryBlock;
     const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, call.q_len - i0));
-    RunQueryBlock(call, tiles, packed, mask, bh / call.num_heads, bh % call.num_heads, i0, rows);
+    RunQueryBlock(call, tiles, mask, b, h, i0, rows);
   };
-  ParallelFor(context, static_cast<size_t>(call.batch * call.num_heads * q_blocks), attend);
+  if (call.q_len > 0) {
+    ParallelFor(context, static_cast<size_t>(call.batch * call.num_heads * q_blocks), attend);
+  } else if (write_present) {  // no queries, but the cache still grows
+    for (int64_t b = 0; b < call.batch; ++b) {
+      for (int64_t hk = 0; hk < call.kv_num_heads; ++hk) WritePresent(call, b, hk);
+    }
+  }
 }
 
 }  // namespace onnxpress

@@ -25,6 +25,10 @@ struct TileKernels {
   // May overwrite S[r][n .. round_up(n, 8)).
   void (*softmax)(float* s, int64_t lds, int rows, int n, float* row_max, float* row_sum, float* alpha);
 
+  // Writes `count` keys (rows src + i * ld, head_size floats each) into key slots slot0 .. slot0+count
+  // of the panel layout: slot s, dimension d lands at panels[(s / 16) * head_size * 16 + d * 16 + s % 16].
+  void (*pack_keys)(const float* src, int64_t ld, int count, int head_size, float* panels, int64_t slot0);
+
   // O[r][0..width) = alpha[r] * O[r] + sum_{c < n} P[r][c] * V[c][0..width). width % 8 == 0.
   void (*pv)(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o,
              int64_t ldo, int width, const float* alpha);

@@ -48,6 +48,14 @@ void SoftmaxScalar(float* s, int64_t lds, int rows, int n, float* row_max, float
   }
 }
 
+void PackKeysScalar(const float* src, int64_t ld, int count, int head_size, float* panels, int64_t slot0) {
+  for (int i = 0; i < count; ++i) {
+    const int64_t slot = slot0 + i;
+    float* column = panels + (slot / kPanelWidth) * head_size * kPanelWidth + slot % kPanelWidth;
+    for (int d = 0; d < head_size; ++d) column[d * kPanelWidth] = src[i * ld + d];
+  }
+}
+
 void PvScalar(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o, int64_t ldo,
               int width, const float* alpha) {
   for (int r = 0; r < rows; ++r) {
@@ -65,7 +73,7 @@ void PvScalar(const float* p, int64_t lds, int rows, int n, const float* v, int6
 }  // namespace
 
 const TileKernels& ScalarTileKernels() {
-  static const TileKernels kernels{"scalar", QkScalar, SoftmaxScalar, PvScalar};
+  static const TileKernels kernels{"scalar", QkScalar, SoftmaxScalar, PackKeysScalar, PvScalar};
   return kernels;
 }
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from onnxpress.analysis import TransformerMap, analyze, count_macs, count_params
+from onnxpress.model_io import load_model
 from tiny_models import (
     ALL_ARCHS,
     DECODER_ARCHS,
@@ -16,9 +18,6 @@ from tiny_models import (
     tiny_config_values,
     tiny_model,
 )
-
-from onnxpress.analysis import TransformerMap, analyze, count_macs, count_params
-from onnxpress.model_io import load_model
 
 # Architectures that torch.onnx cannot export in this torch/transformers version:
 # {(arch, exporter): reason}. Marked xfail(strict) so a fix shows up as XPASS.
@@ -53,7 +52,9 @@ def check_map(tmap: TransformerMap, arch: str) -> None:
         assert layer.index == i and att is not None and ffn is not None, tmap.format_table()
         assert att.layer == i and ffn.layer == i
         assert (att.num_heads, att.num_kv_heads, att.head_size) == (
-            cfg["num_heads"], cfg["num_kv_heads"], cfg["head_size"]
+            cfg["num_heads"],
+            cfg["num_kv_heads"],
+            cfg["head_size"],
         ), tmap.format_table()
         assert ffn.ffn_size == cfg["ffn_size"]
         assert ffn.up.d_out == cfg["ffn_size"] and ffn.down.d_out == cfg["hidden_size"]
@@ -69,8 +70,14 @@ def check_map(tmap: TransformerMap, arch: str) -> None:
             assert att.q.d_out == cfg["num_heads"] * cfg["head_size"]
             assert att.k.d_out == att.v.d_out == cfg["num_kv_heads"] * cfg["head_size"]
         if att.kind == "decomposed":
-            assert att.softmax is not None and att.scores_matmul is not None and att.context_matmul is not None
-            assert att.softmax in att.nodes and att.scores_matmul in att.nodes and att.context_matmul in att.nodes
+            assert (
+                att.softmax is not None and att.scores_matmul is not None and att.context_matmul is not None
+            )
+            assert (
+                att.softmax in att.nodes
+                and att.scores_matmul in att.nodes
+                and att.context_matmul in att.nodes
+            )
         gated = arch in ("llama", "qwen2", "mistral")
         assert (ffn.gate is not None) == gated
         assert ffn.activation == ("silu" if gated else "gelu_new" if arch in ("gpt2", "phi") else "gelu")
@@ -124,9 +131,18 @@ def test_tiny_decoder_with_past(arch, exporter):
 
 # both attention styles (eager / SDPA) for every family; SDPA is covered above
 EAGER_CASES = [
-    ("bert", "optimum"), ("bert", "dynamo"), ("distilbert", "optimum"), ("distilbert", "torchscript"),
-    ("gpt2", "optimum"), ("gpt2", "dynamo"), ("llama", "optimum"), ("llama", "dynamo"), ("phi", "optimum"),
-    ("gpt-neox", "optimum"), ("vit", "optimum"), ("vit", "torchscript"),
+    ("bert", "optimum"),
+    ("bert", "dynamo"),
+    ("distilbert", "optimum"),
+    ("distilbert", "torchscript"),
+    ("gpt2", "optimum"),
+    ("gpt2", "dynamo"),
+    ("llama", "optimum"),
+    ("llama", "dynamo"),
+    ("phi", "optimum"),
+    ("gpt-neox", "optimum"),
+    ("vit", "optimum"),
+    ("vit", "torchscript"),
 ]
 
 
@@ -157,11 +173,13 @@ def test_analysis_does_not_mutate():
 
 
 def test_head_shape_nodes_found_for_constant_head_counts():
-    """Exports that spell the head count as a constant (dynamo: [b, s, 4, 16] as an
-    initializer, optimum MiniLM-style) expose it for pruning; -1 spellings need no edit."""
-    tmap, _ = map_of(tiny_model("gpt2", "dynamo"))
+    """Exports that spell head counts as constants expose them for pruning: optimum's BERT
+    splits heads with Concat(b, -1, 4, 16) (3 splits) and merges with Concat(b, s, 64)."""
+    tmap, _ = map_of(tiny_model("bert", "optimum"))
     for layer in tmap.layers:
         att = layer.attention
-        for node in att.head_shape_nodes:
-            assert node.op_type in ("Reshape", "Expand", "Tile", "Concat", "Constant")
-        assert all(v is not None for v in att.head_shape_values)
+        reshapes = [n for n in att.head_shape_nodes if n.op_type == "Reshape"]
+        assert len(reshapes) == 4, [n.name for n in att.head_shape_nodes]
+        assert all(n in att.nodes for n in reshapes)
+        assert any(n.op_type in ("Concat", "Constant") for n in att.head_shape_nodes)
+        assert att.head_shape_values

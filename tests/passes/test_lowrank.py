@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from onnxpress.errors import OnnxpressError
 from onnxpress.passes import lowrank_fit as fit
 
@@ -144,7 +143,7 @@ def _handbuilt(dtype=np.float32, seed=0):
         [helper.make_tensor_value_info("y", elem, ["n", 20]), helper.make_tensor_value_info("z", elem, ["n", 1])],
         [numpy_helper.from_array(a.astype(dtype), n) for n, a in arrays.items()],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     batches = [{"x": (rng.standard_normal((64, 16)) @ np.diag(np.logspace(0, -1.5, 16))).astype(dtype)}
                for _ in range(4)]
     return proto, batches
@@ -163,7 +162,6 @@ def _ctx(model, batches, outputs=None):
 
 def test_full_rank_split_of_matmul_and_gemm_is_exact():
     import onnx_ir as ir
-
     from onnxpress.passes import lowrank
 
     for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
@@ -193,7 +191,6 @@ def test_full_rank_split_of_matmul_and_gemm_is_exact():
 def test_pass_on_handbuilt_graph_reports_the_measured_error(settings):
     import onnx
     import onnx_ir as ir
-
     from onnxpress.fidelity import compare_outputs
     from onnxpress.model_io import model_proto
     from onnxpress.passes.lowrank import LowRankPass
@@ -222,7 +219,6 @@ def test_pass_on_handbuilt_graph_reports_the_measured_error(settings):
 
 def test_whitened_beats_plain_end_to_end_on_handbuilt_graph():
     import onnx_ir as ir
-
     from onnxpress.passes.lowrank import LowRankPass
 
     errors = {}
@@ -258,3 +254,117 @@ def test_config_errors_are_one_line(settings, words):
         build_pass("lowrank", settings)
     message = str(err.value)
     assert "\n" not in message and words in message and message.startswith("lowrank")
+
+
+# ---------------------------------------------------------------------------- tiny exported transformers
+
+TINY = [
+    ("bert", False),
+    ("distilbert", False),
+    ("gpt2", False),  # packed QKV (attn.qkv), Conv1D MatMul + Add
+    ("llama", True),  # decoder with KV cache
+    ("qwen2", True),  # grouped-query attention, q/k/v biases, KV cache
+]
+
+
+def _tiny(arch, with_past):
+    import onnx_ir as ir
+
+    from onnxpress.model_io import load_model
+    from tests.tiny_models import tiny_model
+
+    path = tiny_model(arch, with_past=with_past)
+    return path, load_model(path), ir
+
+
+def _token_batches(model, n_batches, batch, seq, seed):
+    """Random-token feeds with some right padding (exercises the padding mask)."""
+    from onnxpress.calibration import make_feeds
+    from tests.tiny_models import VOCAB
+
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = rng.integers(5, VOCAB, (batch, seq))
+        mask = np.ones_like(ids)
+        mask[0, seq - seq // 4:] = 0
+        batches.append(make_feeds(model, ids, mask, seed=seed))
+    return batches
+
+
+def _tiny_ctx(model, seed=0):
+    from onnxpress.calibration import CalibrationSet
+    from onnxpress.pass_manager import CompileContext, primary_outputs
+
+    calib = CalibrationSet(_token_batches(model, 4, 4, 24, seed), "random tokens")
+    ctx = CompileContext(verification=_token_batches(model, 1, 2, 16, seed + 100), calibration=calib, threads=1)
+    ctx.output_names = primary_outputs(model)
+    ctx.reference = ctx.run(model)
+    return ctx
+
+
+@pytest.mark.parametrize("arch, with_past", TINY)
+def test_full_rank_split_of_every_role_is_exact(arch, with_past):
+    from onnxpress.passes import lowrank
+
+    _, model, _ = _tiny(arch, with_past)
+    ctx = _tiny_ctx(model)
+    matrices = lowrank.select_matrices(model, list(lowrank.ROLES), ctx.analysis(model))
+    assert len(matrices) >= 8  # two layers, attention and FFN
+    for m in matrices:
+        a, b = fit.decompose(m.weight).factors(min(m.d_in, m.d_out))
+        lowrank.split_matrix(model.graph, m, a, b, m.bias)
+    assert ctx.measure(model).rel_l2 < 1e-4
+
+
+@pytest.mark.parametrize("arch, with_past", TINY)
+def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp_path):
+    from onnxpress.fidelity import compare_outputs
+    from onnxpress.model_io import save_model
+    from onnxpress.passes.lowrank import LowRankPass
+    from onnxpress.runtime import make_session, run_batches
+
+    path, model, _ = _tiny(arch, with_past)
+    ctx = _tiny_ctx(model)
+    result = LowRankPass({"fraction": 0.3}).run(model, ctx)
+    assert result.modified and result.changes["matrices_split"] >= 8
+    assert result.params_after < result.params_before and result.macs_after < result.macs_before
+    for info in result.details["ranks"].values():  # never a split that adds MACs
+        d_in, d_out = info["shape"]
+        assert 1 <= info["rank"] and info["rank"] * (d_in + d_out) < d_in * d_out
+    out = save_model(model, tmp_path / "split.onnx")
+    session = make_session(out)  # loads in ONNX Runtime
+    outputs = [o.name for o in session.get_outputs()]
+    assert outputs == [o.name for o in make_session(path).get_outputs()]  # KV cache outputs kept
+    measured = compare_outputs(ctx.reference, run_batches(session, ctx.verification, ctx.output_names)).rel_l2
+    assert 0 < result.error and np.isclose(measured, result.error, rtol=0.02, atol=1e-6)
+
+
+def test_compile_model_with_lowrank_verifies_the_stage(tmp_path):
+    from onnxpress.compile import compile_model
+    from tests.tiny_models import tiny_model
+
+    path = tiny_model("llama", with_past=True)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(5, 1000, (24, 20)))
+    report = compile_model(path, tmp_path / "out.onnx", passes=["lowrank:fraction=0.25,include=ffn.up|ffn.down|attn.o"],
+                           calib=[tmp_path / "calib.npz"], progress=False, threads=1)
+    (row,) = report.passes
+    assert row.modified and row.measured_error is not None
+    assert row.measured_error <= row.error * 1.02 + 1e-6
+    assert all(k.split(".", 1)[1] in ("ffn.up", "ffn.down", "attn.o") for k in row.details["ranks"])
+    assert row.details["fraction_saved"] >= 0.25
+
+
+def test_matrices_that_cannot_shrink_are_never_split():
+    """At a tiny budget the global allocation splits only where it pays; a [64, 1] or
+    similar matrix (break-even rank 0) is never a candidate."""
+    from onnxpress.passes.lowrank import LowRankPass
+
+    _, model, _ = _tiny("bert", False)
+    ctx = _tiny_ctx(model)
+    outcome = LowRankPass({"fraction": 0.02, "allocation": "global", "sequential": False}).apply(model, ctx)
+    assert 1 <= outcome.changes["matrices_split"] < 8
+    for info in outcome.details["ranks"].values():
+        d_in, d_out = info["shape"]
+        assert info["rank"] * (d_in + d_out) < d_in * d_out

@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from onnxpress.passes import prune_common as pc
 
 

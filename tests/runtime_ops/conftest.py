@@ -2,7 +2,6 @@
 
 import onnxruntime as ort
 import pytest
-
 from onnxpress.runtime_ops import build, register
 
 

@@ -1,0 +1,168 @@
+"""The quantize pass on tiny random-weight exports: loads, fuses into ORT integer kernels, and
+reports the error the saved model really has."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxpress.calibration import make_feeds
+from onnxpress.errors import OnnxpressError
+from onnxpress.fidelity import compare_outputs
+from onnxpress.model_io import load_model, save_model
+from onnxpress.pass_infra import build_pass
+from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
+from onnxpress.passes.quant_fusion import fusion_report
+from onnxpress.passes.quant_graph import apply_smoothing, find_linears
+from onnxpress.passes.quant_smooth import smooth_scales
+from onnxpress.runtime import make_session, run_batches
+from tests.tiny_models import tiny_model
+
+
+class _Calib:
+    """Variable-length, right-padded batches (what CalibrationSet.from_texts produces)."""
+
+    def __init__(self, model: ir.Model, n: int = 6, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.batches = []
+        for i in range(n):
+            lengths = rng.integers(6, 24, size=4)
+            seq = int(lengths.max())
+            ids = rng.integers(5, 1000, (4, seq)).astype(np.int64)
+            mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+            self.batches.append(make_feeds(model, ids * mask, mask, seed=i))
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _context(model: ir.Model) -> CompileContext:
+    calib = _Calib(model)
+    verification = _Calib(model, n=2, seed=1).batches
+    ctx = CompileContext(verification=verification, calibration=calib, threads=1)
+    ctx.output_names = primary_outputs(model)
+    ctx.reference = ctx.run(model)
+    return ctx
+
+
+def _run_pass(arch: str, settings: dict, tmp_path, **tiny):
+    src = tiny_model(arch, **tiny)
+    model = load_model(src)
+    ctx = _context(model)
+    original = ctx.reference
+    result = build_pass("quantize", settings).run(model, ctx)
+    out = save_model(model, tmp_path / "q.onnx")
+    saved = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
+    return result, out, compare_outputs(original, saved).rel_l2
+
+
+@pytest.mark.parametrize("arch,settings,kernel", [
+    ("bert", {"mode": "static"}, "MatMulIntegerToFloat"),
+    ("bert", {"mode": "static", "activation_type": "int8", "calibration_method": "percentile"}, None),
+    ("bert", {"mode": "dynamic", "gptq": False, "smooth": False}, "DynamicQuantizeMatMul"),
+    ("llama", {"mode": "dynamic"}, None),
+    ("llama", {"mode": "static", "calibration_method": "entropy"}, "MatMulIntegerToFloat"),
+    ("llama", {"mode": "weight_only", "bits": 4, "block_size": 32}, "MatMulNBits"),
+    ("gpt2", {"mode": "weight_only", "bits": 8, "block_size": 16, "gptq": False}, None),
+])
+def test_quantized_model_loads_fuses_and_reports_its_error(arch, settings, kernel, tmp_path):
+    result, out, measured = _run_pass(arch, settings, tmp_path)
+    assert result.modified and result.changes["matmuls_quantized"] > 0
+    fusion = result.details["ort_fusion"]
+    if settings.get("activation_type") == "int8":
+        # ORT 1.31 on CPU leaves some s8 x s8 QDQ MatMuls unfused: the pass must say so
+        assert fusion["unfused"] == 0 or "unfused_qdq" in result.details
+    else:
+        assert fusion["unfused"] == 0, fusion  # every Q/DQ pair became an integer kernel
+        assert result.changes["fused_integer_kernels"] >= result.changes["matmuls_quantized"]
+    if kernel:
+        assert fusion["integer_kernels"].get(kernel), fusion
+    assert fusion_report(load_model(out))["fused"] == fusion["fused"]  # the saved model, in a fresh ORT
+    assert 0 < result.error < 0.2
+    assert measured == pytest.approx(result.error, rel=0.02, abs=1e-6)
+
+
+def test_compile_pipeline_verifies_the_quantized_stage(tmp_path):
+    """Through the pass manager: the checker runs and the re-measured error matches."""
+    model = load_model(tiny_model("bert"))
+    ctx = _context(model)
+    manager = PassManager([build_pass("quantize", {"mode": "static"})], progress=False)
+    (result,) = manager.run(model, ctx)
+    assert result.measured_error == pytest.approx(result.error, rel=0.02, abs=1e-6)
+    assert result.changes["matmuls_smoothed"] + result.changes["matmuls_gptq"] > 0
+
+
+def test_budget_keeps_sensitive_matmuls_float(tmp_path):
+    model = load_model(tiny_model("bert"))
+    ctx = _context(model)
+    free = build_pass("quantize", {"mode": "static", "check_fusion": False}).run(
+        load_model(tiny_model("bert")), _context(load_model(tiny_model("bert"))))
+    budget = free.error / 3
+    result = build_pass("quantize", {"mode": "static", "budget": budget, "sensitivity": "measured"}).run(model, ctx)
+    kept = result.changes["kept_float_sensitivity"]
+    assert kept > 0
+    assert result.changes["matmuls_quantized"] + kept == free.changes["matmuls_quantized"]
+    reasons = [m for m in result.details["matmuls"] if not m["quantized"]]
+    assert all(m["reason"] == "sensitivity" for m in reasons) and len(reasons) == kept
+    assert result.details["budget_trials"][-1]["error"] <= budget or kept == free.changes["matmuls_quantized"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_smoothing_is_exact_before_quantization(arch):
+    model = load_model(tiny_model(arch))
+    ctx = _context(model)
+    linears, _ = find_linears(model, ctx.analysis(model))
+    groups: dict[str, list] = {}
+    for lin in linears:
+        groups.setdefault(lin.input.name, []).append(lin)
+    rng = np.random.default_rng(0)
+    where = []
+    for group in groups.values():
+        k = group[0].weight_array().shape[0]
+        s = smooth_scales(rng.uniform(0.1, 20, k).astype(np.float32), [g.weight_array() for g in group], 0.5)
+        where.append(apply_smoothing(model.graph, group[0].input, group, s))
+    model.graph.sort()
+    assert compare_outputs(ctx.reference, ctx.run(model)).rel_l2 < 1e-5
+    if arch == "llama":  # pre-norm: RMSNorm gamma and the gated FFN's up projection absorb the scales
+        assert "Mul constant" in where or any(w in where for w in ("SimplifiedLayerNormalization", "RMSNormalization"))
+        assert "MatMul weight" in where
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"mode": "int3"}, "'mode' must be one of"),
+    ({"bits": 3}, "'bits' must be 4 or 8"),
+    ({"smooth_alpha": 2}, "'smooth_alpha'"),
+    ({"block_size": 48}, "'block_size'"),
+    ({"method_overrides": ["down:percentile"]}, "'method_overrides'"),
+    ({"budget": -1}, "'budget'"),
+    ({"nonsense": 1}, "unknown setting 'nonsense'"),
+])
+def test_config_errors_are_one_line(settings, message):
+    with pytest.raises(OnnxpressError) as err:
+        build_pass("quantize", settings)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_static_mode_without_calibration_is_a_one_line_error():
+    model = load_model(tiny_model("bert"))
+    ctx = CompileContext(verification=_Calib(model, 1).batches)
+    with pytest.raises(OnnxpressError, match="calibration") as err:
+        build_pass("quantize", {"mode": "static"}).run(model, ctx)
+    assert "\n" not in str(err.value)
+
+
+def test_round_to_nearest_weight_only_needs_no_calibration():
+    assert not build_pass("quantize", {"mode": "weight_only", "gptq": False}).needs_calibration
+    assert build_pass("quantize", {"mode": "weight_only"}).needs_calibration
+
+
+@pytest.mark.skip(reason="hook: composition with prune_ffn/prune_heads + lowrank (factors quantized too) "
+                         "is benchmarked once those passes land on real models")
+def test_quantize_after_pruning_and_lowrank(tmp_path):  # pragma: no cover - hook
+    model = load_model(tiny_model("bert"))
+    ctx = _context(model)
+    passes = [build_pass("prune_ffn", {}), build_pass("lowrank", {"fraction": 0.2}),
+              build_pass("quantize", {"mode": "static"})]
+    results = PassManager(passes, progress=False).run(model, ctx)
+    assert results[-1].changes["matmuls_quantized"] > results[0].changes.get("matmuls_quantized", 0)

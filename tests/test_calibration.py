@@ -1,0 +1,189 @@
+"""onnxpress.calibration: feed batches from text / JSONL / npz / synthetic tokens, and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+import pytest  # noqa: E402
+
+from onnxpress.calibration import CalibrationSet, make_feeds, vocab_size  # noqa: E402
+from onnxpress.errors import OnnxpressError  # noqa: E402
+from onnxpress.runtime import make_session, run_batches  # noqa: E402
+
+from test_export import TINY_VOCAB, tiny_export  # noqa: E402
+
+TEXTS = [
+    "The Congress of the United States met in Washington.",
+    "Our economy is strong and growing.",
+    "We must defend the nation and its liberties against every enemy.",
+    "Peace.",
+    "The budget for the coming year is balanced, and the debt is falling for the first time.",
+    "Education is the key to the future of our children.",
+    "Taxes will be cut for working families.",
+]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    path = tiny_export("bert")
+    return ir.load(path), path.parent
+
+
+@pytest.fixture(scope="module")
+def llama():
+    path = tiny_export("llama")
+    return ir.load(path), path.parent
+
+
+def _one_line_error(fn, *needles):
+    with pytest.raises(OnnxpressError) as exc:
+        fn()
+    message = str(exc.value)
+    assert message and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_encoder_feeds_are_right_padded_and_run(bert):
+    model, tok = bert
+    calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=3, max_length=16)
+    assert len(calib) == 3 and calib.num_samples == len(TEXTS)
+    first = calib.batches[0]
+    assert set(first) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert all(b["input_ids"].dtype == np.int64 for b in calib)
+    mask = first["attention_mask"]
+    assert (np.diff(mask, axis=1) <= 0).all()  # right padding: ones then zeros
+    assert calib.num_tokens == sum(int(b["attention_mask"].sum()) for b in calib)
+    assert max(b["input_ids"].shape[1] for b in calib) <= 16
+    assert "seed 0" in calib.source
+    run_batches(make_session(model), calib)
+
+
+def test_decoder_feeds_have_positions_and_empty_past(llama):
+    model, tok = llama
+    calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=4)
+    batch = calib.batches[0]
+    mask = batch["attention_mask"]
+    np.testing.assert_array_equal(batch["position_ids"], np.clip(mask.cumsum(1) - 1, 0, None))
+    assert batch["past_key_values.0.key"].shape == (4, 2, 0, 16)
+    assert batch["past_key_values.1.value"].dtype == np.float32
+    out = run_batches(make_session(model), calib.take(1), ["logits"])
+    assert out[0]["logits"].shape == (*batch["input_ids"].shape, TINY_VOCAB)
+
+
+def test_seed_makes_order_deterministic(bert):
+    model, tok = bert
+    a = CalibrationSet.from_texts(TEXTS, tok, model, seed=1, max_samples=5, batch_size=2)
+    b = CalibrationSet.from_texts(TEXTS, tok, model, seed=1, max_samples=5, batch_size=2)
+    c = CalibrationSet.from_texts(TEXTS, tok, model, seed=2, max_samples=5, batch_size=2)
+    assert a.num_samples == 5
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    assert any(
+        not np.array_equal(x["input_ids"], y["input_ids"]) or x["input_ids"].shape != y["input_ids"].shape
+        for x, y in zip(a, c, strict=False)
+    )
+
+
+def test_split_and_take_keep_every_sample(bert):
+    model, tok = bert
+    calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=2)
+    keep, hold = calib.split(0.3)
+    assert keep.num_samples + hold.num_samples == calib.num_samples
+    assert hold.num_samples == 2
+    assert keep.num_tokens + hold.num_tokens == calib.num_tokens  # padding trimmed and re-added only
+    keep2, hold2 = calib.split(0.3)
+    np.testing.assert_array_equal(hold.batches[0]["input_ids"], hold2.batches[0]["input_ids"])
+    assert len(calib.take(2)) == 2
+    _one_line_error(lambda: calib.split(1.5), "between 0 and 1")
+
+
+def test_from_files_txt_jsonl_and_folder(bert, tmp_path):
+    model, tok = bert
+    (tmp_path / "a.txt").write_text(
+        "First sentence here is long enough. Second one is also long enough!\n\nOk.\n"
+    )
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:3]) + "\n")
+    txt = CalibrationSet.from_files(tmp_path / "a.txt", tok, model)
+    assert txt.num_samples == 1  # both sentences packed into one chunk; "Ok." dropped
+    jsonl = CalibrationSet.from_files([tmp_path / "b.jsonl"], tok, model)
+    assert jsonl.num_samples == 3
+    folder = CalibrationSet.from_files(tmp_path, tok, model)
+    assert folder.num_samples == 4 and "2 file(s)" in folder.source
+
+
+def test_bad_text_inputs_are_one_line_errors(bert, tmp_path):
+    model, tok = bert
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    _one_line_error(lambda: CalibrationSet.from_files(tmp_path / "bad.jsonl", tok, model), "line 2", '"text"')
+    (tmp_path / "worse.jsonl").write_text("not json\n")
+    _one_line_error(lambda: CalibrationSet.from_files(tmp_path / "worse.jsonl", tok, model), "not JSON")
+    _one_line_error(lambda: CalibrationSet.from_files(tmp_path / "missing.txt", tok, model), "does not exist")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(lambda: CalibrationSet.from_files(tmp_path / "empty", tok, model), "no .txt")
+    _one_line_error(lambda: CalibrationSet.from_texts(["", "  "], tok, model), "no calibration text")
+    _one_line_error(lambda: CalibrationSet.from_texts(TEXTS, tmp_path, model), "no tokenizer files")
+
+
+def test_from_npz_batches_and_derives_missing_inputs(llama, tmp_path):
+    model, _ = llama
+    ids = np.random.default_rng(0).integers(0, TINY_VOCAB, size=(5, 7)).astype(np.int32)
+    np.savez(tmp_path / "calib.npz", input_ids=ids)
+    calib = CalibrationSet.from_npz(tmp_path / "calib.npz", model, batch_size=2)
+    assert len(calib) == 3 and calib.num_samples == 5
+    batch = calib.batches[0]
+    assert batch["input_ids"].dtype == np.int64  # same-kind cast
+    assert batch["attention_mask"].shape == (2, 7) and batch["past_key_values.0.key"].shape == (2, 2, 0, 16)
+    run_batches(make_session(model), calib.take(1), ["logits"])
+
+
+def test_bad_npz_inputs_are_one_line_errors(bert, tmp_path):
+    model, _ = bert
+    ids = np.ones((3, 5), np.int64)
+
+    def npz(**arrays):
+        path = tmp_path / "x.npz"
+        np.savez(path, **arrays)
+        return lambda: CalibrationSet.from_npz(path, model)
+
+    _one_line_error(
+        npz(input_ids=np.ones(5, np.int64)), "'input_ids' has rank 1", "expects rank 2 [batch, sequence]"
+    )
+    _one_line_error(npz(input_ids=ids.astype(np.float32)), "'input_ids' has dtype float32", "int64")
+    _one_line_error(npz(input_ids=ids, bogus=ids), "'bogus'", "not a model input")
+    _one_line_error(npz(input_ids=ids, attention_mask=np.ones((2, 5), np.int64)), "sample counts")
+    _one_line_error(npz(attention_mask=ids), "lacks model input 'input_ids'")
+    _one_line_error(lambda: CalibrationSet.from_npz(tmp_path / "none.npz", model), "does not exist")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    _one_line_error(lambda: CalibrationSet.from_npz(tmp_path / "junk.npz", model), "not a readable .npz")
+
+
+def test_synthetic_tokens_stay_in_vocab(bert, llama):
+    for model, _ in (bert, llama):
+        assert vocab_size(model) == TINY_VOCAB
+        calib = CalibrationSet.synthetic(model, batch_size=3, seq_len=9, seed=4, num_batches=2)
+        assert len(calib) == 2 and calib.num_tokens == 54
+        ids = calib.batches[0]["input_ids"]
+        assert ids.shape == (3, 9) and ids.max() < TINY_VOCAB
+        again = CalibrationSet.synthetic(model, batch_size=3, seq_len=9, seed=4, num_batches=2)
+        np.testing.assert_array_equal(ids, again.batches[0]["input_ids"])
+        run_batches(make_session(model), calib)
+
+
+def test_unknown_input_cannot_be_built_from_text(bert):
+    model, _ = bert
+    clone = ir.from_proto(ir.to_proto(model))
+    extra = ir.Value(name="speaker_embedding", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 4]))
+    clone.graph.inputs.append(extra)
+    _one_line_error(
+        lambda: make_feeds(clone, np.ones((1, 3), np.int64), np.ones((1, 3), np.int64)),
+        "'speaker_embedding'",
+        ".npz",
+    )

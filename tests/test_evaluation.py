@@ -1,0 +1,105 @@
+"""onnxpress.evaluation and onnxpress.datasets: metrics vs torch / numpy, fixed disjoint splits."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from onnxpress import datasets  # noqa: E402
+from onnxpress import evaluation as ev  # noqa: E402
+from onnxpress.errors import OnnxpressError  # noqa: E402
+
+from test_export import real_export, tiny_export, tiny_hf_dir  # noqa: E402
+
+SENTENCES = ["The economy is growing.", "We must defend the nation against every enemy.", "Taxes will fall."]
+
+
+def test_splits_are_fixed_and_disjoint():
+    calib, evals = datasets.sotu_files("calibration"), datasets.sotu_files("evaluation")
+    assert not set(calib) & set(evals)
+    assert max(int(f.name[:4]) for f in calib) < 1950 <= 1990 <= min(int(f.name[:4]) for f in evals)
+    train_x, train_y, test_x, test_y = datasets.bbc_split(max_train=50, max_test=20)
+    assert (len(train_x), len(test_x)) == (50, 20) and not set(train_x) & set(test_x)
+    assert datasets.bbc_split(max_train=50, max_test=20)[0] == train_x  # deterministic
+    assert len(set(train_y.tolist())) == 5
+
+
+def test_missing_data_dir_is_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXPRESS_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(OnnxpressError, match="ONNXPRESS_DATA") as exc:
+        datasets.sotu_files("evaluation")
+    assert "\n" not in str(exc.value)
+
+
+def test_sentence_split_keeps_abbreviations():
+    text = "Mr. Speaker, the U.S. economy grew this year. Short. Did it grow? Yes, it grew by a lot!"
+    assert datasets.split_sentences(text) == [
+        "Mr. Speaker, the U.S. economy grew this year.",
+        "Yes, it grew by a lot!",
+    ]
+
+
+def test_perplexity_equals_torch_on_the_same_windows():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_export("llama")
+    files = datasets.sotu_files("evaluation")[:2]
+    windows = ev.perplexity_windows(path.parent, files, window=64, max_windows=6)
+    assert windows.shape == (6, 64)
+    got = ev.perplexity(path, path.parent, files, window=64, max_windows=6)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tiny_hf_dir("llama"))(torch.from_numpy(windows)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+            torch.from_numpy(windows[:, 1:]).reshape(-1),
+        )
+    assert got == pytest.approx(float(torch.exp(nll)), rel=1e-3)
+
+
+def test_self_fidelity_is_exact():
+    dec, enc = tiny_export("llama"), tiny_export("bert")
+    logits = ev.logits_fidelity(dec, dec, SENTENCES, dec.parent)
+    assert logits["logits_max_abs_error"] == 0.0 and logits["kl_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert logits["top1_agreement"] == 1.0 and logits["logit_tokens"] > 10
+    emb = ev.embedding_fidelity(enc, enc, SENTENCES, enc.parent)
+    assert emb["embedding_cosine_min"] == pytest.approx(1.0)
+
+
+def test_embeddings_are_mask_aware():
+    enc = tiny_export("bert")
+    alone = ev.sentence_embeddings(enc, enc.parent, SENTENCES[2:])
+    padded = ev.sentence_embeddings(enc, enc.parent, SENTENCES)[2:]  # padded to a longer batch
+    np.testing.assert_allclose(alone, padded, atol=1e-5)
+
+
+def test_evaluate_decoder_and_encoder_dicts():
+    dec, enc = tiny_export("llama"), tiny_export("bert")
+    text = datasets.sotu_files("evaluation")[:1]
+    result = ev.evaluate(dec, dec, text_files=text, window=64, max_windows=4)
+    assert result["kind"] == "decoder" and result["kl_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert result["perplexity"] == pytest.approx(result["reference_perplexity"])
+    assert result["perplexity_windows"] == 4
+    result = ev.evaluate(enc, enc, text_files=text)
+    assert result["kind"] == "encoder" and result["embedding_cosine_mean"] == pytest.approx(1.0)
+    with pytest.raises(OnnxpressError, match="encoder"):
+        ev.evaluate(dec, probe=True, text_files=text)
+
+
+def test_probe_runs_on_tiny_encoder():
+    enc = tiny_export("bert")
+    result = ev.bbc_probe_accuracy(enc, enc.parent, max_train=40, max_test=20, max_length=32)
+    assert result["probe_train"] == 40 and result["probe_test"] == 20
+    assert 0.0 <= result["probe_accuracy"] <= 1.0
+
+
+@pytest.mark.real_model
+def test_minilm_probe_is_accurate():
+    path = real_export("minilm")
+    result = ev.bbc_probe_accuracy(path, path.parent, max_train=100, max_test=50, max_length=64)
+    assert result["probe_accuracy"] >= 0.8
