@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -264,6 +264,10 @@ class CalibrationSet:
         """Random tokens within the vocabulary (or random pixels): for checking lossless passes."""
         specs = {s.name: s for s in input_specs(model)}
         rng = np.random.default_rng(seed)
+        if not any(name in _NAMED_DIMS or is_past_input(name) for name in specs):
+            # Not a transformer's inputs (e.g. a plain MLP): random data of each input's shape.
+            batches = [_random_feeds(specs.values(), batch_size, seq_len, rng) for _ in range(num_batches)]
+            return cls(batches, f"synthetic: {num_batches} random batch(es), seed {seed}")
         batches = []
         for i in range(num_batches):
             if "input_ids" in specs:
@@ -272,6 +276,17 @@ class CalibrationSet:
                 ids = np.zeros((batch_size, seq_len), np.int64)  # vision: only pixel_values is used
             batches.append(make_feeds(model, ids, np.ones_like(ids), seed=seed + i))
         return cls(batches, f"synthetic: {num_batches} batch(es) of {batch_size}x{seq_len}, seed {seed}")
+
+
+def _random_feeds(specs: Iterable[InputSpec], batch: int, seq_len: int, rng: np.random.Generator) -> Feeds:
+    feeds = {}
+    for spec in specs:
+        shape = tuple(d if d is not None else (batch if i == 0 else seq_len) for i, d in enumerate(spec.shape))
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+    return feeds
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ INSPECT_EXAMPLES = """examples:
 """
 COMPILE_EXAMPLES = """examples:
   onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe lossless
-  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe balanced --calib ../shared/data/sotu
+  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe balanced --calib sotu   # SOTU calibration split
   onnxpress compile model.onnx -o out.onnx --passes cleanup prune_heads:fraction=0.33 --calib calib.npz
   onnxpress compile model.onnx -o out.onnx --recipe my_recipe.yaml --calib texts.jsonl --tokenizer hf_dir/
 The report is written beside the model as OUT.report.json.
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--recipe", help="packaged recipe name or a YAML file (default: lossless)")
     group.add_argument("--passes", nargs="+", metavar="PASS[:key=value,...]", help="passes to run, in order")
-    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration data: text/JSONL files or folders, or one .npz")
+    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration data: text/JSONL files or folders, one .npz, or 'sotu' (the shared SOTU calibration split)")
     p.add_argument("--tokenizer", help="tokenizer folder for text calibration (default: the model's folder)")
     p.add_argument("--max-samples", type=int, help="calibration samples to use")
     p.add_argument("--seq-len", type=int, help="calibration sequence length (tokens)")

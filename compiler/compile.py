@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from onnxpress.datasets import TOKENIZER_FILES, describe_split, find_tokenizer_dir, sotu_files
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
@@ -20,23 +21,15 @@ from onnxpress.recipe import Recipe, load_recipe, parse_pass_args
 from onnxpress.report import CompileReport
 
 DEFAULT_RECIPE = "lossless"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# `--calib sotu`: the calibration split of the shared SOTU speeches (disjoint from evaluation).
+NAMED_CALIBRATION = "sotu"
+DEFAULT_MAX_SAMPLES = 256
 # Samples held back from the calibration data to verify each stage.
 VERIFY_FRACTION = 0.15
 
 
 def report_path(output: str | os.PathLike) -> Path:
     return Path(output).with_suffix(".report.json")
-
-
-def find_tokenizer_dir(model_path: Path, tokenizer_dir: str | os.PathLike | None) -> Path | None:
-    if tokenizer_dir is not None:
-        path = Path(tokenizer_dir)
-        if not any((path / f).exists() for f in TOKENIZER_FILES):
-            raise OnnxpressError(f"--tokenizer {path} holds no tokenizer files: pass the exported model's folder")
-        return path
-    folder = model_path.parent if model_path.is_file() else model_path
-    return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
 
 
 def resolve_recipe(recipe: str | os.PathLike | None, passes: Sequence[str] | None) -> Recipe:
@@ -64,10 +57,14 @@ def load_calibration(
     paths = [Path(p) for p in calib]
     if len(paths) == 1 and paths[0].suffix == ".npz":
         return CalibrationSet.from_npz(paths[0], model)
+    source = None
+    if [str(p) for p in paths] == [NAMED_CALIBRATION] and not paths[0].exists():
+        paths, source = sotu_files("calibration"), describe_split("calibration")
     if tokenizer_dir is None:
         raise OnnxpressError("text calibration needs a tokenizer: pass --tokenizer DIR (the exported model's folder)")
     return CalibrationSet.from_files(
-        paths, tokenizer_dir, model, max_length=max_length, batch_size=batch_size, max_samples=max_samples, seed=seed
+        paths, tokenizer_dir, model, max_length=max_length, batch_size=batch_size, max_samples=max_samples,
+        seed=seed, **({"source": source} if source else {}),
     )
 
 
@@ -100,12 +97,12 @@ def compile_model(
 
     ir_model = load_model(src)
     manager.check_applicable(ir_model, src.name)
-    tok_dir = find_tokenizer_dir(src, tokenizer_dir)
+    tok_dir = _tokenizer_dir(src, tokenizer_dir)
     calibration = load_calibration(
         calib,
         ir_model,
         tok_dir,
-        max_samples=max_samples or plan.calibration.get("max_samples"),
+        max_samples=max_samples or plan.calibration.get("max_samples", DEFAULT_MAX_SAMPLES),
         max_length=max_length or plan.calibration.get("max_length", 128),
         batch_size=batch_size,
         seed=seed,
@@ -145,6 +142,14 @@ def compile_model(
         out.unlink(missing_ok=True)  # no model without its report
         raise
     return report
+
+
+def _tokenizer_dir(model_path: Path, tokenizer_dir) -> Path | None:
+    """The tokenizer folder when one is given or sits beside the model (only text calibration needs it)."""
+    if tokenizer_dir is not None:
+        return find_tokenizer_dir(model_path, tokenizer_dir)
+    folder = model_path.parent
+    return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
 
 
 def _file_size(path: Path) -> int:

@@ -31,7 +31,6 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-
 from onnxpress.analysis import analyze
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.attention_build import Builder, build_fused, replace_shape_reads, wire
@@ -96,8 +95,9 @@ def substitute_attention(
     graph = model.graph
     done: list[Site] = []
     ops: dict[str, int] = {}
+    shared: dict = {}
     for index, site in sites:
-        builder = Builder(graph, f"/attention_fused/layer{index}")
+        builder = Builder(graph, f"/attention_fused/layer{index}", shared=shared)
         built = build_fused(builder, site, target, window)
         if isinstance(built, str):
             per_layer.append({"layer": index, "skipped": built})
@@ -131,6 +131,15 @@ def _ensure_opset(model: ir.Model, version: int) -> None:
     """ONNX ``Attention`` exists from opset 23; older models are version-converted first."""
     current = model.opset_imports.get("", 1)
     if current >= version:
+        return
+    if current < 18:
+        # opset 18 moved Reduce* axes from attribute to input; onnxscript's converter (0.7)
+        # leaves the attribute in place, onnx's reference converter adapts it
+        import onnx.version_converter
+        from onnxpress.model_io import model_proto
+
+        converted = ir.from_proto(onnx.version_converter.convert_version(model_proto(model), version))
+        model.graph = converted.graph  # the opset imports live on the graph
         return
     import onnxscript.version_converter
 

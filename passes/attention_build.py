@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxpress.passes.attention_match import PACKED, MaskTerm, Operand, Site
 
 
@@ -33,6 +32,7 @@ class Builder:
     graph: ir.Graph
     prefix: str
     nodes: list[ir.Node] = field(default_factory=list)
+    shared: dict = field(default_factory=dict)  # values built once per model (the expanded mask bias)
 
     def op(self, op_type: str, inputs, attributes=None, *, domain: str = "", num_outputs: int = 1, name=None):
         inputs = list(inputs)
@@ -54,18 +54,32 @@ class Builder:
         self.graph.register_initializer(value)
         return value
 
-    def packed(self, operand: Operand) -> ir.Value:
-        """``operand`` as [B, S, heads*D]."""
+    def packed(self, operand: Operand, width: int) -> ir.Value:
+        """``operand`` as [B, S, width] (width = heads * head_size)."""
         if operand.axes == PACKED:
             return operand.value
         value = operand.value
         perm = [operand.axes.index(c) for c in "BSHD"]
         if perm != [0, 1, 2, 3]:
             value = self.op("Transpose", [value], {"perm": perm})
-        return self.op("Reshape", [value, self.const("onnxpress_attn_merge_heads", np.array([0, 0, -1], np.int64))])
+        # the width is spelled out (not -1) so shape inference knows the fused op's output width
+        shape = self.const(f"onnxpress_attn_merge_{width}", np.array([0, 0, width], np.int64))
+        return self.op("Reshape", [value, shape])
 
-    def bias(self, terms: list[MaskTerm]) -> ir.Value | None:
-        """The sum of the mask terms as one additive float bias (as the original adds it)."""
+    def qkv(self, site: Site) -> tuple[ir.Value, ir.Value, ir.Value]:
+        att = site.att
+        return (self.packed(site.q, att.num_heads * att.head_size), self.packed(site.k, att.kv_out),
+                self.packed(site.v, att.kv_out))
+
+    def bias(self, terms: list[MaskTerm], query: ir.Value) -> ir.Value | None:
+        """The sum of the mask terms as one additive float bias (as the original adds it),
+        expanded to [B, 1, S_q, S_total]: exporters build [B, 1, 1, S] padding masks, and
+        the ORT kernels want the query axis spelled out. Built once for all layers."""
+        if not terms:
+            return None
+        key = tuple(id(t.value) for t in terms)
+        if key in self.shared:
+            return self.shared[key]
         total = None
         for term in terms:
             value = term.value
@@ -75,6 +89,11 @@ class Builder:
                                   np.array(term.fill, np.float32))
                 value = self.op("Where", [value, zero, fill])
             total = value if total is None else self.op("Add", [total, value])
+        ones = self.const("onnxpress_attn_ones2", np.array([1, 1], np.int64))
+        one = self.const("onnxpress_attn_one", np.array([1], np.int64))
+        s_q = self.op("Shape", [query], {"start": 1, "end": 2})
+        total = self.op("Expand", [total, self.op("Concat", [ones, s_q, one], {"axis": 0})])
+        self.shared[key] = total
         return total
 
     def sequence_lengths(self, query: ir.Value, past: ir.Value | None) -> tuple[ir.Value, ir.Value]:
@@ -115,18 +134,23 @@ def build_fused(b: Builder, site: Site, target: str, window: int) -> tuple[ir.No
         mask, why = padding_mask(site)
         if why:
             return f"onnxpress.Attention cannot express {why}"
-        q, k, v = b.packed(site.q), b.packed(site.k), b.packed(site.v)
+        q, k, v = b.qkv(site)
+        # onnxpress.Attention's shape inference copies the query's shape; an unnamed unknown
+        # dim comes out as a literal -1 there, so name the query's dims (see the report)
+        q.shape = ir.Shape([ir.SymbolicDim(f"{b.prefix}/batch"), ir.SymbolicDim(f"{b.prefix}/q_len"),
+                            h * att.head_size])
+        q.type = ir.TensorType(site.q.value.dtype or ir.DataType.FLOAT)
         attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": site.scale, "causal": int(att.causal)}
         if window:
             attrs["window"] = window
         outs = b.op("Attention", [q, k, v, mask, past_k, past_v], attrs, domain="onnxpress", num_outputs=n_out)
         return _node(outs), "onnxpress.Attention"
     if target == "onnxruntime":
-        q, k, v = b.packed(site.q), b.packed(site.k), b.packed(site.v)
+        q, k, v = b.qkv(site)
         if att.causal:
             _, why = padding_mask(site)
             # a pure causal mask is GroupQueryAttention's own; anything else goes in as the bias
-            bias = b.bias(site.terms) if why or any(t.padding_source is not None for t in site.terms) else None
+            bias = b.bias(site.terms, q) if why or any(t.padding_source is not None for t in site.terms) else None
             seqlens, total = b.sequence_lengths(q, past_k)
             attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": site.scale}
             ins = [q, k, v, past_k, past_v, seqlens, total, None, None, None, bias]
@@ -134,16 +158,16 @@ def build_fused(b: Builder, site: Site, target: str, window: int) -> tuple[ir.No
             return _node(outs), "com.microsoft.GroupQueryAttention"
         if hkv != h:
             return "MultiHeadAttention needs as many KV heads as query heads (non-causal grouped-query core)"
-        ins = [q, k, v, None, None, b.bias(site.terms), past_k, past_v]
+        ins = [q, k, v, None, None, b.bias(site.terms, q), past_k, past_v]
         outs = b.op("MultiHeadAttention", ins, {"num_heads": h, "scale": site.scale}, domain="com.microsoft",
                     num_outputs=n_out)
         return _node(outs), "com.microsoft.MultiHeadAttention"
     if target == "onnx":
-        q, k, v = b.packed(site.q), b.packed(site.k), b.packed(site.v)
+        q, k, v = b.qkv(site)
         mask, why = padding_mask(site)
         causal_only = att.causal and not why and mask is None
         attrs = {"q_num_heads": h, "kv_num_heads": hkv, "scale": site.scale, "is_causal": int(causal_only)}
-        ins = [q, k, v, None if causal_only else b.bias(site.terms), past_k, past_v]
+        ins = [q, k, v, None if causal_only else b.bias(site.terms, q), past_k, past_v]
         outs = b.op("Attention", ins, attrs, num_outputs=n_out)
         return _node(outs), "Attention"
     raise ValueError(f"unknown target {target!r}")

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxpress.analysis import Attention
 from onnxpress.analysis.graph_utils import (
     _attr,
-    ancestors,
     const_array,
     const_scalar,
     consumers,
@@ -210,18 +208,22 @@ def _scores_chain(att: Attention) -> tuple[list[float], list[MaskTerm]] | str:
     Scaling must happen before masking (else the mask itself is scaled)."""
     factors: list[float] = []
     terms: list[MaskTerm] = []
+    scaled_after_mask = False  # the walk goes up: a factor seen before any term is applied after it
     value = att.softmax.inputs[0]
     for _ in range(16):
         node = producer(value)
         if node is att.scores_matmul:
+            if scaled_after_mask and terms:
+                return "the scores are scaled after the mask is added"
             return factors, terms
         if node is None or node.domain not in ("", "ai.onnx"):
             return "unexpected op between scores and Softmax"
         kind, ins = node.op_type, node.inputs
         if kind in ("Mul", "Div"):
             c = const_scalar(ins[1])
-            if c is None or terms:
-                return f"non-constant or post-mask scaling ({kind}) of the scores"
+            if c is None:
+                return f"non-constant scaling ({kind}) of the scores"
+            scaled_after_mask = scaled_after_mask or not terms
             factors.append(c if kind == "Mul" else 1.0 / c)
             value = ins[0]
         elif kind == "Add":
@@ -256,14 +258,23 @@ def _classify(term: MaskTerm) -> None:
     """Is the term a padding/causal mask built from one 2-D graph input (what a key-padding
     mask plus the causal flag can express), or something else (a learned bias, ALiBi)?
     Inputs read only through ``Shape`` (input_ids sizing the mask) do not count."""
-    nodes = ancestors([term.value], limit=2000)
+    nodes: list[ir.Node] = []
+
+    def through(node: ir.Node):
+        nodes.append(node)
+        return None if node.op_type == "Shape" else node.inputs  # sizes only: not the mask's data
+
+    for _ in walk_up(term.value, through, limit=5000):
+        pass
     read: list[ir.Value] = []
     for node in nodes:
         for v in node.inputs:
             if v is None:
                 continue
+            if node.op_type == "Shape":
+                continue
             if v.is_graph_input():
-                if node.op_type != "Shape" and v not in read:
+                if v not in read:
                     read.append(v)
             elif v.const_value is not None and v.const_value.dtype.is_floating_point() and v.const_value.size > 1:
                 term.pure = False  # a float table (position bias, slopes): not a mask

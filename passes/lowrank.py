@@ -44,7 +44,8 @@ ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.q
 
 @dataclass
 class LowRankConfig(PassConfig):
-    # share of the selected matrices' parameters (target=params) or MACs to remove
+    # share of the selected matrices' parameters (target=params) or MACs per token (target=macs) to
+    # remove; for these matrices both are r * (d_in + d_out) after a split, so the ranks are the same
     fraction: float = 0.2
     target: Literal["params", "macs"] = "params"
     method: Literal["whitened", "plain"] = "whitened"
@@ -329,7 +330,7 @@ class LowRankPass(Pass):
         threads = getattr(ctx, "threads", None)
         dtypes = {m.input.name: m.dtype for m in matrices}
         stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads)
-        plan = plan_ranks(matrices, stats, cfg, _mac_weights(model, matrices, cfg.target))
+        plan = plan_ranks(matrices, stats, cfg)
         chosen = [(m, r) for m, r in zip(matrices, plan, strict=True) if r is not None]
         if cfg.sequential and cfg.method == "whitened":
             errors = self._fit_sequential(model, chosen, stats, batches, cfg, threads)
@@ -346,8 +347,9 @@ class LowRankPass(Pass):
                 "method": cfg.method,
                 "allocation": cfg.allocation,
                 "sequential": cfg.sequential and cfg.method == "whitened",
-                "params_saved": int(saved),
-                "fraction_saved": saved / total,
+                "params_saved": int(saved),  # = MACs per token saved
+                "fraction_saved": saved / total,  # of the selected matrices' parameters (and MACs)
+                "target": cfg.target,
                 "calibration_tokens": int(max((s.count for s in stats.values()), default=0)),
                 "ranks": {m.key: {"rank": r, "shape": [m.d_in, m.d_out], "fit_error": errors.get(m.key)}
                           for m, r in chosen},
@@ -375,25 +377,20 @@ class LowRankPass(Pass):
         return errors
 
 
-def _mac_weights(model: ir.Model, matrices: list[Matrix], target: str) -> list[float]:
-    """Cost of one parameter of each matrix in the budget's unit. Every matrix of a
-    transformer layer runs once per token, so MACs and parameters are proportional and
-    both targets weigh each parameter 1; kept separate so the report says which."""
-    return [1.0 for _ in matrices]
+def plan_ranks(matrices: list[Matrix], stats: dict[str, InputStats], cfg: LowRankConfig) -> list[int | None]:
+    """One rank per matrix (None: keep it whole) under the budget ``fraction`` of their size.
 
-
-def plan_ranks(matrices: list[Matrix], stats: dict[str, InputStats], cfg: LowRankConfig,
-               cost_weights: list[float]) -> list[int | None]:
+    Both targets count the same thing here: a split layer costs r * (d_in + d_out)
+    parameters and as many MACs per token (every selected matrix runs once per token),
+    so ``params`` and ``macs`` budgets pick the same ranks.
+    """
     if cfg.allocation == "uniform":
         return fit.uniform_ranks([fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices], cfg.fraction)
     candidates = []
-    for m, weight in zip(matrices, cost_weights, strict=True):
+    for m in matrices:
         gram = stats[m.input.name].gram if cfg.method == "whitened" else None
-        energy = fit.decompose(m.weight, gram, eps=cfg.eps).energy
-        # per-weight cost: scale the loss so ratios compare loss per budget unit
-        candidates.append(fit.Candidate(m.d_in, m.d_out, energy, weight=1.0 / weight))
-    budget = cfg.fraction * sum(m.d_in * m.d_out * w for m, w in zip(matrices, cost_weights, strict=True))
-    return fit.global_ranks(candidates, budget)
+        candidates.append(fit.Candidate(m.d_in, m.d_out, fit.decompose(m.weight, gram, eps=cfg.eps).energy))
+    return fit.global_ranks(candidates, cfg.fraction * sum(m.d_in * m.d_out for m in matrices))
 
 
 def _fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: InputStats | None, cfg: LowRankConfig) -> float:

@@ -132,13 +132,20 @@ def _ridge_hessian(gram: AugmentedGram, ridge: float) -> np.ndarray:
 
 
 def _stable_inv(h: np.ndarray) -> np.ndarray:
-    for _ in range(6):  # a numerically indefinite Gram: grow the ridge until Cholesky succeeds
-        try:
-            c = np.linalg.cholesky(h)
-            inv_c = np.linalg.inv(c)
-            return inv_c.T @ inv_c
-        except np.linalg.LinAlgError:
-            h = h + 1e-8 * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(len(h)) * 10
+    """Inverse of a symmetric positive definite matrix from its Cholesky factor (LAPACK
+    potrf/potri: half the work of a general inverse)."""
+    from scipy.linalg import lapack
+
+    jitter = 1e-10 * max(float(np.mean(np.diag(h))), 1e-12)
+    for _ in range(8):  # a numerically indefinite Gram: grow the ridge until Cholesky succeeds
+        c, info = lapack.dpotrf(h, lower=True)
+        if info == 0:
+            inv, info = lapack.dpotri(c, lower=True)
+            if info == 0:
+                inv = np.tril(inv) + np.tril(inv, -1).T
+                return inv
+        h = h + jitter * np.eye(len(h))
+        jitter *= 100
     return np.linalg.pinv(h)
 
 
@@ -205,8 +212,8 @@ def _remove(p: np.ndarray, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np
     except np.linalg.LinAlgError:
         inv = np.linalg.pinv(pss)
     ps = p[:, s]
-    w = w - ps @ (inv @ w[s])
-    p = p - ps @ inv @ ps.T
+    w -= ps @ (inv @ w[s])
+    p -= ps @ (inv @ ps.T)  # in place: P is the big one (d+1 squared)
     p[s, :] = 0.0
     p[:, s] = 0.0
     w[s] = 0.0
@@ -627,11 +634,45 @@ def clear_shapes(values: Iterable[ir.Value]) -> None:
             value.shape = None
 
 
-def region_between(starts: Iterable[ir.Value], stop: ir.Node) -> list[ir.Node]:
-    """Nodes reachable downstream from ``starts`` before reaching ``stop`` (excluded)."""
-    from onnxpress.analysis.graph_utils import walk_down
+def region_between(starts: Sequence[ir.Value], stop: ir.Node) -> list[ir.Node]:
+    """Nodes on the data paths from ``starts`` into ``stop``: downstream of the starts
+    and upstream of ``stop``'s inputs. (Shape side branches that read a value on the
+    way but lead past ``stop``, e.g. GPT-2's output-reshape target, are excluded.)"""
+    from onnxpress.analysis.graph_utils import ancestors, walk_down
 
-    return [n for n in walk_down(list(starts), lambda n: n is not stop, limit=5000) if n is not stop]
+    start_ids = {id(v.producer()) for v in starts}
+    upstream = ancestors([v for v in stop.inputs if v is not None], stop=lambda n: id(n) in start_ids)
+    up_ids = {id(n) for n in upstream}
+    forward = walk_down(list(starts), lambda n: n is not stop and id(n) in up_ids, limit=20_000)
+    return [n for n in forward if id(n) in up_ids]
+
+
+def write_shape(editor: GraphEditor, value: ir.Value, old: list, new: list, users: list[ir.Node]) -> None:
+    """Write the changed elements of a 1-D shape tensor back into the constants it is
+    built from (a constant, a Concat of pieces, an Unsqueeze/Cast of a constant).
+    Pieces computed at run time (``Shape`` of a tensor) are already right."""
+    from onnxpress.analysis.graph_utils import const_array, shape_elements
+
+    arr = const_array(value)
+    if arr is not None:
+        editor.set_constant(value, np.asarray(new, dtype=arr.dtype).reshape(arr.shape), users)
+        return
+    node = value.producer()
+    if node is None:
+        return
+    if node.op_type == "Concat":
+        off = 0
+        for piece in node.inputs:
+            part = shape_elements(piece)
+            if part is None:
+                raise OnnxpressError(f"cannot patch the shape built by {node.name} (please report this bug)")
+            n = len(part)
+            if old[off:off + n] != new[off:off + n]:
+                write_shape(editor, piece, old[off:off + n], new[off:off + n], [node])
+            off += n
+    elif node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and const_array(node.inputs[0]) is not None:
+        src_arr = const_array(node.inputs[0])
+        editor.set_constant(node.inputs[0], np.asarray(new, dtype=src_arr.dtype).reshape(src_arr.shape), [node])
 
 
 def group_columns(indices: Iterable[int], width: int, offset: int = 0) -> np.ndarray:

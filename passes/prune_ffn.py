@@ -19,9 +19,15 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
 from onnxpress.passes import prune_common as pc
 
-# Thousands of neurons: the greedy elimination removes the cheapest this many per OBS
-# update (recorded errors stay exact for the set; see eliminate_with_repair).
-_STEPS = 256
+# Thousands of neurons: the greedy elimination takes this many OBS updates, each
+# removing the cheapest neurons of the moment together (the recorded error stays exact
+# for the set; see eliminate_with_repair). Every update touches the whole inverse Gram,
+# so this bounds the cost per layer.
+_STEPS = 128
+# A layer's removal path is computed up to this multiple of the average share to
+# remove (the allocator may give one layer up to 3x the average, never more): the path
+# beyond would cost time and is never used at sensible budgets.
+_MAX_SHARE_FACTOR = 3.0
 
 
 @dataclass
@@ -73,7 +79,8 @@ class PruneFfnPass(Pass):
         curves, totals = [], []
         for i, f in enumerate(ffns):
             n = f.ffn_size
-            max_remove = max(0, n - cfg.min_neurons_per_layer)
+            cap = int(np.ceil(n * min(1.0, _MAX_SHARE_FACTOR * cfg.fraction)))
+            max_remove = max(0, min(n - cfg.min_neurons_per_layer, cap))
             groups = [np.array([j]) for j in range(n)]
             if cfg.score == "weight_norm":
                 elim, scale = pc.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
@@ -168,15 +175,13 @@ def _rewrite(editor: pc.GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *,
 def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, packed: bool) -> None:
     """Reshape targets ending in the width, Split sizes and Slice bounds of the
     packed halves: n -> n2 (and 2n -> 2n2)."""
-    from onnxpress.analysis.graph_utils import const_array
+    from onnxpress.analysis.graph_utils import const_array, shape_elements
 
     widths = {n: n2, 2 * n: 2 * n2}
     if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
-        shape = const_array(node.inputs[1])
-        if shape is not None and shape.ndim == 1 and len(shape) and int(shape[-1]) in widths:
-            new = shape.copy()
-            new[-1] = widths[int(shape[-1])]
-            editor.set_constant(node.inputs[1], new, [node])
+        dims = shape_elements(node.inputs[1])
+        if dims and dims[-1] is not None and dims[-1] in widths:
+            pc.write_shape(editor, node.inputs[1], dims, [*dims[:-1], widths[dims[-1]]], [node])
     elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
         sizes = const_array(node.inputs[1])
         if sizes is not None and sizes.ndim == 1 and all(int(s) in widths for s in sizes):

@@ -330,35 +330,7 @@ def _patch_shape(editor, node: ir.Node, geometry, expand: bool) -> None:
         return
     new = _new_dims(dims, geometry, expand)
     if new != dims:
-        _write_shape(editor, shape_in, dims, new, [node])
-
-
-def _write_shape(editor, value: ir.Value, old: list, new: list, users: list[ir.Node]) -> None:
-    """Write the changed elements of a shape tensor back into the constants it is built from."""
-    from onnxpress.analysis.graph_utils import const_array, shape_elements
-
-    arr = const_array(value)
-    if arr is not None:
-        editor.set_constant(value, np.asarray(new, dtype=arr.dtype).reshape(arr.shape), users)
-        return
-    node = value.producer()
-    if node is None:
-        return
-    if node.op_type == "Concat":
-        off = 0
-        for piece in node.inputs:
-            part = shape_elements(piece)
-            if part is None:
-                raise OnnxpressError(f"prune_heads: cannot patch head counts in {node.name} (please report this bug)")
-            n = len(part)
-            if old[off:off + n] != new[off:off + n]:
-                _write_shape(editor, piece, old[off:off + n], new[off:off + n], [node])
-            off += n
-    elif node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze") and const_array(node.inputs[0]) is not None:
-        src = node.inputs[0]
-        src_arr = const_array(src)
-        editor.set_constant(src, np.asarray(new, dtype=src_arr.dtype).reshape(src_arr.shape), [node])
-    # anything else is computed at run time from actual shapes: already right
+        pc.write_shape(editor, shape_in, dims, new, [node])
 
 
 def _patch_split(editor, node: ir.Node, geometry) -> None:

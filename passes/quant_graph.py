@@ -233,10 +233,7 @@ class QuantRewriter:
         out = old.outputs[0]
         replacement = new.outputs[0]
         replacement.type, replacement.shape = out.type, out.shape
-        ir.convenience.replace_all_uses_with(out, replacement)
-        for i, o in enumerate(self.graph.outputs):
-            if o is out:
-                self.graph.outputs[i] = replacement
+        ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
         name = out.name
         self.graph.remove(old, safe=True)
         replacement.name = name

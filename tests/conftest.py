@@ -27,9 +27,13 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     # exporter chatter from building the tiny models, not findings of the tests
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        config.addinivalue_line("filterwarnings", "ignore::torch.jit.TracerWarning")
     for line in (
-        "ignore::torch.jit.TracerWarning",
-        "ignore:Exporting aten.index operator:UserWarning",
+        "ignore:Exporting aten..index operator:UserWarning",
+        "ignore:.isinstance.treespec, LeafSpec.:FutureWarning",
         "ignore:.*torch_dtype.*is deprecated.*",
         "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
         "ignore:The feature will be removed:DeprecationWarning",

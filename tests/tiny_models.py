@@ -3,7 +3,8 @@
 Every test that needs "a real exported transformer" calls :func:`tiny_model`; it
 builds a seeded, few-layer HF model from a transformers config, exports it with the
 requested exporter and caches the ``.onnx`` on disk, so only the first run pays for
-the export (a few seconds each).
+the export (a few seconds each). ``config.json`` and a tiny tokenizer lie next to
+each ``model.onnx``, as after ``onnxpress export``.
 
 Cache: ``$ONNXPRESS_TINY_CACHE`` or ``~/.cache/onnxpress/tiny/<transformers version>/
 <torch version>/<arch>-<exporter>-<attn>-<past|nopast>/model.onnx``; each entry is
@@ -12,6 +13,22 @@ never leaves a half-written model and concurrent test workers cannot collide.
 
 The signature of :func:`tiny_model` and the ``*_ARCHS`` lists are a stable API
 used by the pass tests of other engineers.
+
+Exported graph inputs: encoders ``input_ids``, ``attention_mask`` (+ ``token_type_ids``
+for optimum BERT/ELECTRA, values must be 0/1); decoders ``input_ids``,
+``attention_mask`` (+ ``position_ids`` with optimum) and, with ``with_past``,
+``past_key_values.<i>.key/value`` [batch, kv_heads, past, head] -> ``present.<i>.key/value``;
+ViT ``pixel_values`` [batch, 3, 32, 32]. All weights (biases and norms included) are
+seeded random, so no two initializers are equal.
+
+Known limits (torch 2.13 / transformers 4.57 / onnxruntime 1.31):
+* ELECTRA and MPNet have no SDPA implementation: ``attn="sdpa"`` exports eager
+  attention for them (the cache entry says ``eager``).
+* TorchScript cannot trace transformers' vmap-based mask builders; the export swaps in
+  optimum's vectorised equivalents (as optimum itself does).
+* ``exporter="dynamo", opset=23`` graphs use the ONNX ``Attention`` /
+  ``RotaryEmbedding`` ops; ORT 1.31 rejects the rotary ones (cos/sin cache shape), so
+  those exports are for graph analysis only.
 """
 
 from __future__ import annotations
@@ -258,30 +275,63 @@ def effective_attn(arch: str, attn: str) -> str:
     return attn
 
 
+_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def _save_tokenizer(arch: str, out: Path) -> None:
-    """A tiny word-level tokenizer (optional; exporters do not need one)."""
+    """A tiny byte-level BPE tokenizer (vocab < VOCAB, trained in well under a second
+    on a fixed text, so it is deterministic) that turns any text into varied ids, for
+    tests that calibrate from text. Vision models get none."""
     if arch in VISION_ARCHS:
         return
-    try:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-        vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
-        for i in range(len(vocab), VOCAB):
-            vocab[f"w{i}"] = i
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-        )
-        fast.save_pretrained(out)
-    except Exception:  # pragma: no cover - the tokenizer is a convenience only
-        pass
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = (__doc__ or "") + " ".join(ALL_ARCHS) + " the quick brown fox jumps over the lazy dog " * 4
+    tok.train_from_iterator([corpus] * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        model_max_length=MAX_POS,
+        model_input_names=(
+            ["input_ids", "token_type_ids", "attention_mask"]
+            if arch in ("bert", "electra")
+            else ["input_ids", "attention_mask"]
+        ),
+    )
+    fast.save_pretrained(out)
+
+
+def _ensure_side_files(arch: str, attn: str, entry: Path) -> None:
+    """``config.json`` and the tokenizer next to ``model.onnx`` (what ``onnxpress
+    compile`` looks for), added to cache entries written before they were kept."""
+    marker = entry / ("config.json" if arch in VISION_ARCHS else "tokenizer.json")
+    if marker.exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".side-", dir=entry))
+    try:
+        _make_config(arch, attn).save_pretrained(tmp)
+        _save_tokenizer(arch, tmp)
+        for f in tmp.iterdir():
+            if not (entry / f.name).exists():
+                os.replace(f, entry / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _export_optimum(model, arch: str, with_past: bool, hf_dir: Path, out_dir: Path) -> None:
@@ -304,16 +354,9 @@ def _export_optimum(model, arch: str, with_past: bool, hf_dir: Path, out_dir: Pa
         local_files_only=True,
         library_name="transformers",
     )
-    # optimum saves preprocessors/config next to the model; keep only the graph
-    for extra in out_dir.iterdir():
-        if extra.name != "model.onnx" and not extra.name.startswith("model.onnx"):
-            if extra.is_dir():
-                shutil.rmtree(extra)
-            else:
-                extra.unlink()
 
 
-def _torch_inputs(arch: str, with_past: bool):
+def _torch_inputs(arch: str):
     import torch
 
     g = torch.Generator().manual_seed(SEED)
@@ -365,7 +408,7 @@ def _export_torch_impl(
 
     if with_past:
         return _export_torch_with_past(model, arch, out_dir, dynamo, opset)
-    names, args, axes = _torch_inputs(arch, with_past)
+    names, args, axes = _torch_inputs(arch)
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
@@ -533,6 +576,7 @@ def tiny_model(
     entry = cache_root() / (name if opset is None else f"{name}-opset{opset}")
     path = entry / "model.onnx"
     if path.exists():
+        _ensure_side_files(arch, attn, entry)
         return path
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
@@ -546,6 +590,7 @@ def tiny_model(
             _export_torch(model, arch, with_past, out_dir, dynamo=exporter == "dynamo", opset=opset)
         if not (out_dir / "model.onnx").exists():
             raise RuntimeError(f"export of {arch} with {exporter} wrote no model.onnx")
+        _ensure_side_files(arch, attn, out_dir)
         try:
             os.replace(out_dir, entry)
         except OSError:

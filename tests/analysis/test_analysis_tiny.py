@@ -183,3 +183,14 @@ def test_head_shape_nodes_found_for_constant_head_counts():
         assert all(n in att.nodes for n in reshapes)
         assert any(n.op_type in ("Concat", "Constant") for n in att.head_shape_nodes)
         assert att.head_shape_values
+
+
+def test_tiny_models_keep_config_and_tokenizer():
+    """Like an ``onnxpress export`` folder: config.json and a tokenizer beside model.onnx."""
+    from tiny_models import VOCAB
+    from transformers import AutoTokenizer
+
+    folder = tiny_model("llama", "optimum").parent
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    ids = AutoTokenizer.from_pretrained(folder)("calibration text, any words at all")["input_ids"]
+    assert len(set(ids)) > 5 and max(ids) < VOCAB

@@ -268,18 +268,18 @@ TINY = [
 
 
 def _tiny(arch, with_past):
-    import onnx_ir as ir
-
     from onnxpress.model_io import load_model
+
     from tests.tiny_models import tiny_model
 
     path = tiny_model(arch, with_past=with_past)
-    return path, load_model(path), ir
+    return path, load_model(path)
 
 
 def _token_batches(model, n_batches, batch, seq, seed):
     """Random-token feeds with some right padding (exercises the padding mask)."""
     from onnxpress.calibration import make_feeds
+
     from tests.tiny_models import VOCAB
 
     rng = np.random.default_rng(seed)
@@ -307,7 +307,7 @@ def _tiny_ctx(model, seed=0):
 def test_full_rank_split_of_every_role_is_exact(arch, with_past):
     from onnxpress.passes import lowrank
 
-    _, model, _ = _tiny(arch, with_past)
+    _, model = _tiny(arch, with_past)
     ctx = _tiny_ctx(model)
     matrices = lowrank.select_matrices(model, list(lowrank.ROLES), ctx.analysis(model))
     assert len(matrices) >= 8  # two layers, attention and FFN
@@ -324,7 +324,7 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
     from onnxpress.passes.lowrank import LowRankPass
     from onnxpress.runtime import make_session, run_batches
 
-    path, model, _ = _tiny(arch, with_past)
+    path, model = _tiny(arch, with_past)
     ctx = _tiny_ctx(model)
     result = LowRankPass({"fraction": 0.3}).run(model, ctx)
     assert result.modified and result.changes["matrices_split"] >= 8
@@ -342,6 +342,7 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
 
 def test_compile_model_with_lowrank_verifies_the_stage(tmp_path):
     from onnxpress.compile import compile_model
+
     from tests.tiny_models import tiny_model
 
     path = tiny_model("llama", with_past=True)
@@ -361,7 +362,7 @@ def test_matrices_that_cannot_shrink_are_never_split():
     similar matrix (break-even rank 0) is never a candidate."""
     from onnxpress.passes.lowrank import LowRankPass
 
-    _, model, _ = _tiny("bert", False)
+    _, model = _tiny("bert", False)
     ctx = _tiny_ctx(model)
     outcome = LowRankPass({"fraction": 0.02, "allocation": "global", "sequential": False}).apply(model, ctx)
     assert 1 <= outcome.changes["matrices_split"] < 8

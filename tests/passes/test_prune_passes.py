@@ -15,7 +15,7 @@ from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
 from onnxpress.runtime import make_session, run_batches
-from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, VOCAB, tiny_model
+from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
 
 CASES = [(a, False) for a in ALL_ARCHS] + [(a, True) for a in DECODER_ARCHS]
 IDS = [f"{a}{'-past' if p else ''}" for a, p in CASES]
@@ -25,6 +25,9 @@ def _batches(model, n, seed, batch=4, seq=12):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
+        if any(v.name == "pixel_values" for v in model.graph.inputs):
+            out.append({"pixel_values": rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)})
+            continue
         ids = rng.integers(5, VOCAB, size=(batch, seq), dtype=np.int64)
         mask = np.ones_like(ids)
         mask[-1, seq - 3:] = 0  # one padded row: statistics must ignore it
