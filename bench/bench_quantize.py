@@ -75,8 +75,15 @@ def _calibration(model_path: Path, tok_dir: Path, max_length: int, batch_size: i
     from onnxpress.datasets import sotu_files
     from onnxpress.model_io import load_model
 
-    return CalibrationSet.from_files(sotu_files("calibration"), tok_dir, load_model(model_path),
-                                     max_length=max_length, batch_size=batch_size, max_samples=max_samples, seed=0)
+    return CalibrationSet.from_files(
+        sotu_files("calibration"),
+        tok_dir,
+        load_model(model_path),
+        max_length=max_length,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        seed=0,
+    )
 
 
 class _Reader:
@@ -113,7 +120,9 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
 
     model = load_model(src)
     calib, held = CalibrationSet(calib_batches, "bench").split(0.15)
-    ctx = CompileContext(verification=held.batches[:2], calibration=calib, tokenizer_dir=tok_dir, threads=THREADS)
+    ctx = CompileContext(
+        verification=held.batches[:2], calibration=calib, tokenizer_dir=tok_dir, threads=THREADS
+    )
     plan = parse_pass_args(passes)
     manager = PassManager([build_pass(p.name, p.settings) for p in plan.passes], progress=False)
     t = time.perf_counter()
@@ -121,20 +130,29 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
     seconds = time.perf_counter() - t
     save_model(model, out)
     r = results[-1]
-    return {"pass_seconds": round(seconds, 1), "changes": r.changes, "reported_error": r.error,
-            "measured_error": r.measured_error,
-            "unfused": r.details.get("ort_fusion", {}).get("unfused"),
-            "kernels": r.details.get("ort_fusion", {}).get("integer_kernels")}
+    return {
+        "pass_seconds": round(seconds, 1),
+        "changes": r.changes,
+        "reported_error": r.error,
+        "measured_error": r.measured_error,
+        "unfused": r.details.get("ort_fusion", {}).get("unfused"),
+        "kernels": r.details.get("ort_fusion", {}).get("integer_kernels"),
+    }
 
 
 # -- MiniLM ------------------------------------------------------------------------------------
 
 
 def minilm_rows(quick: bool) -> list[dict]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     from onnxpress.datasets import evaluation_sentences
     from onnxpress.evaluation import embedding_fidelity
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     src = _export("minilm")
     tok = src.parent
@@ -148,8 +166,14 @@ def minilm_rows(quick: bool) -> list[dict]:
 
     def row(name: str, path: Path, extra: dict | None = None):
         fid = embedding_fidelity(str(path), str(src), sentences, tok)
-        r = {"model": "minilm", "variant": name, "cosine_mean": round(fid["embedding_cosine_mean"], 5),
-             "cosine_min": round(fid["embedding_cosine_min"], 5), "size_mb": round(_size_mb(path), 1), **(extra or {})}
+        r = {
+            "model": "minilm",
+            "variant": name,
+            "cosine_mean": round(fid["embedding_cosine_mean"], 5),
+            "cosine_min": round(fid["embedding_cosine_min"], 5),
+            "size_mb": round(_size_mb(path), 1),
+            **(extra or {}),
+        }
         print(json.dumps(r), flush=True)
         rows.append(r)
         paths[name] = path
@@ -159,14 +183,23 @@ def minilm_rows(quick: bool) -> list[dict]:
     quantize_dynamic(str(src), str(p), per_channel=True, weight_type=QuantType.QInt8)
     row("ORT quantize_dynamic per-channel s8", p)
     p = out / "ort_static.onnx"
-    quantize_static(str(src), str(p), _Reader(calib[:8], 128), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(src),
+        str(p),
+        _Reader(calib[:8], 128),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     row("ORT quantize_static QDQ all ops u8/s8", p)
     try:
         row("Optimum ORTQuantizer avx2 dynamic", _optimum_avx2(src, out))
     except Exception as exc:  # a tool failing is a result too
-        rows.append({"model": "minilm", "variant": "Optimum ORTQuantizer avx2 dynamic", "error": str(exc)[:200]})
+        rows.append(
+            {"model": "minilm", "variant": "Optimum ORTQuantizer avx2 dynamic", "error": str(exc)[:200]}
+        )
     p = out / "onnxpress_static.onnx"
     info = _ours(src, p, ["quantize:mode=static"], calib, tok)
     row("onnxpress static u8 (smooth+GPTQ+auto ranges)", p, info)
@@ -236,10 +269,9 @@ def _tokens_per_s(path: Path, seq: int = 256) -> float:
 
 
 def smollm2_rows(quick: bool) -> list[dict]:
+    from onnxpress.evaluation import perplexity
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from onnxpress.evaluation import perplexity
 
     src = _export("smollm2")
     tok = src.parent
@@ -254,9 +286,16 @@ def smollm2_rows(quick: bool) -> list[dict]:
         nonlocal fp32
         ppl = perplexity(str(path), tok, max_windows=windows)
         fp32 = fp32 or ppl
-        r = {"model": "smollm2", "variant": name, "perplexity": round(ppl, 3),
-             "ppl_vs_fp32_pct": round(100 * (ppl / fp32 - 1), 2), "prefill_tokens_per_s": round(_tokens_per_s(path), 1),
-             "size_mb": round(_size_mb(path), 1), "ppl_windows": windows, **(extra or {})}
+        r = {
+            "model": "smollm2",
+            "variant": name,
+            "perplexity": round(ppl, 3),
+            "ppl_vs_fp32_pct": round(100 * (ppl / fp32 - 1), 2),
+            "prefill_tokens_per_s": round(_tokens_per_s(path), 1),
+            "size_mb": round(_size_mb(path), 1),
+            "ppl_windows": windows,
+            **(extra or {}),
+        }
         print(json.dumps(r), flush=True)
         rows.append(r)
 
@@ -281,8 +320,18 @@ def smollm2_rows(quick: bool) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["model", "variant", "cosine_mean", "cosine_min", "latency_b1_ms", "latency_b8_ms", "perplexity",
-            "ppl_vs_fp32_pct", "prefill_tokens_per_s", "size_mb"]
+    cols = [
+        "model",
+        "variant",
+        "cosine_mean",
+        "cosine_min",
+        "latency_b1_ms",
+        "latency_b8_ms",
+        "perplexity",
+        "ppl_vs_fp32_pct",
+        "prefill_tokens_per_s",
+        "size_mb",
+    ]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join(str(r.get(c, "")) for c in cols))
@@ -311,8 +360,17 @@ def main(argv=None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
-    RESULTS.write_text(json.dumps({"threads": THREADS, "onnxruntime": onnxruntime.__version__, "quick": args.quick,
-                                   "rows": all_rows}, indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "threads": THREADS,
+                "onnxruntime": onnxruntime.__version__,
+                "quick": args.quick,
+                "rows": all_rows,
+            },
+            indent=1,
+        )
+    )
     print(_table(all_rows))
     return 0
 

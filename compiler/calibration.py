@@ -281,7 +281,9 @@ class CalibrationSet:
 def _random_feeds(specs: Iterable[InputSpec], batch: int, seq_len: int, rng: np.random.Generator) -> Feeds:
     feeds = {}
     for spec in specs:
-        shape = tuple(d if d is not None else (batch if i == 0 else seq_len) for i, d in enumerate(spec.shape))
+        shape = tuple(
+            d if d is not None else (batch if i == 0 else seq_len) for i, d in enumerate(spec.shape)
+        )
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:

@@ -117,9 +117,6 @@ class Elimination:
     order: list[int]
     errors: np.ndarray
 
-    def removed(self, k: int) -> list[int]:
-        return sorted(self.order[:k])
-
 
 def _ridge_hessian(gram: AugmentedGram, ridge: float) -> np.ndarray:
     h = gram.matrix()

@@ -167,6 +167,7 @@ def _rewrite(editor: pc.GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *,
     region = pc.region_between(starts, ffn.down.node)
     for node in region:
         _patch_width(editor, node, n, n2, packed=ffn.packed_gate_up)
+        _slice_channel_constants(editor, node, keep, n)
     pc.write_linear(editor, ffn.down, w, b, add_bias=add_bias)
     pc.clear_shapes([v for node in region for v in node.outputs])
     pc.clear_shapes([*starts, *(lin.output for lin in (ffn.up, ffn.gate) if lin is not None)])
@@ -193,3 +194,17 @@ def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, pack
                 if bound is not None and bound.ndim == 1 and any(int(x) in widths for x in bound):
                     new = np.array([widths.get(int(x), int(x)) for x in bound], bound.dtype)
                     editor.set_constant(node.inputs[idx], new, [node])
+
+
+def _slice_channel_constants(editor: pc.GraphEditor, node: ir.Node, keep: np.ndarray, n: int) -> None:
+    """Per-neuron constants applied between up and down (the bias input of ORT's fused
+    BiasGelu / FastGelu, a per-channel scale) lose the removed neurons too."""
+    from onnxpress.analysis.graph_utils import const_array
+
+    if node.op_type in ("Reshape", "Expand", "Split", "Slice", "Shape"):
+        return
+    for value in node.inputs:
+        arr = const_array(value)
+        if arr is None or arr.ndim == 0 or arr.shape[-1] != n or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        editor.set_constant(value, np.ascontiguousarray(arr[..., keep]), [node])

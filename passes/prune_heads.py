@@ -79,7 +79,7 @@ class PruneHeadsPass(Pass):
 
         weights = [pc.read_weight(u.att.o) for u in units]
         biases = [pc.read_bias(u.att.o) for u in units]
-        stats = None
+        stats = residuals = None
         if cfg.score == "contribution" or cfg.repair:
             batches = pc.calibration_batches(ctx, self.name, cfg.max_batches)
             residuals = [pc.residual_output(u.att.o, u.layer) for u in units]
@@ -92,7 +92,7 @@ class PruneHeadsPass(Pass):
         curves, totals = [], []
         for i, u in enumerate(units):
             max_remove = u.att.num_kv_heads - cfg.min_groups_per_layer
-            elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats, residuals if stats else None, i, max_remove)
+            elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats, residuals, i, max_remove)
             cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
             curves.append(pc.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
             totals.append(u.att.num_kv_heads)

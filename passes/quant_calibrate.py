@@ -159,7 +159,9 @@ def mse_range(hist: StreamingHistogram, qtype: str, steps: int = 64) -> tuple[fl
     lo, hi = lo0, hi0
     for _ in range(2):
         hi = float(hi0 * fractions[np.argmin(errors(np.full(steps, lo), hi0 * fractions))])
-        lo = float(lo0 * fractions[np.argmin(errors(lo0 * fractions, np.full(steps, hi)))]) if lo0 < 0 else lo0
+        lo = (
+            float(lo0 * fractions[np.argmin(errors(lo0 * fractions, np.full(steps, hi)))]) if lo0 < 0 else lo0
+        )
     full = errors(np.array([lo0]), np.array([hi0]))[0]
     return (lo, hi) if errors(np.array([lo]), np.array([hi]))[0] <= full else (lo0, hi0)
 
@@ -187,7 +189,9 @@ def entropy_range(hist: StreamingHistogram, num_quantized_bins: int = 128) -> tu
     return max(hist.min, -best_t), min(hist.max, best_t)
 
 
-def choose_range(hist: StreamingHistogram, method: str, qtype: str, percentile: float = 99.99) -> tuple[float, float]:
+def choose_range(
+    hist: StreamingHistogram, method: str, qtype: str, percentile: float = 99.99
+) -> tuple[float, float]:
     if hist.total == 0:
         return 0.0, 0.0
     if method == "minmax":
@@ -223,7 +227,10 @@ def choose_range_for_linear(
     for name in ("minmax", "percentile", "entropy", "mse"):
         qp = qparams_from_range(*choose_range(hist, name, qtype, percentile), qtype)
         xq = qp.fake_quant(x)
-        err = sum(float(((xq @ w - r) ** 2).sum() / max((r**2).sum(), 1e-30)) for w, r in zip(weights, refs))
+        err = sum(
+            float(((xq @ w - r) ** 2).sum() / max((r**2).sum(), 1e-30))
+            for w, r in zip(weights, refs, strict=True)
+        )
         if best is None or err < best[0]:
             best = (err, qp, name)
     assert best is not None

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from onnxpress.model_io import model_proto
 from onnxpress.passes.quant_calibrate import StreamingHistogram
 from onnxpress.runtime import make_session
@@ -37,7 +36,9 @@ class TensorStats:
 
 
 class StatsCollector:
-    def __init__(self, names: Sequence[str], gram_names: Sequence[str] = (), sample_rows: int = 512, seed: int = 0):
+    def __init__(
+        self, names: Sequence[str], gram_names: Sequence[str] = (), sample_rows: int = 512, seed: int = 0
+    ):
         self.names = list(dict.fromkeys(names))
         self.gram_names = set(gram_names)
         self.sample_rows = sample_rows
@@ -96,7 +97,9 @@ def capture_stats(
         existing = {o.name for o in proto.graph.output}
         for name in wanted:
             if name not in existing:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+                proto.graph.output.append(
+                    onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                )
         session = make_session(proto.SerializeToString(), threads=threads)
         for feeds in batches:
             arrays = session.run(wanted, {k: v for k, v in feeds.items() if k in graph_inputs})

@@ -15,11 +15,18 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-
 from onnxpress.model_io import model_proto
 
-INTEGER_KERNELS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger",
-                   "MatMulNBits", "QGemm", "QAttention", "DynamicQuantizeLSTM")
+INTEGER_KERNELS = (
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "MatMulInteger",
+    "MatMulNBits",
+    "QGemm",
+    "QAttention",
+    "DynamicQuantizeLSTM",
+)
 
 
 def fusion_report(model, level: str = "extended") -> dict:
@@ -32,12 +39,16 @@ def fusion_report(model, level: str = "extended") -> dict:
         onnx.save_model(proto, str(src), save_as_external_data=large, location="in.onnx.data")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
-                                         else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        opts.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if level == "all"
+            else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        )
         opts.optimized_model_filepath = str(dst)
         if large:
-            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                          "optimized.onnx.data")
+            opts.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
+            )
         opts.intra_op_num_threads = int(os.environ.get("ONNXPRESS_THREADS", "1") or 1)
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(dst), load_external_data=False)

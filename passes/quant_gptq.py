@@ -61,10 +61,21 @@ class BlockQuantizer:
     Ranges are searched per block (shrinking min/max) to minimise the block's rounding
     error, and always contain 0 like ORT's quantiser. Codes are kept for packing."""
 
-    def __init__(self, shape: tuple[int, int], bits: int, block_size: int, symmetric: bool = False,
-                 clip_search: bool = True):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        bits: int,
+        block_size: int,
+        symmetric: bool = False,
+        clip_search: bool = True,
+    ):
         self.K, self.N = shape
-        self.bits, self.block_size, self.symmetric, self.clip_search = bits, block_size, symmetric, clip_search
+        self.bits, self.block_size, self.symmetric, self.clip_search = (
+            bits,
+            block_size,
+            symmetric,
+            clip_search,
+        )
         nblocks = -(-self.K // block_size)
         self.scales = np.ones((nblocks, self.N), dtype=np.float32)
         self.zero_points = np.full((nblocks, self.N), 1 << (bits - 1), dtype=np.uint8)

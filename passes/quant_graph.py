@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization"}
+NORM_OPS = {
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+}
 
 
 @dataclass(eq=False)
@@ -136,8 +141,9 @@ class QuantRewriter:
     def _insert(self, before: ir.Node, nodes: Iterable[ir.Node]) -> None:
         self.graph.insert_before(before, list(nodes))
 
-    def static(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zp: int,
-               x_type: str) -> None:
+    def static(
+        self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zp: int, x_type: str
+    ) -> None:
         g, base = self.graph, lin.name.replace("/", "_").strip("_")
         x = lin.input
         key = f"{x.name}|{x_scale}|{x_zp}|{x_type}"
@@ -190,13 +196,20 @@ class QuantRewriter:
 
     def nbits(self, lin: QLinear, nw) -> None:
         g, base = self.graph, lin.name.replace("/", "_").strip("_")
-        inputs = [lin.input, _init(g, f"{base}_weight_q{nw.bits}", nw.packed),
-                  _init(g, f"{base}_weight_scales", nw.scales)]
+        inputs = [
+            lin.input,
+            _init(g, f"{base}_weight_q{nw.bits}", nw.packed),
+            _init(g, f"{base}_weight_scales", nw.scales),
+        ]
         if nw.zero_points is not None:
             inputs.append(_init(g, f"{base}_weight_zero_points", nw.zero_points))
-        node = ir.node("MatMulNBits", inputs,
-                       {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": 0},
-                       domain="com.microsoft", name=f"{base}_MatMulNBits")
+        node = ir.node(
+            "MatMulNBits",
+            inputs,
+            {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": 0},
+            domain="com.microsoft",
+            name=f"{base}_MatMulNBits",
+        )
         self._insert(lin.node, [node])
         self._replace_node_output(lin.node, node)
         if "com.microsoft" not in self.model.opset_imports:
@@ -217,10 +230,15 @@ class QuantRewriter:
         axis = node.attributes.get_int("axis", 0)
         if axis != 0:
             return False
-        rows = ir.node("Gather", [_init(g, f"{base}_table_int8", codes), node.inputs[1]], name=f"{base}_GatherInt8")
+        rows = ir.node(
+            "Gather", [_init(g, f"{base}_table_int8", codes), node.inputs[1]], name=f"{base}_GatherInt8"
+        )
         cast = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
-        scales = ir.node("Gather", [_init(g, f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
-                         name=f"{base}_GatherScale")
+        scales = ir.node(
+            "Gather",
+            [_init(g, f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
+            name=f"{base}_GatherScale",
+        )
         mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{base}_Dequantize")
         for n, suffix in ((rows, "rows_int8"), (cast, "rows_float"), (scales, "row_scales_gathered")):
             n.outputs[0].name = f"{base}_{suffix}"
@@ -270,7 +288,9 @@ def _scale_const_input(graph: ir.Graph, node: ir.Node, index: int, factor: np.nd
     return True
 
 
-def fold_channel_scale(graph: ir.Graph, value: ir.Value, factor: np.ndarray, consumers: set[int]) -> str | None:
+def fold_channel_scale(
+    graph: ir.Graph, value: ir.Value, factor: np.ndarray, consumers: set[int]
+) -> str | None:
     """Make ``value`` (channels last) come out multiplied by ``factor`` by editing its producer
     exactly; returns where it was folded, or None when no exact fold applies. Only values
     consumed by ``consumers`` alone are edited (others would see the change)."""
@@ -296,7 +316,9 @@ def fold_channel_scale(graph: ir.Graph, value: ir.Value, factor: np.ndarray, con
     if op in ("Mul", "Add"):
         # only per-channel vector constants (gamma, beta, biases): folding into a scalar
         # (GELU's 0.5) would be exact but break ORT's Gelu/LayerNorm fusions
-        consts = [i for i in (0, 1) if _const(node.inputs[i]) is not None and _const(node.inputs[i]).size == k]
+        consts = [
+            i for i in (0, 1) if _const(node.inputs[i]) is not None and _const(node.inputs[i]).size == k
+        ]
         if op == "Mul" and consts:
             return "Mul constant" if _scale_const_input(graph, node, consts[0], factor, k) else None
         if op == "Add" and consts:

@@ -12,7 +12,6 @@ error on captured rows.
 from __future__ import annotations
 
 import numpy as np
-
 from onnxpress.passes.quant_calibrate import StreamingHistogram, choose_range, qparams_from_range
 
 ALPHA_CANDIDATES = (0.3, 0.5, 0.65, 0.8)
@@ -39,7 +38,9 @@ def _fake_quant_act(x: np.ndarray, qtype: str, method: str) -> np.ndarray:
     return qparams_from_range(*choose_range(hist, method, qtype), qtype).fake_quant(x)
 
 
-def quantized_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, qtype: str, method: str) -> float:
+def quantized_error(
+    x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, qtype: str, method: str
+) -> float:
     """Relative output error of the consumers with int8 input and weights, after smoothing by ``s``."""
     xs = x if s is None else x / s
     xq = _fake_quant_act(xs, qtype, method)
@@ -51,9 +52,14 @@ def quantized_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | No
     return total
 
 
-def choose_alpha(act_absmax: np.ndarray, sample: np.ndarray | None, weights: list[np.ndarray],
-                 qtype: str = "uint8", method: str = "mse",
-                 candidates=ALPHA_CANDIDATES) -> tuple[float | None, float, float]:
+def choose_alpha(
+    act_absmax: np.ndarray,
+    sample: np.ndarray | None,
+    weights: list[np.ndarray],
+    qtype: str = "uint8",
+    method: str = "mse",
+    candidates=ALPHA_CANDIDATES,
+) -> tuple[float | None, float, float]:
     """Best alpha (None: do not smooth) with its error and the unsmoothed error."""
     if sample is None or not len(sample):
         return 0.5, float("nan"), float("nan")

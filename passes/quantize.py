@@ -25,16 +25,15 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxpress.fidelity import compare_outputs
+from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.quant_calibrate import QParams, choose_range_for_linear
 from onnxpress.passes.quant_capture import capture_stats
 from onnxpress.passes.quant_fusion import fusion_report
+from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
 from onnxpress.passes.quant_graph import QLinear, QuantRewriter, apply_smoothing, find_linears
 from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
-from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
 from onnxpress.passes.quant_weight_only import quantize_nbits
-from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,11 @@ class QuantizeConfig(PassConfig):
         for item in self.method_overrides:
             key, _, method = item.partition("=")
             if not key or method not in ("minmax", "percentile", "entropy", "mse", "auto"):
-                self.fail("method_overrides", f"entry {item!r} must look like 'down=percentile' "
-                          "(method: minmax, percentile, entropy, mse or auto)")
+                self.fail(
+                    "method_overrides",
+                    f"entry {item!r} must look like 'down=percentile' "
+                    "(method: minmax, percentile, entropy, mse or auto)",
+                )
         for role in self.smooth_roles:
             if role not in ROLES:
                 self.fail("smooth_roles", f"has unknown role {role!r}; roles: {', '.join(ROLES)}")
@@ -133,7 +135,9 @@ class QuantizePass(Pass):
         linears, excluded = _split_excluded(linears, cfg.exclude)
         reasons = {**skipped, **{lin.name: "excluded by config" for lin in excluded}}
         if not linears:
-            return Outcome(changes={}, details={"kept_float": reasons, "note": "no MatMul with a constant weight"})
+            return Outcome(
+                changes={}, details={"kept_float": reasons, "note": "no MatMul with a constant weight"}
+            )
         batches = None
         if ctx.calibration is not None:
             batches = ctx.calibration.batches[: cfg.calibration_batches]
@@ -162,23 +166,37 @@ class QuantizePass(Pass):
         need_gram = cfg.gptq and batches is not None
         stats = {}
         if batches:
-            stats = capture_stats(model, batches, list(groups), gram_names=list(groups) if need_gram else (),
-                                  sample_rows=512 if cfg.mode == "static" else 0, threads=ctx.threads, seed=ctx.seed)
+            stats = capture_stats(
+                model,
+                batches,
+                list(groups),
+                gram_names=list(groups) if need_gram else (),
+                sample_rows=512 if cfg.mode == "static" else 0,
+                threads=ctx.threads,
+                seed=ctx.seed,
+            )
 
         reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not cpu_has_vnni()
         qmax = INT8_QMAX[reduce_range]
         weights: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for lin in linears:
             st = stats.get(lin.input.name)
-            weights[id(lin)] = _quantize_int8_weight(lin.weight_array(), st.gram if st is not None else None,
-                                                     qmax, cfg)
+            weights[id(lin)] = _quantize_int8_weight(
+                lin.weight_array(), st.gram if st is not None else None, qmax, cfg
+            )
         act: dict[str, tuple[QParams, str]] = {}
         if cfg.mode == "static":
             for name, group in groups.items():
                 method = _method_for(group, cfg)
                 st = stats[name]
-                act[name] = choose_range_for_linear(st.hist, st.sample, [g.weight_array() for g in group],
-                                                    method, cfg.activation_type, cfg.percentile)
+                act[name] = choose_range_for_linear(
+                    st.hist,
+                    st.sample,
+                    [g.weight_array() for g in group],
+                    method,
+                    cfg.activation_type,
+                    cfg.percentile,
+                )
 
         def build(target: ir.Model, chosen: list[QLinear]) -> None:
             rw = QuantRewriter(target)
@@ -195,8 +213,9 @@ class QuantizePass(Pass):
 
         chosen, sensitivity, trials = list(linears), {}, []
         if cfg.budget is not None:
-            chosen, sensitivity, trials = self._budget_search(model, ctx, linears, build, reference, sens_batches,
-                                                              outputs, stats, weights, act)
+            chosen, sensitivity, trials = self._budget_search(
+                model, ctx, linears, build, reference, sens_batches, outputs, stats, weights, act
+            )
             for lin in linears:
                 if lin not in chosen:
                     reasons[lin.name] = "sensitivity"
@@ -208,8 +227,10 @@ class QuantizePass(Pass):
             "mode": cfg.mode,
             "activation_type": cfg.activation_type if cfg.mode == "static" else "uint8 (dynamic)",
             "weight_range": f"+-{qmax}",
-            "matmuls": [_describe(lin, in_names[id(lin)], lin in chosen, reasons, smoothed, act, sensitivity)
-                        for lin in linears],
+            "matmuls": [
+                _describe(lin, in_names[id(lin)], lin in chosen, reasons, smoothed, act, sensitivity)
+                for lin in linears
+            ],
             "kept_float": reasons,
             "range_methods": dict(Counter(m for _, m in act.values())),
             "budget_trials": trials,
@@ -219,7 +240,9 @@ class QuantizePass(Pass):
             "matmuls_kept_float": len(reasons),
             "kept_float_sensitivity": sum(1 for r in reasons.values() if r == "sensitivity"),
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
-            "matmuls_smoothed": sum(1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed),
+            "matmuls_smoothed": sum(
+                1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed
+            ),
             "matmuls_gptq": len(chosen) if cfg.gptq and batches else 0,
             "embeddings_int8": embeddings,
         }
@@ -230,8 +253,14 @@ class QuantizePass(Pass):
         if not cfg.embedding_bits:
             return 0
         rw = QuantRewriter(model)
-        gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0] is not None
-                   and n.inputs[0].const_value is not None and n.inputs[0].const_value.size >= cfg.min_embedding_size]
+        gathers = [
+            n
+            for n in model.graph
+            if n.op_type == "Gather"
+            and n.inputs[0] is not None
+            and n.inputs[0].const_value is not None
+            and n.inputs[0].const_value.size >= cfg.min_embedding_size
+        ]
         done = sum(rw.embedding(n) for n in gathers)
         rw.finish()
         return done
@@ -239,11 +268,16 @@ class QuantizePass(Pass):
     def _smooth(self, model, ctx, linears, batches) -> dict[str, str]:
         """SmoothQuant on every input group whose roles are selected; returns {input: where folded}."""
         cfg: QuantizeConfig = self.config
-        groups = {name: g for name, g in _by_input(linears).items()
-                  if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)}
+        groups = {
+            name: g
+            for name, g in _by_input(linears).items()
+            if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)
+        }
         if not groups:
             return {}
-        stats = capture_stats(model, batches, list(groups), sample_rows=512, threads=ctx.threads, seed=ctx.seed)
+        stats = capture_stats(
+            model, batches, list(groups), sample_rows=512, threads=ctx.threads, seed=ctx.seed
+        )
         done, self._alphas = {}, {}
         qtype = cfg.activation_type if cfg.mode == "static" else "uint8"
         method = "mse" if cfg.mode == "static" else "minmax"
@@ -321,8 +355,15 @@ class QuantizePass(Pass):
         groups = _by_input(linears)
         stats = {}
         if cfg.gptq and batches:
-            stats = capture_stats(model, batches, list(groups), gram_names=list(groups), sample_rows=0,
-                                  threads=ctx.threads, seed=ctx.seed)
+            stats = capture_stats(
+                model,
+                batches,
+                list(groups),
+                gram_names=list(groups),
+                sample_rows=0,
+                threads=ctx.threads,
+                seed=ctx.seed,
+            )
         rw = QuantRewriter(model)
         done, per_bits = [], Counter()
         for lin in linears:
@@ -333,8 +374,14 @@ class QuantizePass(Pass):
                     continue
                 bits = cfg.lm_head_bits
             st = stats.get(lin.input.name)
-            nw = quantize_nbits(lin.weight_array(), bits, cfg.block_size, symmetric=cfg.symmetric,
-                                hessian=st.gram if st is not None else None, damp=cfg.gptq_damp)
+            nw = quantize_nbits(
+                lin.weight_array(),
+                bits,
+                cfg.block_size,
+                symmetric=cfg.symmetric,
+                hessian=st.gram if st is not None else None,
+                damp=cfg.gptq_damp,
+            )
             rw.nbits(lin, nw)
             done.append(lin)
             per_bits[bits] += 1
@@ -346,8 +393,13 @@ class QuantizePass(Pass):
             "matmuls_gptq": len(done) if stats else 0,
             **{f"matmuls_int{b}": n for b, n in per_bits.items()},
         }
-        details = {"mode": "weight_only", "bits": cfg.bits, "block_size": cfg.block_size,
-                   "symmetric": cfg.symmetric, "kept_float": reasons}
+        details = {
+            "mode": "weight_only",
+            "bits": cfg.bits,
+            "block_size": cfg.block_size,
+            "symmetric": cfg.symmetric,
+            "kept_float": reasons,
+        }
         return self._finish(model, changes, details)
 
     def _finish(self, model, changes, details) -> Outcome:
@@ -356,8 +408,10 @@ class QuantizePass(Pass):
             details["ort_fusion"] = fusion
             changes["fused_integer_kernels"] = fusion["fused"]
             if fusion["unfused"]:
-                details["unfused_qdq"] = (f"{fusion['unfused']} DequantizeLinear outputs still feed float ops "
-                                          f"after ORT optimisation: {fusion['unfused_dq_consumers']}")
+                details["unfused_qdq"] = (
+                    f"{fusion['unfused']} DequantizeLinear outputs still feed float ops "
+                    f"after ORT optimisation: {fusion['unfused_dq_consumers']}"
+                )
         return Outcome(changes=changes, details=details)
 
 

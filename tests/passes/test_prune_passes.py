@@ -146,6 +146,41 @@ def test_greedy_generation_through_the_pruned_kv_cache(arch, tmp_path):
     assert len(cached) == 20 and cached == full
 
 
+@pytest.mark.parametrize("name", ["prune_heads", "prune_ffn"])
+def test_ort_fused_bert(name, tmp_path):
+    """ONNX Runtime's fused graph: com.microsoft.Attention (packed QKV weight, num_heads
+    attribute), BiasGelu carrying the up-projection bias, SkipLayerNormalization."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = tmp_path / "fused.onnx"
+    optimize_model(str(tiny_model("bert")), model_type="bert", num_heads=4, hidden_size=64).save_model_to_file(
+        str(fused))
+    model = load_model(fused)
+    assert analyze(model).layers[0].attention.kind == "com.microsoft.Attention"
+    result, ctx, ref = _run_pass(model, name, {"fraction": 0.5}, path=fused)
+    _, out = _saved_outputs(model, tmp_path, ctx.verification)
+    assert result.modified and np.isclose(compare_outputs(ref, out).rel_l2, result.error, rtol=0.02)
+    if name == "prune_heads":
+        assert sorted(a.num_heads for a in analyze(load_model(tmp_path / "pruned.onnx")).attentions()) != [4, 4]
+
+
+@pytest.mark.real_model
+def test_smollm2_one_kv_group_in_three_still_generates(smollm2_onnx, tmp_path):
+    from onnxpress import datasets
+    from onnxpress.datasets import load_tokenizer
+
+    model = load_model(smollm2_onnx)
+    texts = datasets.text_chunks(datasets.read_text(datasets.sotu_files("calibration")[0]), 200)[:16]
+    calib = CalibrationSet.from_texts(texts, smollm2_onnx.parent, model, max_length=48, batch_size=8)
+    ctx = CompileContext(verification=calib.batches[:1], calibration=calib, threads=2)
+    result = PassManager([build_pass("prune_heads", {"fraction": 1 / 3})], progress=False).run(model, ctx)[0]
+    assert result.changes["kv_groups_removed"] == 30 and result.changes["heads_removed"] == 90
+    session, _ = _saved_outputs(model, tmp_path, [])
+    prompt = np.asarray([load_tokenizer(smollm2_onnx.parent)("The state of the union is")["input_ids"]])
+    tokens = _greedy(session, model, prompt, 20, use_cache=True)
+    assert len(tokens) == 20 and tokens == _greedy(session, model, prompt, 20, use_cache=False)
+
+
 def test_options_naive_baseline_uniform_and_targets(tmp_path):
     _, model = _load("bert", False)
     result, _, _ = _run_pass(model, "prune_heads", {"fraction": 0.5, "score": "weight_norm", "repair": False,

@@ -6,7 +6,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxpress.passes.quant_calibrate import (
     StreamingHistogram,
     choose_range,
@@ -155,8 +154,9 @@ def test_pack_codes_round_trips_low_bits_first():
     np.testing.assert_array_equal(unpack_codes(packed, 4, 5), codes)
 
 
-@pytest.mark.parametrize("bits,k,n,block", [(4, 64, 24, 32), (4, 100, 16, 32), (4, 128, 8, 64), (8, 96, 12, 32),
-                                            (4, 256, 8, 128)])
+@pytest.mark.parametrize(
+    "bits,k,n,block", [(4, 64, 24, 32), (4, 100, 16, 32), (4, 128, 8, 64), (8, 96, 12, 32), (4, 256, 8, 128)]
+)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_matmul_nbits_layout_matches_onnxruntime(bits, k, n, block, symmetric):
     rng = np.random.default_rng(8)
@@ -167,11 +167,19 @@ def test_matmul_nbits_layout_matches_onnxruntime(bits, k, n, block, symmetric):
     if nw.zero_points is not None:
         inits.append(numpy_helper.from_array(nw.zero_points, "Z"))
         inputs.append("Z")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = rng.standard_normal((5, k)).astype(np.float32)
