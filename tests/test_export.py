@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from onnxpress.errors import OnnxpressError  # noqa: E402
-from onnxpress.export import CACHE_ROOT, export_model, resolve_model_source  # noqa: E402
+from onnxpress.export import CACHE_ROOT, cached_export, export_model, resolve_model_source  # noqa: E402
 
 TINY_VOCAB = 384
 TINY_KINDS = ("llama", "bert")
@@ -263,14 +263,6 @@ def test_export_replaces_existing_output(tmp_path):
 # ---- real models ---------------------------------------------------------------------------------
 
 
-def real_export(name: str) -> Path:
-    """The packaged model exported by ``export_model`` once, cached in ~/.cache/onnxpress/onnx/NAME."""
-    entry = CACHE_ROOT / "onnx" / name
-    if not (entry / "model.onnx").exists():
-        export_model(name, entry)
-    return entry / "model.onnx"
-
-
 @pytest.mark.real_model
 def test_minilm_export_matches_sentence_transformers_weights():
     import torch
@@ -279,7 +271,7 @@ def test_minilm_export_matches_sentence_transformers_weights():
     from onnxpress.evaluation import sentence_embeddings
     from onnxpress.export import minilm_hf_dir
 
-    path = real_export("minilm")
+    path = cached_export("minilm")
     sentences = ["The economy grew strongly last year.", "We will defend our nation."]
     got = sentence_embeddings(path, path.parent, sentences)
     tok = AutoTokenizer.from_pretrained(minilm_hf_dir())
@@ -300,7 +292,7 @@ def test_smollm2_export_greedy_matches_hf_generate():
     from onnxpress.evaluation import generate_greedy
     from onnxpress.export import smollm2_hf_dir
 
-    path = real_export("smollm2")
+    path = cached_export("smollm2")
     graph = ir.load(path).graph
     outputs = [v.name for v in graph.outputs]
     assert outputs[0] == "logits" and sum(o.startswith("present.") for o in outputs) == 60
