@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from common import time_alternating, write_results  # noqa: E402
+
 from onnxpress.fidelity import compare_outputs  # noqa: E402
 from onnxpress.model_io import load_model  # noqa: E402
 from onnxpress.passes.attention import substitute_attention  # noqa: E402

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxpress.runtime_ops import (
     library_api_version,
     library_path,

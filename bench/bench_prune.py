@@ -104,12 +104,13 @@ def _latency_feeds(session, tok_dir):
 def bench_minilm(args, rows, notes, tmp: Path):
     import onnx
     import onnxsim
+    from onnxruntime.transformers.optimizer import optimize_model
+
     from onnxpress import datasets
     from onnxpress.evaluation import bbc_probe_accuracy, sentence_embeddings
     from onnxpress.fidelity import row_cosines
     from onnxpress.model_io import load_model
     from onnxpress.runtime import make_session
-    from onnxruntime.transformers.optimizer import optimize_model
 
     src = _models()[0]()
     tok = src.parent

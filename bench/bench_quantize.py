@@ -144,8 +144,6 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
 
 
 def minilm_rows(quick: bool) -> list[dict]:
-    from onnxpress.datasets import evaluation_sentences
-    from onnxpress.evaluation import embedding_fidelity
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -153,6 +151,9 @@ def minilm_rows(quick: bool) -> list[dict]:
         quantize_dynamic,
         quantize_static,
     )
+
+    from onnxpress.datasets import evaluation_sentences
+    from onnxpress.evaluation import embedding_fidelity
 
     src = _export("minilm")
     tok = src.parent
@@ -204,7 +205,7 @@ def minilm_rows(quick: bool) -> list[dict]:
     info = _ours(src, p, ["quantize:mode=static"], calib, tok)
     row("onnxpress static u8 (smooth+GPTQ+auto ranges)", p, info)
     p = out / "onnxpress_static_budget.onnx"
-    info = _ours(src, p, ["quantize:mode=static,budget=0.003,budget_metric=cosine"], calib, tok)
+    info = _ours(src, p, ["quantize:mode=static,budget=0.003,budget_metric=cosine,sensitivity=local"], calib, tok)
     row("onnxpress static u8, budget 1-cos<=0.003", p, info)
     p = out / "onnxpress_dynamic.onnx"
     info = _ours(src, p, ["quantize:mode=dynamic"], calib, tok)
@@ -269,9 +270,10 @@ def _tokens_per_s(path: Path, seq: int = 256) -> float:
 
 
 def smollm2_rows(quick: bool) -> list[dict]:
-    from onnxpress.evaluation import perplexity
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from onnxpress.evaluation import perplexity
 
     src = _export("smollm2")
     tok = src.parent

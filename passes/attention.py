@@ -31,6 +31,7 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from onnxpress.analysis import analyze
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.attention_build import Builder, build_fused, replace_shape_reads, wire
@@ -136,6 +137,7 @@ def _ensure_opset(model: ir.Model, version: int) -> None:
         # opset 18 moved Reduce* axes from attribute to input; onnxscript's converter (0.7)
         # leaves the attribute in place, onnx's reference converter adapts it
         import onnx.version_converter
+
         from onnxpress.model_io import model_proto
 
         converted = ir.from_proto(onnx.version_converter.convert_version(model_proto(model), version))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpress.analysis import Attention
 from onnxpress.analysis.graph_utils import (
     _attr,

@@ -30,6 +30,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from threadpoolctl import threadpool_limits
+
 from onnxpress.activations import token_rows
 from onnxpress.analysis import as_linear
 from onnxpress.analysis.graph_utils import const_array
@@ -37,7 +39,6 @@ from onnxpress.model_io import model_proto
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes import lowrank_fit as fit
 from onnxpress.runtime import make_session
-from threadpoolctl import threadpool_limits
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
 

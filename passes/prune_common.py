@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import PassConfig
 
@@ -450,6 +451,7 @@ def probe_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Run-time shapes of ``values`` on one batch (for facts static shapes do not give)."""
     import onnx
+
     from onnxpress.model_io import model_proto
     from onnxpress.runtime import make_session
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
 from onnxpress.passes import prune_common as pc
@@ -105,7 +106,8 @@ class PruneHeadsPass(Pass):
         # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
         # the removed heads too; which inputs of the score Adds carry a head axis is a
         # run-time fact
-        candidates = [v for u in units for _, _, v in _score_bias_inputs(u.att)]
+        candidates = [v for u in units for _, _, v in _score_bias_inputs(u.att)
+                      if not v.is_graph_input() and pc.constant_array(v) is None]
         feeds = ctx.verification[0] if ctx.verification else pc.calibration_batches(ctx, self.name, 1)[0]
         bias_shapes = pc.probe_shapes(model, candidates, feeds, threads=ctx.threads)
 
@@ -260,7 +262,8 @@ def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tu
     h = att.num_heads
     kept_heads = np.array([g * u.n_rep + r for g in keep for r in range(u.n_rep)], dtype=np.int64)
     for node, idx, value in _score_bias_inputs(att):
-        shape = shapes.get(value.name)
+        const = pc.constant_array(value)
+        shape = const.shape if const is not None else shapes.get(value.name, _static_shape(value))
         if shape is None or len(shape) != 4 or shape[1] != h or h == 1:
             continue  # broadcast over heads (padding / causal masks): nothing to do
         index = ir.Value(name=editor.fresh_name(f"{value.name}_kept_heads"), shape=ir.Shape(kept_heads.shape),
@@ -274,6 +277,12 @@ def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tu
             gather.outputs[0].type = ir.TensorType(value.dtype)
         editor.graph.insert_before(node, gather)
         node.replace_input_with(idx, gather.outputs[0])
+
+
+def _static_shape(value: ir.Value) -> tuple | None:
+    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return None
+    return tuple(value.shape)
 
 
 def _slice_outputs(editor: pc.GraphEditor, lin, cols: np.ndarray) -> None:

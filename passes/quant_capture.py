@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from onnxpress.model_io import model_proto
 from onnxpress.passes.quant_calibrate import StreamingHistogram
 from onnxpress.runtime import make_session

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
 from onnxpress.model_io import model_proto
 
 INTEGER_KERNELS = (

@@ -12,6 +12,7 @@ error on captured rows.
 from __future__ import annotations
 
 import numpy as np
+
 from onnxpress.passes.quant_calibrate import StreamingHistogram, choose_range, qparams_from_range
 
 ALPHA_CANDIDATES = (0.3, 0.5, 0.65, 0.8)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from onnxpress.passes.quant_gptq import BlockQuantizer, gptq
 
 

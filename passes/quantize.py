@@ -25,9 +25,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpress.fidelity import compare_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes.quant_calibrate import QParams, choose_range_for_linear
+from onnxpress.passes.quant_calibrate import QParams, choose_range_for_linear, qparams_from_range
 from onnxpress.passes.quant_capture import capture_stats
 from onnxpress.passes.quant_fusion import fusion_report
 from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
@@ -171,7 +172,7 @@ class QuantizePass(Pass):
                 batches,
                 list(groups),
                 gram_names=list(groups) if need_gram else (),
-                sample_rows=512 if cfg.mode == "static" else 0,
+                sample_rows=512 if cfg.mode == "static" or cfg.budget is not None else 0,
                 threads=ctx.threads,
                 seed=ctx.seed,
             )
@@ -491,7 +492,10 @@ def _local_error(lin, stats, weights, act, cfg) -> float:
     if st is None or st.sample is None or not len(st.sample):
         return float(np.linalg.norm(wq - w) / max(np.linalg.norm(w), 1e-30))
     x = st.sample
-    xq = act[lin.input.name][0].fake_quant(x) if lin.input.name in act else x
+    if lin.input.name in act:
+        xq = act[lin.input.name][0].fake_quant(x)
+    else:  # dynamic: a batch's range spans the whole calibration range (outlier tokens included)
+        xq = qparams_from_range(st.hist.min, st.hist.max, "uint8").fake_quant(x)
     ref = x @ w
     return float(np.linalg.norm(xq @ wq - ref) / max(np.linalg.norm(ref), 1e-30))
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import onnxruntime as ort
+
 from onnxpress.errors import OnnxpressError
 
 from ._cache import cache_root

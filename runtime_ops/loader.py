@@ -5,6 +5,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
 from onnxpress.errors import OnnxpressError
 
 from .builder import build, cuda_ep_available, find_built, find_nvcc, library_api_version

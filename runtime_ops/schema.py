@@ -2,6 +2,7 @@
 
 import onnx
 from onnx import helper
+
 from onnxpress.errors import OnnxpressError
 
 DOMAIN = "onnxpress"

@@ -11,14 +11,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 import pytest  # noqa: E402
+from test_calibration import TEXTS  # noqa: E402
+from test_export import tiny_export  # noqa: E402
 
 from onnxpress.activations import ChannelStats, CrossStats, GramStats, capture, token_rows  # noqa: E402
 from onnxpress.calibration import CalibrationSet  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.model_io import model_bytes  # noqa: E402
-
-from test_calibration import TEXTS  # noqa: E402
-from test_export import tiny_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 import pytest  # noqa: E402
+from test_export import TINY_VOCAB, tiny_export  # noqa: E402
 
 from onnxpress.calibration import CalibrationSet, make_feeds, vocab_size  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.runtime import make_session, run_batches  # noqa: E402
-
-from test_export import TINY_VOCAB, tiny_export  # noqa: E402
 
 TEXTS = [
     "The Congress of the United States met in Washington.",

@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-from graphs import mlp_model, save
 
 from onnxpress.cli import main
 from onnxpress.pass_infra import Outcome, Pass, register_pass
+
+from graphs import mlp_model, save
 
 
 @register_pass

@@ -9,12 +9,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from test_export import tiny_export, tiny_hf_dir  # noqa: E402
 
 from onnxpress import datasets  # noqa: E402
 from onnxpress import evaluation as ev  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
-
-from test_export import real_export, tiny_export, tiny_hf_dir  # noqa: E402
+from onnxpress.export import cached_export  # noqa: E402
 
 SENTENCES = ["The economy is growing.", "We must defend the nation against every enemy.", "Taxes will fall."]
 
@@ -100,6 +100,6 @@ def test_probe_runs_on_tiny_encoder():
 
 @pytest.mark.real_model
 def test_minilm_probe_is_accurate():
-    path = real_export("minilm")
+    path = cached_export("minilm")
     result = ev.bbc_probe_accuracy(path, path.parent, max_train=100, max_test=50, max_length=64)
     assert result["probe_accuracy"] >= 0.8

@@ -2,10 +2,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import mlp_model, save
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import MAX_IR_VERSION, load_model, save_model
+
+from graphs import mlp_model, save
 
 
 def test_roundtrip_keeps_numerics_and_writes_a_loadable_ir_version(tmp_path):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpress.analysis.graph_utils import (
     ELEMENTWISE_OPS,
     FUSED_NORM_OPS,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+
 from onnxpress.analysis.graph_utils import _attr, constant_tensor, numel
 
 _WEIGHT_TYPES = frozenset(

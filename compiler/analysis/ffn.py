@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+
 from onnxpress.analysis.graph_utils import (
     ACTIVATION_OPS,
     _attr,

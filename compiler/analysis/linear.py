@@ -9,6 +9,7 @@ a constant vector of size ``d_out``.
 from __future__ import annotations
 
 import onnx_ir as ir
+
 from onnxpress.analysis.graph_utils import (
     _attr,
     constant_tensor,

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+
 from onnxpress.analysis.graph_utils import (
     FUSED_NORM_OPS,
     const_scalar,

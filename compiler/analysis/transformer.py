@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 
 import onnx_ir as ir
+
 from onnxpress.analysis.attention import AttentionFinder, LinearIndex
 from onnxpress.analysis.cost import attention_macs, count_params
 from onnxpress.analysis.ffn import find_ffns

@@ -7,7 +7,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxpress.analysis import analyze, count_macs, count_params
+
 from tiny_models import tiny_config_values, tiny_model
 
 H, KV, D, HIDDEN, FFN, LAYERS = 4, 2, 16, 64, 128, 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from onnxpress.analysis import analyze, count_macs, count_params
 from onnxpress.model_io import load_model
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from onnxpress.analysis import TransformerMap, analyze, count_macs, count_params
 from onnxpress.model_io import load_model
+
 from tiny_models import (
     ALL_ARCHS,
     DECODER_ARCHS,
@@ -187,8 +189,9 @@ def test_head_shape_nodes_found_for_constant_head_counts():
 
 def test_tiny_models_keep_config_and_tokenizer():
     """Like an ``onnxpress export`` folder: config.json and a tokenizer beside model.onnx."""
-    from tiny_models import VOCAB
     from transformers import AutoTokenizer
+
+    from tiny_models import VOCAB
 
     folder = tiny_model("llama", "optimum").parent
     assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxpress.analysis import analyze, as_linear, count_params, find_norms
 from onnxpress.analysis.graph_utils import (
     const_array,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 from onnxpress.analysis import analyze
 from onnxpress.calibration import CalibrationSet, make_feeds
 from onnxpress.errors import OnnxpressError
@@ -17,6 +18,7 @@ from onnxpress.pass_infra import build_pass
 from onnxpress.pass_manager import CompileContext, PassManager
 from onnxpress.passes.attention import substitute_attention
 from onnxpress.runtime import make_session, run_batches
+
 from tiny_models import ALL_ARCHS, DECODER_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
 
 TARGETS = ["onnxruntime", "onnx", "onnxpress"]

@@ -3,13 +3,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from graphs import mlp_model, save
 
 from onnxpress.compile import compile_model, report_path
 from onnxpress.model_io import load_model
 from onnxpress.pass_manager import CompileContext, PassManager
 from onnxpress.passes.cleanup import CleanupPass
 from onnxpress.runtime import make_session
+
+from graphs import mlp_model, save
 
 
 def test_cleanup_removes_dead_and_foldable_nodes_without_changing_outputs(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from onnxpress.errors import OnnxpressError
 from onnxpress.passes import lowrank_fit as fit
 
@@ -162,6 +163,7 @@ def _ctx(model, batches, outputs=None):
 
 def test_full_rank_split_of_matmul_and_gemm_is_exact():
     import onnx_ir as ir
+
     from onnxpress.passes import lowrank
 
     for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
@@ -191,6 +193,7 @@ def test_full_rank_split_of_matmul_and_gemm_is_exact():
 def test_pass_on_handbuilt_graph_reports_the_measured_error(settings):
     import onnx
     import onnx_ir as ir
+
     from onnxpress.fidelity import compare_outputs
     from onnxpress.model_io import model_proto
     from onnxpress.passes.lowrank import LowRankPass
@@ -219,6 +222,7 @@ def test_pass_on_handbuilt_graph_reports_the_measured_error(settings):
 
 def test_whitened_beats_plain_end_to_end_on_handbuilt_graph():
     import onnx_ir as ir
+
     from onnxpress.passes.lowrank import LowRankPass
 
     errors = {}
@@ -269,7 +273,6 @@ TINY = [
 
 def _tiny(arch, with_past):
     from onnxpress.model_io import load_model
-
     from tests.tiny_models import tiny_model
 
     path = tiny_model(arch, with_past=with_past)
@@ -279,7 +282,6 @@ def _tiny(arch, with_past):
 def _token_batches(model, n_batches, batch, seq, seed):
     """Random-token feeds with some right padding (exercises the padding mask)."""
     from onnxpress.calibration import make_feeds
-
     from tests.tiny_models import VOCAB
 
     rng = np.random.default_rng(seed)
@@ -342,7 +344,6 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
 
 def test_compile_model_with_lowrank_verifies_the_stage(tmp_path):
     from onnxpress.compile import compile_model
-
     from tests.tiny_models import tiny_model
 
     path = tiny_model("llama", with_past=True)

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from onnxpress.passes import prune_common as pc
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from onnxpress.analysis import analyze
 from onnxpress.calibration import CalibrationSet, make_feeds
 from onnxpress.errors import OnnxpressError
@@ -15,6 +16,7 @@ from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
 from onnxpress.runtime import make_session, run_batches
+
 from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
 
 CASES = [(a, False) for a in ALL_ARCHS] + [(a, True) for a in DECODER_ARCHS]

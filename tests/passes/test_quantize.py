@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 from onnxpress.calibration import make_feeds
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs
@@ -16,7 +17,6 @@ from onnxpress.passes.quant_fusion import fusion_report
 from onnxpress.passes.quant_graph import apply_smoothing, find_linears
 from onnxpress.passes.quant_smooth import smooth_scales
 from onnxpress.runtime import make_session, run_batches
-
 from tests.tiny_models import tiny_model
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxpress.passes.quant_calibrate import (
     StreamingHistogram,
     choose_range,

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxpress.runtime_ops import make_attention_node, opset_import
 
 IR_VERSION = 10  # onnxruntime 1.31 rejects the IR version onnx 1.23 writes by default

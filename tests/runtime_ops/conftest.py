@@ -2,6 +2,7 @@
 
 import onnxruntime as ort
 import pytest
+
 from onnxpress.runtime_ops import build, register
 
 

@@ -1,11 +1,13 @@
 """CUDA build of the ops library: compiles wherever nvcc is; kernels run where a CUDA EP is."""
 
 import numpy as np
-import onnxpress.runtime_ops as rt
 import onnxruntime as ort
 import pytest
-from attention_reference import attention_op_model, padding_mask, random_inputs, reference_attention
+
+import onnxpress.runtime_ops as rt
 from onnxpress.runtime_ops.builder import CUDA_ARCHS_ENV, find_nvcc
+
+from attention_reference import attention_op_model, padding_mask, random_inputs, reference_attention
 
 NO_CUDA_EP = "CUDAExecutionProvider" not in ort.get_available_providers()
 skip_without_gpu = pytest.mark.skipif(NO_CUDA_EP, reason="no CUDA GPU / onnxruntime-gpu here")

@@ -3,6 +3,7 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from attention_reference import (
     allowed_keys,
     attention_op_model,

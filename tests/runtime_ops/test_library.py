@@ -7,13 +7,15 @@ import sys
 import numpy as np
 import onnx
 import onnx_ir
-import onnxpress.runtime_ops as rt
 import onnxruntime as ort
 import pytest
-from attention_reference import IR_VERSION, attention_op_model, decomposed_attention_model, random_inputs
 from onnx import TensorProto, helper
+
+import onnxpress.runtime_ops as rt
 from onnxpress.errors import OnnxpressError
 from onnxpress.runtime_ops import builder, loader
+
+from attention_reference import IR_VERSION, attention_op_model, decomposed_attention_model, random_inputs
 
 
 def test_library_reports_api_version_17(ops_library):
