@@ -41,7 +41,8 @@ def is_linear(node: ir.Node) -> bool:
     return as_linear(node) is not None
 
 
-def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
+def _weight_of(node: ir.Node, trans_b: bool):
+    """(weight, transposed, via, d_in, d_out) of a MatMul/Gemm's constant right operand, or None."""
     if len(node.inputs) < 2 or node.inputs[0] is None or is_constant(node.inputs[0]):
         return None
     found = find_weight(node.inputs[1])
@@ -53,7 +54,10 @@ def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
         return None
     transposed = transposed != trans_b
     d_in, d_out = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-    bias, bias_node = _following_bias(node.outputs[0], d_out)
+    return weight, transposed, via, d_in, d_out
+
+
+def _make_linear(node, weight, transposed, via, d_in, d_out, bias, bias_node) -> Linear:
     return Linear(
         node=node,
         weight=weight,
@@ -68,36 +72,29 @@ def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
     )
 
 
-def _gemm(node: ir.Node) -> Linear | None:
-    if _attr(node, "transA", 0) or node.inputs[0] is None or is_constant(node.inputs[0]):
-        return None
-    found = find_weight(node.inputs[1])
+def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
+    found = _weight_of(node, trans_b)
     if found is None:
         return None
-    weight, transposed, via = found
-    shape = tensor_shape(weight)
-    if shape is None or len(shape) != 2:
+    weight, transposed, via, d_in, d_out = found
+    bias, bias_node = _following_bias(node.outputs[0], d_out)
+    return _make_linear(node, weight, transposed, via, d_in, d_out, bias, bias_node)
+
+
+def _gemm(node: ir.Node) -> Linear | None:
+    if _attr(node, "transA", 0):
         return None
-    transposed = transposed != bool(_attr(node, "transB", 0))
-    d_in, d_out = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    found = _weight_of(node, bool(_attr(node, "transB", 0)))
+    if found is None:
+        return None
+    weight, transposed, via, d_in, d_out = found
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if bias is not None and not is_constant(bias):
         return None
     bias_node = None
     if bias is None:
         bias, bias_node = _following_bias(node.outputs[0], d_out)
-    return Linear(
-        node=node,
-        weight=weight,
-        bias=bias,
-        bias_node=bias_node,
-        d_in=d_in,
-        d_out=d_out,
-        transposed=transposed,
-        input=node.inputs[0],
-        output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
-        weight_via=via,
-    )
+    return _make_linear(node, weight, transposed, via, d_in, d_out, bias, bias_node)
 
 
 def _matmul_nbits(node: ir.Node) -> Linear | None:
