@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import _attr, constant_tensor, numel
+from onnxpress.analysis.graph_utils import FLOAT_TYPES, _attr, constant_tensor, numel
 
-_WEIGHT_TYPES = frozenset(
-    {
-        ir.DataType.FLOAT,
-        ir.DataType.FLOAT16,
-        ir.DataType.BFLOAT16,
-        ir.DataType.DOUBLE,
-        ir.DataType.FLOAT8E4M3FN,
-        ir.DataType.FLOAT8E4M3FNUZ,
-        ir.DataType.FLOAT8E5M2,
-        ir.DataType.FLOAT8E5M2FNUZ,
-        ir.DataType.INT8,
-        ir.DataType.UINT8,
-        ir.DataType.INT4,
-        ir.DataType.UINT4,
-        ir.DataType.INT16,
-        ir.DataType.UINT16,
-    }
-)
+# Weights are float tensors or the integer storage of quantized ones.
+_WEIGHT_TYPES = FLOAT_TYPES | {
+    ir.DataType.INT8,
+    ir.DataType.UINT8,
+    ir.DataType.INT4,
+    ir.DataType.UINT4,
+    ir.DataType.INT16,
+    ir.DataType.UINT16,
+}
 _MATMUL_NBITS_META = (2, 3)  # scales, zero_points
 _DEQUANT_META = (1, 2)  # x_scale, x_zero_point
 

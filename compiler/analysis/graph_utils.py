@@ -72,7 +72,7 @@ FUSED_NORM_OPS = frozenset(
 )
 LINEAR_OPS = frozenset({"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "FusedMatMul"})
 
-_FLOAT_TYPES = frozenset(
+FLOAT_TYPES = frozenset(
     {
         ir.DataType.FLOAT,
         ir.DataType.FLOAT16,
@@ -87,7 +87,7 @@ _FLOAT_TYPES = frozenset(
 
 
 def is_float_type(dtype: ir.DataType | None) -> bool:
-    return dtype in _FLOAT_TYPES
+    return dtype in FLOAT_TYPES
 
 
 # --------------------------------------------------------------------------- walks
