@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import PROTOBUF_LIMIT, model_nbytes, model_proto
-from onnxpress.runtime import make_session
+from onnxpress.runtime import make_session, session_feeds
 
 RawConsumer = Callable[[str, np.ndarray, Feeds], None]
 
@@ -62,12 +62,9 @@ def capture(
     if not names:
         raise OnnxpressError("no tensors to capture: name at least one intermediate tensor")
     session = make_session(with_outputs(model, names), threads=threads)
-    wanted = {i.name for i in session.get_inputs()}
     batches = list(calib) if not isinstance(calib, CalibrationSet) else calib.batches
     for feeds in tqdm(batches, desc=desc, disable=not progress_enabled(), leave=False):
-        arrays = dict(
-            zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True)
-        )
+        arrays = dict(zip(names, session.run(names, session_feeds(session, feeds)), strict=True))
         if accumulators is None:
             for name in names:
                 consumer(name, arrays[name], feeds)

@@ -107,17 +107,27 @@ def synthetic_pixels(spec: InputSpec, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
 
 
+# Ops an exporter puts between input_ids and the embedding Gather (GPT-2 reshapes the ids first).
+_ID_PASSTHROUGH = {"Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
 def vocab_size(model: ir.Model) -> int:
     """Rows of the token embedding table: the Gather that reads ``input_ids``."""
     ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
     if ids is None:
         raise OnnxpressError("model has no input_ids input: synthetic token data needs a text model")
-    for node in ids.uses():
-        user = node.node
-        if user.op_type == "Gather" and user.inputs[1] is ids:
-            table = _source_table(user.inputs[0])
-            if table is not None:
-                return table
+    frontier, seen = [ids], {ids}
+    while frontier:
+        value = frontier.pop()
+        for node, index in value.uses():
+            if node.op_type == "Gather" and index == 1:
+                table = _source_table(node.inputs[0])
+                if table is not None:
+                    return table
+            elif node.op_type in _ID_PASSTHROUGH and index == 0:
+                fresh = [out for out in node.outputs if out not in seen]
+                seen.update(fresh)
+                frontier.extend(fresh)
     raise OnnxpressError(
         "cannot find the token embedding table (a Gather on input_ids): pass real calibration text"
     )

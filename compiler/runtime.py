@@ -61,14 +61,30 @@ def _uses_onnxpress_ops(model: ir.Model | str | os.PathLike | bytes) -> bool:
     return runtime_ops.uses_onnxpress_ops(model)
 
 
+def session_feeds(session: ort.InferenceSession, feeds: Feeds) -> dict[str, np.ndarray]:
+    """The feeds ``session`` takes, with empty inputs (a zero-length KV cache) reshaped to the
+    session's static dims: after head pruning the cache has fewer heads, and the same
+    calibration feeds must run through the model before and after."""
+    out = {}
+    for spec in session.get_inputs():
+        arr = feeds.get(spec.name)
+        if arr is None:
+            continue
+        if arr.size == 0 and len(spec.shape) == arr.ndim:
+            dims = [d if isinstance(d, int) else a for d, a in zip(spec.shape, arr.shape, strict=True)]
+            if tuple(dims) != arr.shape:
+                arr = np.zeros(dims, dtype=arr.dtype)
+        out[spec.name] = arr
+    return out
+
+
 def run_batches(
     session: ort.InferenceSession, batches: Iterable[Feeds], outputs: Sequence[str] | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Run every batch; returns one {output name: array} dict per batch."""
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
     results = []
     for feeds in batches:
-        arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        arrays = session.run(names, session_feeds(session, feeds))
         results.append(dict(zip(names, arrays, strict=True)))
     return results

@@ -453,7 +453,7 @@ def probe_shapes(
     import onnx
 
     from onnxpress.model_io import model_proto
-    from onnxpress.runtime import make_session
+    from onnxpress.runtime import make_session, session_feeds
 
     names = list(dict.fromkeys(v.name for v in values))
     if not names:
@@ -462,8 +462,7 @@ def probe_shapes(
     present = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     session = make_session(proto.SerializeToString(), threads=threads)
-    wanted = {i.name for i in session.get_inputs()}
-    arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    arrays = session.run(names, session_feeds(session, feeds))
     return {n: tuple(a.shape) for n, a in zip(names, arrays, strict=True)}
 
 
