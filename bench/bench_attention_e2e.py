@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -173,7 +174,9 @@ def main(argv=None) -> int:
                "decode_speedup", "rel_l2", "cosine_min", "speedup_vs_original", "speedup_vs_exact"]
     write_results("attention_e2e", rows, command=command.strip(), columns=columns,
                   notes={"threads": THREADS, "tolerance": TOL, "speedup": "original time / substituted time",
-                         "prompt": PROMPT})
+                         "prompt": PROMPT, "load_average_end": os.getloadavg(),
+                         "shared_machine": "other jobs shared the 2 cores: absolute ms are inflated; "
+                                           "compare the ratios (same run, alternating)"})
     return 0 if all(r.get("match", True) and r.get("greedy_20_same", True) for r in rows) else 1
 
 

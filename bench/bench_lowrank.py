@@ -2,7 +2,7 @@
 and the options of the activation-aware pass, end to end.
 
 MiniLM (all-MiniLM-L6-v2) at 20% and 40% of its linear-layer parameters removed
-(attention Q/K/V/O + FFN up/down): mean cosine of held-out sentence embeddings vs
+(share of ALL attention Q/K/V/O + FFN weight parameters): mean cosine of held-out sentence embeddings vs
 fp32. SmolLM2-135M at 20%: perplexity on held-out SOTU text (256-token windows).
 Every variant's ONNX Runtime latency (2 threads, medians of round-robin runs in this
 process) and file size are given as ratios to the unsplit model.
@@ -36,28 +36,25 @@ CACHE = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpre
 # (label, settings): the comparison that picked the defaults. "one-shot" = every matrix
 # fitted on the original model's inputs; "seq" = fitted layer after layer on the inputs of
 # the model compressed so far, by least squares to the original outputs; "bc" = bias correction.
-PLAIN = {"method": "plain", "sequential": False, "bias_correction": False}
+# Every budget is a share of ALL the layers' linear parameters (attention Q/K/V/O + FFN,
+# scope "linear"), whichever matrices a variant splits.
+ALL = ["ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"]
+PLAIN = {"method": "plain", "sequential": False, "bias_correction": False, "include": ALL}
 ONE_SHOT = {"sequential": False, "bias_correction": False}
 MINILM_VARIANTS = {
     0.2: [
-        ("plain SVD", PLAIN),
-        ("whitened uniform one-shot", ONE_SHOT),
-        ("whitened global one-shot", {**ONE_SHOT, "allocation": "global"}),
-        ("whitened uniform one-shot+bc", {"sequential": False}),
-        ("whitened global seq+bc", {"allocation": "global"}),
-        ("whitened uniform seq+bc (default)", {}),
-        ("whitened uniform seq+bc, 64 calib samples", {"_calib": 64}),
+        ("plain SVD, all matrices", PLAIN),
+        ("whitened uniform one-shot+bc, FFN", {"sequential": False}),
+        ("whitened uniform seq+bc+res, FFN (default)", {}),
     ],
     0.4: [
-        ("plain SVD", PLAIN),
-        ("whitened uniform one-shot", ONE_SHOT),
-        ("whitened uniform seq+bc (default)", {}),
+        ("plain SVD, all matrices", PLAIN),
+        ("whitened uniform seq+bc+res, FFN (default)", {}),
     ],
 }
 SMOLLM_VARIANTS = [
-    ("plain SVD", PLAIN),
-    ("whitened uniform one-shot+bc", {"sequential": False}),
-    ("whitened uniform seq+bc (default)", {}),
+    ("plain SVD, all matrices", PLAIN),
+    ("whitened uniform seq+bc+res, FFN (default)", {}),
 ]
 
 
@@ -70,10 +67,17 @@ def export(name: str) -> Path:
     return export_model(name, CACHE / "real" / name)
 
 
-def calibration(model, tok_dir, samples: int, max_length: int, batch_size: int):
+def calibration(model, tok_dir, samples: int, max_length: int, batch_size: int, *, sentences: bool = False):
+    """SOTU calibration split: chunks of consecutive sentences filling ``max_length`` tokens,
+    or (``sentences``) single sentences, like the held-out sentences MiniLM is scored on."""
     from onnxpress import datasets
     from onnxpress.calibration import CalibrationSet
 
+    if sentences:
+        texts = [s for f in datasets.sotu_files("calibration")
+                 for s in datasets.split_sentences(datasets.read_text(f), min_chars=40)]
+        return CalibrationSet.from_texts(texts, tok_dir, model, max_length=max_length, batch_size=batch_size,
+                                         max_samples=samples, seed=0, source="SOTU calibration sentences")
     return CalibrationSet.from_files(datasets.sotu_files("calibration"), tok_dir, model, max_length=max_length,
                                      batch_size=batch_size, max_samples=samples, seed=0)
 
@@ -140,7 +144,7 @@ def bench_minilm(args, work: Path, rows: list[dict]) -> None:
             cos = row_cosines(ref, evaluation.sentence_embeddings(out, tok, sentences))
             paths[key] = out
             rows.append(_row("MiniLM", fraction, label, result, seconds, key, embedding_cosine=float(cos.mean()),
-                             embedding_cosine_min=float(cos.min())))
+                             embedding_cosine_min=float(cos.min()), calibration=calib.source))
             print(f"  MiniLM {fraction:.0%} {label}: cosine {cos.mean():.4f} ({seconds:.0f} s)", flush=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, (8, 128))
@@ -173,9 +177,11 @@ def bench_smollm2(args, work: Path, rows: list[dict]) -> None:
         result, seconds = compress(path, {"fraction": 0.2, **settings}, calib, out)
         value = ppl(out)
         paths[key] = out
-        rows.append(_row("SmolLM2", 0.2, label, result, seconds, key, perplexity=value, ppl_vs_fp32=value / base))
+        rows.append(_row("SmolLM2", 0.2, label, result, seconds, key, perplexity=value, ppl_vs_fp32=value / base,
+                         calibration=calib.source, evaluation=f"{len(windows)} held-out SOTU windows of "
+                         f"{windows.shape[1]} tokens"))
         print(f"  SmolLM2 20% {label}: perplexity {value:.2f} (fp32 {base:.2f}, {seconds:.0f} s)", flush=True)
-    plain = next(r["perplexity"] for r in rows if r["model"] == "SmolLM2" and r["variant"] == "plain SVD")
+    plain = next(r["perplexity"] for r in rows if r["model"] == "SmolLM2" and r["variant"].startswith("plain SVD"))
     for r in rows:
         if r["model"] == "SmolLM2" and "perplexity" in r:
             r["ppl_vs_plain"] = r["perplexity"] / plain
@@ -188,7 +194,8 @@ def _row(model, fraction, label, result, seconds, key, **metrics) -> dict:
     return {"model": model, "target": fraction, "variant": label, **metrics,
             "linear_params_removed": linear, "params_ratio": result.params_after / result.params_before,
             "macs_ratio": result.macs_after / result.macs_before, "split": result.changes.get("matrices_split"),
-            "verify_rel_l2": result.error, "compile_s": round(seconds, 1), "key": key}
+            "verify_rel_l2": result.error, "compile_s": round(seconds, 1), "key": key,
+            "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
 def _add_speed(model: str, rows: list[dict], paths: dict[str, Path], feeds: dict, repeats: int) -> None:
@@ -202,15 +209,28 @@ def _add_speed(model: str, rows: list[dict], paths: dict[str, Path], feeds: dict
                 r["latency_ms"] = times["fp32"] * 1000
 
 
+def _other_part_rows(part: str) -> list[dict]:
+    """A --part run keeps the other model's rows of bench/results/lowrank.json (each row
+    names the command that measured it; speed ratios are only within one model's rows)."""
+    import json
+
+    path = Path(__file__).parent / "results" / "lowrank.json"
+    if part == "all" or not path.exists():
+        return []
+    other = "SmolLM2" if part == "minilm" else "MiniLM"
+    return [r for r in json.loads(path.read_text())["rows"] if r.get("model") == other]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and few repeats (smoke test)")
     parser.add_argument("--part", choices=["minilm", "smollm2", "all"], default="all")
     args = parser.parse_args()
     args.minilm_calib, args.eval_sentences = (32, 64) if args.quick else (256, 256)
-    args.smollm_calib, args.ppl_windows = (8, 4) if args.quick else (64, 32)
+    args.smollm_calib, args.ppl_windows = (8, 4) if args.quick else (16, 8)
     args.repeats = 3 if args.quick else 15
     rows: list[dict] = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-lowrank-") as tmp:
         if args.part in ("minilm", "all"):
             bench_minilm(args, Path(tmp), rows)
@@ -218,18 +238,27 @@ def main() -> None:
             bench_smollm2(args, Path(tmp), rows)
     command = "nice python bench/bench_lowrank.py" + (" --quick" if args.quick else "") + \
         (f" --part {args.part}" if args.part != "all" else "")
+    for r in rows:
+        r["command"] = command
+    rows = _other_part_rows(args.part) + rows
     notes = {
         "data": "calibration: SOTU speeches before 1950; evaluation: SOTU speeches from 1990 on (onnxpress.datasets)",
-        "minilm": f"{args.minilm_calib} calibration chunks (<=128 tokens); embedding cosine on "
-                  f"{args.eval_sentences} held-out sentences (mean pooling)",
-        "smollm2": f"{args.smollm_calib} calibration chunks (<=128 tokens); perplexity on {args.ppl_windows} "
-                   "held-out 256-token windows",
-        "target": "share of the attention Q/K/V/O + FFN matrices' parameters removed",
+        "minilm": f"embedding cosine vs fp32 on {args.eval_sentences} held-out sentences (mean pooling); "
+                  "calibration in each row",
+        "smollm2": "perplexity on held-out 256-token windows; calibration in each row",
+        "target": "share removed of the parameters of ALL the layers' linear weight matrices (attention Q/K/V/O + "
+                  "FFN; scope 'linear'; biases, embeddings and norms not counted), whichever matrices a variant "
+                  "splits; linear_params_removed is the measured share, params_ratio the whole model's",
+        "variants": "one-shot: every matrix fitted on the original model's inputs; seq: fitted in graph order on the "
+                    "inputs of the model compressed so far, towards the original outputs; bc: bias correction; "
+                    "res: residual correction (O/down fits also cancel upstream error in the residual stream)",
         "latency": f"ORT CPU, {THREADS} threads, median of round-robin runs; MiniLM batch 8 x 128 tokens, "
                    "SmolLM2 1 x 128 tokens (prefill)",
     }
     columns = ["model", "target", "variant", "embedding_cosine", "perplexity", "ppl_vs_fp32", "ppl_vs_plain",
                "linear_params_removed", "params_ratio", "macs_ratio", "latency_ratio", "size_ratio", "compile_s"]
+    notes["machine_load"] = (f"shared by several jobs (2 cores): 1-minute load average {load_start:.1f} at the start, "
+                             f"{os.getloadavg()[0]:.1f} at the end; per-row load_average_1min")
     write_results("lowrank", rows, command=command, notes=notes, columns=columns)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -25,18 +24,16 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 2
+SMOLLM2_INT8_BUDGET = 0.07
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import peers  # noqa: E402
+from common import time_alternating, write_results  # noqa: E402
+
+from onnxpress.export import cached_export  # noqa: E402
+
 RESULTS = ROOT / "results" / "quantize.json"
 WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-quantize"
-
-
-def _export(name: str) -> Path:
-    from onnxpress.export import export_model
-
-    shared = Path.home() / ".cache" / "onnxpress" / "onnx" / name / "model.onnx"
-    if shared.exists():
-        return shared
-    return export_model(name, WORK / "export" / name)
 
 
 def _size_mb(path: Path) -> float:
@@ -86,30 +83,6 @@ def _calibration(model_path: Path, tok_dir: Path, max_length: int, batch_size: i
     )
 
 
-class _Reader:
-    """ORT CalibrationDataReader over our batches, padded to a fixed length (ORT's
-    calibrators concatenate batches and fail on variable lengths)."""
-
-    def __init__(self, batches, length: int):
-        self.items = []
-        for b in batches:
-            for i in range(len(b["input_ids"])):
-                self.items.append({k: _pad(v[i : i + 1], length) for k, v in b.items()})
-        self.it = iter(self.items)
-
-    def get_next(self):
-        return next(self.it, None)
-
-    def rewind(self):
-        self.it = iter(self.items)
-
-
-def _pad(v: np.ndarray, length: int) -> np.ndarray:
-    if v.ndim == 2 and v.shape[1] < length:
-        return np.pad(v, ((0, 0), (0, length - v.shape[1])))
-    return v
-
-
 def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> dict:
     """Run the pass through the compile pipeline's pass manager (with its verification)."""
     from onnxpress.calibration import CalibrationSet
@@ -132,7 +105,13 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
     r = results[-1]
     return {
         "pass_seconds": round(seconds, 1),
+        "stages": {res.name: res.changes for res in results[:-1]} if len(results) > 1 else None,
         "changes": r.changes,
+        "budget_trials": r.details.get("budget_trials") or None,
+        "kept_float_by_sensitivity": [
+            name for name, why in r.details.get("kept_float", {}).items() if why == "sensitivity"
+        ]
+        or None,
         "reported_error": r.error,
         "measured_error": r.measured_error,
         "unfused": r.details.get("ort_fusion", {}).get("unfused"),
@@ -144,18 +123,10 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
 
 
 def minilm_rows(quick: bool) -> list[dict]:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
     from onnxpress.datasets import evaluation_sentences
     from onnxpress.evaluation import embedding_fidelity
 
-    src = _export("minilm")
+    src = cached_export("minilm")
     tok = src.parent
     out = WORK / "minilm"
     out.mkdir(parents=True, exist_ok=True)
@@ -180,23 +151,10 @@ def minilm_rows(quick: bool) -> list[dict]:
         paths[name] = path
 
     row("fp32", src)
-    p = out / "ort_dynamic.onnx"
-    quantize_dynamic(str(src), str(p), per_channel=True, weight_type=QuantType.QInt8)
-    row("ORT quantize_dynamic per-channel s8", p)
-    p = out / "ort_static.onnx"
-    quantize_static(
-        str(src),
-        str(p),
-        _Reader(calib[:8], 128),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
-    row("ORT quantize_static QDQ all ops u8/s8", p)
+    row("ORT quantize_dynamic per-channel s8", peers.ort_quantize_dynamic(src, out, calib))
+    row("ORT quantize_static QDQ all ops u8/s8", peers.ort_quantize_static(src, out, calib))
     try:
-        row("Optimum ORTQuantizer avx2 dynamic", _optimum_avx2(src, out))
+        row("Optimum ORTQuantizer avx2 dynamic", peers.optimum_avx2(src, out, calib))
     except Exception as exc:  # a tool failing is a result too
         rows.append(
             {"model": "minilm", "variant": "Optimum ORTQuantizer avx2 dynamic", "error": str(exc)[:200]}
@@ -205,11 +163,22 @@ def minilm_rows(quick: bool) -> list[dict]:
     info = _ours(src, p, ["quantize:mode=static"], calib, tok)
     row("onnxpress static u8 (smooth+GPTQ+auto ranges)", p, info)
     p = out / "onnxpress_static_budget.onnx"
-    info = _ours(src, p, ["quantize:mode=static,budget=0.003,budget_metric=cosine,sensitivity=local"], calib, tok)
+    info = _ours(
+        src, p, ["quantize:mode=static,budget=0.003,budget_metric=cosine,sensitivity=local"], calib, tok
+    )
     row("onnxpress static u8, budget 1-cos<=0.003", p, info)
     p = out / "onnxpress_dynamic.onnx"
     info = _ours(src, p, ["quantize:mode=dynamic"], calib, tok)
     row("onnxpress dynamic (smooth+GPTQ)", p, info)
+    p = out / "onnxpress_prune_lowrank_static.onnx"
+    info = _ours(
+        src,
+        p,
+        ["prune_ffn:fraction=0.1", "lowrank:fraction=0.1", "quantize:mode=static"],
+        calib,
+        tok,
+    )
+    row("onnxpress prune_ffn 0.1 + lowrank 0.1 + static u8", p, info)
     for batch in (1, 8):
         for name, ms in _interleaved_latency(paths, batch, rounds=3 if quick else 7).items():
             next(r for r in rows if r["variant"] == name)[f"latency_b{batch}_ms"] = round(ms, 2)
@@ -217,38 +186,15 @@ def minilm_rows(quick: bool) -> list[dict]:
 
 
 def _interleaved_latency(paths: dict[str, Path], batch: int, rounds: int, runs: int = 5) -> dict[str, float]:
-    """Median latency per model, measured round-robin so that load from other processes on
-    the machine hits every variant alike (absolute numbers are only comparable within a run)."""
+    """Median latency (ms) per model, measured round-robin (``common.time_alternating``) so that
+    load from other processes hits every variant alike (absolute numbers: this run only)."""
     from onnxpress.calibration import make_feeds
 
     sessions = {name: _session(p) for name, p in paths.items()}
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, 128)).astype(np.int64)
     feeds = {name: make_feeds(s, ids, np.ones_like(ids)) for name, s in sessions.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, s in sessions.items():
-        s.run(None, feeds[name])
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feeds[name])
-                times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
-def _optimum_avx2(src: Path, out: Path) -> Path:
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    tmp = out / "optimum_in"
-    tmp.mkdir(exist_ok=True)
-    for f in src.parent.iterdir():
-        if f.is_file() and not (tmp / f.name).exists():
-            shutil.copy(f, tmp / f.name)
-    quantizer = ORTQuantizer.from_pretrained(tmp, file_name="model.onnx")
-    qconfig = AutoQuantizationConfig.avx2(is_static=False, per_channel=True)
-    quantizer.quantize(save_dir=out / "optimum", quantization_config=qconfig)
-    return out / "optimum" / "model_quantized.onnx"
+    calls = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}
+    return {name: sec * 1e3 for name, sec in time_alternating(calls, repeats=rounds * runs).items()}
 
 
 # -- SmolLM2 -----------------------------------------------------------------------------------
@@ -269,25 +215,29 @@ def _tokens_per_s(path: Path, seq: int = 256) -> float:
     return seq / statistics.median(times)
 
 
-def smollm2_rows(quick: bool) -> list[dict]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+SMOLLM2_ROWS = ("fp32", "ort_dynamic", "dynamic", "ort_rtn", "int4")
+
+
+def smollm2_rows(quick: bool, wanted=SMOLLM2_ROWS, save=None) -> list[dict]:
+    """The SmolLM2 rows named in ``wanted`` (several processes may each run some: every row is
+    merged into the results file as soon as it is measured, via ``save``)."""
 
     from onnxpress.evaluation import perplexity
 
-    src = _export("smollm2")
+    src = cached_export("smollm2")
     tok = src.parent
     out = WORK / "smollm2"
     out.mkdir(parents=True, exist_ok=True)
     windows = 16 if quick else 48
-    calib = _calibration(src, tok, 256, 4, 32 if quick else 64).batches
+    # 32 x 256 tokens: ample for 576- and 1536-wide Hessians; every batch is a full model run
+    calib = _calibration(src, tok, 256, 4, 16 if quick else 32).batches
     rows = []
-    fp32 = None
+    fp32 = None if "fp32" in wanted else _stored_fp32_ppl(windows)
 
     def row(name: str, path: Path, extra: dict | None = None):
         nonlocal fp32
         ppl = perplexity(str(path), tok, max_windows=windows)
-        fp32 = fp32 or ppl
+        fp32 = fp32 or (ppl if name == "fp32" else perplexity(str(src), tok, max_windows=windows))
         r = {
             "model": "smollm2",
             "variant": name,
@@ -300,80 +250,101 @@ def smollm2_rows(quick: bool) -> list[dict]:
         }
         print(json.dumps(r), flush=True)
         rows.append(r)
+        if save is not None:
+            save(r)
 
-    row("fp32", src)
-    p = out / "ort_dynamic.onnx"
-    quantize_dynamic(str(src), str(p), per_channel=True, weight_type=QuantType.QInt8)
-    row("ORT quantize_dynamic int8 per-channel", p)
-    p = out / "onnxpress_dynamic.onnx"
-    info = _ours(src, p, ["quantize:mode=dynamic"], calib, tok)
-    row("onnxpress dynamic int8 (smooth+GPTQ)", p, info)
-    import onnx
-
-    p = out / "ort_rtn_int4_b32.onnx"
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=False)
-    q.process()
-    q.model.save_model_to_file(str(p), use_external_data_format=False)
-    row("ORT MatMulNBitsQuantizer RTN int4 b32 asym", p)
-    p = out / "onnxpress_int4_b32.onnx"
-    info = _ours(src, p, ["quantize:mode=weight_only,bits=4,block_size=32"], calib, tok)
-    row("onnxpress weight_only int4 b32 GPTQ", p, info)
+    if "fp32" in wanted:
+        row("fp32", src)
+    if "ort_dynamic" in wanted:
+        row("ORT quantize_dynamic int8 per-channel", peers.ort_quantize_dynamic(src, out, calib))
+    if "dynamic" in wanted:
+        _smollm2_dynamic(src, out, calib, tok, row)
+    if "int4" in wanted:
+        p = out / "onnxpress_int4_b32.onnx"
+        info = _ours(src, p, ["quantize:mode=weight_only,bits=4,block_size=32,lm_head_bits=8"], calib, tok)
+        # lm_head_bits=8 would keep an untied LM head at int8; SmolLM2's is tied to the embedding
+        # (no constant MatMul weight), so it stays float here as in ORT's RTN row
+        row("onnxpress weight_only int4 b32 GPTQ act-order", p, info)
+    if "ort_rtn" in wanted:
+        row("ORT MatMulNBitsQuantizer RTN int4 b32 asym", peers.ort_matmul_nbits(src, out, calib))
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    cols = [
-        "model",
-        "variant",
-        "cosine_mean",
-        "cosine_min",
-        "latency_b1_ms",
-        "latency_b8_ms",
-        "perplexity",
-        "ppl_vs_fp32_pct",
-        "prefill_tokens_per_s",
-        "size_mb",
-    ]
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    for r in rows:
-        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
-    return "\n".join(lines)
+def _stored_fp32_ppl(windows: int) -> float | None:
+    """fp32 perplexity from the results file (deterministic: the same model, windows and ORT)."""
+    if not RESULTS.exists():
+        return None
+    for r in json.loads(RESULTS.read_text()).get("rows", []):
+        if r.get("model") == "smollm2" and r.get("variant") == "fp32" and r.get("ppl_windows") == windows:
+            return r["perplexity"]
+    return None
+
+
+def _smollm2_dynamic(src, out, calib, tok, row) -> None:
+    p = out / "onnxpress_dynamic_budget.onnx"
+    # the sensitivity search keeps the MatMuls whose int8 error hurts the logits most in float
+    # until the calibration logits are within BUDGET (relative L2) of fp32
+    spec = f"quantize:mode=dynamic,budget={SMOLLM2_INT8_BUDGET},sensitivity_batches=2"
+    info = _ours(src, p, [spec], calib, tok)
+    row(f"onnxpress dynamic int8 (smooth+GPTQ), budget rel-L2 {SMOLLM2_INT8_BUDGET}", p, info)
+
+
+COLUMNS = [
+    "model",
+    "variant",
+    "cosine_mean",
+    "cosine_min",
+    "latency_b1_ms",
+    "latency_b8_ms",
+    "perplexity",
+    "ppl_vs_fp32_pct",
+    "prefill_tokens_per_s",
+    "size_mb",
+    "pass_seconds",
+    "run",
+]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("minilm", "smollm2", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="fewer sentences / windows / calibration samples")
+    ap.add_argument(
+        "--rows", default=",".join(SMOLLM2_ROWS), help=f"SmolLM2 rows to run, of {','.join(SMOLLM2_ROWS)}"
+    )
     args = ap.parse_args(argv)
     os.environ["ONNXPRESS_THREADS"] = str(THREADS)
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = []
-    if args.part in ("minilm", "all"):
-        rows += minilm_rows(args.quick)
-    if args.part in ("smollm2", "all"):
-        rows += smollm2_rows(args.quick)
-    for r in rows:
-        r["run"] = run_id
-    kept = []
-    if RESULTS.exists() and args.part != "all":
-        other = "smollm2" if args.part == "minilm" else "minilm"
-        kept = [r for r in json.loads(RESULTS.read_text()).get("rows", []) if r.get("model") == other]
-    all_rows = kept + rows if args.part == "smollm2" else rows + kept
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    import onnxruntime
+    command = " ".join(["nice python bench/bench_quantize.py", *(argv or sys.argv[1:])])
 
-    RESULTS.write_text(
-        json.dumps(
-            {
+    def save(new_rows: list[dict]) -> None:
+        """Merge into the results file: rows of other variants (other parts, other processes)
+        are kept with the run they came from."""
+        for r in new_rows:
+            r.setdefault("run", run_id)
+        keys = {(r["model"], r["variant"]) for r in new_rows}
+        old = json.loads(RESULTS.read_text()).get("rows", []) if RESULTS.exists() else []
+        merged = [r for r in old if (r.get("model"), r.get("variant")) not in keys] + new_rows
+        order = {"minilm": 0, "smollm2": 1}
+        merged.sort(key=lambda r: order.get(r.get("model"), 2))
+        write_results(
+            "quantize",
+            merged,
+            command=command,
+            notes={
                 "threads": THREADS,
-                "onnxruntime": onnxruntime.__version__,
                 "quick": args.quick,
-                "rows": all_rows,
+                "load_average": os.getloadavg(),
+                "shared_machine": "2 cores shared with other jobs: latencies are medians of "
+                "round-robin runs; compare rows within one run only",
             },
-            indent=1,
+            columns=COLUMNS,
         )
-    )
-    print(_table(all_rows))
+
+    if args.part in ("minilm", "all"):
+        save(minilm_rows(args.quick))
+    if args.part in ("smollm2", "all"):
+        smollm2_rows(args.quick, args.rows.split(","), save=lambda r: save([r]))
     return 0
 
 

@@ -24,7 +24,9 @@ INSPECT_EXAMPLES = """examples:
 """
 COMPILE_EXAMPLES = """examples:
   onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe lossless
-  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe balanced --calib sotu   # SOTU calibration split
+  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --calib sotu    # default recipe: balanced
+  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --recipe small --calib sotu
+  onnxpress compile build/minilm/model.onnx -o out/minilm.onnx --budget 0.01 --objective latency --calib sotu
   onnxpress compile model.onnx -o out.onnx --passes cleanup prune_heads:fraction=0.33 --calib calib.npz
   onnxpress compile model.onnx -o out.onnx --recipe my_recipe.yaml --calib texts.jsonl --tokenizer hf_dir/
 The report is written beside the model as OUT.report.json.
@@ -57,8 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=".onnx file")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (its report goes beside it)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--recipe", help="packaged recipe name or a YAML file (default: lossless)")
+    group.add_argument("--recipe", help="packaged recipe (lossless, balanced, small, edge-int4) or a YAML file "
+                       "(default: balanced; lossless when no --calib is given)")
     group.add_argument("--passes", nargs="+", metavar="PASS[:key=value,...]", help="passes to run, in order")
+    group.add_argument("--budget", type=float, metavar="LOSS",
+                       help="search pass strengths for the best model within this fidelity loss on held-out "
+                       "calibration data (1 - cosine for encoders, relative perplexity increase for decoders), e.g. 0.01")
+    p.add_argument("--objective", choices=["latency", "size"], default="latency",
+                   help="what --budget minimises (default: latency)")
     p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration data: text/JSONL files or folders, one .npz, or 'sotu' (the shared SOTU calibration split)")
     p.add_argument("--tokenizer", help="tokenizer folder for text calibration (default: the model's folder)")
     p.add_argument("--max-samples", type=int, help="calibration samples to use")
@@ -113,6 +121,8 @@ def _cmd_compile(args) -> int:
         verify=not args.no_verify,
         external_data=args.external_data or None,
         progress=not args.quiet and sys.stderr.isatty(),
+        budget=args.budget,
+        objective=args.objective,
     )
     print(report.format_table())
     print(f"report: {report_path(args.output)}")

@@ -12,15 +12,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx_ir as ir
+
 from onnxpress.datasets import TOKENIZER_FILES, describe_split, find_tokenizer_dir, sotu_files
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import load_model, save_model
-from onnxpress.pass_infra import build_pass
+from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pass_manager import CompileContext, PassManager
-from onnxpress.recipe import Recipe, load_recipe, parse_pass_args
+from onnxpress.recipe import PassSpec, Recipe, load_recipe, parse_pass_args
 from onnxpress.report import CompileReport
 
-DEFAULT_RECIPE = "lossless"
+DEFAULT_RECIPE = "balanced"
+# What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
+NO_CALIBRATION_RECIPE = "lossless"
 # `--calib sotu`: the calibration split of the shared SOTU speeches (disjoint from evaluation).
 NAMED_CALIBRATION = "sotu"
 DEFAULT_MAX_SAMPLES = 256
@@ -32,12 +36,42 @@ def report_path(output: str | os.PathLike) -> Path:
     return Path(output).with_suffix(".report.json")
 
 
-def resolve_recipe(recipe: str | os.PathLike | None, passes: Sequence[str] | None) -> Recipe:
+def resolve_recipe(
+    recipe: str | os.PathLike | None, passes: Sequence[str] | None, *, has_calibration: bool = True
+) -> Recipe:
     if recipe is not None and passes:
         raise OnnxpressError("give either --recipe or --passes, not both")
     if passes:
         return parse_pass_args(list(passes))
+    if recipe is None and not has_calibration:
+        return load_recipe(NO_CALIBRATION_RECIPE)
     return load_recipe(recipe or DEFAULT_RECIPE)
+
+
+def model_kind(model: ir.Model) -> str:
+    """'decoder' when the model emits logits (a language model), else 'encoder'."""
+    return "decoder" if any(v.name == "logits" for v in model.graph.outputs) else "encoder"
+
+
+def select_passes(plan: Recipe, model: ir.Model, *, has_calibration: bool) -> tuple[list[PassSpec], list[str]]:
+    """The recipe's passes that run on ``model``, and a note for each optional one skipped."""
+    kind = model_kind(model)
+    specs = [s for s in plan.passes if s.applies_to(kind)]
+    notes: list[str] = []
+    if any(s.optional and get_pass(s.name).needs_attention for s in specs):
+        from onnxpress.analysis import analyze
+
+        if not analyze(model).has_attention:
+            skipped = [s for s in specs if s.optional and get_pass(s.name).needs_attention]
+            notes += [f"skipped optional pass {s.name}: no transformer attention recognised" for s in skipped]
+            specs = [s for s in specs if s not in skipped]
+    if not has_calibration:
+        skipped = [s for s in specs if s.optional and get_pass(s.name).needs_calibration]
+        notes += [f"skipped optional pass {s.name}: it needs calibration data (--calib)" for s in skipped]
+        specs = [s for s in specs if s not in skipped]
+    if not specs:
+        raise OnnxpressError(f"recipe {plan.name}: no pass applies to this {kind} model: choose another recipe")
+    return specs, notes
 
 
 def load_calibration(
@@ -84,18 +118,43 @@ def compile_model(
     verify: bool = True,
     external_data: bool | None = None,
     progress: bool = True,
+    budget: float | None = None,
+    objective: str = "latency",
+    search_seconds: float = 540.0,
 ) -> CompileReport:
+    """Compile ``model`` with a recipe, a pass list, or (``budget``) the automatic search.
+
+    ``budget``: the largest fidelity loss allowed on the held-out calibration split
+    (see ``onnxpress.auto_search``); ``objective``: what the search minimises,
+    ``latency`` or ``size``; ``search_seconds``: wall time after which the search stops
+    probing (the final measurement still runs).
+    """
     from onnxpress.calibration import CalibrationSet
 
     start = time.perf_counter()
     src, out = Path(model), Path(output)
     if out.suffix != ".onnx":
         raise OnnxpressError(f"output {out} must end in .onnx: choose a name like model.compressed.onnx")
-    plan = resolve_recipe(recipe, passes)
-    pass_objs = [build_pass(spec.name, spec.settings) for spec in plan.passes]
-    manager = PassManager(pass_objs, verify=verify, progress=progress)
+    if budget is not None:
+        from onnxpress.auto_search import check_search_args
+
+        check_search_args(budget, objective, recipe, passes, calib)
+        plan = Recipe(name=f"auto (budget {budget:g}, objective {objective})", passes=[])
+    else:
+        plan = resolve_recipe(recipe, passes, has_calibration=bool(calib))
+        for spec in plan.passes:  # validate every setting before any slow work
+            build_pass(spec.name, spec.settings)
 
     ir_model = load_model(src)
+    notes: list[str] = []
+    if recipe is None and not passes and not calib and budget is None:
+        notes.append(f"no --calib given: ran the {NO_CALIBRATION_RECIPE} recipe instead of {DEFAULT_RECIPE}")
+    specs: list[PassSpec] = []
+    if budget is None:
+        specs, skipped = select_passes(plan, ir_model, has_calibration=bool(calib))
+        notes += skipped
+    pass_objs = [build_pass(spec.name, spec.settings) for spec in specs]
+    manager = PassManager(pass_objs, verify=verify, progress=progress)
     manager.check_applicable(ir_model, src.name)
     tok_dir = _tokenizer_dir(src, tokenizer_dir)
     calibration = load_calibration(
@@ -123,7 +182,18 @@ def compile_model(
     ctx = CompileContext(
         verification=verification, calibration=calibration, tokenizer_dir=tok_dir, seed=seed, threads=threads
     )
-    results = manager.run(ir_model, ctx)
+    extra: dict = {}
+    if budget is not None:
+        from onnxpress.auto_search import SearchSettings, search
+
+        found = search(ir_model, ctx, SearchSettings(budget=budget, objective=objective, max_seconds=search_seconds), kind=model_kind(ir_model),
+                       progress=progress)
+        ir_model, results = found.model, found.results
+        extra["search"] = found.to_dict()
+    else:
+        results = manager.run(ir_model, ctx)
+    if notes:
+        extra["notes"] = notes
 
     save_model(ir_model, out, external_data=external_data)
     report = CompileReport(
@@ -135,6 +205,7 @@ def compile_model(
         size_before=_file_size(src),
         size_after=_file_size(out),
         seconds=time.perf_counter() - start,
+        extra=extra,
     )
     try:
         report.write_json(report_path(out))

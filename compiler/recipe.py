@@ -5,7 +5,13 @@ A recipe is a YAML file (packaged ones live in ``onnxpress/recipes/``)::
     description: cleanup, then exact attention fusion
     passes:
       - cleanup
-      - prune_heads: {fraction: 0.33}
+      - attention: {target: onnxruntime, optional: true}
+      - prune_heads: {fraction: 0.33, only: encoder}
+
+Two recipe-level keys sit beside a pass's settings (they are not pass settings):
+``optional: true`` skips a pass that cannot apply to the model (no recognisable
+attention) with a note in the report instead of failing, and ``only: encoder`` /
+``only: decoder`` runs the pass only for that kind of model (decoders emit ``logits``).
 
 On the command line the same is written ``--passes cleanup prune_heads:fraction=0.33,repair=true``.
 """
@@ -23,10 +29,18 @@ from onnxpress.errors import OnnxpressError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
+MODEL_KINDS = ("encoder", "decoder")
+
+
 @dataclass
 class PassSpec:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
+    optional: bool = False  # skip (with a note) when the pass cannot apply, rather than fail
+    only: str | None = None  # "encoder" / "decoder": run only for that kind of model
+
+    def applies_to(self, kind: str) -> bool:
+        return self.only is None or self.only == kind
 
 
 @dataclass
@@ -72,7 +86,7 @@ def _spec_from_yaml(item: Any, path: Path) -> PassSpec:
     if isinstance(item, dict) and len(item) == 1:
         (name, settings), = item.items()
         if settings is None or isinstance(settings, dict):
-            return PassSpec(str(name), dict(settings or {}))
+            return _with_recipe_keys(str(name), dict(settings or {}), str(path))
     raise OnnxpressError(f"recipe {path}: each pass is a name or 'name: {{setting: value}}', got {item!r}")
 
 
@@ -87,5 +101,16 @@ def parse_pass_args(args: list[str]) -> Recipe:
             if not eq:
                 raise OnnxpressError(f"--passes {arg!r}: settings are written name:key=value,key=value")
             settings[key.strip()] = yaml.safe_load(value)
-        specs.append(PassSpec(name.strip(), settings))
+        specs.append(_with_recipe_keys(name.strip(), settings, f"--passes {arg!r}"))
     return Recipe(name="command-line", passes=specs)
+
+
+def _with_recipe_keys(name: str, settings: dict[str, Any], where: str) -> PassSpec:
+    """Split the recipe-level keys (optional, only) from the pass's own settings."""
+    optional = settings.pop("optional", False)
+    only = settings.pop("only", None)
+    if not isinstance(optional, bool):
+        raise OnnxpressError(f"{where}: {name}: 'optional' must be true or false, got {optional!r}")
+    if only is not None and only not in MODEL_KINDS:
+        raise OnnxpressError(f"{where}: {name}: 'only' must be encoder or decoder, got {only!r}")
+    return PassSpec(name, settings, optional=optional, only=only)

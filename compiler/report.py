@@ -68,7 +68,26 @@ class CompileReport:
             f"file size {_si(self.size_before, 'B')} -> {_si(self.size_after, 'B')}, "
             f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s"
         )
-        return summary + "\n" + "\n".join(lines)
+        notes = "".join(f"\nnote: {n}" for n in self.extra.get("notes", []))
+        return summary + "\n" + "\n".join(lines) + notes + self._format_search()
+
+    def _format_search(self) -> str:
+        """The automatic search's trace: one line per measured candidate."""
+        found = self.extra.get("search")
+        if not found:
+            return ""
+        lines = [
+            f"\nsearch (budget {found['budget']:g}, objective {found['objective']}; loss = {found['loss']}), "
+            f"{found['seconds']:.0f}s:"
+        ]
+        for c in found["trace"]:
+            mark = "*" if c["label"] == found["chosen"] else " "
+            lines.append(
+                f" {mark} {c['label']}: loss {c['loss']:.4g}{'' if c['fits'] else ' (over budget)'}, "
+                f"{c['latency_ms']:.3g} ms, {_si(c['size_bytes'], 'B')}, {c['seconds']:.0f}s"
+            )
+        lines += [f"   note: {n}" for n in found.get("notes", [])]
+        return "\n".join(lines)
 
 
 def _si(n: float, unit: str = "") -> str:

@@ -7,4 +7,5 @@ from onnxpress.passes import (  # noqa: F401
     prune_ffn,
     prune_heads,
     quantize,
+    share_weights,
 )

@@ -17,6 +17,12 @@ exporter spread over Q, K and the scores, and the model's own mask. ``window > 0
 (target onnxpress only) restricts each query to the ``window`` nearest keys: an
 approximation whose error is measured and reported like any lossy pass.
 
+Chunked / speculative decoding (several new tokens after a KV cache at batch > 1):
+ORT's GroupQueryAttention refuses it at run time, so with ``chunked_decoding: true`` the
+onnxruntime target uses MultiHeadAttention (the model's own mask as bias) for cached
+layers, and leaves grouped-query layers alone with a one-line reason (use the onnxpress
+or onnx target there); both of those take such steps at any batch.
+
 KV cache: the fused node takes the cache graph inputs as past_key / past_value
 (BNSH, as exported) and takes over the ``present.*`` graph outputs, names included.
 Layers are matched by the analysis map (head counts per layer, so head-pruned models
@@ -47,6 +53,9 @@ class AttentionConfig(PassConfig):
     # >0: each query attends only to keys within this many positions (approximate; onnxpress only)
     window: int = 0
     layers: list[int] | None = None  # layer indices to substitute; None = all
+    # True: the model will be run with several new tokens after a KV cache at batch > 1
+    # (chunked / speculative decoding); target onnxruntime then avoids GroupQueryAttention there
+    chunked_decoding: bool = False
 
     def validate(self) -> None:
         if self.window < 0:
@@ -71,11 +80,13 @@ class AttentionPass(Pass):
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: AttentionConfig = self.config
-        return substitute_attention(model, cfg.target, window=cfg.window, layers=cfg.layers)
+        return substitute_attention(model, cfg.target, window=cfg.window, layers=cfg.layers,
+                                    chunked_decoding=cfg.chunked_decoding)
 
 
 def substitute_attention(
-    model: ir.Model, target: str = "onnxruntime", *, window: int = 0, layers: list[int] | None = None
+    model: ir.Model, target: str = "onnxruntime", *, window: int = 0, layers: list[int] | None = None,
+    chunked_decoding: bool = False,
 ) -> Outcome:
     """Rewrite ``model`` in place; the pass's work, callable without a compile context."""
     if target == "onnx":
@@ -99,7 +110,7 @@ def substitute_attention(
     shared: dict = {}
     for index, site in sites:
         builder = Builder(graph, f"/attention_fused/layer{index}", shared=shared)
-        built = build_fused(builder, site, target, window)
+        built = build_fused(builder, site, target, window, chunked_decoding)
         if isinstance(built, str):
             per_layer.append({"layer": index, "skipped": built})
             continue
@@ -121,7 +132,7 @@ def substitute_attention(
             common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
     per_layer.sort(key=lambda r: r["layer"])
-    details = {"target": target, "window": window, "ops": ops, "layers": per_layer,
+    details = {"target": target, "window": window, "chunked_decoding": chunked_decoding, "ops": ops, "layers": per_layer,
                "skipped": sum(1 for r in per_layer if "skipped" in r)}
     if window:
         details["note"] = f"approximate: sliding window of {window} keys; the error is measured, not zero"

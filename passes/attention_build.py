@@ -125,8 +125,17 @@ def padding_mask(site: Site) -> tuple[ir.Value | None, str | None]:
     return (next(iter(sources.values())) if sources else None), None
 
 
-def build_fused(b: Builder, site: Site, target: str, window: int) -> tuple[ir.Node, str] | str:
-    """Create the fused node for ``site``; returns (node, op name) or why it does not apply."""
+# GroupQueryAttention in ORT (1.31) rejects several new tokens after a KV cache unless batch is 1
+GQA_CHUNK_LIMIT = ("com.microsoft.GroupQueryAttention cannot take several new tokens after a KV cache at "
+                   "batch > 1 (ORT's limit)")
+
+
+def build_fused(b: Builder, site: Site, target: str, window: int,
+                chunked_decoding: bool = False) -> tuple[ir.Node, str] | str:
+    """Create the fused node for ``site``; returns (node, op name) or why it does not apply.
+    ``chunked_decoding``: the model will run several new tokens after a KV cache at batch > 1,
+    which rules GroupQueryAttention out for cached layers (MultiHeadAttention with the model's
+    own mask as bias stands in where the heads allow)."""
     att = site.att
     h, hkv = att.num_heads, att.num_kv_heads
     n_out = 3 if site.k.present is not None else 1
@@ -136,19 +145,18 @@ def build_fused(b: Builder, site: Site, target: str, window: int) -> tuple[ir.No
         if why:
             return f"onnxpress.Attention cannot express {why}"
         q, k, v = b.qkv(site)
-        # onnxpress.Attention's shape inference copies the query's shape; an unnamed unknown
-        # dim comes out as a literal -1 there, so name the query's dims (see the report)
-        q.shape = ir.Shape([ir.SymbolicDim(f"{b.prefix}/batch"), ir.SymbolicDim(f"{b.prefix}/q_len"),
-                            h * att.head_size])
-        q.type = ir.TensorType(site.q.value.dtype or ir.DataType.FLOAT)
         attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": site.scale, "causal": int(att.causal)}
         if window:
             attrs["window"] = window
         outs = b.op("Attention", [q, k, v, mask, past_k, past_v], attrs, domain="onnxpress", num_outputs=n_out)
         return _node(outs), "onnxpress.Attention"
     if target == "onnxruntime":
+        gqa_ruled_out = chunked_decoding and past_k is not None
+        if gqa_ruled_out and (hkv != h or not site.terms):
+            why = "grouped-query heads" if hkv != h else "no mask term to pass as its bias"
+            return f"{GQA_CHUNK_LIMIT} and MultiHeadAttention cannot stand in ({why}); use target onnxpress or onnx"
         q, k, v = b.qkv(site)
-        if att.causal:
+        if att.causal and not gqa_ruled_out:
             _, why = padding_mask(site)
             # a pure causal mask is GroupQueryAttention's own; anything else goes in as the bias
             bias = b.bias(site.terms, q) if why or any(t.padding_source is not None for t in site.terms) else None

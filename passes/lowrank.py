@@ -2,19 +2,22 @@
 
 Calibration -> decision -> rewrite:
 
-1. the matrices: FFN up/gate/down and attention Q/K/V/O from the analysis map (or
-   any constant-weight MatMul/Gemm whose node or weight name matches a regex);
+1. the matrices: FFN up/gate/down by default, or any roles (attention Q/K/V/O ...) from the
+   analysis map, or any constant-weight MatMul/Gemm whose node or weight name matches a regex;
 2. capture the Gram matrix X^T X of each matrix's input on calibration data and
    decompose each W by activation-aware (whitened) SVD, whose dropped singular values
    are the output error on that data (``method: plain`` = SVD of W, the baseline);
-3. choose ranks under one budget (``fraction`` of the selected matrices' parameters
-   or MACs): ``uniform`` (every matrix loses that fraction) or ``global`` (greedy on
+3. choose ranks under one budget: ``fraction`` of the parameters (or MACs) of all the layers'
+   linear matrices (``scope: linear``) or of the selected ones (``scope: selected``);
+   ``uniform`` (every selected matrix loses the same share) or ``global`` (greedy on
    normalised truncation loss per parameter saved); a rank at which the two factors
    would cost as much as W is never used;
 4. fit and rewrite; with ``sequential`` the factors of each group of matrices are fitted
    on the inputs of the model compressed so far, by least squares to the original
-   outputs X W, so later layers absorb earlier errors; ``bias_correction`` restores
-   the mean output on calibration data.
+   outputs X W, so later layers absorb earlier errors (``residual_correction``: a matrix
+   feeding a residual Add also cancels what it can of the residual stream's upstream
+   error); ``bias_correction`` restores the mean output on calibration data. The
+   sequential inputs come from running the model segment by segment (``_Stream``).
 
 The numerics are in :mod:`onnxpress.passes.lowrank_fit`; bench/bench_lowrank.py
 compares the options end to end on MiniLM and SmolLM2 and motivates the defaults.
@@ -29,32 +32,42 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 from threadpoolctl import threadpool_limits
 
 from onnxpress.activations import token_rows
 from onnxpress.analysis import as_linear
 from onnxpress.analysis.graph_utils import const_array
+from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import model_proto
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes import lowrank_fit as fit
-from onnxpress.runtime import make_session
+from onnxpress.passes.graph_edit import add_initializer, drop_unused_initializers, remove_dead_nodes
+from onnxpress.runtime import make_session, session_feeds
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+DEFAULT_INCLUDE = ("ffn.up", "ffn.gate", "ffn.down")
 
 
 @dataclass
 class LowRankConfig(PassConfig):
-    # share of the selected matrices' parameters (target=params) or MACs per token (target=macs) to
-    # remove; for these matrices both are r * (d_in + d_out) after a split, so the ranks are the same
+    # share of parameters (target=params) or MACs per token (target=macs) to remove; for these
+    # matrices both are r * (d_in + d_out) after a split, so the ranks are the same
     fraction: float = 0.2
+    # what ``fraction`` is a share of: "linear" = all the layers' attention Q/K/V/O + FFN matrices
+    # of the analysis map (whichever ``include`` selects), "selected" = the selected matrices only
+    scope: Literal["linear", "selected"] = "linear"
     target: Literal["params", "macs"] = "params"
     method: Literal["whitened", "plain"] = "whitened"
     allocation: Literal["uniform", "global"] = "uniform"
     # roles (ffn.up, attn.q, ...) from the analysis map, or regexes on node / weight names
-    include: list[str] = field(default_factory=lambda: list(ROLES))
+    # default FFN only: at the same share of all linear parameters, splitting the FFN matrices harder
+    # kept MiniLM's embeddings closer than splitting attention too (bench/bench_lowrank.py)
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     sequential: bool = True
     bias_correction: bool = True
+    # sequential fits of matrices feeding a residual Add (attention O, FFN down) also cancel what
+    # their inputs predict of the upstream error already in the residual stream
+    residual_correction: bool = True
     eps: float = fit.DEFAULT_EPS  # Cholesky ridge, relative to the mean Gram diagonal
     max_batches: int | None = None  # calibration batches used (None: all)
 
@@ -189,6 +202,20 @@ class InputStats:
     def zeros(cls, d: int) -> InputStats:
         return cls(np.zeros((d, d)), np.zeros(d), 0, np.zeros((d, d)), np.zeros((d, d)), np.zeros(d))
 
+    def add(self, x: np.ndarray, x_ref: np.ndarray | None, mask: np.ndarray | None) -> None:
+        """Accumulate one batch (padding excluded); ``x_ref`` None: only X' terms."""
+        # per-batch products in float32 (BLAS sgemm, half the time of float64; a batch has
+        # few thousand rows, far from where float32 sums lose digits), accumulated in float64
+        rows = token_rows(x, mask).astype(np.float32)
+        self.gram += rows.T @ rows
+        self.total += rows.sum(0, dtype=np.float64)
+        self.count += rows.shape[0]
+        if x_ref is not None:
+            ref_rows = token_rows(x_ref, mask).astype(np.float32)
+            self.cross += rows.T @ ref_rows
+            self.gram_ref += ref_rows.T @ ref_rows
+            self.total_ref += ref_rows.sum(0, dtype=np.float64)
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
@@ -196,6 +223,42 @@ class InputStats:
     @property
     def mean_ref(self) -> np.ndarray:
         return self.total_ref / max(self.count, 1)
+
+
+@dataclass
+class ResidualStats:
+    """What a matrix's output is added to (the residual stream at a residual Add): its upstream
+    error D = R - R' (original minus compressed) against the inputs, so the split matrix can
+    also cancel the part of that error its inputs predict."""
+
+    cross: np.ndarray  # X'^T D
+    cross_ref: np.ndarray  # X^T D
+    total: np.ndarray  # sum of D rows
+    sq: float = 0.0  # ||D||^2
+
+    @classmethod
+    def zeros(cls, d_in: int, d_out: int) -> ResidualStats:
+        return cls(np.zeros((d_in, d_out)), np.zeros((d_in, d_out)), np.zeros(d_out))
+
+    def add(self, x, x_ref, r, r_ref, mask) -> None:
+        rows, ref_rows = token_rows(x, mask).astype(np.float32), token_rows(x_ref, mask).astype(np.float32)
+        diff = token_rows(r_ref, mask).astype(np.float32) - token_rows(r, mask).astype(np.float32)
+        self.cross += rows.T @ diff
+        self.cross_ref += ref_rows.T @ diff
+        self.total += diff.sum(0, dtype=np.float64)
+        self.sq += float(np.sum(diff.astype(np.float64) ** 2))
+
+
+def residual_of(m: Matrix) -> ir.Value | None:
+    """The other input of the Add that takes m's output (after its bias), when it is not a
+    constant: the residual stream for attention O and FFN down projections."""
+    out = (m.bias_node or m.node).outputs[0]
+    for node, _ in out.uses():
+        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            other = node.inputs[1] if node.inputs[0] is out else node.inputs[0]
+            if other is not None and other is not out and other.const_value is None and const_array(other) is None:
+                return other
+    return None
 
 
 def _probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataType], threads: int | None):
@@ -210,7 +273,7 @@ def _probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataT
         if value.dtype is None:
             value.dtype = dtypes[name]  # ORT needs the element type of every graph output
         probe.graph.outputs.append(value)
-    common.RemoveUnusedNodesPass()(probe)
+    remove_dead_nodes(probe)
     return make_session(probe, threads=threads)
 
 
@@ -229,41 +292,90 @@ def collect_stats(
     ref_session = _probe_session(reference, names, dtypes, threads) if reference is not None else None
     stats: dict[str, InputStats] = {}
     for feeds in batches:
-        wanted = {i.name for i in session.get_inputs()}
-        feed = {k: v for k, v in feeds.items() if k in wanted}
-        outs = session.run(names, feed)
-        refs = ref_session.run(names, feed) if ref_session is not None else [None] * len(names)
+        outs = session.run(names, session_feeds(session, feeds))
+        refs = (ref_session.run(names, session_feeds(ref_session, feeds)) if ref_session is not None
+                else [None] * len(names))
         for name, x, x_ref in zip(names, outs, refs, strict=True):
-            # per-batch products in float32 (BLAS sgemm, half the time of float64; a batch has
-            # few thousand rows, far from where float32 sums lose digits), accumulated in float64
-            rows = token_rows(x, feeds.get("attention_mask")).astype(np.float32)
-            s = stats.get(name)
-            if s is None:
-                s = stats[name] = InputStats.zeros(rows.shape[1])
-            s.gram += rows.T @ rows
-            s.total += rows.sum(0, dtype=np.float64)
-            s.count += rows.shape[0]
-            if x_ref is not None:
-                ref_rows = token_rows(x_ref, feeds.get("attention_mask")).astype(np.float32)
-                s.cross += rows.T @ ref_rows
-                s.gram_ref += ref_rows.T @ ref_rows
-                s.total_ref += ref_rows.sum(0, dtype=np.float64)
+            if name not in stats:
+                stats[name] = InputStats.zeros(x.shape[-1])
+            stats[name].add(x, x_ref, feeds.get("attention_mask"))
     if reference is None:  # X' = X: share the arrays
         stats = {k: InputStats(v.gram, v.total, v.count, v.gram, v.gram, v.total) for k, v in stats.items()}
     return stats
 
 
+class _Stream:
+    """One model run segment by segment over the calibration batches, for sequential fitting.
+
+    The graph (topologically ordered) is cut just before a node; the values made before the
+    cut and used after it (the residual stream, the attention mask, ...) are kept per batch,
+    and the next segment runs from them: a whole sequential fit costs about one forward pass
+    instead of one model prefix per group. Nodes after the cut may be rewritten in between."""
+
+    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]], types: dict[str, int],
+                 threads: int | None):
+        self.model, self.batches, self.types, self.threads = model, batches, types, threads
+        self.done: set[int] = set()  # ids of the nodes before the cut (never rewritten later)
+        self.kept: list[dict[str, np.ndarray]] = [{} for _ in batches]  # live values at the cut
+
+    def advance(self, first: ir.Node, wanted: list[str]) -> list[list[np.ndarray]]:
+        """Move the cut to just before ``first``; returns the ``wanted`` tensors per batch."""
+        nodes = list(self.model.graph)
+        stop = nodes.index(first)
+        segment = [n for n in nodes[:stop] if id(n) not in self.done]
+        made = {v.name for n in nodes[:stop] for v in n.outputs}
+        live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
+        carried = set(self.kept[0])
+        outputs = sorted((live | set(wanted)) - carried - {v.name for v in self.model.graph.inputs})
+        session = make_session(self._segment_proto(segment, carried, outputs), threads=self.threads) if outputs else None
+        results = []
+        for b, feeds in enumerate(self.batches):
+            values = {**feeds, **self.kept[b]}
+            if session is not None:
+                values.update(zip(outputs, session.run(outputs, session_feeds(session, values)), strict=True))
+            self.kept[b] = {k: values[k] for k in live}
+            results.append([values[n] for n in wanted])
+        self.done.update(id(n) for n in nodes[:stop])
+        return results
+
+    def _segment_proto(self, segment: list[ir.Node], carried: set[str], outputs: list[str]) -> bytes:
+        from onnx import helper
+
+        graph_inputs = {v.name for v in self.model.graph.inputs}
+        produced = {v.name for node in segment for v in node.outputs}
+        inputs, inits, seen = [], [], set()
+        for v in (v for node in segment for v in node.inputs):
+            if v is None or v.name in produced or v.name in seen:
+                continue
+            seen.add(v.name)
+            if v.name in carried or v.name in graph_inputs:
+                inputs.append(helper.make_tensor_value_info(v.name, self.types[v.name], None))
+            elif v.const_value is not None:
+                inits.append(ir.serde.serialize_tensor(v.const_value))
+                inits[-1].name = v.name
+        outs = [helper.make_tensor_value_info(n, self.types[n], None) for n in outputs]
+        graph = helper.make_graph([ir.serde.serialize_node(n) for n in segment], "segment", inputs, outs, inits)
+        opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
+
+
+def value_types(model: ir.Model) -> dict[str, int]:
+    """Element type (TensorProto enum) of every named value, by ONNX shape inference where
+    the graph does not record it."""
+    import onnx
+
+    types = {v.name: int(v.dtype) for v in model.graph.inputs if v.dtype is not None}
+    missing = [v for node in model.graph for v in node.outputs if v.dtype is None]
+    if missing:
+        inferred = onnx.shape_inference.infer_shapes(model_proto(model)).graph
+        for info in list(inferred.value_info) + list(inferred.output):
+            if info.type.tensor_type.elem_type:
+                types[info.name] = info.type.tensor_type.elem_type
+    types.update({v.name: int(v.dtype) for node in model.graph for v in node.outputs if v.dtype is not None})
+    return types
+
+
 # ----------------------------------------------------------------------------- rewrite
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    base, i = name, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None) -> None:
@@ -274,17 +386,17 @@ def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias:
     """
     np_dtype = m.dtype.numpy()
     stem = m.node.name or m.key
-    a_val = _initializer(graph, f"{stem}.lowrank_A", a.astype(np_dtype))
-    b_val = _initializer(graph, f"{stem}.lowrank_B", b.astype(np_dtype))
+    a_val = add_initializer(graph, f"{stem}.lowrank_A", a.astype(np_dtype))
+    b_val = add_initializer(graph, f"{stem}.lowrank_B", b.astype(np_dtype))
     first = ir.node("MatMul", [m.input, a_val], name=f"{stem}/lowrank_A")
     second = ir.node("MatMul", [first.outputs[0], b_val], name=f"{stem}/lowrank_B")
     new_nodes = [first, second]
     out = second.outputs[0]
     if bias is not None and m.bias_node is not None:  # MatMul + Add: the Add stays, with the new constant
         idx = next(i for i, v in enumerate(m.bias_node.inputs) if v is m.bias_value)
-        m.bias_node.replace_input_with(idx, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype)))
+        m.bias_node.replace_input_with(idx, add_initializer(graph, f"{stem}.bias", bias.astype(np_dtype)))
     elif bias is not None:  # Gemm's C, or a bias correction where there was no bias: a new Add
-        add = ir.node("Add", [out, _initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
+        add = ir.node("Add", [out, add_initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
         new_nodes.append(add)
         out = add.outputs[0]
     old_out = m.node.outputs[0]
@@ -292,17 +404,7 @@ def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias:
         value.dtype = m.dtype
     out.shape = old_out.shape
     ir.convenience.replace_nodes_and_values(graph, m.node, [m.node], new_nodes, [old_out], [out])
-    _drop_if_unused(graph, [v for v in (m.bias_value,) if v is not None])
-
-
-def _drop_if_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
-    for value in values:
-        if value.name in graph.initializers and not list(value.uses()) and value not in graph.outputs:
-            del graph.initializers[value.name]
-
-
-def _remove_dead(model: ir.Model) -> None:
-    common.RemoveUnusedNodesPass()(model)  # old weights, their Transposes and Constants
+    drop_unused_initializers(graph, [v for v in (m.bias_value,) if v is not None])
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -324,14 +426,23 @@ class LowRankPass(Pass):
         cfg: LowRankConfig = self.config
         calib = ctx.require_calibration(self.name)
         batches = list(calib.batches)[: cfg.max_batches] if cfg.max_batches else list(calib.batches)
-        tmap = ctx.analysis(model) if any(p in ROLES for p in cfg.include) else None
+        needs_map = cfg.scope == "linear" or any(p in ROLES for p in cfg.include)
+        tmap = ctx.analysis(model) if needs_map else None
         matrices = [m for m in select_matrices(model, cfg.include, tmap) if fit.break_even_rank(m.d_in, m.d_out) >= 1]
         if not matrices:
             return Outcome(changes={"matrices_split": 0}, details={"reason": "no splittable matrix selected"})
+        base = budget_base(model, matrices, tmap, cfg.scope)
+        budget = cfg.fraction * base
+        most = sum(m.d_in * m.d_out - fit.factor_cost(1, m.d_in, m.d_out) for m in matrices)
+        if budget > most:
+            raise OnnxpressError(f"lowrank: removing {cfg.fraction:.0%} of the {cfg.scope} parameters needs more than "
+                                 f"the selected matrices can give ({most / base:.0%} at rank 1): include more roles "
+                                 "or lower fraction")
         threads = getattr(ctx, "threads", None)
         dtypes = {m.input.name: m.dtype for m in matrices}
-        stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads)
-        plan = plan_ranks(matrices, stats, cfg)
+        needs_stats = cfg.method == "whitened" or cfg.bias_correction or cfg.allocation == "global"
+        stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads) if needs_stats else {}
+        plan = plan_ranks(matrices, stats, cfg, budget=budget)
         chosen = [(m, r) for m, r in zip(matrices, plan, strict=True) if r is not None]
         if cfg.sequential and cfg.method == "whitened":
             errors = self._fit_sequential(model, chosen, stats, batches, cfg, threads)
@@ -339,9 +450,8 @@ class LowRankPass(Pass):
             errors = {}
             for m, r in chosen:
                 errors[m.key] = _fit_and_split(model.graph, m, r, stats.get(m.input.name), cfg)
-        _remove_dead(model)
+        remove_dead_nodes(model)
         saved = sum(m.d_in * m.d_out - fit.factor_cost(r, m.d_in, m.d_out) for m, r in chosen)
-        total = sum(m.d_in * m.d_out for m in matrices)
         return Outcome(
             changes={"matrices_split": len(chosen)},
             details={
@@ -349,7 +459,9 @@ class LowRankPass(Pass):
                 "allocation": cfg.allocation,
                 "sequential": cfg.sequential and cfg.method == "whitened",
                 "params_saved": int(saved),  # = MACs per token saved
-                "fraction_saved": saved / total,  # of the selected matrices' parameters (and MACs)
+                "scope": cfg.scope,
+                "fraction_saved": saved / base,  # of the scope's parameters (and MACs)
+                "fraction_saved_of_selected": saved / sum(m.d_in * m.d_out for m in matrices),
                 "target": cfg.target,
                 "calibration_tokens": int(max((s.count for s in stats.values()), default=0)),
                 "ranks": {m.key: {"rank": r, "shape": [m.d_in, m.d_out], "fit_error": errors.get(m.key)}
@@ -361,61 +473,106 @@ class LowRankPass(Pass):
         """Fit group after group (matrices sharing an input, in graph order), each on the
         inputs of the model as compressed so far, towards the original outputs."""
         reference = ir.from_proto(model_proto(model))  # frozen copy of the uncompressed model
+        ref_node = {id(a): b for a, b in zip(model.graph, reference.graph, strict=True)}  # same order
         order = {id(node): i for i, node in enumerate(model.graph)}
         groups: dict[str, list[tuple[Matrix, int]]] = defaultdict(list)
         for m, r in chosen:
             groups[m.input.name].append((m, r))
-        names = sorted(groups, key=lambda n: min(order[id(m.node)] for m, _ in groups[n]))
+        firsts = {name: min((m.node for m, _ in g), key=lambda n: order[id(n)]) for name, g in groups.items()}
+        names = sorted(groups, key=lambda n: order[id(firsts[n])])
+        types = value_types(model)
+        stream, ref_stream = _Stream(model, batches, types, threads), _Stream(reference, batches, types, threads)
         errors = {}
         for i, name in enumerate(names):
+            first = firsts[name]
+            residuals = {}  # residual value name by matrix key: only those computed before the group
+            if cfg.residual_correction and i > 0:
+                for m, _ in groups[name]:
+                    res = residual_of(m)
+                    producer = res.producer() if res is not None else None
+                    if producer is not None and order.get(id(producer), len(order)) < order[id(first)]:
+                        residuals[m.key] = res.name
+            wanted = [name, *sorted(set(residuals.values()))]
+            xs = stream.advance(first, wanted)
+            xs_ref = ref_stream.advance(ref_node[id(first)], wanted)
+            mask = [feeds.get("attention_mask") for feeds in batches]
             if i == 0:
                 s = stats[name]  # nothing upstream is compressed yet: the inputs are the original ones
             else:
-                s = collect_stats(model, [name], {name: groups[name][0][0].dtype}, batches,
-                                  reference=reference, threads=threads)[name]
+                s = InputStats.zeros(groups[name][0][0].d_in)
+                for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
+                    s.add(x[0], x_ref[0], k)
             for m, r in groups[name]:
-                errors[m.key] = _fit_and_split(model.graph, m, r, s, cfg)
+                res_stats = None
+                if m.key in residuals:
+                    j = wanted.index(residuals[m.key])
+                    res_stats = ResidualStats.zeros(m.d_in, m.d_out)
+                    for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
+                        res_stats.add(x[0], x_ref[0], x[j], x_ref[j], k)
+                errors[m.key] = _fit_and_split(model.graph, m, r, s, cfg, res_stats)
         return errors
 
 
-def plan_ranks(matrices: list[Matrix], stats: dict[str, InputStats], cfg: LowRankConfig) -> list[int | None]:
-    """One rank per matrix (None: keep it whole) under the budget ``fraction`` of their size.
+def budget_base(model: ir.Model, matrices: list[Matrix], tmap, scope: str) -> int:
+    """Parameters that ``fraction`` is a share of: the selected matrices, or (scope "linear")
+    those together with every attention/FFN matrix of the analysis map."""
+    sizes = {id(m.node): m.d_in * m.d_out for m in matrices}
+    if scope == "linear" and tmap is not None:
+        for m in select_matrices(model, list(ROLES), tmap):
+            sizes.setdefault(id(m.node), m.d_in * m.d_out)
+    return sum(sizes.values())
+
+
+def plan_ranks(matrices: list[Matrix], stats: dict[str, InputStats], cfg: LowRankConfig,
+               budget: float | None = None) -> list[int | None]:
+    """One rank per matrix (None: keep it whole) saving ``budget`` parameters (default:
+    ``fraction`` of the matrices' size).
 
     Both targets count the same thing here: a split layer costs r * (d_in + d_out)
     parameters and as many MACs per token (every selected matrix runs once per token),
     so ``params`` and ``macs`` budgets pick the same ranks.
     """
+    total = sum(m.d_in * m.d_out for m in matrices)
+    budget = cfg.fraction * total if budget is None else budget
     if cfg.allocation == "uniform":
-        return fit.uniform_ranks([fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices], cfg.fraction)
+        return fit.uniform_ranks([fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices], budget / total)
     candidates = []
     for m in matrices:
         gram = stats[m.input.name].gram if cfg.method == "whitened" else None
         candidates.append(fit.Candidate(m.d_in, m.d_out, fit.decompose(m.weight, gram, eps=cfg.eps).energy))
-    return fit.global_ranks(candidates, cfg.fraction * sum(m.d_in * m.d_out for m in matrices))
+    return fit.global_ranks(candidates, budget)
 
 
-def _fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: InputStats | None, cfg: LowRankConfig) -> float:
+def _fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: InputStats | None, cfg: LowRankConfig,
+                   res: ResidualStats | None = None) -> float:
     """Factorise m at ``rank`` and rewrite it; returns the relative output error on the
-    calibration data (||X'AB - XW|| / ||XW||, bias correction included)."""
+    calibration data (||X'AB - XW|| / ||XW||, bias correction included; with ``res``, the
+    error of the residual sum X'AB + R' against XW + R, still relative to ||XW||)."""
     whitened = cfg.method == "whitened" and s is not None
     # the cross term only matters once X' differs from X (sequential fitting after the first group)
     cross = s.cross if whitened and s.cross is not s.gram else None
-    dec = fit.decompose(m.weight, s.gram if whitened else None, cross=cross, eps=cfg.eps)
+    res = res if whitened and cross is not None else None
+    dec = fit.decompose(m.weight, s.gram if whitened else None, cross=cross, eps=cfg.eps,
+                        residual=res.cross if res is not None else None)
     a, b = dec.factors(rank)
     w_r = a @ b
     bias = m.bias
     if cfg.bias_correction and s is not None:
         shift = fit.bias_shift(m.weight, w_r, s.mean_ref, s.mean)
+        if res is not None:
+            shift = shift + res.total / max(s.count, 1)
         bias = shift if bias is None else bias + shift
     split_matrix(graph, m, a, b, bias)
     if s is None:
         return float(np.linalg.norm(m.weight - w_r) / max(np.linalg.norm(m.weight), 1e-30))
-    return _output_error(m, w_r, s, bias)
+    return output_error(m, w_r, s, bias, res)
 
 
-def _output_error(m: Matrix, w_r: np.ndarray, s: InputStats, bias: np.ndarray | None) -> float:
-    """||X' W_r + b' - (X W + b)|| / ||X W + b|| on the calibration tokens, from the
-    second moments (X' = the compressed model's inputs, X = the original ones)."""
+def output_error(m: Matrix, w_r: np.ndarray, s: InputStats, bias: np.ndarray | None,
+                  res: ResidualStats | None = None) -> float:
+    """||X' W_r + b' - (X W + b) - D|| / ||X W + b|| on the calibration tokens, from the
+    second moments (X' = the compressed model's inputs, X = the original ones, D = the
+    upstream error of the residual the output is added to; zero without ``res``)."""
     w, n = m.weight, s.count
     b0 = m.bias if m.bias is not None else np.zeros(m.d_out)
     b1 = bias if bias is not None else np.zeros(m.d_out)
@@ -425,4 +582,8 @@ def _output_error(m: Matrix, w_r: np.ndarray, s: InputStats, bias: np.ndarray | 
     new_sq = trace(w_r, s.gram, w_r) + 2 * (s.total @ w_r) @ b1 + n * b1 @ b1
     ref_sq = trace(w, s.gram_ref, w) + 2 * (s.total_ref @ w) @ b0 + n * b0 @ b0
     dot = trace(w_r, s.cross, w) + (s.total @ w_r) @ b0 + (s.total_ref @ w) @ b1 + n * b1 @ b0
-    return float(np.sqrt(max(new_sq - 2 * dot + ref_sq, 0.0) / max(ref_sq, 1e-30)))
+    err_sq = new_sq - 2 * dot + ref_sq
+    if res is not None:  # ||P - D||^2 = ||P||^2 - 2 <P, D> + ||D||^2 with P = X'W_r + b' - XW - b
+        p_dot_d = float(np.sum(w_r * res.cross)) + b1 @ res.total - float(np.sum(w * res.cross_ref)) - b0 @ res.total
+        err_sq += res.sq - 2 * p_dot_d
+    return float(np.sqrt(max(err_sq, 0.0) / max(ref_sq, 1e-30)))

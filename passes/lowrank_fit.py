@@ -88,6 +88,7 @@ def decompose(
     *,
     cross: np.ndarray | None = None,
     eps: float = DEFAULT_EPS,
+    residual: np.ndarray | None = None,
 ) -> Decomposition:
     """Decompose ``w`` [d_in, d_out] for truncation.
 
@@ -96,7 +97,8 @@ def decompose(
     is the least-squares fit of the original outputs from the compressed inputs,
     ``W_ls = G'^-1 C W``, so the factors also undo errors made upstream; the whitened
     truncation of W_ls is then the optimal rank-r fit of X W from X' (reduced-rank
-    regression).
+    regression). ``residual`` (= X'^T D, with ``cross``) adds D to the target: the upstream
+    error of what the output is added to, so the fit cancels the part X' predicts.
     """
     w = np.asarray(w, dtype=np.float64)
     if gram is None:
@@ -105,7 +107,10 @@ def decompose(
     chol = whitening(gram, eps)
     target = w
     if cross is not None:
-        target = scipy.linalg.cho_solve((chol, True), np.asarray(cross, dtype=np.float64) @ w)
+        rhs = np.asarray(cross, dtype=np.float64) @ w
+        if residual is not None:
+            rhs = rhs + np.asarray(residual, dtype=np.float64)
+        target = scipy.linalg.cho_solve((chol, True), rhs)
     u, s, vt = np.linalg.svd(chol.T @ target, full_matrices=False)
     return Decomposition(u, s, vt, chol)
 

@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.calibration import is_past_input
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
 from onnxpress.passes import prune_common as pc
@@ -77,6 +78,7 @@ class PruneHeadsPass(Pass):
             raise OnnxpressError(f"prune_heads: no attention block can be pruned ({'; '.join(skipped) or 'none found'})")
         if cfg.fraction == 0:
             return Outcome(changes={"heads_removed": 0}, details=details)
+        _check_empty_past(model, ctx)
 
         weights = [pc.read_weight(u.att.o) for u in units]
         biases = [pc.read_bias(u.att.o) for u in units]
@@ -132,8 +134,6 @@ class PruneHeadsPass(Pass):
             _gather_score_biases(editor, u, keep, bias_shapes)
             removed_groups += len(drop)
             removed_heads += len(drop) * u.n_rep
-        if removed_groups:
-            _resize_empty_past(model, ctx)
         total_heads = sum(u.att.num_heads for u in units)
         details["removed_fraction_of_heads"] = removed_heads / total_heads if total_heads else 0.0
         return Outcome(changes={"heads_removed": removed_heads, "kv_groups_removed": removed_groups}, details=details)
@@ -376,22 +376,16 @@ def _patch_cache_shapes(att, kv2: int) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _resize_empty_past(model: ir.Model, ctx) -> None:
-    """Give the zero-length KV-cache feeds of the verification and calibration batches
-    the new head count. They hold no data, so this changes nothing numerically, but ONNX
-    Runtime checks the static head dimension of every input, and the pass manager and
-    later passes run the pruned model on these same feeds."""
-    dims = {v.name: v.shape[1] for v in model.graph.inputs
-            if v.shape is not None and len(v.shape) == 4 and isinstance(v.shape[1], int)}
+def _check_empty_past(model: ir.Model, ctx) -> None:
+    """The same calibration feeds run through the model before and after pruning;
+    ``runtime.session_feeds`` fits a zero-length KV cache to the new head count, but a
+    cache holding data cannot be."""
+    past = {v.name for v in model.graph.inputs if is_past_input(v.name)}
     batches = list(ctx.verification) + (list(ctx.calibration.batches) if ctx.calibration is not None else [])
     for feeds in batches:
-        for name, heads in dims.items():
-            arr = feeds.get(name)
-            if arr is None or arr.ndim != 4 or arr.shape[1] == heads:
-                continue
-            if arr.shape[2] != 0:
+        for name in past & set(feeds):
+            if feeds[name].ndim == 4 and feeds[name].shape[2] != 0:
                 raise OnnxpressError(
                     f"prune_heads: input {name} carries a non-empty KV cache in the calibration data; "
                     "calibrate with prompts only (empty past)"
                 )
-            feeds[name] = np.zeros((arr.shape[0], heads, 0, arr.shape[3]), dtype=arr.dtype)

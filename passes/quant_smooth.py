@@ -40,14 +40,20 @@ def _fake_quant_act(x: np.ndarray, qtype: str, method: str) -> np.ndarray:
 
 
 def quantized_error(
-    x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, qtype: str, method: str
+    x: np.ndarray,
+    weights: list[np.ndarray],
+    s: np.ndarray | None,
+    qtype: str,
+    method: str,
+    refs: list[np.ndarray] | None = None,
 ) -> float:
-    """Relative output error of the consumers with int8 input and weights, after smoothing by ``s``."""
+    """Relative output error of the consumers with int8 input and weights, after smoothing by
+    ``s``; ``refs`` (the float outputs ``x @ w``) may be passed in when scoring many ``s``."""
     xs = x if s is None else x / s
     xq = _fake_quant_act(xs, qtype, method)
     total = 0.0
-    for w in weights:
-        ref = x @ w
+    for i, w in enumerate(weights):
+        ref = x @ w if refs is None else refs[i]
         ws = w if s is None else w * s[:, None]
         total += float(((xq @ _fake_quant_weight(ws) - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
     return total
@@ -64,10 +70,12 @@ def choose_alpha(
     """Best alpha (None: do not smooth) with its error and the unsmoothed error."""
     if sample is None or not len(sample):
         return 0.5, float("nan"), float("nan")
-    base = quantized_error(sample, weights, None, qtype, method)
+    refs = [sample @ w for w in weights]
+    base = quantized_error(sample, weights, None, qtype, method, refs)
     best: tuple[float | None, float] = (None, base)
     for alpha in candidates:
-        err = quantized_error(sample, weights, smooth_scales(act_absmax, weights, alpha), qtype, method)
+        s = smooth_scales(act_absmax, weights, alpha)
+        err = quantized_error(sample, weights, s, qtype, method, refs)
         if err < best[1] * 0.97:  # smoothing costs a Mul when it cannot be folded: demand a gain
             best = (alpha, err)
     return best[0], best[1], base

@@ -63,6 +63,7 @@ def quantize_nbits(
     hessian: np.ndarray | None = None,
     damp: float = 0.01,
     clip_search: bool = True,
+    act_order: bool = False,
 ) -> NBitsWeight:
     """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given."""
     K, N = weight.shape
@@ -76,7 +77,15 @@ def quantize_nbits(
     else:
         h = np.eye(padded, dtype=np.float64)
         h[:K, :K] = hessian
-        deq = gptq(w, h, quantizer, block=max(128, block_size), damp=damp, group_size=block_size)
+        deq = gptq(
+            w,
+            h,
+            quantizer,
+            block=max(128, block_size),
+            damp=damp,
+            group_size=block_size,
+            act_order=act_order,
+        )
     codes = quantizer.q.reshape(nblocks, block_size, N).transpose(2, 0, 1)  # [N, nblocks, block]
     packed = pack_codes(codes, bits)
     zps = None if symmetric else pack_codes(quantizer.zero_points.T, bits)
@@ -89,6 +98,21 @@ def quantize_nbits(
         N=N,
         bits=bits,
         block_size=block_size,
+    )
+
+
+def split_columns(nw: NBitsWeight, cols: slice) -> NBitsWeight:
+    """The weight of output columns ``cols`` (a MatMul quantised together with others that
+    share its input); every stored tensor is per column, so this is exact."""
+    return NBitsWeight(
+        packed=np.ascontiguousarray(nw.packed[cols]),
+        scales=np.ascontiguousarray(nw.scales[cols]),
+        zero_points=None if nw.zero_points is None else np.ascontiguousarray(nw.zero_points[cols]),
+        dequantized=np.ascontiguousarray(nw.dequantized[:, cols]),
+        K=nw.K,
+        N=nw.dequantized[:, cols].shape[1],
+        bits=nw.bits,
+        block_size=nw.block_size,
     )
 
 

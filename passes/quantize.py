@@ -34,7 +34,7 @@ from onnxpress.passes.quant_fusion import fusion_report
 from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
 from onnxpress.passes.quant_graph import QLinear, QuantRewriter, apply_smoothing, find_linears
 from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
-from onnxpress.passes.quant_weight_only import quantize_nbits
+from onnxpress.passes.quant_weight_only import quantize_nbits, split_columns
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class QuantizeConfig(PassConfig):
     mode: Literal["static", "dynamic", "weight_only"] = "static"
     # static: activation integer type; u8 runs 2-4x faster than s8 in ORT's AVX2 kernels
     activation_type: Literal["uint8", "int8"] = "uint8"
+    # static u8: "contrib" writes QuantizeLinear -> com.microsoft.MatMulIntegerToFloat with the
+    # bias inside (what ORT's CPU fusion makes of QDQ, minus the bias Add it leaves standing);
+    # "qdq": the portable QuantizeLinear/DequantizeLinear pattern for any runtime to fuse
+    static_format: Literal["contrib", "qdq"] = "contrib"
     calibration_method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "auto"
     percentile: float = 99.99
     # per-tensor method overrides, "ROLE_OR_NODE_NAME=METHOD", e.g. ["down=percentile"]
@@ -59,6 +63,8 @@ class QuantizeConfig(PassConfig):
     gptq: bool = True
     gptq_damp: float = 0.01
     gptq_block: int = 128
+    # round the rows with the largest input energy first (GPTQ's act-order; static groups)
+    gptq_act_order: bool = True
     # int8 weights in +-64 instead of +-127. None: on when the CPU lacks VNNI, whose absence makes
     # ORT's u8 x s8 kernels use vpmaddubsw, which saturates int16 pair sums (measured: 3x the error)
     reduce_range: bool | None = None
@@ -160,31 +166,39 @@ class QuantizePass(Pass):
             reference = ctx.run(model, sens_batches, outputs)
 
         smoothed: dict[str, str] = {}
-        if cfg.smooth and batches:
-            smoothed = self._smooth(model, ctx, linears, batches)
-
-        groups = _by_input(linears)
-        need_gram = cfg.gptq and batches is not None
         stats = {}
-        if batches:
-            stats = capture_stats(
-                model,
-                batches,
-                list(groups),
-                gram_names=list(groups) if need_gram else (),
-                sample_rows=512 if cfg.mode == "static" or cfg.budget is not None else 0,
-                threads=ctx.threads,
-                seed=ctx.seed,
-            )
+        need_gram = cfg.gptq and batches is not None
+        if batches and cfg.mode == "static" and cfg.smooth:
+            # static ranges need histograms of the smoothed inputs: capture again after smoothing
+            smoothed, _ = self._smooth(model, linears, self._capture(model, ctx, linears, batches, False))
+            stats = self._capture(model, ctx, linears, batches, need_gram)
+        elif batches:
+            # one pass over the data: the smoothed inputs' statistics follow from x / s
+            raw = self._capture(model, ctx, linears, batches, need_gram)
+            scales = {}
+            if cfg.smooth:
+                smoothed, scales = self._smooth(model, linears, raw)
+            for lin in linears:
+                src = _orig_input(lin) or lin.input.name
+                if src in raw:
+                    st = raw[src]
+                    stats[lin.input.name] = st.scaled(scales[src]) if src in scales else st
+        groups = _by_input(linears)
 
         reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not cpu_has_vnni()
         qmax = INT8_QMAX[reduce_range]
         weights: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for lin in linears:
-            st = stats.get(lin.input.name)
-            weights[id(lin)] = _quantize_int8_weight(
-                lin.weight_array(), st.gram if st is not None else None, qmax, cfg
+        for name, group in groups.items():
+            st = stats.get(name)
+            # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
+            codes, scales = _quantize_int8_weight(
+                np.concatenate([lin.weight_array() for lin in group], axis=1),
+                st.gram if st is not None else None,
+                qmax,
+                cfg,
             )
+            for lin, cols in zip(group, _column_splits(group), strict=True):
+                weights[id(lin)] = (codes[:, cols], scales[cols])
         act: dict[str, tuple[QParams, str]] = {}
         if cfg.mode == "static":
             for name, group in groups.items():
@@ -207,7 +221,7 @@ class QuantizePass(Pass):
                 codes, scales = weights[id(lin)]
                 if cfg.mode == "static":
                     qp, _ = act[lin.input.name]
-                    rw.static(node_lin, codes, scales, qp.scale, qp.zero_point, qp.qtype)
+                    rw.static(node_lin, codes, scales, qp.scale, qp.zero_point, qp.qtype, cfg.static_format)
                 else:
                     rw.dynamic(node_lin, codes, scales)
             rw.finish()
@@ -266,20 +280,29 @@ class QuantizePass(Pass):
         rw.finish()
         return done
 
-    def _smooth(self, model, ctx, linears, batches) -> dict[str, str]:
-        """SmoothQuant on every input group whose roles are selected; returns {input: where folded}."""
+    def _capture(self, model, ctx, linears, batches, gram: bool):
+        cfg: QuantizeConfig = self.config
+        names = list(_by_input(linears))
+        return capture_stats(
+            model,
+            batches,
+            names,
+            gram_names=names if gram else (),
+            sample_rows=512 if cfg.mode == "static" or cfg.smooth or cfg.budget is not None else 0,
+            threads=ctx.threads,
+            seed=ctx.seed,
+        )
+
+    def _smooth(self, model, linears, stats) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+        """SmoothQuant on every input group whose roles are selected.
+        Returns {input: where folded} and {input: the scales s (the input became x / s)}."""
         cfg: QuantizeConfig = self.config
         groups = {
             name: g
             for name, g in _by_input(linears).items()
             if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)
         }
-        if not groups:
-            return {}
-        stats = capture_stats(
-            model, batches, list(groups), sample_rows=512, threads=ctx.threads, seed=ctx.seed
-        )
-        done, self._alphas = {}, {}
+        done, applied, self._alphas = {}, {}, {}
         qtype = cfg.activation_type if cfg.mode == "static" else "uint8"
         method = "mse" if cfg.mode == "static" else "minmax"
         for name, group in groups.items():
@@ -295,10 +318,11 @@ class QuantizePass(Pass):
                 continue
             s = smooth_scales(st.absmax, weights, alpha)
             done[name] = f"{apply_smoothing(model.graph, group[0].input, group, s)} (alpha {alpha})"
+            applied[name] = s
             for lin in group:
                 lin.node.meta["onnxpress_smoothed_input"] = name
         model.graph.sort()
-        return done
+        return done, applied
 
     def _budget_search(self, model, ctx, linears, build, reference, batches, outputs, stats, weights, act):
         """Keep the most sensitive MatMuls float until the calibration error meets the budget.
@@ -367,6 +391,7 @@ class QuantizePass(Pass):
             )
         rw = QuantRewriter(model)
         done, per_bits = [], Counter()
+        by_bits: dict[tuple[str, int], list[QLinear]] = {}
         for lin in linears:
             bits = cfg.bits
             if lin.role == "lm_head" and cfg.lm_head_bits:
@@ -374,18 +399,23 @@ class QuantizePass(Pass):
                     reasons[lin.name] = "lm_head kept float by config"
                     continue
                 bits = cfg.lm_head_bits
-            st = stats.get(lin.input.name)
+            by_bits.setdefault((lin.input.name, bits), []).append(lin)
+        for (name, bits), group in by_bits.items():
+            st = stats.get(name)
+            # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
             nw = quantize_nbits(
-                lin.weight_array(),
+                np.concatenate([lin.weight_array() for lin in group], axis=1),
                 bits,
                 cfg.block_size,
                 symmetric=cfg.symmetric,
                 hessian=st.gram if st is not None else None,
                 damp=cfg.gptq_damp,
+                act_order=cfg.gptq_act_order,
             )
-            rw.nbits(lin, nw)
-            done.append(lin)
-            per_bits[bits] += 1
+            for lin, cols in zip(group, _column_splits(group), strict=True):
+                rw.nbits(lin, split_columns(nw, cols))
+                done.append(lin)
+                per_bits[bits] += 1
         rw.finish()
         changes = {
             "matmuls_quantized": len(done),
@@ -458,6 +488,16 @@ def _by_input(linears: list[QLinear]) -> dict[str, list[QLinear]]:
     return groups
 
 
+def _column_splits(group: list[QLinear]) -> list[slice]:
+    """Each MatMul's columns in the concatenation of its group's weights."""
+    out, start = [], 0
+    for lin in group:
+        n = lin.weight_array().shape[1]
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
 def _orig_input(lin: QLinear) -> str:
     return lin.node.meta.get("onnxpress_smoothed_input", "")
 
@@ -476,7 +516,7 @@ def _quantize_int8_weight(w: np.ndarray, gram, qmax: int, cfg: QuantizeConfig):
     scales = channel_scales(w, qmax, clip_search=gram is not None, hessian_diag=diag)
     quantizer = ChannelQuantizer(scales, qmax)
     if gram is not None and cfg.gptq:
-        deq = gptq(w, gram, quantizer, block=cfg.gptq_block, damp=cfg.gptq_damp)
+        deq = gptq(w, gram, quantizer, block=cfg.gptq_block, damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
         codes = np.round(deq / scales.astype(np.float64))
     else:
         codes = quantizer.codes(w.astype(np.float64))

@@ -1,7 +1,9 @@
 // Attribute parsing, shape validation and output allocation for onnxpress.Attention.
 #include "attention_io.h"
 
+#include <atomic>
 #include <cmath>
+#include <string>
 #include <sstream>
 #include <vector>
 
@@ -216,11 +218,36 @@ AttentionCall BindAttentionCall(OrtKernelContext* context, const AttentionAttrs&
 }
 
 OrtStatusPtr InferAttentionOutputShape(const OrtApi& api, OrtShapeInferContext* ctx) {
-  // The output has exactly the query's type and (possibly symbolic) shape. The info belongs to
-  // the context: releasing it here would double free.
+  // The output has the query's type and shape. ORT hands an unknown, unnamed dim over as -1 with
+  // no name, and SetOutputTypeShape writes such a dim back as the literal dim_value -1, which
+  // downstream inference then treats as a real size. So each such dim gets a fresh symbolic name
+  // (unique per process, like ORT's own "unk__N"): unknown and unrelated to any other dim.
+  // The query's info belongs to the context: releasing it here would double free.
   OrtTensorTypeAndShapeInfo* query_info = nullptr;
   if (OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(ctx, kQuery, &query_info)) return status;
-  return api.ShapeInferContext_SetOutputTypeShape(ctx, kOutput, query_info);
+  size_t rank = 0;
+  if (OrtStatusPtr status = api.GetDimensionsCount(query_info, &rank)) return status;
+  if (rank == 0) return nullptr;  // rank unknown: say nothing rather than claim a scalar
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> names(rank, nullptr);
+  if (OrtStatusPtr status = api.GetDimensions(query_info, dims.data(), rank)) return status;
+  if (OrtStatusPtr status = api.GetSymbolicDimensions(query_info, names.data(), rank)) return status;
+  static std::atomic<uint64_t> counter{0};
+  std::vector<std::string> fresh(rank);
+  std::vector<const char*> out_names(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    const bool unnamed = names[i] == nullptr || names[i][0] == '\0';
+    if (dims[i] < 0 && unnamed) fresh[i] = "onnxpress_unk__" + std::to_string(counter++);
+    out_names[i] = unnamed ? fresh[i].c_str() : names[i];
+  }
+  OrtTensorTypeAndShapeInfo* out_info = nullptr;
+  if (OrtStatusPtr status = api.CreateTensorTypeAndShapeInfo(&out_info)) return status;
+  OrtStatusPtr status = api.SetTensorElementType(out_info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  if (!status) status = api.SetDimensions(out_info, dims.data(), rank);
+  if (!status) status = api.SetSymbolicDimensions(out_info, out_names.data(), rank);
+  if (!status) status = api.ShapeInferContext_SetOutputTypeShape(ctx, kOutput, out_info);
+  api.ReleaseTensorTypeAndShapeInfo(out_info);
+  return status;
 }
 
 }  // namespace onnxpress

@@ -17,9 +17,10 @@ from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.pass_manager import CompileContext, PassManager
 from onnxpress.passes.attention import substitute_attention
+from onnxpress.passes.attention_build import GQA_CHUNK_LIMIT
 from onnxpress.runtime import make_session, run_batches
 
-from tiny_models import ALL_ARCHS, DECODER_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
+from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
 
 TARGETS = ["onnxruntime", "onnx", "onnxpress"]
 TOL = 1e-4
@@ -48,15 +49,19 @@ def _load(arch, past=False, exporter="optimum"):
     return path, model
 
 
-def _feeds(model, batch=3, seq=9, past=0, seed=0, pad=True):
-    """Random tokens, the last row right-padded by 3; ``past`` cached positions of random
-    keys/values (the mask and positions cover them)."""
+def _feeds(model, batch=3, seq=9, past=0, seed=0, pad=True, left_pad=None):
+    """Random tokens, the last row right-padded by 3 (or row i left-padded by ``left_pad[i]``,
+    as batched generation pads); ``past`` cached positions of random keys/values (the mask and
+    positions cover them)."""
     rng = np.random.default_rng(seed)
     if any(v.name == "pixel_values" for v in model.graph.inputs):
         return {"pixel_values": rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)}
     ids = rng.integers(5, VOCAB, size=(batch, seq), dtype=np.int64)
     mask = np.ones((batch, past + seq), np.int64)
-    if pad and batch > 1:
+    if left_pad is not None:
+        for row, count in enumerate(left_pad):
+            mask[row, :count] = 0
+    elif pad and batch > 1:
         mask[-1, -3:] = 0
     feeds = make_feeds(model, ids, mask[:, -seq:], seed=seed)
     if "attention_mask" in feeds:
@@ -126,6 +131,39 @@ def test_kv_cache_steps_match(arch, target):
             assert value.producer().op_type in FUSED_OPS
     feeds = [_feeds(model, batch=b, seq=s, past=p, seed=i) for i, (b, s, p) in enumerate(STEPS)]
     assert _max_diff(path, model, feeds) < TOL
+
+
+# Several new tokens after a cache at batch > 1 (chunked / speculative decoding), rows
+# left-padded differently, after a plain decode step.
+CHUNK_STEPS = [dict(batch=2, seq=1, past=5, left_pad=[2, 0]), dict(batch=2, seq=3, past=5, left_pad=[2, 0]),
+               dict(batch=3, seq=4, past=6, left_pad=[0, 3, 1])]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_chunked_decoding_matches_or_is_refused(arch, target):
+    _need_library(target)
+    path, model = _load(arch, past=True)
+    layers = analyze(model).num_layers
+    outcome = substitute_attention(model, target, chunked_decoding=True)
+    if target == "onnxruntime" and arch in GQA_ARCHS:
+        reasons = [r["skipped"] for r in outcome.details["layers"]]
+        assert outcome.changes["attention_fused"] == 0 and len(reasons) == layers
+        assert all(r.startswith(GQA_CHUNK_LIMIT) and "\n" not in r and "target onnxpress" in r for r in reasons)
+        return
+    assert outcome.changes["attention_fused"] == layers, outcome.details
+    assert "GroupQueryAttention" not in str(outcome.details["ops"])
+    feeds = [_feeds(model, seed=i, **step) for i, step in enumerate(CHUNK_STEPS)]
+    assert _max_diff(path, model, feeds) < TOL
+
+
+def test_group_query_attention_still_refuses_chunks_at_batch_2():
+    """Why chunked_decoding exists: if ORT lifts this limit, the refusal above can go."""
+    path, model = _load("llama", past=True)
+    substitute_attention(model, "onnxruntime")
+    assert "com.microsoft.GroupQueryAttention" in {n.domain + "." + n.op_type for n in model.graph}
+    with pytest.raises(Exception, match="batch_size must be 1"):
+        _max_diff(path, model, [_feeds(model, **CHUNK_STEPS[1])])
 
 
 _DYNAMO_GQA = pytest.mark.xfail(strict=True, reason="dynamo flattens the repeated keys to [B*H, S, D] before "
@@ -220,6 +258,7 @@ def test_onnx_target_converts_the_opset():
         ({"target": "onnxpress", "window": -1}, "'window' must be >= 0"),
         ({"target": "tensorrt"}, "'target' must be one of"),
         ({"layers": [-1]}, "'layers' must be non-negative"),
+        ({"chunked_decoding": 2}, "'chunked_decoding' must be true or false"),
     ],
 )
 def test_config_errors_are_one_line(settings, fragment):

@@ -61,6 +61,23 @@ def test_cross_fit_recovers_original_outputs_from_perturbed_inputs():
     assert err_cross < 0.9 * err_naive
 
 
+def test_residual_target_cancels_predictable_upstream_error():
+    """A matrix whose output is added to a residual stream R' (original R): fitted with
+    residual = X'^T (R - R'), X' W_r + R' gets closer to X W + R than the plain cross fit."""
+    rng = np.random.default_rng(5)
+    x = _correlated_inputs(rng, 3000, 32)
+    x_new = x + 0.05 * rng.standard_normal(x.shape)
+    w = rng.standard_normal((32, 24))
+    diff = x_new @ (0.2 * rng.standard_normal((32, 24))) + 0.01 * rng.standard_normal((3000, 24))  # R - R'
+    gram, cross = x_new.T @ x_new, x_new.T @ x
+    for rank in (8, 24):
+        a0, b0 = fit.decompose(w, gram, cross=cross).factors(rank)
+        a1, b1 = fit.decompose(w, gram, cross=cross, residual=x_new.T @ diff).factors(rank)
+        err_plain = np.linalg.norm(x_new @ a0 @ b0 - x @ w - diff)
+        err_res = np.linalg.norm(x_new @ a1 @ b1 - x @ w - diff)
+        assert err_res < 0.8 * err_plain
+
+
 def test_bias_shift_restores_mean_output():
     rng = np.random.default_rng(3)
     x = _correlated_inputs(rng, 1000, 16) + 2.0
@@ -323,12 +340,14 @@ def test_full_rank_split_of_every_role_is_exact(arch, with_past):
 def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp_path):
     from onnxpress.fidelity import compare_outputs
     from onnxpress.model_io import save_model
+    from onnxpress.passes import lowrank
     from onnxpress.passes.lowrank import LowRankPass
     from onnxpress.runtime import make_session, run_batches
 
     path, model = _tiny(arch, with_past)
     ctx = _tiny_ctx(model)
-    result = LowRankPass({"fraction": 0.3}).run(model, ctx)
+    # every role: sequential fits with the residual correction of attention O and FFN down
+    result = LowRankPass({"fraction": 0.3, "include": list(lowrank.ROLES)}).run(model, ctx)
     assert result.modified and result.changes["matrices_split"] >= 8
     assert result.params_after < result.params_before and result.macs_after < result.macs_before
     for info in result.details["ranks"].values():  # never a split that adds MACs
@@ -370,3 +389,42 @@ def test_matrices_that_cannot_shrink_are_never_split():
     for info in outcome.details["ranks"].values():
         d_in, d_out = info["shape"]
         assert info["rank"] * (d_in + d_out) < d_in * d_out
+
+
+@pytest.mark.parametrize("order", [("prune_ffn", "prune_heads", "lowrank"), ("lowrank", "prune_ffn", "prune_heads")])
+def test_composes_with_pruning_in_either_order(order, tmp_path):
+    """Pruning then splitting, and splitting then pruning: every stage changes the model,
+    and the pass manager's checks (its reported error against the saved model) pass."""
+    from onnxpress.model_io import save_model
+    from onnxpress.pass_infra import build_pass
+    from onnxpress.pass_manager import PassManager
+    from onnxpress.runtime import make_session
+
+    _, model = _tiny("llama", True)
+    ctx = _tiny_ctx(model)
+    passes = [build_pass(name, {"fraction": 0.2 if name == "lowrank" else 0.25}) for name in order]
+    results = PassManager(passes, progress=False).run(model, ctx)
+    for result in results:
+        assert result.modified and result.params_after < result.params_before
+        assert result.measured_error is not None and result.measured_error <= result.error * 1.02 + 1e-6
+    split = next(r for r in results if r.name == "lowrank")
+    # the default splits the FFN matrices (gate, up, down of both layers) for 20% of ALL the
+    # linear parameters (scope "linear"): attention stays whole
+    assert split.changes["matrices_split"] == 6
+    assert all(".ffn." in key for key in split.details["ranks"])
+    assert split.details["scope"] == "linear" and split.details["fraction_saved"] >= 0.2
+    assert split.details["fraction_saved_of_selected"] > split.details["fraction_saved"]
+    make_session(save_model(model, tmp_path / "out.onnx"))  # loads in ONNX Runtime
+
+
+def test_budget_beyond_the_selected_matrices_is_a_one_line_error():
+    """scope "linear": 90% of all linear parameters cannot come from the FFN matrices alone."""
+    from onnxpress.passes.lowrank import LowRankPass
+
+    _, model = _tiny("bert", False)
+    ctx = _tiny_ctx(model)
+    with pytest.raises(OnnxpressError, match="include more roles") as info:
+        LowRankPass({"fraction": 0.9}).apply(model, ctx)
+    assert "\n" not in str(info.value)
+    outcome = LowRankPass({"fraction": 0.2, "scope": "selected", "sequential": False}).apply(model, ctx)
+    assert outcome.details["fraction_saved"] == outcome.details["fraction_saved_of_selected"] >= 0.2

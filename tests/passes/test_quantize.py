@@ -61,6 +61,7 @@ def _run_pass(arch: str, settings: dict, tmp_path, **tiny):
     "arch,settings,kernel",
     [
         ("bert", {"mode": "static"}, "MatMulIntegerToFloat"),
+        ("bert", {"mode": "static", "static_format": "qdq"}, "MatMulIntegerToFloat"),
         ("bert", {"mode": "static", "activation_type": "int8", "calibration_method": "percentile"}, None),
         ("bert", {"mode": "dynamic", "gptq": False, "smooth": False}, "DynamicQuantizeMatMul"),
         ("llama", {"mode": "dynamic"}, None),
@@ -171,17 +172,32 @@ def test_round_to_nearest_weight_only_needs_no_calibration():
     assert build_pass("quantize", {"mode": "weight_only"}).needs_calibration
 
 
-@pytest.mark.skip(
-    reason="hook: composition with prune_ffn/prune_heads + lowrank (factors quantized too) "
-    "is benchmarked once those passes land on real models"
-)
-def test_quantize_after_pruning_and_lowrank(tmp_path):  # pragma: no cover - hook
+def _weight_matmuls(model) -> int:
+    return len(find_linears(model)[0])
+
+
+def test_quantize_after_pruning_and_lowrank(tmp_path):
+    """prune heads + FFN neurons, split matrices low-rank, then quantise: both factors of every
+    split are quantised, ORT fuses them all, and the saved model has the reported error."""
     model = load_model(tiny_model("bert"))
     ctx = _context(model)
     passes = [
-        build_pass("prune_ffn", {}),
+        build_pass("prune_heads", {"fraction": 0.25}),
+        build_pass("prune_ffn", {"fraction": 0.25}),
         build_pass("lowrank", {"fraction": 0.2}),
         build_pass("quantize", {"mode": "static"}),
     ]
-    results = PassManager(passes, progress=False).run(model, ctx)
-    assert results[-1].changes["matmuls_quantized"] > results[0].changes.get("matmuls_quantized", 0)
+    before = _weight_matmuls(model)
+    heads, ffn, lowrank, quant = PassManager(passes, progress=False).run(model, ctx)
+    assert heads.changes["heads_removed"] > 0 and ffn.changes["neurons_removed"] > 0
+    split = lowrank.changes["matrices_split"]
+    assert split > 0
+    # every split turns one weight MatMul into two, and the quantiser takes them all
+    assert quant.changes["matmuls_quantized"] == before + split
+    assert not quant.details["kept_float"]
+    fusion = quant.details["ort_fusion"]
+    assert fusion["unfused"] == 0 and fusion["fused"] >= before + split, fusion
+    assert 0 < quant.error < 0.2
+    assert quant.measured_error == pytest.approx(quant.error, rel=0.02, abs=1e-6)
+    out = save_model(model, tmp_path / "composed.onnx")
+    assert fusion_report(load_model(out))["fused"] == fusion["fused"]

@@ -14,9 +14,22 @@ from onnxpress.passes.quant_calibrate import (
     expected_mse,
     qparams_from_range,
 )
-from onnxpress.passes.quant_gptq import BlockQuantizer, ChannelQuantizer, channel_scales, gptq
+from onnxpress.passes.quant_capture import StatsCollector
+from onnxpress.passes.quant_gptq import (
+    BlockQuantizer,
+    ChannelQuantizer,
+    _inverse_cholesky_upper,
+    channel_scales,
+    gptq,
+)
 from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
-from onnxpress.passes.quant_weight_only import dequantize_nbits, pack_codes, quantize_nbits, unpack_codes
+from onnxpress.passes.quant_weight_only import (
+    dequantize_nbits,
+    pack_codes,
+    quantize_nbits,
+    split_columns,
+    unpack_codes,
+)
 
 
 def _correlated_inputs(rng, rows: int, k: int) -> np.ndarray:
@@ -91,14 +104,21 @@ def test_per_channel_scales_are_symmetric_per_output_column():
     assert np.abs(codes * scales - w).max() <= scales.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("qmax", [127, 64])
-def test_gptq_beats_round_to_nearest_on_layer_output(qmax):
+@pytest.mark.parametrize("qmax,act_order", [(127, False), (64, False), (127, True)])
+def test_gptq_beats_round_to_nearest_on_layer_output(qmax, act_order):
     rng = np.random.default_rng(4)
     x = _correlated_inputs(rng, 4096, 96)
     w = rng.standard_normal((96, 48)).astype(np.float32)
     scales = channel_scales(w, qmax)
     rtn = ChannelQuantizer(scales, qmax)(0, w.astype(np.float64))
-    g = gptq(w, x.T.astype(np.float64) @ x, ChannelQuantizer(scales, qmax), block=32, damp=0.01)
+    g = gptq(
+        w,
+        x.T.astype(np.float64) @ x,
+        ChannelQuantizer(scales, qmax),
+        block=32,
+        damp=0.01,
+        act_order=act_order,
+    )
     # GPTQ stays on the same integer grid ...
     codes = g / scales
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-6)
@@ -108,15 +128,50 @@ def test_gptq_beats_round_to_nearest_on_layer_output(qmax):
     assert err(g) < 0.9 * err(rtn)
 
 
-def test_gptq_with_blocks_beats_rtn_for_int4():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_blocks_beats_rtn_for_int4(act_order):
     rng = np.random.default_rng(5)
     x = _correlated_inputs(rng, 4096, 128)
     w = rng.standard_normal((128, 32)).astype(np.float32)
     rtn = quantize_nbits(w, 4, 32)
-    gq = quantize_nbits(w, 4, 32, hessian=x.T.astype(np.float64) @ x)
+    gq = quantize_nbits(w, 4, 32, hessian=x.T.astype(np.float64) @ x, act_order=act_order)
     err = lambda q: np.linalg.norm(x @ w - x @ q)  # noqa: E731
     assert err(gq.dequantized) < 0.8 * err(rtn.dequantized)
     np.testing.assert_allclose(dequantize_nbits(gq), gq.dequantized, atol=1e-5)
+
+
+def test_inverse_cholesky_factor_of_the_hessian():
+    rng = np.random.default_rng(8)
+    x = _correlated_inputs(rng, 512, 40).astype(np.float64)
+    h = x.T @ x + 1e-3 * np.eye(40)
+    u = _inverse_cholesky_upper(h)
+    assert np.allclose(np.tril(u, -1), 0)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
+
+
+def test_split_columns_of_a_group_quantised_together():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((64, 24)).astype(np.float32)
+    nw = quantize_nbits(w, 4, 32)
+    part = split_columns(nw, slice(10, 24))
+    assert part.N == 14 and part.packed.shape[0] == 14
+    np.testing.assert_allclose(dequantize_nbits(part), dequantize_nbits(nw)[:, 10:24])
+
+
+def test_smoothed_stats_follow_from_the_raw_ones():
+    """The Gram, maxima and range of x / s, derived without a second capture, equal a capture of x / s."""
+    rng = np.random.default_rng(10)
+    x = _correlated_inputs(rng, 300, 16)
+    s = rng.uniform(0.2, 5, 16).astype(np.float32)
+    raw, direct = StatsCollector(["x"], ["x"], 0), StatsCollector(["x"], ["x"], 0)
+    for chunk in np.array_split(x, 3):
+        raw.update("x", chunk, None)
+        direct.update("x", chunk / s, None)
+    derived, want = raw.stats["x"].scaled(s), direct.stats["x"]
+    np.testing.assert_allclose(derived.gram, want.gram, rtol=1e-5, atol=1e-6 * np.abs(want.gram).max())
+    np.testing.assert_allclose(derived.absmax, want.absmax, rtol=1e-6)
+    assert derived.hist.min == pytest.approx(want.hist.min, rel=1e-6)
+    assert derived.hist.max == pytest.approx(want.hist.max, rel=1e-6)
 
 
 def test_block_quantizer_zero_is_exact_and_codes_in_range():

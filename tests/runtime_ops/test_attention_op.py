@@ -3,8 +3,12 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpress.runtime_ops import make_attention_node, opset_import
 
 from attention_reference import (
+    IR_VERSION,
     allowed_keys,
     attention_op_model,
     decomposed_attention_model,
@@ -57,7 +61,7 @@ def check_against_both(make_session, feeds, **attributes):
 
 
 @pytest.mark.parametrize(("num_heads", "kv_num_heads", "head_size"), [(12, 12, 32), (9, 3, 64), (5, 1, 17)])
-@pytest.mark.parametrize("seq", [1, 37, 150])  # 150 crosses the 64-query and 128-key tile edges
+@pytest.mark.parametrize("seq", [1, 37, 200])  # 200 crosses the 192-query block and 128-key tile edges
 def test_matches_references_mha_and_gqa(make_session, num_heads, kv_num_heads, head_size, seq):
     rng = np.random.default_rng(seq + num_heads)
     feeds = random_inputs(rng, 2, seq, seq, num_heads, kv_num_heads, head_size)
@@ -85,8 +89,9 @@ def test_padding_mask_per_batch(make_session, mask_dtype):
 )
 def test_causal_and_sliding_window(make_session, attributes):
     rng = np.random.default_rng(2)
-    feeds = random_inputs(rng, 2, 150, 150, 6, 2, 32)
-    feeds["attention_mask"] = padding_mask([150, 130], 150)
+    # 200 rows: two query blocks, two key tiles; a window leaves whole tiles unseen by some row groups
+    feeds = random_inputs(rng, 2, 200, 200, 6, 2, 32)
+    feeds["attention_mask"] = padding_mask([200, 170], 200)
     check_against_both(make_session, feeds, num_heads=6, kv_num_heads=2, **attributes)
 
 
@@ -114,12 +119,15 @@ def test_decode_step_with_past_equals_full_sequence(make_session, window):
     np.testing.assert_allclose(step_out, expected, atol=ATOL, rtol=0)
 
 
-def test_past_with_padding_mask_matches_references(make_session):
+@pytest.mark.parametrize(("kv_num_heads", "window"), [(4, 0), (2, 0), (2, 4)])
+def test_past_with_padding_mask_matches_references(make_session, kv_num_heads, window):
+    """A chunk of 3 new tokens after a 9-token cache at batch 2, rows padded differently (the
+    chunked / speculative decoding step that GroupQueryAttention refuses at batch > 1)."""
     rng = np.random.default_rng(4)
-    feeds = random_inputs(rng, 2, 3, 3, 4, 4, 16, past_len=9)
+    feeds = random_inputs(rng, 2, 3, 3, 4, kv_num_heads, 16, past_len=9)
     feeds["attention_mask"] = padding_mask([12, 10], 12)
     feeds["attention_mask"][1, :2] = 0  # left padding too
-    check_against_both(make_session, feeds, num_heads=4, causal=True)
+    check_against_both(make_session, feeds, num_heads=4, kv_num_heads=kv_num_heads, causal=True, window=window)
 
 
 def test_fully_masked_rows_are_zero(make_session):
@@ -170,3 +178,50 @@ def test_output_shape_is_inferred(make_session):
     feeds = random_inputs(rng, 1, 4, 4, 2, 2, 8)
     session = make_session(attention_op_model(feeds, num_heads=2))
     assert session.get_outputs()[0].shape == [1, 4, 16]
+
+
+def _inferred_dims_match(declared, actual):
+    """ORT's inferred shape agrees with a run: same rank, every integer dim is the real size
+    (symbolic / unknown dims are free)."""
+    return len(declared) == len(actual) and all(not isinstance(d, int) or d == a for d, a in zip(declared, actual, strict=True))
+
+
+def test_unknown_dims_stay_symbolic_through_shape_sensitive_ops(make_session):
+    """Unnamed unknown query dims must not come out of the op as a literal -1: ORT would then
+    carry -1 through Reshape / MatMul / Add / Concat as if it were a size (onnx.shape_inference
+    cannot see custom ops, so this checks ORT's own inference)."""
+    heads, d = 2, 8
+    hidden = heads * d
+
+    def unknown(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, None, hidden])
+
+    nodes = [
+        make_attention_node("q", "k", "v", "att", num_heads=heads),
+        helper.make_node("Reshape", ["att", "split"], ["att4"]),
+        helper.make_node("Transpose", ["att4"], ["heads"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["att", "w"], ["proj"]),
+        helper.make_node("Add", ["proj", "q"], ["residual"]),
+        helper.make_node("Concat", ["residual", "q"], ["joined"], axis=1),
+        helper.make_node("Shape", ["joined"], ["joined_shape"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0, 0, heads, d], np.int64), "split"),
+             numpy_helper.from_array(np.eye(hidden, dtype=np.float32), "w")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("att", "heads", "joined")]
+    outputs.append(helper.make_tensor_value_info("joined_shape", TensorProto.INT64, None))
+    graph = helper.make_graph(nodes, "shapes", [unknown(n) for n in "qkv"], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()],
+                              ir_version=IR_VERSION)
+    session = make_session(model)
+    declared = {o.name: o.shape for o in session.get_outputs()}
+    assert declared["att"][2] == hidden and declared["heads"][1::2] == [heads, d]
+    for name in ("att", "heads", "joined"):
+        assert all(not isinstance(dim, int) or dim >= 0 for dim in declared[name]), (name, declared[name])
+
+    rng = np.random.default_rng(10)
+    feeds = {n: rng.standard_normal((3, 5, hidden)).astype(np.float32) for n in "qkv"}
+    results = dict(zip(declared, session.run(None, feeds), strict=True))
+    assert results["joined"].shape == (3, 10, hidden)
+    assert results["joined_shape"].tolist() == [3, 10, hidden]
+    for name in ("att", "heads", "joined"):
+        assert _inferred_dims_match(declared[name], results[name].shape), (name, declared[name])

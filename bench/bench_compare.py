@@ -1,0 +1,299 @@
+"""Side-by-side benchmark (issue 7): onnxpress's passes and recipes against the peers.
+
+For each model, in one process: the peers (ORT fp32, ORT transformers optimizer, ORT
+``quantize_dynamic`` per-channel, ORT ``quantize_static`` QDQ, Optimum ORTQuantizer
+avx2, onnxsim 0.8.1 head pruning; decoders: ``MatMulNBitsQuantizer`` int4), each
+onnxpress pass alone at two strengths, and the packaged recipes. Columns: file size,
+latency at batch 1 and batch 8 x 128 tokens (medians of round-robin runs, so all
+variants share the machine's drift; ratios against ORT fp32), tokens/s at batch 8 for
+decoders, peak RSS of a fresh process that loads the model and runs one batch-8 call,
+held-out fidelity (mean/min sentence-embedding cosine vs fp32 on the SOTU evaluation
+split, or perplexity), BBC-probe accuracy for encoders, and compile time.
+
+    OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py --models minilm [smollm2] [path/model.onnx] [--quick]
+
+Prints one table per model and writes ``bench/results/compare.json`` (rows of models not
+run this time are kept) and a Pareto plot ``bench/results/compare.<model>.png``
+(fidelity vs batch-8 latency, marker area = file size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS, machine, time_alternating, write_results  # noqa: E402
+from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
+
+THREADS = 2
+WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-compare"
+# Each pass alone at two strengths (the second the stronger).
+ENCODER_PASSES = [
+    ("attention (exact, ORT fused op)", ["cleanup", "attention:target=onnxruntime"]),
+    ("prune_heads 15%", ["prune_heads:fraction=0.15"]),
+    ("prune_heads 33%", ["prune_heads:fraction=0.33"]),
+    ("prune_ffn 15%", ["prune_ffn:fraction=0.15"]),
+    ("prune_ffn 30%", ["prune_ffn:fraction=0.3"]),
+    ("lowrank 10%", ["lowrank:fraction=0.1"]),
+    ("lowrank 25%", ["lowrank:fraction=0.25"]),
+    ("quantize static, budget 1-cos<=0.003", ["quantize:mode=static,budget=0.003,budget_metric=cosine"]),
+    ("quantize static (all MatMuls)", ["quantize:mode=static"]),
+]
+DECODER_PASSES = [
+    ("attention (exact, ORT fused op)", ["cleanup", "attention:target=onnxruntime"]),
+    ("prune_ffn 10%", ["prune_ffn:fraction=0.1"]),
+    ("prune_ffn 25%", ["prune_ffn:fraction=0.25"]),
+    ("quantize dynamic int8", ["quantize:mode=dynamic"]),
+    ("quantize weight_only int4 b32", ["quantize:mode=weight_only,bits=4,block_size=32"]),
+]
+RECIPES = {"encoder": ["lossless", "balanced", "small"], "decoder": ["lossless", "balanced", "small", "edge-int4"]}
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so the benchmark's own size would leak in.
+RSS_SCRIPT = """
+import re, sys, numpy as np
+from onnxpress.calibration import make_feeds
+from onnxpress.runtime import make_session
+s = make_session(sys.argv[1], threads=int(sys.argv[2]))
+ids = np.random.default_rng(0).integers(int(sys.argv[3]), int(sys.argv[4]), (8, 128)).astype(np.int64)
+s.run(None, make_feeds(s, ids, np.ones_like(ids)))
+print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def resolve_model(name: str) -> Path:
+    from onnxpress.export import cached_export
+
+    return Path(name) if name.endswith(".onnx") else Path(cached_export(name))
+
+
+def size_mb(path: Path) -> float:
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+def token_range(src: Path) -> tuple[int, int]:
+    """Random token ids for timing: inside the vocabulary, past the special tokens."""
+    from onnxpress.calibration import vocab_size
+    from onnxpress.model_io import load_model
+
+    high = min(20000, vocab_size(load_model(src)))
+    return min(1000, high // 2), high
+
+
+def peak_rss_mb(path: Path, tokens: tuple[int, int]) -> float:
+    """Peak RSS of a fresh process that loads ``path`` and runs one batch of 8 x 128."""
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(THREADS), *map(str, tokens)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
+                   reuse_only: bool = False) -> tuple[dict[str, dict], dict]:
+    """label -> {"path", "group", "compile_s"[, "error"]}; every variant built from ``src``.
+
+    A compiled variant whose report (OUT.report.json, same passes) is already in ``out`` is
+    reused, so an interrupted run resumes; ``jobs`` > 1 compiles onnxpress variants in
+    parallel processes (their compile times then include the contention)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from onnxpress.calibration import CalibrationSet
+    from onnxpress.compile import report_path
+    from onnxpress.datasets import sotu_files
+    from onnxpress.model_io import load_model
+
+    samples = 64 if quick else 128  # single passes and peers; the recipes run as users run them (256)
+    calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=128,
+                                      batch_size=8, max_samples=samples, seed=0)
+    variants: dict[str, dict] = {"ORT fp32": {"path": src, "group": "peer", "compile_s": 0.0}}
+
+    def record(label: str, group: str, fn):
+        t0 = time.perf_counter()
+        try:
+            path, seconds = fn()
+            variants[label] = {"path": path, "group": group,
+                               "compile_s": round(seconds if seconds is not None else time.perf_counter() - t0, 1)}
+        except Exception as exc:  # a tool failing on a model is a result too
+            variants[label] = {"group": group, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            traceback.print_exc()
+        print(f"  built {label}: {variants[label].get('error', 'ok')}", flush=True)
+
+    for label, build in (ENCODER_PEERS if kind == "encoder" else DECODER_PEERS).items():
+        record(label, "peer", lambda b=build: (b(src, out, calib.batches), None))
+    tasks = []  # (label, group, output, compile_model kwargs)
+    for i, (label, passes) in enumerate(ENCODER_PASSES if kind == "encoder" else DECODER_PASSES):
+        tasks.append((f"onnxpress {label}", "pass", out / f"pass_{i}.onnx", {"passes": passes, "max_samples": samples}))
+    for recipe in RECIPES[kind]:
+        tasks.append((f"onnxpress recipe {recipe}", "recipe", out / f"recipe_{recipe}.onnx",
+                      {"recipe": recipe, "max_samples": samples if quick else None}))
+    if reuse_only:  # measure what an earlier (interrupted) run built; report the rest as missing
+        tasks = [t for t in tasks if t[2].exists() and report_path(t[2]).exists()]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {label: pool.submit(_compile, src, o, kw) for label, _, o, kw in tasks}
+        for label, group, _, _ in tasks:
+            record(label, group, futures[label].result)
+    return variants, {"calibration": calib.source}
+
+
+def _compile(src: Path, out: Path, kwargs: dict) -> tuple[Path, float]:
+    """compile_model, or the earlier result when its report shows the same passes or recipe."""
+    from onnxpress.compile import compile_model, report_path
+
+    report = report_path(out)
+    if out.exists() and report.exists():
+        old = json.loads(report.read_text())
+        same = (old["recipe"] == kwargs.get("recipe") if "recipe" in kwargs
+                else old["recipe"] == "command-line" and old.get("extra", {}).get("bench_passes") == kwargs["passes"])
+        if same and old["model"] == str(src):
+            return out, old["seconds"]
+    r = compile_model(src, out, calib=["sotu"], threads=THREADS, progress=False, **kwargs)
+    if "passes" in kwargs:  # remember what was asked, for the reuse check above
+        r.extra["bench_passes"] = kwargs["passes"]
+        r.write_json(report)
+    return out, r.seconds
+
+
+def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeats: int) -> list[dict]:
+    from onnxpress.calibration import make_feeds
+    from onnxpress.datasets import evaluation_sentences
+    from onnxpress.evaluation import bbc_probe_accuracy, embedding_fidelity, perplexity
+    from onnxpress.runtime import make_session
+
+    tok = src.parent
+    ok = {k: v for k, v in variants.items() if "path" in v}
+    sessions = {k: make_session(v["path"], threads=THREADS) for k, v in ok.items()}
+    latency = {}
+    tokens = token_range(src)
+    for batch in (1, 8):
+        ids = np.random.default_rng(0).integers(*tokens, (batch, 128)).astype(np.int64)
+        feeds = {k: make_feeds(s, ids, np.ones_like(ids)) for k, s in sessions.items()}
+        latency[batch] = time_alternating({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()},
+                                          repeats=repeats, warmup=1)
+    sentences = evaluation_sentences(64 if quick else 256)
+    rows = []
+    for label, v in variants.items():
+        row = {"variant": label, "group": v["group"]}
+        if "error" in v:
+            rows.append({**row, "error": v["error"]})
+            continue
+        s = sessions[label]
+        row.update(size_mb=round(size_mb(v["path"]), 1), compile_s=v["compile_s"],
+                   b1_ms=round(latency[1][label] * 1e3, 2), b8_ms=round(latency[8][label] * 1e3, 2))
+        row["b1_ratio"] = round(latency[1][label] / latency[1]["ORT fp32"], 3)
+        row["b8_ratio"] = round(latency[8][label] / latency[8]["ORT fp32"], 3)
+        row["size_ratio"] = round(row["size_mb"] / size_mb(src), 3)
+        try:
+            row["peak_rss_mb"] = round(peak_rss_mb(v["path"], tokens), 0)
+        except subprocess.CalledProcessError as exc:
+            row["peak_rss_mb"] = None
+            row["rss_error"] = exc.stderr.strip().splitlines()[-1][:120] if exc.stderr.strip() else "failed"
+        try:
+            if kind == "encoder":
+                fid = embedding_fidelity(s, sessions["ORT fp32"], sentences, tok)
+                row["cos_mean"] = round(fid["embedding_cosine_mean"], 5)
+                row["cos_min"] = round(fid["embedding_cosine_min"], 5)
+                probe = dict(max_train=200, max_test=100) if quick else {}
+                row["bbc_probe"] = bbc_probe_accuracy(s, tok, **probe)["probe_accuracy"]
+            else:
+                row["tokens_per_s_b8"] = round(8 * 128 / latency[8][label], 1)
+                row["perplexity"] = round(perplexity(s, tok, max_windows=8 if quick else 32), 3)
+        except Exception as exc:
+            row["error"] = f"evaluation: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if kind == "decoder":
+        ref = next(r["perplexity"] for r in rows if r["variant"] == "ORT fp32")
+        for r in rows:
+            if r.get("perplexity"):
+                r["ppl_vs_fp32_pct"] = round(100 * (r["perplexity"] / ref - 1), 2)
+    return rows
+
+
+def pareto_plot(rows: list[dict], kind: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "cos_mean" if kind == "encoder" else "ppl_vs_fp32_pct"
+    pts = [r for r in rows if r.get(key) is not None and r.get("b8_ms")]
+    colors = {"peer": "tab:gray", "pass": "tab:blue", "recipe": "tab:red"}
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    for group, color in colors.items():
+        sel = [r for r in pts if r["group"] == group]
+        ax.scatter([r["b8_ms"] for r in sel], [r[key] for r in sel], s=[4 * r["size_mb"] for r in sel], c=color,
+                   alpha=0.55, label=group, edgecolors="k")
+    for r in pts:
+        ax.annotate(r["variant"].replace("onnxpress ", ""), (r["b8_ms"], r[key]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    better = (lambda a, b: a >= b) if kind == "encoder" else (lambda a, b: a <= b)
+    front = sorted((r for r in pts if not any(o is not r and o["b8_ms"] <= r["b8_ms"] and better(o[key], r[key])
+                                             and (o["b8_ms"], o[key]) != (r["b8_ms"], r[key]) for o in pts)),
+                   key=lambda r: r["b8_ms"])
+    ax.plot([r["b8_ms"] for r in front], [r[key] for r in front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel("latency, batch 8 x 128 tokens (ms, median)")
+    ax.set_ylabel("held-out mean embedding cosine vs fp32" if kind == "encoder" else "perplexity vs fp32 (%)")
+    if kind == "encoder":
+        ax.set_ylim(max(0.8, min(r[key] for r in pts) - 0.01), 1.002)
+    ax.set_title(title + " (marker area = file size)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["minilm"], help="minilm, smollm2, or paths to .onnx exports")
+    parser.add_argument("--quick", action="store_true", help="fewer calibration samples, sentences and windows")
+    parser.add_argument("--repeats", type=int, default=7, help="round-robin timing rounds per batch size")
+    parser.add_argument("--jobs", type=int, default=1, help="onnxpress variants compiled in parallel processes")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="compile nothing: measure the onnxpress variants an earlier run left in the work folder")
+    args = parser.parse_args(argv)
+    command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py " + " ".join(argv or sys.argv[1:])
+    from onnxpress.compile import model_kind
+    from onnxpress.model_io import load_model
+
+    kept = []
+    if (RESULTS / "compare.json").exists():
+        kept = [r for r in json.loads((RESULTS / "compare.json").read_text())["rows"]
+                if r["model"] not in {Path(m).stem if m.endswith(".onnx") else m for m in args.models}]
+    rows, notes = list(kept), {"threads": THREADS, "load_average_start": os.getloadavg()}
+    for name in args.models:
+        src = resolve_model(name)
+        model = Path(name).stem if name.endswith(".onnx") else name
+        kind = model_kind(load_model(src))
+        out = WORK / model
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"# {model} ({kind}): building variants", flush=True)
+        variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only)
+        notes[f"{model}_calibration"] = info["calibration"]
+        model_rows = measure(src, kind, variants, args.quick, args.repeats)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        rows += [{"model": model, "kind": kind, "run": stamp, "quick": args.quick, **r} for r in model_rows]
+        pareto_plot(model_rows, kind, f"{model} on {machine()['cpu']}, {THREADS} threads",
+                    RESULTS / f"compare.{model}.png")
+    notes["load_average_end"] = os.getloadavg()
+    notes["jobs"] = args.jobs
+    notes["shared_machine"] = "other jobs ran on this machine: compare ratios (alternating runs), not absolute ms"
+    columns = ["model", "variant", "size_mb", "b1_ms", "b8_ms", "b1_ratio", "b8_ratio", "tokens_per_s_b8",
+               "peak_rss_mb", "cos_mean", "cos_min", "perplexity", "ppl_vs_fp32_pct", "bbc_probe", "compile_s", "error"]
+    print(f"# threads {THREADS}")
+    write_results("compare", rows, command=command, notes=notes, columns=columns)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The peers onnxpress is compared with, each as ``build(src, out_dir, calib) -> path``.
+
+Each is the tool's documented one-call entry point with the settings its docs recommend
+for transformers on an AVX2 CPU.
+``calib`` is a list of feed batches from the calibration split (never the evaluation text).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Build = Callable[[Path, Path, list], Path]
+
+
+def _shape(src: Path) -> tuple[int, int]:
+    """(heads, hidden size) of the first attention layer, for ORT's optimizer."""
+    from onnxpress.analysis import analyze
+    from onnxpress.model_io import load_model
+
+    att = analyze(load_model(src)).attentions()[0]
+    return att.num_heads, att.num_heads * att.head_size
+
+
+def ort_transformers_optimizer(src: Path, out: Path, calib) -> Path:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = _shape(src)
+    kind = "gpt2" if _is_decoder(src) else "bert"
+    path = out / "ort_optimizer.onnx"
+    optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden).save_model_to_file(str(path))
+    return path
+
+
+def ort_quantize_dynamic(src: Path, out: Path, calib) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = out / "ort_dynamic.onnx"
+    quantize_dynamic(str(src), str(path), per_channel=True, weight_type=QuantType.QInt8)
+    return path
+
+
+def ort_quantize_static(src: Path, out: Path, calib) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    path = out / "ort_static.onnx"
+    length = max(b["input_ids"].shape[1] for b in calib[:8])
+    quantize_static(str(src), str(path), CalibReader(calib[:8], length), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return path
+
+
+def ort_matmul_nbits(src: Path, out: Path, calib) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    path = out / "ort_rtn_int4_b32.onnx"
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=False)
+    q.process()
+    q.model.save_model_to_file(str(path), use_external_data_format=False)
+    return path
+
+
+def onnxsim_head_pruning(src: Path, out: Path, calib, sparsity: float = 4 / 12) -> Path:
+    """onnxsim 0.8.1's head pruning; it matches ORT-fused Attention ops, so fuse first."""
+    import onnx
+    import onnxsim
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = _shape(src)
+    fused = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden).model
+    path = out / "onnxsim_heads.onnx"
+    onnx.save(onnxsim.apply_attention_head_pruning(fused, sparsity=sparsity), str(path))
+    return path
+
+
+class CalibReader:
+    """ORT CalibrationDataReader over our batches, padded to a fixed length (ORT's
+    calibrators concatenate batches and fail on variable lengths)."""
+
+    def __init__(self, batches, length: int):
+        self.items = []
+        for b in batches:
+            for i in range(len(b["input_ids"])):
+                self.items.append({k: _pad(v[i : i + 1], length) for k, v in b.items()})
+        self.it = iter(self.items)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.items)
+
+
+def _pad(v: np.ndarray, length: int) -> np.ndarray:
+    if v.ndim == 2 and v.shape[1] < length:
+        return np.pad(v, ((0, 0), (0, length - v.shape[1])))
+    return v
+
+
+def optimum_avx2(src: Path, out: Path, calib=None) -> Path:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    tmp = out / "optimum_in"
+    tmp.mkdir(exist_ok=True)
+    for f in src.parent.iterdir():
+        if f.is_file() and not (tmp / f.name).exists():
+            shutil.copy(f, tmp / f.name)
+    quantizer = ORTQuantizer.from_pretrained(tmp, file_name="model.onnx")
+    qconfig = AutoQuantizationConfig.avx2(is_static=False, per_channel=True)
+    quantizer.quantize(save_dir=out / "optimum", quantization_config=qconfig)
+    return out / "optimum" / "model_quantized.onnx"
+
+
+def _is_decoder(src: Path) -> bool:
+    import onnx
+
+    return any(o.name == "logits" for o in onnx.load(str(src), load_external_data=False).graph.output)
+
+
+# label -> build, per model kind (the order of the table)
+ENCODER_PEERS: dict[str, Build] = {
+    "ORT transformers optimizer": ort_transformers_optimizer,
+    "ORT quantize_dynamic per-channel s8": ort_quantize_dynamic,
+    "ORT quantize_static QDQ u8/s8": ort_quantize_static,
+    "Optimum ORTQuantizer avx2": optimum_avx2,
+    "onnxsim 0.8.1 head pruning 33%": onnxsim_head_pruning,
+}
+DECODER_PEERS: dict[str, Build] = {
+    "ORT transformers optimizer": ort_transformers_optimizer,
+    "ORT quantize_dynamic per-channel s8": ort_quantize_dynamic,
+    "ORT MatMulNBitsQuantizer int4 b32": ort_matmul_nbits,
+}

@@ -1,0 +1,393 @@
+"""Accuracy-budgeted automatic compression: ``onnxpress compile MODEL --budget 0.01``.
+
+**Fidelity loss** (what ``budget`` bounds) is measured on the held-out split of the
+calibration data (``compile.VERIFY_FRACTION`` of it, never used to fit anything)
+against the uncompressed model:
+
+- encoders: ``1 - mean cosine`` of the sentence embeddings (first output, mean-pooled
+  over the attention mask), the measure the packaged recipes are described by; a model
+  without an attention mask: ``1 - mean row cosine`` of its outputs;
+- decoders (models with a ``logits`` output): the relative increase in perplexity of
+  the held-out text, ``ppl / ppl_reference - 1``.
+
+**Search** (greedy; every step starts from the model the previous accepted step left,
+so statistics already paid for are not recomputed from the original):
+
+1. exact base: ``cleanup`` and, where attention is recognised, exact attention substitution;
+2. the last-stage family (``quantize``) alone on the base gives its loss ``L_q``; when
+   ``L_q`` exceeds the budget the quantize pass's own sensitivity search keeps the
+   most sensitive MatMuls in float (the "layers left untouched");
+3. each structural family in turn (latency: ``prune_ffn``, ``prune_heads``; size:
+   ``lowrank``, ``prune_ffn``) gets a few probes of its strength: the first at a low
+   strength, the next ones interpolated on a power-law fit of loss against strength
+   (a secant search, not a grid); a probe fits when its loss plus ``L_q`` is within
+   the budget, and the strongest fitting probe becomes the new current model;
+4. the structural model plus quantize is measured; if it is over budget the last
+   structural step is halved and measured again.
+
+Every measured candidate goes into the trace; the best one within the budget by the
+objective (``latency``: median wall time of the held-out batches; ``size``: serialised
+bytes) is returned. With 2 cores this finishes on MiniLM in a few minutes; the
+``max_seconds`` guard stops probing early and keeps the final measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.evaluation import mean_pool
+from onnxpress.fidelity import compare_outputs, row_cosines
+from onnxpress.model_io import model_bytes, model_proto
+from onnxpress.pass_infra import PassResult, build_pass
+from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
+from onnxpress.runtime import make_session, run_batches
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+OBJECTIVES = ("latency", "size")
+# Structural families per objective, in the order they are tried, with the largest strength probed.
+STRUCTURAL = {
+    "latency": [("prune_ffn", 0.6), ("prune_heads", 0.5)],
+    "size": [("lowrank", 0.5), ("prune_ffn", 0.6)],
+}
+# The last stage: quantisation settings per (model kind, objective).
+QUANTIZE = {
+    ("encoder", "latency"): {"mode": "static"},
+    ("encoder", "size"): {"mode": "static"},
+    ("decoder", "latency"): {"mode": "dynamic"},
+    ("decoder", "size"): {"mode": "weight_only", "bits": 4, "block_size": 32},
+}
+PROBES_PER_FAMILY = 3
+# Calibration batches a structural probe uses (statistics on fewer batches: faster probes).
+PROBE_BATCHES = 8
+FIRST_PROBE = 0.25  # of the family's largest strength
+TIMING_REPEATS = 3
+COMPRESSED = 0.99  # a candidate counts as compression when its file is below this share of the base's
+
+
+@dataclass
+class SearchSettings:
+    budget: float
+    objective: str = "latency"
+    max_seconds: float = 540.0  # stop probing after this; the final measurement still runs
+    families: list[str] | None = None  # structural families to try (default: by objective)
+    probes_per_family: int = PROBES_PER_FAMILY
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, self.objective)
+
+
+def check_budget(budget: Any, objective: Any) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget < 1:
+        raise OnnxpressError(
+            f"--budget {budget!r} must be a fidelity loss between 0 and 1, e.g. 0.01 (1% of cosine or perplexity)"
+        )
+    if objective not in OBJECTIVES:
+        raise OnnxpressError(f"--objective {objective!r}: use latency or size")
+
+
+def check_search_args(budget, objective, recipe, passes, calib) -> None:
+    """Cheap checks before any model is loaded."""
+    check_budget(budget, objective)
+    if recipe is not None or passes:
+        raise OnnxpressError("--budget chooses the passes itself: drop --recipe / --passes")
+    if not calib:
+        raise OnnxpressError("--budget needs calibration data to search and measure on: add --calib sotu (or files)")
+
+
+@dataclass
+class Candidate:
+    """One measured model of the search."""
+
+    label: str
+    steps: list[dict[str, Any]]  # [{"pass": name, "settings": {...}}] applied to the original model
+    loss: float
+    latency_ms: float
+    size_bytes: int
+    fits: bool
+    seconds: float
+    compressed: bool  # smaller than the exact base (a lossy pass that kept everything float is not)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    model: ir.Model
+    results: list[PassResult]
+    chosen: Candidate
+    trace: list[Candidate]
+    settings: SearchSettings
+    loss_definition: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.settings.budget,
+            "objective": self.settings.objective,
+            "loss": self.loss_definition,
+            "chosen": self.chosen.label,
+            "chosen_loss": self.chosen.loss,
+            "seconds": round(self.seconds, 1),
+            "notes": self.notes,
+            "trace": [c.to_dict() for c in self.trace],
+        }
+
+
+class FidelityMeter:
+    """Fidelity loss and timing of a model on the held-out batches, against the original's outputs."""
+
+    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]], kind: str, threads: int | None):
+        self.batches, self.kind, self.threads = batches, kind, threads
+        self.outputs = primary_outputs(model)
+        self.pooled = kind == "encoder" and all("attention_mask" in b for b in batches)
+        if kind == "decoder":
+            self.outputs = ["logits"]
+            self.definition = "relative perplexity increase on the held-out calibration split"
+        elif self.pooled:
+            self.outputs = self.outputs[:1]
+            self.definition = "1 - mean cosine of mask-pooled embeddings on the held-out calibration split"
+        else:
+            self.definition = "1 - mean row cosine of the outputs on the held-out calibration split"
+        self.reference = self._run(model)[0]
+        self.reference_nll = self._nll(self.reference) if kind == "decoder" else None
+
+    def _run(self, model: ir.Model) -> tuple[list[dict[str, np.ndarray]], float]:
+        session = make_session(model, threads=self.threads)
+        outputs = run_batches(session, self.batches, self.outputs)  # also the warm-up run
+        times = []
+        for _ in range(TIMING_REPEATS):
+            t0 = time.perf_counter()
+            run_batches(session, self.batches, self.outputs)
+            times.append(time.perf_counter() - t0)
+        return outputs, 1e3 * statistics.median(times)
+
+    def measure(self, model: ir.Model) -> tuple[float, float]:
+        """(fidelity loss, latency in ms of the held-out batches)."""
+        outputs, ms = self._run(model)
+        if self.kind == "decoder":
+            return math.exp(self._nll(outputs) - self.reference_nll) - 1.0, ms
+        if self.pooled:
+            name = self.outputs[0]
+            cos = np.concatenate([
+                row_cosines(mean_pool(r[name], b["attention_mask"]), mean_pool(o[name], b["attention_mask"]))
+                for r, o, b in zip(self.reference, outputs, self.batches, strict=True)
+            ])
+            return 1.0 - float(cos.mean()), ms
+        return 1.0 - compare_outputs(self.reference, outputs).cosine_mean, ms
+
+    def _nll(self, outputs: list[dict[str, np.ndarray]]) -> float:
+        """Mean next-token negative log-likelihood of the held-out text."""
+        total = count = 0.0
+        for out, feeds in zip(outputs, self.batches, strict=True):
+            logits = out["logits"][:, :-1].astype(np.float64)
+            target = feeds["input_ids"][:, 1:]
+            mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            picked = np.take_along_axis(logp, target[..., None], -1)[..., 0]
+            total -= float((picked * mask).sum())
+            count += float(mask.sum())
+        return total / max(count, 1.0)
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(model_proto(model))
+
+
+class _Search:
+    def __init__(self, model: ir.Model, ctx: CompileContext, settings: SearchSettings, kind: str, progress: bool):
+        self.ctx, self.settings, self.kind, self.progress = ctx, settings, kind, progress
+        self.start = time.perf_counter()
+        self.meter = FidelityMeter(model, ctx.verification, kind, ctx.threads)
+        self.trace: list[Candidate] = []
+        self.models: dict[int, tuple[ir.Model, list[PassResult]]] = {}
+        self.notes: list[str] = []
+        self.last_apply_seconds = 0.0
+        self.base_size: int | None = None  # serialised size of the exact base (the first candidate)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def apply(self, model: ir.Model, results: list[PassResult], steps: Sequence[tuple[str, dict]]):
+        """A copy of ``model`` with ``steps`` run on it (verified by the pass manager)."""
+        model = copy_model(model)
+        passes = [build_pass(name, settings) for name, settings in steps]
+        ctx = CompileContext(
+            verification=self.ctx.verification, calibration=self.ctx.calibration,
+            tokenizer_dir=self.ctx.tokenizer_dir, seed=self.ctx.seed, threads=self.ctx.threads,
+        )
+        t0 = time.perf_counter()
+        new = PassManager(passes, verify=True, progress=False).run(model, ctx)
+        self.last_apply_seconds = time.perf_counter() - t0
+        return model, results + new
+
+    def evaluate(self, label: str, model: ir.Model, results: list[PassResult]) -> Candidate:
+        t0 = time.perf_counter()
+        loss, ms = self.meter.measure(model)
+        cand = Candidate(
+            label=label,
+            steps=[{"pass": r.name, "settings": _changed_settings(r)} for r in results],
+            loss=loss,
+            latency_ms=round(ms, 2),
+            size_bytes=len(model_bytes(model)),
+            fits=loss <= self.settings.budget,
+            seconds=round(time.perf_counter() - t0 + self.last_apply_seconds, 1),
+            compressed=False,
+        )
+        cand.compressed = self.base_size is not None and cand.size_bytes < COMPRESSED * self.base_size
+        self.base_size = self.base_size or cand.size_bytes
+        self.trace.append(cand)
+        self.models[id(cand)] = (model, results)
+        if self.progress:
+            print(f"  search: {label}: loss {loss:.4g}, {ms:.0f} ms, {cand.size_bytes / 1e6:.1f} MB"
+                  f"{'' if cand.fits else ' (over budget)'}", flush=True)
+        return cand
+
+    def cost(self, cand: Candidate) -> float:
+        return cand.latency_ms if self.settings.objective == "latency" else cand.size_bytes
+
+
+def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, kind: str = "encoder",
+           progress: bool = False) -> SearchResult:
+    """The best model within ``settings.budget``; see the module docstring."""
+    from onnxpress.analysis import analyze
+
+    if ctx.calibration is None:
+        raise OnnxpressError("--budget needs calibration data to search and measure on: add --calib sotu (or files)")
+    s = _Search(model, ctx, settings, kind, progress)
+    budget = settings.budget
+    has_attention = analyze(model).has_attention
+    base_steps = [("cleanup", {})] + ([("attention", {"target": "onnxruntime"})] if has_attention else [])
+    base_model, base_results = s.apply(model, [], base_steps)
+    base = s.evaluate("exact base (" + " + ".join(n for n, _ in base_steps) + ")", base_model, base_results)
+
+    # 2. the last stage alone: its loss is what the structural families must leave room for.
+    q_settings = dict(QUANTIZE[(kind, settings.objective)])
+    quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
+    if not quant.fits and q_settings.get("mode") != "weight_only":
+        q_settings = {**q_settings, "budget": budget / 2, "budget_metric": "cosine"}
+        quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
+    quant_loss = quant.loss if quant.fits else 0.0
+    use_quant = quant.fits
+
+    # 3. structural families, each from the model the previous one accepted.
+    families = [(f, hi) for f, hi in STRUCTURAL[settings.objective] if settings.families is None or f in settings.families]
+    current, current_results, steps_taken = base_model, base_results, []
+    analysis = analyze(base_model)
+    for family, top in families:
+        if family.startswith("prune_") and not analysis.has_attention:
+            s.notes.append(f"{family}: skipped, no transformer layers recognised")
+            continue
+        accepted = _probe_family(s, family, top, current, current_results, budget - quant_loss)
+        if accepted is not None:
+            cand, strength = accepted
+            current, current_results = s.models[id(cand)]
+            steps_taken.append((family, strength))
+
+    # 4. structural + quantize, backing off the last structural step while over budget.
+    if use_quant and steps_taken:
+        for _ in range(2):
+            label = " + ".join(f"{f} {v:g}" for f, v in steps_taken) + " + quantize"
+            combo = s.evaluate(label, *s.apply(current, current_results, [("quantize", q_settings)]))
+            if combo.fits or s.elapsed() > settings.max_seconds:
+                break
+            family, strength = steps_taken.pop()
+            strength = round(strength / 2, 3)
+            prev = current_results[:-1]
+            prev_model = _model_before_last(s, base_model, prev)
+            current, current_results = s.apply(prev_model, prev, [(family, _strength_settings(family, strength))])
+            steps_taken.append((family, strength))
+
+    fitting = [c for c in s.trace if c.fits and c.compressed]
+    if not fitting:
+        mildest = min((c for c in s.trace if c.compressed), key=lambda c: c.loss, default=base)
+        raise OnnxpressError(
+            f"no compression fits --budget {budget:g}: the mildest candidate ({mildest.label}) lost {mildest.loss:.3g}; "
+            f"raise --budget to at least {mildest.loss:.2g} or use --recipe lossless"
+        )
+    chosen = min(fitting, key=s.cost)
+    chosen_model, chosen_results = s.models[id(chosen)]
+    return SearchResult(chosen_model, chosen_results, chosen, s.trace, settings, s.meter.definition, s.elapsed(),
+                        s.notes)
+
+
+def _probe_family(s: _Search, family: str, top: float, model, results, room: float):
+    """Secant search of ``family``'s strength on ``model``: the strongest probe whose loss fits ``room``."""
+    lo, lo_loss = 0.0, 0.0  # strongest strength that fits (0: nothing yet) and its loss
+    hi, hi_loss = None, None  # weakest strength that does not fit
+    best = None
+    strength = round(top * FIRST_PROBE, 3)
+    for _ in range(s.settings.probes_per_family):
+        if s.elapsed() > s.settings.max_seconds:
+            s.notes.append(f"{family}: probing stopped at the {s.settings.max_seconds:.0f}s limit")
+            break
+        settings = _strength_settings(family, strength)
+        try:
+            m, r = s.apply(model, results, [(family, settings)])
+        except OnnxpressError as exc:
+            s.notes.append(f"{family} {_fmt(settings)}: {exc}")
+            break
+        cand = s.evaluate(f"{family} {_fmt(settings)}", m, r)
+        if cand.loss <= room:
+            lo, lo_loss, best = strength, cand.loss, (cand, strength)
+        else:
+            hi, hi_loss = strength, cand.loss
+        nxt = _next_strength(lo, lo_loss, hi, hi_loss, room, top)
+        if nxt is None or abs(nxt - strength) < 0.01 or (best and abs(nxt - best[1]) < 0.01):
+            break
+        strength = nxt
+    return best
+
+
+def _next_strength(lo, lo_loss, hi, hi_loss, room, top) -> float | None:
+    """Interpolate loss ~ c * strength^p between the bracket ends (p = 2 with one end known)."""
+    if hi is None:  # everything fitted so far: extrapolate upwards
+        if lo_loss <= 0:
+            return round(min(top, lo * 2), 3)
+        return round(min(top, lo * math.sqrt(room / lo_loss)), 3)
+    if lo == 0.0:
+        guess = hi * math.sqrt(room / max(hi_loss, 1e-12))
+    else:
+        p = math.log(hi_loss / max(lo_loss, 1e-12)) / math.log(hi / lo) if hi_loss > lo_loss > 0 else 2.0
+        guess = lo * (room / max(lo_loss, 1e-12)) ** (1 / max(p, 0.5))
+    margin = 0.1 * (hi - lo)  # stay strictly inside the bracket
+    guess = min(max(guess, lo + margin), hi - margin)
+    return round(guess, 3) if guess > 0.005 else None
+
+
+def _strength_settings(family: str, strength: float) -> dict[str, Any]:
+    if family.startswith("prune_"):
+        return {"fraction": strength, "max_batches": PROBE_BATCHES}
+    if family == "lowrank":
+        return {"fraction": strength, "max_batches": PROBE_BATCHES}
+    raise OnnxpressError(f"the search has no strength for pass {family!r}: use prune_ffn, prune_heads or lowrank")
+
+
+def _model_before_last(s: _Search, base_model, results_prefix):
+    """The measured model whose pass results are exactly ``results_prefix`` (or the base)."""
+    for model, results in s.models.values():
+        if len(results) == len(results_prefix) and all(a is b for a, b in zip(results, results_prefix, strict=True)):
+            return model
+    return base_model
+
+
+def _changed_settings(result: PassResult) -> dict[str, Any]:
+    """A pass's settings that differ from its defaults (what a recipe would write)."""
+    defaults = build_pass(result.name).config.to_dict()
+    return {k: v for k, v in result.config.items() if defaults.get(k) != v}
+
+
+def _fmt(settings: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items() if k != "max_batches") or "defaults"

@@ -1,0 +1,113 @@
+"""Accuracy-budgeted automatic compression (``compile --budget``) on a tiny random-weight BERT."""
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxpress.auto_search import FidelityMeter, _next_strength
+from onnxpress.calibration import CalibrationSet
+from onnxpress.cli import main
+from onnxpress.compile import VERIFY_FRACTION, compile_model, report_path
+from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import load_model
+
+from tiny_models import tiny_model
+
+CALIB = dict(calib=["sotu"], max_samples=48, max_length=32, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    src = tiny_model("bert")
+    out = tmp_path_factory.mktemp("auto") / "bert.auto.onnx"
+    budget = 0.05
+    report = compile_model(src, out, budget=budget, objective="latency", **CALIB)
+    return src, out, report, budget
+
+
+def held_out(src):
+    """The held-out split compile_model measured on, rebuilt the same way."""
+    from onnxpress.datasets import sotu_files
+
+    calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=32,
+                                      batch_size=8, max_samples=48, seed=0)
+    return calib.split(VERIFY_FRACTION)[1].batches
+
+
+def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched):
+    _, out, report, budget = searched
+    found = json.loads(report_path(out).read_text())["extra"]["search"]
+    labels = [c["label"] for c in found["trace"]]
+    assert labels[0].startswith("exact base") and any(lab.startswith("quantize") for lab in labels)
+    assert any(lab.startswith(("prune_ffn", "prune_heads")) for lab in labels), labels
+    assert found["chosen"] in labels and found["budget"] == budget
+    chosen = next(c for c in found["trace"] if c["label"] == found["chosen"])
+    assert chosen["fits"] and chosen["compressed"] and chosen["loss"] <= budget
+    # the chosen one is the fastest measured candidate within the budget
+    assert chosen["latency_ms"] == min(c["latency_ms"] for c in found["trace"] if c["fits"] and c["compressed"])
+    # the exact base loses nothing
+    assert found["trace"][0]["loss"] < 1e-5
+    assert "search (budget" in report.format_table()
+
+
+def test_returned_model_is_within_budget_when_measured_again(searched):
+    src, out, report, budget = searched
+    batches = held_out(src)
+    meter = FidelityMeter(load_model(src), batches, "encoder", threads=1)
+    loss, _ = meter.measure(load_model(out))
+    found = report.extra["search"]
+    assert loss <= budget
+    assert loss == pytest.approx(found["chosen_loss"], rel=1e-3, abs=1e-6)
+    assert [p.name for p in report.passes][:1] == ["cleanup"] and len(report.passes) >= 2
+
+
+def test_fidelity_meter_pooled_cosine_matches_a_direct_computation():
+    src = tiny_model("bert")
+    batches = held_out(src)
+    meter = FidelityMeter(load_model(src), batches, "encoder", threads=1)
+    assert meter.pooled and meter.measure(load_model(src))[0] == pytest.approx(0.0, abs=1e-9)
+    # a perturbed reference: loss = 1 - mean cosine of mask-pooled embeddings
+    ref = meter.reference
+    noisy = [{k: v + 0.5 * np.random.default_rng(0).standard_normal(v.shape) for k, v in r.items()} for r in ref]
+    meter.reference = noisy
+    loss, _ = meter.measure(load_model(src))
+    from onnxpress.evaluation import mean_pool
+
+    name = meter.outputs[0]
+    a = np.concatenate([mean_pool(n[name], b["attention_mask"]) for n, b in zip(noisy, batches, strict=True)])
+    b_ = np.concatenate([mean_pool(r[name], b["attention_mask"]) for r, b in zip(ref, batches, strict=True)])
+    cos = (a * b_).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b_, axis=1)
+    assert loss == pytest.approx(1 - cos.mean(), rel=1e-9)
+
+
+def test_secant_step_stays_inside_the_bracket():
+    assert _next_strength(0.0, 0.0, 0.4, 0.04, 0.01, 0.6) == pytest.approx(0.2)  # loss ~ s^2
+    nxt = _next_strength(0.1, 0.002, 0.4, 0.04, 0.01, 0.6)
+    assert 0.1 < nxt < 0.4
+    assert _next_strength(0.1, 0.0025, None, None, 0.01, 0.6) == pytest.approx(0.2)
+
+
+def test_impossible_budget_is_one_line(capsys, tmp_path):
+    src = tiny_model("bert")
+    out = tmp_path / "o.onnx"
+    code = main(["compile", str(src), "-o", str(out), "--budget", "1e-9", "--calib", "sotu", "--max-samples", "32",
+                 "--seq-len", "32", "--threads", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no compression fits --budget 1e-09" in err
+    assert "raise --budget to at least" in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(budget=1.5), "between 0 and 1"),
+        (dict(budget=0.01, objective="speed"), "use latency or size"),
+        (dict(budget=0.01, recipe="small"), "drop --recipe"),
+        (dict(budget=0.01, calib=None), "needs calibration data"),
+    ],
+)
+def test_bad_search_arguments_fail_before_any_work(tmp_path, kwargs, message):
+    args = {**CALIB, **kwargs}
+    with pytest.raises(OnnxpressError, match=message):
+        compile_model(tiny_model("bert"), tmp_path / "o.onnx", **args)
