@@ -21,14 +21,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_alternating, write_results  # noqa: E402
+from common import run_pass, time_alternating, write_results  # noqa: E402
 
 THREADS = 2
 CACHE = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
@@ -82,26 +81,6 @@ def calibration(model, tok_dir, samples: int, max_length: int, batch_size: int, 
                                      batch_size=batch_size, max_samples=samples, seed=0)
 
 
-def compress(path: Path, settings: dict, calib, out: Path):
-    """Run the lowrank pass (through its public ``run``) and save the result."""
-    from types import SimpleNamespace
-
-    from onnxpress.model_io import load_model, save_model
-    from onnxpress.pass_manager import CompileContext, primary_outputs
-    from onnxpress.passes.lowrank import LowRankPass
-
-    model = load_model(path)
-    ctx = CompileContext(verification=calib.batches[:1], calibration=SimpleNamespace(batches=calib.batches),
-                         threads=THREADS)
-    ctx.output_names = primary_outputs(model)
-    ctx.reference = ctx.run(model)
-    start = time.perf_counter()
-    result = LowRankPass(settings).run(model, ctx)
-    seconds = time.perf_counter() - start
-    save_model(model, out)
-    return result, seconds
-
-
 def file_size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -140,7 +119,7 @@ def bench_minilm(args, work: Path, rows: list[dict]) -> None:
             calib = calibration(model, tok, n_cal, 128, 16) if n_cal else calib_full
             key = f"minilm-{fraction}-{len(paths)}"
             out = work / f"{key}.onnx"
-            result, seconds = compress(path, {"fraction": fraction, **settings}, calib, out)
+            result, seconds = run_pass(path, "lowrank", {"fraction": fraction, **settings}, calib, out, threads=THREADS)
             cos = row_cosines(ref, evaluation.sentence_embeddings(out, tok, sentences))
             paths[key] = out
             rows.append(_row("MiniLM", fraction, label, result, seconds, key, embedding_cosine=float(cos.mean()),
@@ -174,7 +153,7 @@ def bench_smollm2(args, work: Path, rows: list[dict]) -> None:
     for label, settings in SMOLLM_VARIANTS:
         key = f"smollm2-{len(paths)}"
         out = work / f"{key}.onnx"
-        result, seconds = compress(path, {"fraction": 0.2, **settings}, calib, out)
+        result, seconds = run_pass(path, "lowrank", {"fraction": 0.2, **settings}, calib, out, threads=THREADS)
         value = ppl(out)
         paths[key] = out
         rows.append(_row("SmolLM2", 0.2, label, result, seconds, key, perplexity=value, ppl_vs_fp32=value / base,

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lowrank import calibration, export, file_size  # noqa: E402
-from common import write_results  # noqa: E402
+from common import run_pass, write_results  # noqa: E402
 
 THREADS = 2
 
@@ -72,26 +71,6 @@ def peak_rss_mb(path: Path | str, feeds_npz: Path) -> float:
     return int(out.stdout.split()[-1]) / 1024
 
 
-def compress(path: Path, pass_name: str, settings: dict, calib, out: Path):
-    """Run a pass through its public ``run`` (which also verifies it) and save the result."""
-    from types import SimpleNamespace
-
-    from onnxpress.model_io import load_model, save_model
-    from onnxpress.pass_infra import build_pass
-    from onnxpress.pass_manager import CompileContext, primary_outputs
-
-    model = load_model(path)
-    ctx = CompileContext(verification=calib.batches[:1], calibration=SimpleNamespace(batches=calib.batches),
-                         threads=THREADS)
-    ctx.output_names = primary_outputs(model)
-    ctx.reference = ctx.run(model)
-    start = time.perf_counter()
-    result = build_pass(pass_name, settings).run(model, ctx)
-    seconds = time.perf_counter() - start
-    save_model(model, out)
-    return result, seconds
-
-
 def _row(model, fraction, label, result, seconds, out: Path, base: Path, **metrics) -> dict:
     d = result.details
     row = {"model": model, "target": fraction, "variant": label, **metrics,
@@ -119,7 +98,7 @@ def bench_minilm(args, work: Path, rows: list[dict], flush) -> None:
                  "size_mb": file_size(path) / 2**20, "size_ratio": 1.0})
     for i, (label, pass_name, settings) in enumerate(VARIANTS):
         out = work / f"minilm-{i}.onnx"
-        result, seconds = compress(path, pass_name, {"fraction": 0.2, **settings}, calib, out)
+        result, seconds = run_pass(path, pass_name, {"fraction": 0.2, **settings}, calib, out, threads=THREADS)
         cos = row_cosines(ref, evaluation.sentence_embeddings(out, tok, sentences))
         rows.append(_row("MiniLM", 0.2, label, result, seconds, out, path, embedding_cosine=float(cos.mean()),
                          embedding_cosine_min=float(cos.min())))
@@ -156,7 +135,7 @@ def bench_smollm2(args, work: Path, rows: list[dict], flush) -> None:
     for fraction, i in args.jobs:
         label, pass_name, settings = SMOLLM_VARIANTS[i]
         out = work / f"smollm2-{fraction}-{i}.onnx"
-        result, seconds = compress(path, pass_name, {"fraction": fraction, **settings}, calib, out)
+        result, seconds = run_pass(path, pass_name, {"fraction": fraction, **settings}, calib, out, threads=THREADS)
         value = ppl(out)
         rows.append(_row("SmolLM2", fraction, label, result, seconds, out, path, perplexity=value,
                          ppl_vs_fp32=value / base, peak_rss_mb=peak_rss_mb(out, feeds_npz)))

@@ -94,3 +94,23 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
                               indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def run_pass(path: Path, pass_name: str, settings: dict, calib, out: Path, *, threads: int = 2):
+    """Run a pass through its public ``run`` (which also verifies it) and save the result."""
+    from types import SimpleNamespace
+
+    from onnxpress.model_io import load_model, save_model
+    from onnxpress.pass_infra import build_pass
+    from onnxpress.pass_manager import CompileContext, primary_outputs
+
+    model = load_model(path)
+    ctx = CompileContext(verification=calib.batches[:1], calibration=SimpleNamespace(batches=calib.batches),
+                         threads=threads)
+    ctx.output_names = primary_outputs(model)
+    ctx.reference = ctx.run(model)
+    start = time.perf_counter()
+    result = build_pass(pass_name, settings).run(model, ctx)
+    seconds = time.perf_counter() - start
+    save_model(model, out)
+    return result, seconds

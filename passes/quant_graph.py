@@ -137,18 +137,7 @@ class QuantRewriter:
         if emit == "contrib" and x_type == "uint8":
             return self._static_contrib(lin, w_codes, w_scale, x_scale, x_zp)
         g, base = self.graph, lin.name.replace("/", "_").strip("_")
-        x = lin.input
-        key = f"{x.name}|{x_scale}|{x_zp}|{x_type}"
-        xs = add_initializer(g, f"{base}_x_scale", np.array(x_scale, np.float32))
-        xz = add_initializer(g, f"{base}_x_zero_point", np.array(x_zp, np.uint8 if x_type == "uint8" else np.int8))
-        new: list[ir.Node] = []
-        xq = self._static_q.get(key)
-        if xq is None:
-            q = ir.node("QuantizeLinear", [x, xs, xz], name=f"{base}_QuantizeInput")
-            xq = q.outputs[0]
-            xq.name = f"{x.name}_quantized_{len(self._static_q)}"
-            self._static_q[key] = xq
-            new.append(q)
+        xq, xs, xz, new = self._quantized_input(lin, base, x_scale, x_zp, x_type)
         dq_x = ir.node("DequantizeLinear", [xq, xs, xz], name=f"{base}_DequantizeInput")
         wq = add_initializer(g, f"{base}_weight_int8", w_codes.astype(np.int8))
         ws = add_initializer(g, f"{base}_weight_scale", w_scale.astype(np.float32))
@@ -161,23 +150,28 @@ class QuantRewriter:
         _set_input(lin.node, 0, dq_x.outputs[0])
         _set_input(lin.node, 1, dq_w.outputs[0])
 
+    def _quantized_input(self, lin: QLinear, base: str, x_scale: float, x_zp: int, x_type: str):
+        """(quantized input, its scale, its zero point, new nodes): one QuantizeLinear per
+        input tensor and range, shared by the MatMuls that read it (q/k/v, gate/up)."""
+        g, x = self.graph, lin.input
+        xs = add_initializer(g, f"{base}_x_scale", np.array(x_scale, np.float32))
+        xz = add_initializer(g, f"{base}_x_zero_point", np.array(x_zp, np.uint8 if x_type == "uint8" else np.int8))
+        key = f"{x.name}|{x_scale}|{x_zp}|{x_type}"
+        xq = self._static_q.get(key)
+        if xq is not None:
+            return xq, xs, xz, []
+        q = ir.node("QuantizeLinear", [x, xs, xz], name=f"{base}_QuantizeInput")
+        xq = q.outputs[0]
+        xq.name = f"{x.name}_quantized_{len(self._static_q)}"
+        self._static_q[key] = xq
+        return xq, xs, xz, [q]
+
     def _static_contrib(self, lin: QLinear, w_codes, w_scale, x_scale: float, x_zp: int) -> None:
         """``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` with the bias inside: the node
         ORT's QDQ fusion makes of our pattern, plus the bias Add that fusion leaves outside
         (one elementwise pass over the output per MatMul, measured on MiniLM at batch 8)."""
         g, base = self.graph, lin.name.replace("/", "_").strip("_")
-        x = lin.input
-        key = f"{x.name}|{x_scale}|{x_zp}|uint8"
-        xs = add_initializer(g, f"{base}_x_scale", np.array(x_scale, np.float32))
-        xz = add_initializer(g, f"{base}_x_zero_point", np.array(x_zp, np.uint8))
-        new: list[ir.Node] = []
-        xq = self._static_q.get(key)
-        if xq is None:
-            q = ir.node("QuantizeLinear", [x, xs, xz], name=f"{base}_QuantizeInput")
-            xq = q.outputs[0]
-            xq.name = f"{x.name}_quantized_{len(self._static_q)}"
-            self._static_q[key] = xq
-            new.append(q)
+        xq, xs, xz, new = self._quantized_input(lin, base, x_scale, x_zp, "uint8")
         inputs = [
             xq,
             add_initializer(g, f"{base}_weight_int8", w_codes.astype(np.int8)),
