@@ -24,7 +24,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 2
-SMOLLM2_INT8_BUDGET = 0.07
+SMOLLM2_INT8_BUDGET = 0.095
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import peers  # noqa: E402
