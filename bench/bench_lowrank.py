@@ -29,8 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_pass, time_alternating, write_results  # noqa: E402
 
+from onnxpress.export import cached_export  # noqa: E402
+
 THREADS = 2
-CACHE = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
 
 # (label, settings): the comparison that picked the defaults. "one-shot" = every matrix
 # fitted on the original model's inputs; "seq" = fitted layer after layer on the inputs of
@@ -55,15 +56,6 @@ SMOLLM_VARIANTS = [
     ("plain SVD, all matrices", PLAIN),
     ("whitened uniform seq+bc+res, FFN (default)", {}),
 ]
-
-
-def export(name: str) -> Path:
-    from onnxpress.export import export_model
-
-    for candidate in (CACHE / "onnx" / name / "model.onnx", CACHE / "real" / name / "model.onnx"):
-        if candidate.exists():
-            return candidate
-    return export_model(name, CACHE / "real" / name)
 
 
 def calibration(model, tok_dir, samples: int, max_length: int, batch_size: int, *, sentences: bool = False):
@@ -104,7 +96,7 @@ def bench_minilm(args, work: Path, rows: list[dict]) -> None:
     from onnxpress.fidelity import row_cosines
     from onnxpress.model_io import load_model
 
-    path = export("minilm")
+    path = cached_export("minilm")
     tok = path.parent
     model = load_model(path)
     calib_full = calibration(model, tok, args.minilm_calib, 128, 16)
@@ -136,7 +128,7 @@ def bench_smollm2(args, work: Path, rows: list[dict]) -> None:
     from onnxpress.calibration import make_feeds
     from onnxpress.model_io import load_model
 
-    path = export("smollm2")
+    path = cached_export("smollm2")
     tok = path.parent
     model = load_model(path)
     calib = calibration(model, tok, args.smollm_calib, 128, 4)
