@@ -93,3 +93,16 @@ def test_per_kind_passes_follow_the_model_kind():
     dec_specs, _ = select_passes(recipe, dec, has_calibration=True)
     assert [s.name for s in enc_specs] == [s.name for s in recipe.passes if s.only in (None, "encoder")]
     assert [s.name for s in dec_specs] == [s.name for s in recipe.passes if s.only in (None, "decoder")]
+
+
+def test_balanced_compiles_a_decoder_with_kv_cache(tmp_path):
+    """The decoder half of the default recipe: exact attention fusion, then budgeted
+    dynamic int8; every stage within the error it reports (the pass manager checks)."""
+    np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(0).integers(5, 1000, (24, 20)))
+    report = compile_model(tiny_model("llama", with_past=True), tmp_path / "out.onnx",
+                           calib=[tmp_path / "calib.npz"], progress=False, threads=1)
+    assert [p.name for p in report.passes] == ["cleanup", "attention", "quantize"]
+    attention, quantize = report.passes[1:]
+    assert attention.changes["attention_fused"] > 0
+    assert quantize.changes["matmuls_quantized"] > 0 and quantize.changes["fused_integer_kernels"] > 0
+    assert quantize.measured_error <= max(quantize.error * 1.02, 1e-6) <= 0.095 * 1.02
