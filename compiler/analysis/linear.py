@@ -2,7 +2,9 @@
 
 MatMul with a constant right operand (maybe behind Identity/Cast/Transpose/
 DequantizeLinear), Gemm (``transB`` means the stored weight is [d_out, d_in]),
-com.microsoft MatMulNBits / FusedMatMul. A bias is the single following ``Add`` of
+com.microsoft MatMulNBits / FusedMatMul, and the integer MatMuls quantization leaves
+(MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul: int8 ``B`` as stored,
+[d_in, d_out]). A bias is the single following ``Add`` of
 a constant vector of size ``d_out``.
 """
 
@@ -34,7 +36,17 @@ def as_linear(node: ir.Node) -> Linear | None:
         return _gemm(node)
     if op == "MatMulNBits" and domain == "com.microsoft":
         return _matmul_nbits(node)
+    if (domain or "", op) in _INTEGER_MATMUL_BIAS:
+        return _integer_matmul(node, _INTEGER_MATMUL_BIAS[(domain or "", op)])
     return None
+
+
+# (domain, op) -> input index of the fused bias (None: no bias input)
+_INTEGER_MATMUL_BIAS = {
+    ("", "MatMulInteger"): None,
+    ("com.microsoft", "MatMulIntegerToFloat"): 6,
+    ("com.microsoft", "DynamicQuantizeMatMul"): 4,
+}
 
 
 def is_linear(node: ir.Node) -> bool:
@@ -116,6 +128,18 @@ def _matmul_nbits(node: ir.Node) -> Linear | None:
         input=node.inputs[0],
         output=bias_node.outputs[0] if bias_node is not None else node.outputs[0],
     )
+
+
+def _integer_matmul(node: ir.Node, bias_index: int) -> Linear | None:
+    shape = tensor_shape(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if node.inputs[0] is None or shape is None or len(shape) != 2 or not is_constant(node.inputs[1]):
+        return None
+    d_in, d_out = int(shape[0]), int(shape[1])
+    bias = node.inputs[bias_index] if bias_index is not None and len(node.inputs) > bias_index else None
+    bias_node = None
+    if bias is None:
+        bias, bias_node = _following_bias(node.outputs[0], d_out)
+    return _make_linear(node, node.inputs[1], False, [], d_in, d_out, bias, bias_node)
 
 
 def _following_bias(out: ir.Value, d_out: int) -> tuple[ir.Value | None, ir.Node | None]:

@@ -85,6 +85,7 @@ def test_quantized_model_loads_fuses_and_reports_its_error(arch, settings, kerne
     assert fusion_report(load_model(out))["fused"] == fusion["fused"]  # the saved model, in a fresh ORT
     assert 0 < result.error < (0.5 if settings.get("bits") == 4 else 0.2)  # int4 on random weights is coarse
     assert measured == pytest.approx(result.error, rel=0.02, abs=1e-6)
+    assert result.macs_after == result.macs_before  # integer kernels still count as the same products
 
 
 def test_compile_pipeline_verifies_the_quantized_stage(tmp_path):
