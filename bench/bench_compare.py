@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, machine, time_alternating, write_results  # noqa: E402
+from common import RESULTS, machine, peak_rss_mb, time_alternating, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 
 THREADS = 2
@@ -59,16 +59,6 @@ DECODER_PASSES = [
     ("quantize weight_only int4 b32", ["quantize:mode=weight_only,bits=4,block_size=32"]),
 ]
 RECIPES = {"encoder": ["lossless", "balanced", "small"], "decoder": ["lossless", "balanced", "small", "edge-int4"]}
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so the benchmark's own size would leak in.
-RSS_SCRIPT = """
-import re, sys, numpy as np
-from onnxpress.calibration import make_feeds
-from onnxpress.runtime import make_session
-s = make_session(sys.argv[1], threads=int(sys.argv[2]))
-ids = np.random.default_rng(0).integers(int(sys.argv[3]), int(sys.argv[4]), (8, 128)).astype(np.int64)
-s.run(None, make_feeds(s, ids, np.ones_like(ids)))
-print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-"""
 
 
 def resolve_model(name: str) -> Path:
@@ -89,13 +79,6 @@ def token_range(src: Path) -> tuple[int, int]:
 
     high = min(20000, vocab_size(load_model(src)))
     return min(1000, high // 2), high
-
-
-def peak_rss_mb(path: Path, tokens: tuple[int, int]) -> float:
-    """Peak RSS of a fresh process that loads ``path`` and runs one batch of 8 x 128."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(THREADS), *map(str, tokens)],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
 
 
 def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
@@ -193,7 +176,8 @@ def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeat
         row["b8_ratio"] = round(latency[8][label] / latency[8]["ORT fp32"], 3)
         row["size_ratio"] = round(row["size_mb"] / size_mb(src), 3)
         try:
-            row["peak_rss_mb"] = round(peak_rss_mb(v["path"], tokens), 0)
+            ids = np.random.default_rng(0).integers(*tokens, (8, 128)).astype(np.int64)
+            row["peak_rss_mb"] = round(peak_rss_mb(v["path"], make_feeds(s, ids, np.ones_like(ids)), THREADS), 0)
         except subprocess.CalledProcessError as exc:
             row["peak_rss_mb"] = None
             row["rss_error"] = exc.stderr.strip().splitlines()[-1][:120] if exc.stderr.strip() else "failed"

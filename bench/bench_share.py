@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +28,10 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lowrank import calibration, export, file_size  # noqa: E402
-from common import run_pass, write_results  # noqa: E402
+from bench_lowrank import calibration, file_size  # noqa: E402
+from common import peak_rss_mb, run_pass, write_results  # noqa: E402
+
+from onnxpress.export import cached_export  # noqa: E402
 
 THREADS = 2
 
@@ -50,27 +51,6 @@ SMOLLM_VARIANTS = [
     *VARIANTS[1:],
 ]
 
-PEAK_RSS = """
-import sys
-import numpy as np, onnxruntime as ort
-opts = ort.SessionOptions(); opts.intra_op_num_threads = {threads}
-if sys.argv[1] != "-":
-    s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-    feeds = dict(np.load(sys.argv[2]))
-    s.run(None, {{i.name: feeds[i.name] for i in s.get_inputs()}})
-# VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec
-print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
-"""
-
-
-def peak_rss_mb(path: Path | str, feeds_npz: Path) -> float:
-    """Peak RSS (MiB) of a fresh python that loads ``path`` in ORT and runs one batch
-    ("-": the same interpreter with numpy and onnxruntime imported, the baseline)."""
-    out = subprocess.run([sys.executable, "-c", PEAK_RSS.format(threads=THREADS), str(path), str(feeds_npz)],
-                         check=True, capture_output=True, text=True)
-    return int(out.stdout.split()[-1]) / 1024
-
-
 def _row(model, fraction, label, result, seconds, out: Path, base: Path, **metrics) -> dict:
     d = result.details
     row = {"model": model, "target": fraction, "variant": label, **metrics,
@@ -89,7 +69,7 @@ def bench_minilm(args, work: Path, rows: list[dict], flush) -> None:
     from onnxpress.fidelity import row_cosines
     from onnxpress.model_io import load_model
 
-    path = export("minilm")
+    path = cached_export("minilm")
     tok = path.parent
     calib = calibration(load_model(path), tok, args.minilm_calib, 128, 16)
     sentences = datasets.evaluation_sentences(args.eval_sentences, seed=0)
@@ -112,14 +92,13 @@ def bench_smollm2(args, work: Path, rows: list[dict], flush) -> None:
     from onnxpress.calibration import make_feeds
     from onnxpress.model_io import load_model
 
-    path = export("smollm2")
+    path = cached_export("smollm2")
     tok = path.parent
     model = load_model(path)
     calib = calibration(model, tok, args.smollm_calib, 256, 4)
     windows = evaluation.perplexity_windows(tok, max_windows=args.ppl_windows)
     ids = np.random.default_rng(0).integers(1000, 40000, (1, 128))
-    feeds_npz = work / "feeds.npz"
-    np.savez(feeds_npz, **make_feeds(model, ids, np.ones_like(ids)))
+    feeds = make_feeds(model, ids, np.ones_like(ids))
     del model
 
     def ppl(p):
@@ -128,9 +107,9 @@ def bench_smollm2(args, work: Path, rows: list[dict], flush) -> None:
 
     base = ppl(path)
     rows.append({"model": "SmolLM2", "target": 0.0, "variant": "python + onnxruntime only",
-                 "peak_rss_mb": peak_rss_mb("-", feeds_npz)})
+                 "peak_rss_mb": peak_rss_mb("-", feeds, THREADS)})
     rows.append({"model": "SmolLM2", "target": 0.0, "variant": "fp32", "perplexity": base, "ppl_vs_fp32": 1.0,
-                 "size_mb": file_size(path) / 2**20, "size_ratio": 1.0, "peak_rss_mb": peak_rss_mb(path, feeds_npz)})
+                 "size_mb": file_size(path) / 2**20, "size_ratio": 1.0, "peak_rss_mb": peak_rss_mb(path, feeds, THREADS)})
     flush()
     for fraction, i in args.jobs:
         label, pass_name, settings = SMOLLM_VARIANTS[i]
@@ -138,7 +117,7 @@ def bench_smollm2(args, work: Path, rows: list[dict], flush) -> None:
         result, seconds = run_pass(path, pass_name, {"fraction": fraction, **settings}, calib, out, threads=THREADS)
         value = ppl(out)
         rows.append(_row("SmolLM2", fraction, label, result, seconds, out, path, perplexity=value,
-                         ppl_vs_fp32=value / base, peak_rss_mb=peak_rss_mb(out, feeds_npz)))
+                         ppl_vs_fp32=value / base, peak_rss_mb=peak_rss_mb(out, feeds, THREADS)))
         print(f"  SmolLM2 {fraction:.0%} {label}: perplexity {value:.2f} (fp32 {base:.2f}, {seconds:.0f} s)",
               flush=True)
         out.unlink()

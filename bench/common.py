@@ -114,3 +114,32 @@ def run_pass(path: Path, pass_name: str, settings: dict, calib, out: Path, *, th
     seconds = time.perf_counter() - start
     save_model(model, out)
     return result, seconds
+
+
+_PEAK_RSS = """
+import sys
+import numpy as np
+from onnxpress.runtime import make_session, session_feeds
+if sys.argv[1] != "-":
+    s = make_session(sys.argv[1], threads=int(sys.argv[3]))
+    s.run(None, session_feeds(s, dict(np.load(sys.argv[2]))))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so the parent's peak would leak in
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def peak_rss_mb(path: Path | str, feeds: Mapping[str, Any], threads: int = 2) -> float:
+    """Peak RSS (MiB) of a fresh python that loads ``path`` in ORT and runs ``feeds`` once
+    (``path`` "-": the same interpreter with onnxpress imported and no model, the baseline)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "feeds.npz"
+        np.savez(npz, **feeds)
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(npz), str(threads)],
+                             check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024
