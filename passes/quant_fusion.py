@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxpress.model_io import model_proto
+from onnxpress.runtime import make_session, session_options
 
 INTEGER_KERNELS = (
     "QLinearMatMul",
@@ -38,8 +39,7 @@ def fusion_report(model, level: str = "extended") -> dict:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
         large = proto.ByteSize() > 1_800_000_000
         onnx.save_model(proto, str(src), save_as_external_data=large, location="in.onnx.data")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = session_options(int(os.environ.get("ONNXPRESS_THREADS", "1") or 1))
         opts.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if level == "all"
@@ -50,8 +50,7 @@ def fusion_report(model, level: str = "extended") -> dict:
             opts.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
             )
-        opts.intra_op_num_threads = int(os.environ.get("ONNXPRESS_THREADS", "1") or 1)
-        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        make_session(src, options=opts)  # registers onnxpress's ops library when the model uses it
         optimized = onnx.load(str(dst), load_external_data=False)
     ops = Counter(n.op_type for n in optimized.graph.node)
     consumers: dict[str, list[str]] = {}

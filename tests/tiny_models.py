@@ -64,130 +64,41 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
+# arch -> (transformers config class, its own names for the shared sizes, arch-specific fields)
+_LAYOUT = dict(hidden="hidden_size", layers="num_hidden_layers", heads="num_attention_heads",
+               ffn="intermediate_size", positions="max_position_embeddings")
+_CONFIGS = {
+    "bert": ("BertConfig", _LAYOUT, {}),
+    "roberta": ("RobertaConfig", _LAYOUT, {"max_position_embeddings": MAX_POS + 2}),
+    "xlm-roberta": ("XLMRobertaConfig", _LAYOUT, {"max_position_embeddings": MAX_POS + 2}),
+    # embedding_size != hidden_size: exercises a weight MatMul outside the layers
+    "electra": ("ElectraConfig", _LAYOUT, {"embedding_size": 32}),
+    "mpnet": ("MPNetConfig", _LAYOUT, {"max_position_embeddings": MAX_POS + 2}),
+    "distilbert": ("DistilBertConfig", dict(hidden="dim", layers="n_layers", heads="n_heads", ffn="hidden_dim",
+                                            positions="max_position_embeddings"), {}),
+    "gpt2": ("GPT2Config", dict(hidden="n_embd", layers="n_layer", heads="n_head", ffn="n_inner",
+                                positions="n_positions"), {}),
+    "llama": ("LlamaConfig", _LAYOUT, {"num_key_value_heads": HEADS}),
+    "qwen2": ("Qwen2Config", _LAYOUT, {"num_key_value_heads": KV_HEADS_GQA}),
+    "mistral": ("MistralConfig", _LAYOUT, {"num_key_value_heads": KV_HEADS_GQA, "sliding_window": None}),
+    "phi": ("PhiConfig", _LAYOUT, {}),
+    "gpt-neox": ("GPTNeoXConfig", _LAYOUT, {}),
+    "vit": ("ViTConfig", {k: v for k, v in _LAYOUT.items() if k != "positions"},
+            {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}),
+}
+
+
 def _make_config(arch: str, attn: str):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB)
-    if arch == "bert":
-        cfg = tf.BertConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "roberta":
-        cfg = tf.RobertaConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS + 2,
-            **common,
-        )
-    elif arch == "xlm-roberta":
-        cfg = tf.XLMRobertaConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS + 2,
-            **common,
-        )
-    elif arch == "electra":
-        # embedding_size != hidden_size: exercises a weight MatMul outside the layers
-        cfg = tf.ElectraConfig(
-            hidden_size=HIDDEN,
-            embedding_size=32,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "mpnet":
-        cfg = tf.MPNetConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS + 2,
-            **common,
-        )
-    elif arch == "distilbert":
-        cfg = tf.DistilBertConfig(
-            dim=HIDDEN,
-            n_layers=LAYERS,
-            n_heads=HEADS,
-            hidden_dim=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(
-            n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=MAX_POS, **common
-        )
-    elif arch == "llama":
-        cfg = tf.LlamaConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS_GQA,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "mistral":
-        cfg = tf.MistralConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS_GQA,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            sliding_window=None,
-            **common,
-        )
-    elif arch == "phi":
-        cfg = tf.PhiConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "gpt-neox":
-        cfg = tf.GPTNeoXConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            max_position_embeddings=MAX_POS,
-            **common,
-        )
-    elif arch == "vit":
-        cfg = tf.ViTConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-        )
-    else:
+    if arch not in _CONFIGS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
+    class_name, names, extra = _CONFIGS[arch]
+    sizes = dict(hidden=HIDDEN, layers=LAYERS, heads=HEADS, ffn=FFN, positions=MAX_POS)
+    kwargs = {names[key]: value for key, value in sizes.items() if key in names}
+    if arch != "vit":
+        kwargs["vocab_size"] = VOCAB
+    cfg = getattr(tf, class_name)(**{**kwargs, **extra})
     cfg._attn_implementation = attn
     return cfg
 
@@ -432,33 +343,25 @@ def _export_torch_impl(
     Wrapper = VisionWrapper if arch in VISION_ARCHS else TextWrapper  # noqa: N806
     wrapper = Wrapper(model).eval()
     out_name = "logits" if arch in DECODER_ARCHS else "last_hidden_state"
-    path = out_dir / "model.onnx"
+    dyn = {n: {k: torch.export.Dim.AUTO for k in ax} for n, ax in axes.items()}
+    _onnx_export(wrapper, args, out_dir / "model.onnx", list(names), [out_name], dynamo, opset,
+                 dynamic_axes={**axes, out_name: {0: "batch"}}, dynamic_shapes=tuple(dyn[n] for n in names))
+
+
+def _onnx_export(wrapper, args, path: Path, in_names: list[str], out_names: list[str], dynamo: bool,
+                 opset: int | None, *, dynamic_axes: dict, dynamic_shapes: tuple) -> None:
+    """torch.onnx.export with either exporter: dynamo takes ``dynamic_shapes``, TorchScript ``dynamic_axes``."""
+    import torch
+
     with torch.no_grad():
         if dynamo:
-            dyn = {n: {k: torch.export.Dim.AUTO for k in ax} for n, ax in axes.items()}
-            prog = torch.onnx.export(
-                wrapper,
-                args,
-                dynamo=True,
-                input_names=list(names),
-                output_names=[out_name],
-                dynamic_shapes=tuple(dyn[n] for n in names),
-                optimize=True,
-                verbose=False,
-                opset_version=opset,
-            )
+            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
+                                     dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+                                     opset_version=opset)
             prog.save(str(path))
         else:
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(path),
-                dynamo=False,
-                input_names=list(names),
-                output_names=[out_name],
-                dynamic_axes={**axes, out_name: {0: "batch"}},
-                opset_version=opset,
-            )
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=in_names,
+                              output_names=out_names, dynamic_axes=dynamic_axes, opset_version=opset or 17)
 
 
 def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset: int | None) -> None:
@@ -506,42 +409,13 @@ def _export_torch_with_past(model, arch: str, out_dir: Path, dynamo: bool, opset
     for i in range(n_layers):
         in_names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         out_names += [f"present.{i}.key", f"present.{i}.value"]
-    wrapper = Wrapper(model).eval()
-    args = (ids, mask, *past)
-    path = out_dir / "model.onnx"
-    with torch.no_grad():
-        if dynamo:
-            dyn = [{0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}] * 2 + [
-                tuple([{0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}] * (2 * n_layers))
-            ]
-            prog = torch.onnx.export(
-                wrapper,
-                args,
-                dynamo=True,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_shapes=tuple(dyn),
-                optimize=True,
-                verbose=False,
-                opset_version=opset,
-            )
-            prog.save(str(path))
-        else:
-            axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
-            for n in in_names[2:]:
-                axes[n] = {0: "batch", 2: "past"}
-            for n in out_names[1:]:
-                axes[n] = {0: "batch", 2: "total"}
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(path),
-                dynamo=False,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes=axes,
-                opset_version=opset or 17,
-            )
+    auto = torch.export.Dim.AUTO
+    dyn = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple([{0: auto, 2: auto}] * (2 * n_layers)))
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
+    axes.update({n: {0: "batch", 2: "past"} for n in in_names[2:]})
+    axes.update({n: {0: "batch", 2: "total"} for n in out_names[1:]})
+    _onnx_export(Wrapper(model).eval(), (ids, mask, *past), out_dir / "model.onnx", in_names, out_names, dynamo,
+                 opset, dynamic_axes=axes, dynamic_shapes=dyn)
 
 
 def tiny_model(

@@ -202,3 +202,23 @@ def test_quantize_after_pruning_and_lowrank(tmp_path):
     assert quant.measured_error == pytest.approx(quant.error, rel=0.02, abs=1e-6)
     out = save_model(model, tmp_path / "composed.onnx")
     assert fusion_report(load_model(out))["fused"] == fusion["fused"]
+
+
+def test_quantize_after_attention_on_the_onnxpress_op(tmp_path):
+    """A model that already uses onnxpress.Attention: the fusion check and the verification
+    sessions register the ops library, and the saved model keeps the reported error."""
+    from onnxpress import runtime_ops
+
+    if runtime_ops.find_built() is None:
+        pytest.skip("onnxpress op library not built: run `python -m onnxpress.runtime_ops build`")
+    model = load_model(tiny_model("bert"))
+    ctx = _context(model)
+    original = ctx.reference  # the manager moves ctx.reference to each accepted stage
+    passes = [build_pass("attention", {"target": "onnxpress"}), build_pass("quantize", {"mode": "static"})]
+    attention, quant = PassManager(passes, progress=False).run(model, ctx)
+    assert attention.changes["attention_fused"] == 2
+    fusion = quant.details["ort_fusion"]
+    assert fusion["unfused"] == 0 and fusion["fused"] == quant.changes["matmuls_quantized"] > 0, fusion
+    out = save_model(model, tmp_path / "q.onnx")
+    saved = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
+    assert compare_outputs(original, saved).rel_l2 == pytest.approx(quant.measured_error, rel=0.02, abs=1e-5)
