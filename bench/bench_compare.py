@@ -59,6 +59,8 @@ DECODER_PASSES = [
     ("quantize weight_only int4 b32", ["quantize:mode=weight_only,bits=4,block_size=32"]),
 ]
 RECIPES = {"encoder": ["lossless", "balanced", "small"], "decoder": ["lossless", "balanced", "small", "edge-int4"]}
+# The automatic mode (``onnxpress compile --budget``), measured beside the recipes.
+AUTO = {"encoder": [0.01], "decoder": []}  # decoders: not benched here (every probe re-quantises the whole model)
 
 
 def resolve_model(name: str) -> Path:
@@ -95,7 +97,9 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
     from onnxpress.datasets import sotu_files
     from onnxpress.model_io import load_model
 
-    samples = 64 if quick else 128  # single passes and peers; the recipes run as users run them (256)
+    # The peers calibrate on 128 samples (their tools hold them all in memory); every
+    # onnxpress variant runs as a user runs it: compile_model's default calibration.
+    samples = 64 if quick else 128
     calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=128,
                                       batch_size=8, max_samples=samples, seed=0)
     variants: dict[str, dict] = {"ORT fp32": {"path": src, "group": "peer", "compile_s": 0.0}}
@@ -115,10 +119,14 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
         record(label, "peer", lambda b=build: (b(src, out, calib.batches), None))
     tasks = []  # (label, group, output, compile_model kwargs)
     for i, (label, passes) in enumerate(ENCODER_PASSES if kind == "encoder" else DECODER_PASSES):
-        tasks.append((f"onnxpress {label}", "pass", out / f"pass_{i}.onnx", {"passes": passes, "max_samples": samples}))
+        tasks.append((f"onnxpress {label}", "pass", out / f"pass_{i}.onnx",
+                      {"passes": passes, "max_samples": samples if quick else None}))
     for recipe in RECIPES[kind]:
         tasks.append((f"onnxpress recipe {recipe}", "recipe", out / f"recipe_{recipe}.onnx",
                       {"recipe": recipe, "max_samples": samples if quick else None}))
+    for budget in AUTO[kind]:
+        tasks.append((f"onnxpress auto --budget {budget:g}", "recipe", out / f"auto_{budget:g}.onnx",
+                      {"budget": budget, "objective": "latency", "max_samples": samples if quick else None}))
     if reuse_only:  # measure what an earlier (interrupted) run built; report the rest as missing
         tasks = [t for t in tasks if t[2].exists() and report_path(t[2]).exists()]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -135,14 +143,19 @@ def _compile(src: Path, out: Path, kwargs: dict) -> tuple[Path, float]:
     report = report_path(out)
     if out.exists() and report.exists():
         old = json.loads(report.read_text())
-        same = (old["recipe"] == kwargs.get("recipe") if "recipe" in kwargs
-                else old["recipe"] == "command-line" and old.get("extra", {}).get("bench_passes") == kwargs["passes"])
-        if same and old["model"] == str(src):
+        if "recipe" in kwargs:
+            same = old["recipe"] == kwargs["recipe"]
+        elif "budget" in kwargs:
+            same = old["recipe"].startswith(f"auto (budget {kwargs['budget']:g}, objective {kwargs['objective']}")
+        else:
+            same = old["recipe"] == "command-line" and old.get("extra", {}).get("bench_passes") == kwargs["passes"]
+        if same and old["model"] == str(src) and old.get("extra", {}).get("bench_max_samples", "?") == kwargs["max_samples"]:
             return out, old["seconds"]
     r = compile_model(src, out, calib=["sotu"], threads=THREADS, progress=False, **kwargs)
-    if "passes" in kwargs:  # remember what was asked, for the reuse check above
+    r.extra["bench_max_samples"] = kwargs["max_samples"]  # remember what was asked, for the reuse check above
+    if "passes" in kwargs:
         r.extra["bench_passes"] = kwargs["passes"]
-        r.write_json(report)
+    r.write_json(report)
     return out, r.seconds
 
 
@@ -250,31 +263,37 @@ def main(argv=None) -> int:
     from onnxpress.compile import model_kind
     from onnxpress.model_io import load_model
 
-    kept = []
-    if (RESULTS / "compare.json").exists():
-        kept = [r for r in json.loads((RESULTS / "compare.json").read_text())["rows"]
-                if r["model"] not in {Path(m).stem if m.endswith(".onnx") else m for m in args.models}]
-    rows, notes = list(kept), {"threads": THREADS, "load_average_start": os.getloadavg()}
+    rows, notes = [], {"threads": THREADS}
     for name in args.models:
         src = resolve_model(name)
         model = Path(name).stem if name.endswith(".onnx") else name
         kind = model_kind(load_model(src))
         out = WORK / model
         out.mkdir(parents=True, exist_ok=True)
+        load_start = os.getloadavg()
         print(f"# {model} ({kind}): building variants", flush=True)
         variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only)
         notes[f"{model}_calibration"] = info["calibration"]
+        notes[f"{model}_jobs"] = args.jobs
         model_rows = measure(src, kind, variants, args.quick, args.repeats)
+        notes[f"{model}_load_average_start_end"] = [load_start, os.getloadavg()]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        rows += [{"model": model, "kind": kind, "run": stamp, "quick": args.quick, **r} for r in model_rows]
+        rows += [{"model": model, "kind": kind, "run": stamp, "quick": args.quick, "command": command, **r}
+                 for r in model_rows]
         pareto_plot(model_rows, kind, f"{model} on {machine()['cpu']}, {THREADS} threads",
                     RESULTS / f"compare.{model}.png")
-    notes["load_average_end"] = os.getloadavg()
-    notes["jobs"] = args.jobs
-    notes["shared_machine"] = "other jobs ran on this machine: compare ratios (alternating runs), not absolute ms"
+    notes["reading"] = "latency: compare ratios (alternating runs); absolute ms depend on the load averages noted"
     columns = ["model", "variant", "size_mb", "b1_ms", "b8_ms", "b1_ratio", "b8_ratio", "tokens_per_s_b8",
                "peak_rss_mb", "cos_mean", "cos_min", "perplexity", "ppl_vs_fp32_pct", "bbc_probe", "compile_s", "error"]
     print(f"# threads {THREADS}")
+    # rows of models not run this time are kept (read now: another run may have written meanwhile)
+    if (RESULTS / "compare.json").exists():
+        ran = {r["model"] for r in rows}
+        earlier = json.loads((RESULTS / "compare.json").read_text())
+        kept = [r for r in earlier["rows"] if r["model"] not in ran]
+        prefixes = tuple(f"{r['model']}_" for r in kept)
+        notes = {**{k: v for k, v in earlier["notes"].items() if prefixes and k.startswith(prefixes)}, **notes}
+        rows = kept + rows
     write_results("compare", rows, command=command, notes=notes, columns=columns)
     return 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +29,7 @@ from onnxpress.analysis.graph_utils import (
     ELEMENTWISE_OPS,
     FUSED_NORM_OPS,
     LAYOUT_OPS,
+    UpWalk,
     _attr,
     const_array,
     const_scalar,
@@ -36,6 +37,7 @@ from onnxpress.analysis.graph_utils import (
     is_constant,
     producer,
     shape_elements,
+    walk_to_linears,
 )
 from onnxpress.analysis.linear import as_linear
 from onnxpress.analysis.structures import Attention, Linear
@@ -109,12 +111,9 @@ class LinearIndex:
 
 
 @dataclass
-class _Trace:
+class _Trace(UpWalk):
     """What a walk from an attention operand up to its projection found."""
 
-    linears: list[Linear] = field(default_factory=list)
-    graph_inputs: list[ir.Value] = field(default_factory=list)
-    nodes: list[ir.Node] = field(default_factory=list)  # crossed nodes, nearest first
     fused_rotary: bool = False
 
     @property
@@ -124,33 +123,9 @@ class _Trace:
 
 def _trace_up(start: ir.Value, index: LinearIndex, limit: int = 400) -> _Trace:
     """Walk from an attention operand up to the constant-weight projection(s)."""
-    trace = _Trace()
-    queue = deque([start])
-    seen: set[int] = set()
-    while queue and len(seen) < limit:
-        value = queue.popleft()
-        if value is None:
-            continue
-        if value.is_graph_input():
-            if value not in trace.graph_inputs:
-                trace.graph_inputs.append(value)
-            continue
-        lin = index.for_value(value)
-        if lin is not None:
-            if lin not in trace.linears:
-                trace.linears.append(lin)
-            continue
-        node = producer(value)
-        if node is None or id(node) in seen or is_constant(value):
-            continue
-        seen.add(id(node))
-        if node.op_type not in _UP_OPS:
-            continue
-        trace.nodes.append(node)
-        if node.op_type == "RotaryEmbedding":
-            trace.fused_rotary = True
-        queue.extend(_follow(node))
-    return trace
+    walk = walk_to_linears(start, index.for_value, lambda n: _follow(n) if n.op_type in _UP_OPS else None, limit)
+    fused_rotary = any(n.op_type == "RotaryEmbedding" for n in walk.nodes)
+    return _Trace(walk.linears, walk.graph_inputs, walk.nodes, walk.foreign, fused_rotary)
 
 
 def _follow(node: ir.Node) -> list[ir.Value]:

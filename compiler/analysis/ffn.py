@@ -12,7 +12,6 @@ never match: no activation lies between them and the projection before them.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
@@ -23,6 +22,7 @@ from onnxpress.analysis.graph_utils import (
     consumers,
     is_constant,
     producer,
+    walk_to_linears,
 )
 from onnxpress.analysis.structures import FFN, Linear
 
@@ -56,38 +56,12 @@ _FFN_OPS = ACTIVATION_OPS | {
 _DATA_INPUT_ONLY = frozenset({"Reshape", "Split", "Slice", "Squeeze", "Unsqueeze", "Clip", "Dropout", "Cast"})
 
 
-@dataclass
-class _FfnWalk:
-    linears: list[Linear] = field(default_factory=list)
-    nodes: list[ir.Node] = field(default_factory=list)
-
-
-def _walk_to_projections(down: Linear, index, exclude: set[int], limit: int = 80) -> _FfnWalk:
-    walk = _FfnWalk()
-    queue = deque([down.input])
-    seen: set[int] = set()
-    while queue and len(seen) < limit:
-        value = queue.popleft()
-        if value is None or value.is_graph_input():
-            continue
-        lin = index.for_value(value)
-        if lin is not None:
-            if lin not in walk.linears:
-                walk.linears.append(lin)
-            continue
-        node = producer(value)
-        if node is None or id(node) in seen or is_constant(value):
-            continue
-        seen.add(id(node))
-        if node.op_type not in _FFN_OPS:
-            walk.linears.append(None)  # a foreign op: not a clean FFN path
-            continue
-        walk.nodes.append(node)
-        if node.op_type in _DATA_INPUT_ONLY:
-            queue.append(node.inputs[0])
-        else:
-            queue.extend(v for v in node.inputs if v is not None and not is_constant(v))
-    return walk
+def _follow(node: ir.Node) -> list[ir.Value] | None:
+    if node.op_type not in _FFN_OPS:
+        return None  # a foreign op: not a clean FFN path
+    if node.op_type in _DATA_INPUT_ONLY:
+        return [node.inputs[0]]
+    return [v for v in node.inputs if v is not None and not is_constant(v)]
 
 
 def find_ffns(index, attention_linears: set[int]) -> tuple[list[FFN], list[str]]:
@@ -98,8 +72,8 @@ def find_ffns(index, attention_linears: set[int]) -> tuple[list[FFN], list[str]]
     for down in index.ordered:
         if id(down.node) in attention_linears or id(down.node) in used:
             continue
-        walk = _walk_to_projections(down, index, attention_linears)
-        if not walk.linears or any(lin is None for lin in walk.linears):
+        walk = walk_to_linears(down.input, index.for_value, _follow, limit=80)
+        if not walk.linears or walk.foreign:
             continue
         if any(id(lin.node) in attention_linears for lin in walk.linears):
             continue

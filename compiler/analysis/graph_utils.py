@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -96,6 +97,55 @@ def is_float_type(dtype: ir.DataType | None) -> bool:
 def producer(value: ir.Value | None) -> ir.Node | None:
     """The node that computes ``value`` (None for graph inputs and initializers)."""
     return None if value is None else value.producer()
+
+
+@dataclass
+class UpWalk:
+    """What :func:`walk_to_linears` found."""
+
+    linears: list = field(default_factory=list)  # the analysis' Linear records reached, in walk order
+    graph_inputs: list[ir.Value] = field(default_factory=list)
+    nodes: list[ir.Node] = field(default_factory=list)  # crossed nodes, nearest first
+    foreign: bool = False  # met a node ``follow`` refused to cross
+
+
+def walk_to_linears(
+    start: ir.Value | None,
+    linear_for: Callable[[ir.Value], object | None],
+    follow: Callable[[ir.Node], list[ir.Value] | None],
+    limit: int,
+) -> UpWalk:
+    """Breadth-first from ``start`` towards producers, stopping at values a linear layer
+    computes (``linear_for(value)`` is not None), at graph inputs and at constants.
+    ``follow(node)`` names the inputs to go on through, or None for a node the walk may not
+    cross; at most ``limit`` nodes are visited."""
+    walk = UpWalk()
+    queue = deque([start])
+    seen: set[int] = set()
+    while queue and len(seen) < limit:
+        value = queue.popleft()
+        if value is None:
+            continue
+        if value.is_graph_input():
+            if value not in walk.graph_inputs:
+                walk.graph_inputs.append(value)
+            continue
+        lin = linear_for(value)
+        if lin is not None:
+            if lin not in walk.linears:
+                walk.linears.append(lin)
+            continue
+        node = producer(value)
+        if node is None or id(node) in seen or is_constant(value):
+            continue
+        seen.add(id(node))
+        inputs = follow(node)
+        if inputs is None:
+            walk.foreign = True
+            continue
+        walk.nodes.append(node)
+        queue.extend(inputs)
+    return walk
 
 
 def consumers(value: ir.Value | None) -> list[ir.Node]:
