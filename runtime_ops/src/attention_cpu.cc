@@ -1,6 +1,6 @@
 // Flash-attention driver for the CPU: packing, masking, online softmax, parallel schedule.
 //
-// For each (batch, head, block of kQueryBlock queries) the kernel walks the keys in tiles of
+// For each (batch, head, block of queries) the kernel walks the keys in tiles of
 // kKeyBlock, keeping a running max / sum per query row, so no S x S score matrix is ever
 // materialised: the working set per task is a few tens of KB and stays in L1/L2.
 #include <algorithm>
@@ -15,21 +15,33 @@
 namespace onnxpress {
 namespace {
 
-// Tile sizes. A task owns kQueryBlock query rows and copies the keys they see once (K panels,
-// V rows); it walks them in tiles of kKeyBlock keys (2 x 16 KB at head size 32, L1/L2) and, per
-// tile, runs groups of kRowGroup rows (the AVX2 QK^T micro-kernel height; a 6 x 128 score block
-// is 3 KB and stays in L1 from QK^T through PV). A group computes only the 16-key panels its
-// causal / window range reaches, so large blocks (fewer K/V copies) cost no extra work.
-// kQueryBlock is a multiple of kRowGroup so no group is a short remainder. On this 2-core EPYC VM
-// (D = 32, S = 512) 192 x 128 measured a few % ahead of 96 x 64 (a shared machine: within noise).
+// Tile sizes. A task owns a block of up to kMaxQueryBlock query rows and copies the keys they see
+// once (K panels, V rows); it walks them in tiles of kKeyBlock keys (2 x 16 KB at head size 32,
+// L1/L2) and, per tile, runs groups of kRowGroup rows (two 3-row AVX2 register blocks; a
+// 6 x 128 score block is 3 KB and stays in L1 from QK^T through PV). A group computes only the
+// 16-key panels its causal / window range reaches, so large blocks (fewer K/V copies) cost no
+// extra work. At S = 512, D = 32 one 512-row block per head (K/V packed once; Q, O, K, V take
+// 256 KB, in L2) measured ~4% faster than three 192-row blocks that pack K/V three times.
 constexpr int kRowGroup = 6;
-constexpr int kQueryBlock = 192;
+constexpr int64_t kMaxQueryBlock = 512;
+constexpr int64_t kMinTasks = 32;  // keeps a multi-core pool busy when batch x heads is small
 constexpr int kKeyBlock = 128;  // multiple of kPanelWidth
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kKeyBlock % kPanelWidth == 0, "key tiles must be whole panels");
+static_assert(kRowGroup <= kMaxQkExpRows, "qk_exp takes a whole row group");
 
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The rows of one head in Q, K, V (and in the output) sit H * D floats apart, a cache-line pair
+// each: the copies below ask for rows this far ahead, as the hardware prefetcher does not.
+constexpr int64_t kPrefetchRows = 8;
+void PrefetchRow(const float* row, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(row + i);
+}
+void PrefetchRowForWrite(float* row, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(row + i, 1);
+}
 
 // Grow-only, 64-byte aligned float buffer. Kept per thread (thread_local) so steady-state calls
 // do not allocate; a kernel may run concurrently from several Run() calls, so no shared state.
@@ -138,6 +150,7 @@ void GatherValues(const AttentionCall& call, int64_t b, int64_t hk, int64_t begi
                   float* rows) {
   const int64_t D = call.head_size;
   for (int64_t j = begin; j < end; ++j) {
+    if (j + kPrefetchRows < end) PrefetchRow(KvRow(call, call.past_value, call.value, b, hk, j + kPrefetchRows), D);
     float* out = rows + (j - begin) * stride;
     std::memcpy(out, KvRow(call, call.past_value, call.value, b, hk, j), D * sizeof(float));
     std::fill(out + D, out + stride, 0.0f);
@@ -179,6 +192,34 @@ struct TaskScratch {
   Scratch q, o, s, stats, k, v;
 };
 
+// One online-softmax step of `rows` query rows (positions pos0, pos0 + 1, ...) over keys
+// [js, js + n): QK^T into s (row stride kKeyBlock), then, when `masked`, -inf for every key a row
+// may not see (key padding via keep, causal, window), then softmax. Leaves P in s and the
+// output rescale factors in alpha.
+void UnfusedStep(const AttentionCall& call, const TileKernels& tiles, const uint8_t* keep, bool masked,
+                 const float* q, int64_t ldq, int rows, int64_t pos0, const float* k_panels, int64_t js, int n,
+                 float* s, float* row_max, float* row_sum, float* alpha) {
+  tiles.qk(q, ldq, rows, k_panels, (n + kPanelWidth - 1) / kPanelWidth, static_cast<int>(call.head_size), s,
+           kKeyBlock);
+  if (masked) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t pos = pos0 + r;
+      float* s_row = s + r * kKeyBlock;
+      for (int c = 0; c < n; ++c) {
+        const int64_t key = js + c;
+        bool allowed = !keep || keep[key];
+        if (call.causal) allowed = allowed && key <= pos;
+        if (call.window > 0) {
+          allowed = allowed && key > pos - call.window;
+          if (!call.causal) allowed = allowed && key < pos + call.window;
+        }
+        if (!allowed) s_row[c] = kNegInf;
+      }
+    }
+  }
+  tiles.softmax(s, kKeyBlock, rows, n, row_max, row_sum, alpha);
+}
+
 // Attention for query rows [i0, i0 + rows) of one (batch, head).
 void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const KeyMask& mask, int64_t b, int64_t h,
                    int64_t i0, int rows) {
@@ -196,17 +237,18 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Ke
     return;
   }
 
-  float* q = scratch.q.Get(kQueryBlock * Dp);
-  float* o = scratch.o.Get(kQueryBlock * Dp);
+  float* q = scratch.q.Get(rows * Dp);
+  float* o = scratch.o.Get(rows * Dp);
   float* s = scratch.s.Get(kRowGroup * kKeyBlock);
-  float* row_max = scratch.stats.Get(3 * kQueryBlock);
-  float* row_sum = row_max + kQueryBlock;
-  float* alpha = row_sum + kQueryBlock;
+  float* row_max = scratch.stats.Get(3 * rows);
+  float* row_sum = row_max + rows;
+  float* alpha = row_sum + rows;
 
   // Fold scale and log2(e) into Q once so the softmax can use exp2 on raw dot products.
   const float q_scale = call.scale * kLog2e;
   const float* q_in = call.query + ((b * call.q_len + i0) * H + h) * D;
   for (int r = 0; r < rows; ++r) {
+    if (r + kPrefetchRows < rows) PrefetchRow(q_in + (r + kPrefetchRows) * out_stride, D);
     for (int64_t d = 0; d < D; ++d) q[r * Dp + d] = q_in[r * out_stride + d] * q_scale;
     std::fill(q + r * Dp + D, q + (r + 1) * Dp, 0.0f);
   }
@@ -241,32 +283,24 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Ke
         partial = partial || js <= g1 - call.window;
         if (!call.causal) partial = partial || je - 1 >= g0 + call.window;
       }
-      tiles.qk(q + g * Dp, Dp, group_rows, k_panels + (js - first) * D, (n + kPanelWidth - 1) / kPanelWidth,
-               static_cast<int>(D), s, kKeyBlock);
-      if (partial) {
-        for (int r = 0; r < group_rows; ++r) {
-          const int64_t pos = g0 + r;
-          float* s_row = s + r * kKeyBlock;
-          for (int c = 0; c < n; ++c) {
-            const int64_t key = js + c;
-            bool allowed = !keep || keep[key];
-            if (call.causal) allowed = allowed && key <= pos;
-            if (call.window > 0) {
-              allowed = allowed && key > pos - call.window;
-              if (!call.causal) allowed = allowed && key < pos + call.window;
-            }
-            if (!allowed) s_row[c] = kNegInf;
-          }
-        }
+      const float* q_g = q + g * Dp;
+      const float* k_js = k_panels + (js - first) * D;
+      float *m = row_max + g, *l = row_sum + g, *a = alpha + g;
+      // Unmasked keys take the fused qk_exp against the running max (alpha = 1: the output
+      // accumulator keeps its scale). If a score outgrows that max too far, qk_exp changes
+      // nothing and the keys are redone unfused with an exact max.
+      if (!partial && tiles.qk_exp(q_g, Dp, group_rows, k_js, n, static_cast<int>(D), m, s, kKeyBlock, l)) {
+        std::fill(a, a + group_rows, 1.0f);
+      } else {
+        UnfusedStep(call, tiles, keep, partial, q_g, Dp, group_rows, g0, k_js, js, n, s, m, l, a);
       }
-      tiles.softmax(s, kKeyBlock, group_rows, n, row_max + g, row_sum + g, alpha + g);
-      tiles.pv(s, kKeyBlock, group_rows, n, values + (js - first) * Dp, Dp, o + g * Dp, Dp, static_cast<int>(Dp),
-               alpha + g);
+      tiles.pv(s, kKeyBlock, group_rows, n, values + (js - first) * Dp, Dp, o + g * Dp, Dp, static_cast<int>(Dp), a);
     }
   }
 
   for (int r = 0; r < rows; ++r) {
     float* out_row = out + r * out_stride;
+    if (r + kPrefetchRows < rows) PrefetchRowForWrite(out_row + kPrefetchRows * out_stride, D);
     if (row_sum[r] > 0.0f) {  // 0 means every key of the row was masked: output zeros, not NaN
       const float inv = 1.0f / row_sum[r];
       for (int64_t d = 0; d < D; ++d) out_row[d] = o[r * Dp + d] * inv;
@@ -280,7 +314,13 @@ void RunQueryBlock(const AttentionCall& call, const TileKernels& tiles, const Ke
 
 void RunAttentionCpu(const AttentionCall& call, const TileKernels& tiles, OrtKernelContext* context) {
   const KeyMask mask(call);
-  const int64_t q_blocks = (call.q_len + kQueryBlock - 1) / kQueryBlock;
+  // Query blocks as large as kMaxQueryBlock (each block packs its K/V once), but at least
+  // kMinTasks tasks where the queries allow, and equal sizes (multiples of kRowGroup).
+  const int64_t bh_count = call.batch * call.num_heads;
+  const int64_t q_blocks = std::min(std::max((call.q_len + kMaxQueryBlock - 1) / kMaxQueryBlock,
+                                             (kMinTasks + bh_count - 1) / bh_count),
+                                    std::max<int64_t>(1, call.q_len / kRowGroup));
+  const int64_t block_rows = RoundUp((call.q_len + q_blocks - 1) / q_blocks, kRowGroup);
   const int64_t group = call.num_heads / call.kv_num_heads;
   const bool write_present = call.present_key || call.present_value;
   // One parallel pass over (batch, head, query block); the first task of each (batch, kv head)
@@ -290,8 +330,9 @@ void RunAttentionCpu(const AttentionCall& call, const TileKernels& tiles, OrtKer
     const int64_t bh = static_cast<int64_t>(index) / q_blocks;
     const int64_t b = bh / call.num_heads, h = bh % call.num_heads;
     if (write_present && block == 0 && h % group == 0) WritePresent(call, b, h / group);
-    const int64_t i0 = block * kQueryBlock;
-    const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, call.q_len - i0));
+    const int64_t i0 = block * block_rows;
+    if (i0 >= call.q_len) return;  // rounding up to kRowGroup can leave the last block empty
+    const int rows = static_cast<int>(std::min<int64_t>(block_rows, call.q_len - i0));
     RunQueryBlock(call, tiles, mask, b, h, i0, rows);
   };
   if (call.q_len > 0) {

@@ -12,12 +12,27 @@ namespace onnxpress {
 // QK^T inner loop reads one contiguous 64-byte row per head-dimension step.
 constexpr int kPanelWidth = 16;
 
+// qk_exp works against a reference max per row instead of the exact running max, and gives up
+// (so the caller falls back to qk + softmax) once a score exceeds it by more than this (log2
+// units): probabilities stay below 2^kMaxExcess, far from float overflow, and the output is
+// unchanged because the final division by the row sum cancels any common factor.
+constexpr float kMaxExcess = 16.0f;
+constexpr int kMaxQkExpRows = 8;
+
 struct TileKernels {
   const char* name;
 
   // S[r][c] = sum_d Q[r][d] * K[c][d] for r < rows and c < panels * kPanelWidth.
   void (*qk)(const float* q, int64_t ldq, int rows, const float* k_panels, int panels, int head_size,
              float* s, int64_t lds);
+
+  // Fused QK^T + softmax numerator for keys of which none is masked: P[r][c] = 2^(S[r][c] - ref_max[r])
+  // for r < rows <= kMaxQkExpRows and c < n (P = 0 for n <= c < round_up(n, kPanelWidth)), and
+  // row_sum[r] += sum_c P[r][c]. A row whose ref_max is -inf (no key seen yet) first sets it from
+  // its own scores of this call. Returns false, leaving row_sum and ref_max unchanged, if some
+  // S[r][c] - ref_max[r] exceeds kMaxExcess (the caller then redoes the keys with qk + softmax).
+  bool (*qk_exp)(const float* q, int64_t ldq, int rows, const float* k_panels, int n, int head_size,
+                 float* ref_max, float* p, int64_t lds, float* row_sum);
 
   // One online-softmax step over scores S[r][0..n) (base-2 logits). Updates the running
   // row_max / row_sum, writes alpha[r] = 2^(old_max - new_max) for rescaling the output and

@@ -5,6 +5,8 @@
 // could be picked by the linker for the scalar path too and crash on CPUs without AVX2.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "tile_kernels.h"
 
 namespace onnxpress {
@@ -12,25 +14,24 @@ namespace {
 
 constexpr float kNegInf = -__builtin_inff();
 
-// 2^x for x <= 0, the only range the softmax needs (scores minus their running max).
-// Round-to-nearest split x = n + f with |f| <= 0.5, then a degree-5 Taylor series of
-// e^(f ln 2): relative error < 3e-6, far inside the op's 1e-4 tolerance. Inputs below -127
-// (including -inf for masked keys) give exactly 0 through the exponent trick.
+// 2^x for -127 <= x < 128 (smaller x, -inf included, is clamped and gives exactly 0): scores
+// minus their running (or reference) max. Adding 1.5 * 2^23 + 127 rounds x to an integer n and
+// leaves n + 127 in the low mantissa bits, so shifting those bits into the exponent field gives
+// 2^n without a round / convert pair. 2^(x - n), |x - n| <= 0.5, is a degree-4 minimax
+// polynomial: relative error < 3e-6 (as the degree-5 Taylor series it replaces), far inside the
+// op's 1e-4 tolerance.
 inline __m256 Exp2(__m256 x) {
+  const __m256 shift = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
   x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.3333558146428443e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  const __m256 j = _mm256_add_ps(x, shift);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(j, shift));
+  __m256 p = _mm256_set1_ps(9.570101276040077e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.591786280274391e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.40247443318367e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931217908859253e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.999992847442627e-1f));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(j), 23)));
 }
-
-inline float Exp2Scalar(float x) { return _mm256_cvtss_f32(Exp2(_mm256_set1_ps(x))); }
 
 inline float HorizontalMax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,74 +47,220 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MR query rows x one 16-key panel per step: 12 accumulators + 2 key vectors + 1 broadcast
-// fit the 16 ymm registers.
-template <int MR>
-inline void QkRows(const float* q, int64_t ldq, const float* k_panels, int panels, int head_size, float* s,
-                   int64_t lds) {
-  for (int p = 0; p < panels; ++p) {
-    const float* panel = k_panels + static_cast<int64_t>(p) * head_size * kPanelWidth;
-    __m256 acc[MR][2];
+// Calls body(std::integral_constant<int, M>{}, r) over row blocks [r, r + M) that cover [0, rows):
+// blocks of MR, then one shorter remainder block, so every kernel sees a compile-time row count.
+template <int MR, typename Body>
+inline void RowRemainder(int left, int r, Body& body) {
+  if constexpr (MR > 0) {
+    if (left == MR) {
+      body(std::integral_constant<int, MR>{}, r);
+    } else {
+      RowRemainder<MR - 1>(left, r, body);
+    }
+  }
+}
+
+template <int MR, typename Body>
+inline void ForRowBlocks(int rows, Body&& body) {
+  int r = 0;
+  for (; r + MR <= rows; r += MR) body(std::integral_constant<int, MR>{}, r);
+  RowRemainder<MR - 1>(rows - r, r, body);
+}
+
+// Scores of MR query rows x NP adjacent 16-key panels into acc[MR][2 * NP]. The main shape,
+// 3 rows x 2 panels (12 accumulators + 4 key vectors + 1 broadcast = 16 ymm registers), loads 4
+// key vectors and broadcasts 3 query values per 12 FMAs; it measured ~8% faster than 6 rows x 1
+// panel (2 loads + 6 broadcasts per 12 FMAs), the same shape as the PV kernel.
+template <int MR, int NP>
+inline void QkPanels(const float* q, int64_t ldq, const float* panel, int head_size, __m256 (&acc)[MR][2 * NP]) {
+  const int64_t panel_size = static_cast<int64_t>(head_size) * kPanelWidth;
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int d = 0; d < head_size; ++d) {
-      const __m256 k0 = _mm256_loadu_ps(panel + d * kPanelWidth);
-      const __m256 k1 = _mm256_loadu_ps(panel + d * kPanelWidth + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m256 qv = _mm256_broadcast_ss(q + r * ldq + d);
-        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
-      }
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 2 * NP; ++k) acc[r][k] = _mm256_setzero_ps();
+  }
+  for (int d = 0; d < head_size; ++d) {
+    __m256 kv[2 * NP];
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) {
+      kv[2 * j] = _mm256_loadu_ps(panel + j * panel_size + d * kPanelWidth);
+      kv[2 * j + 1] = _mm256_loadu_ps(panel + j * panel_size + d * kPanelWidth + 8);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(s + r * lds + p * kPanelWidth, acc[r][0]);
-      _mm256_storeu_ps(s + r * lds + p * kPanelWidth + 8, acc[r][1]);
+      const __m256 qv = _mm256_broadcast_ss(q + r * ldq + d);
+#pragma GCC unroll 4
+      for (int k = 0; k < 2 * NP; ++k) acc[r][k] = _mm256_fmadd_ps(qv, kv[k], acc[r][k]);
     }
   }
+}
+
+// Calls tile(p, acc) with the scores of panels p, p + 1 (acc[MR][4]) over all panels, the last
+// one alone (acc[MR][2]) when their count is odd.
+template <int MR, typename Tile>
+inline void ForPanelPairs(const float* q, int64_t ldq, const float* k_panels, int panels, int head_size,
+                          Tile&& tile) {
+  const int64_t panel_size = static_cast<int64_t>(head_size) * kPanelWidth;
+  int p = 0;
+  for (; p + 2 <= panels; p += 2) {
+    __m256 acc[MR][4];
+    QkPanels<MR, 2>(q, ldq, k_panels + p * panel_size, head_size, acc);
+    tile(p, acc);
+  }
+  if (p < panels) {
+    __m256 acc[MR][2];
+    QkPanels<MR, 1>(q, ldq, k_panels + p * panel_size, head_size, acc);
+    tile(p, acc);
+  }
+}
+
+template <typename Acc>
+constexpr int kVectors = std::extent<std::remove_reference_t<Acc>, 1>::value;
+
+template <int MR>
+inline void QkRows(const float* q, int64_t ldq, const float* k_panels, int panels, int head_size, float* s,
+                   int64_t lds) {
+  ForPanelPairs<MR>(q, ldq, k_panels, panels, head_size, [&](int p, auto& acc) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+      for (int k = 0; k < kVectors<decltype(acc)>; ++k) {
+        _mm256_storeu_ps(s + r * lds + p * kPanelWidth + 8 * k, acc[r][k]);
+      }
+    }
+  });
 }
 
 void QkAvx2(const float* q, int64_t ldq, int rows, const float* k_panels, int panels, int head_size, float* s,
             int64_t lds) {
-  int r = 0;
-  for (; r + 6 <= rows; r += 6) QkRows<6>(q + r * ldq, ldq, k_panels, panels, head_size, s + r * lds, lds);
-  q += r * ldq;
-  s += r * lds;
-  switch (rows - r) {
-    case 5: QkRows<5>(q, ldq, k_panels, panels, head_size, s, lds); break;
-    case 4: QkRows<4>(q, ldq, k_panels, panels, head_size, s, lds); break;
-    case 3: QkRows<3>(q, ldq, k_panels, panels, head_size, s, lds); break;
-    case 2: QkRows<2>(q, ldq, k_panels, panels, head_size, s, lds); break;
-    case 1: QkRows<1>(q, ldq, k_panels, panels, head_size, s, lds); break;
-    default: break;
-  }
+  ForRowBlocks<3>(rows, [&](auto mr, int r) {
+    QkRows<decltype(mr)::value>(q + r * ldq, ldq, k_panels, panels, head_size, s + r * lds, lds);
+  });
 }
 
+// QK^T with the exponentials folded in (see TileKernels::qk_exp): the scores go through exp2
+// while still in registers, so they are never stored, re-read for a max pass and re-read again.
+// The row sums stay in memory (the 12 accumulators need the registers); the largest excess over
+// the reference max is tracked in one register and checked once at the end.
+template <int MR>
+inline bool QkExpRows(const float* q, int64_t ldq, const float* k_panels, int n, int head_size, float* ref_max,
+                      float* p_out, int64_t lds, float* row_sum) {
+  alignas(32) float sums[MR][8] = {};
+  __m256 excess = _mm256_set1_ps(kNegInf);
+  const int panels = (n + kPanelWidth - 1) / kPanelWidth;
+  ForPanelPairs<MR>(q, ldq, k_panels, panels, head_size, [&](int p, auto& acc) {
+    constexpr int kNV = kVectors<decltype(acc)>;
+    const int valid = n - p * kPanelWidth;
+    if (valid < 8 * kNV) {  // the last panel is partly filler: -inf scores give P = 0
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 4
+      for (int k = 0; k < kNV; ++k) {
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8 * k), lane));
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) acc[r][k] = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), acc[r][k], keep);
+      }
+    }
+    if (p == 0) {  // rows without a reference yet take the max of these first scores
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        if (ref_max[r] != kNegInf) continue;
+        __m256 m = acc[r][0];
+#pragma GCC unroll 4
+        for (int k = 1; k < kNV; ++k) m = _mm256_max_ps(m, acc[r][k]);
+        ref_max[r] = HorizontalMax(m);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 m = _mm256_broadcast_ss(ref_max + r);
+      __m256 sum = _mm256_load_ps(sums[r]);
+#pragma GCC unroll 4
+      for (int k = 0; k < kNV; ++k) {
+        const __m256 x = _mm256_sub_ps(acc[r][k], m);
+        excess = _mm256_max_ps(excess, x);
+        const __m256 pk = Exp2(x);
+        _mm256_storeu_ps(p_out + r * lds + p * kPanelWidth + 8 * k, pk);
+        sum = _mm256_add_ps(sum, pk);
+      }
+      _mm256_store_ps(sums[r], sum);
+    }
+  });
+  if (HorizontalMax(excess) > kMaxExcess) return false;
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) row_sum[r] += HorizontalSum(_mm256_load_ps(sums[r]));
+  return true;
+}
+
+bool QkExpAvx2(const float* q, int64_t ldq, int rows, const float* k_panels, int n, int head_size, float* ref_max,
+               float* p, int64_t lds, float* row_sum) {
+  // Every row block is checked before row_sum / ref_max change, so a failed call leaves no trace.
+  float sums[kMaxQkExpRows] = {}, refs[kMaxQkExpRows];
+  for (int r = 0; r < rows; ++r) refs[r] = ref_max[r];
+  bool ok = true;
+  ForRowBlocks<3>(rows, [&](auto mr, int r) {
+    ok = ok && QkExpRows<decltype(mr)::value>(q + r * ldq, ldq, k_panels, n, head_size, refs + r, p + r * lds, lds,
+                                              sums + r);
+  });
+  if (!ok) return false;
+  for (int r = 0; r < rows; ++r) {
+    ref_max[r] = refs[r];
+    row_sum[r] += sums[r];
+  }
+  return true;
+}
+
+// Rows are handled 8 at a time in two passes: first every row's tile max (and, in one vector,
+// the rows' rescale factors), then the exponentials. The second pass has no dependency from one
+// row to the next, so the out-of-order core overlaps rows instead of waiting on each row's
+// max -> exp2 -> horizontal-sum chain.
 void SoftmaxAvx2(float* s, int64_t lds, int rows, int n, float* row_max, float* row_sum, float* alpha) {
   const int n8 = (n + 7) & ~7;
-  for (int r = 0; r < rows; ++r) {
-    float* row = s + r * lds;
-    for (int c = n; c < n8; ++c) row[c] = kNegInf;  // pad to whole vectors; exp2 turns them into 0
-    __m256 vmax = _mm256_set1_ps(kNegInf);
-    for (int c = 0; c < n8; c += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + c));
-    const float tile_max = HorizontalMax(vmax);
-    const float new_max = row_max[r] > tile_max ? row_max[r] : tile_max;
-    if (new_max == kNegInf) {  // everything masked so far: keep the row empty
-      for (int c = 0; c < n8; c += 8) _mm256_storeu_ps(row + c, _mm256_setzero_ps());
-      alpha[r] = 1.0f;
-      continue;
+  for (int r0 = 0; r0 < rows; r0 += 8) {
+    const int count = rows - r0 < 8 ? rows - r0 : 8;
+    alignas(32) float old_max[8] = {}, new_max[8] = {}, scale[8];
+    for (int r = 0; r < count; ++r) {
+      float* row = s + (r0 + r) * lds;
+      for (int c = n; c < n8; ++c) row[c] = kNegInf;  // pad to whole vectors; exp2 turns them into 0
+      __m256 m0 = _mm256_loadu_ps(row), m1 = m0;
+      int c = 8;
+      for (; c + 16 <= n8; c += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(row + c));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(row + c + 8));
+      }
+      if (c < n8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(row + c));
+      const float tile_max = HorizontalMax(_mm256_max_ps(m0, m1));
+      old_max[r] = row_max[r0 + r];
+      new_max[r] = old_max[r] > tile_max ? old_max[r] : tile_max;
     }
-    alpha[r] = Exp2Scalar(row_max[r] - new_max);  // no libm call per row
-    const __m256 vnew = _mm256_set1_ps(new_max);
-    __m256 vsum = _mm256_setzero_ps();
-    for (int c = 0; c < n8; c += 8) {
-      const __m256 pc = Exp2(_mm256_sub_ps(_mm256_loadu_ps(row + c), vnew));
-      _mm256_storeu_ps(row + c, pc);
-      vsum = _mm256_add_ps(vsum, pc);
+    // old - new <= 0; -inf (first visible keys) gives alpha 0. NaN (both -inf) is replaced below.
+    _mm256_store_ps(scale, Exp2(_mm256_sub_ps(_mm256_load_ps(old_max), _mm256_load_ps(new_max))));
+    for (int r = 0; r < count; ++r) {
+      float* row = s + (r0 + r) * lds;
+      if (new_max[r] == kNegInf) {  // everything masked so far: keep the row empty
+        for (int c = 0; c < n8; c += 8) _mm256_storeu_ps(row + c, _mm256_setzero_ps());
+        alpha[r0 + r] = 1.0f;
+        continue;
+      }
+      const __m256 vmax = _mm256_set1_ps(new_max[r]);
+      __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+      int c = 0;
+      for (; c + 16 <= n8; c += 16) {
+        const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmax));
+        const __m256 p1 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(row + c + 8), vmax));
+        _mm256_storeu_ps(row + c, p0);
+        _mm256_storeu_ps(row + c + 8, p1);
+        sum0 = _mm256_add_ps(sum0, p0);
+        sum1 = _mm256_add_ps(sum1, p1);
+      }
+      if (c < n8) {
+        const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmax));
+        _mm256_storeu_ps(row + c, p0);
+        sum0 = _mm256_add_ps(sum0, p0);
+      }
+      alpha[r0 + r] = scale[r];
+      row_max[r0 + r] = new_max[r];
+      row_sum[r0 + r] = row_sum[r0 + r] * scale[r] + HorizontalSum(_mm256_add_ps(sum0, sum1));
     }
-    row_max[r] = new_max;
-    row_sum[r] = row_sum[r] * alpha[r] + HorizontalSum(vsum);
   }
 }
 
@@ -128,6 +275,10 @@ void PackKeysAvx2(const float* src, int64_t ld, int count, int head_size, float*
   int i = 0;
   for (; i < count && (slot0 + i) % 8 != 0; ++i) PackOneKey(src + i * ld, head_size, panels, slot0 + i);
   for (; i + 8 <= count; i += 8) {
+    // Source rows are strided (H_kv * D floats apart): ask for the next 8 a step ahead.
+    for (int k = 8; k < 16 && i + k < count; ++k) {
+      for (int d = 0; d < head_size; d += 16) __builtin_prefetch(src + (i + k) * ld + d);
+    }
     const int64_t slot = slot0 + i;
     float* base = panels + (slot / kPanelWidth) * head_size * kPanelWidth + slot % kPanelWidth;
     const float* rows = src + i * ld;
@@ -198,41 +349,25 @@ inline void PvRows(const float* p, int64_t lds, int n, const float* v, int64_t l
   if (col < width) PvBlock<MR, 1>(p, lds, n, v + col, ldv, o + col, ldo, alpha);
 }
 
-// Head size 32 (BERT-small, MiniLM, ...): all 4 column vectors in one pass, 3 rows at a time,
-// so each P value is broadcast once instead of once per 16 columns.
-void PvWidth32(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o, int64_t ldo,
-               const float* alpha) {
-  int r = 0;
-  for (; r + 3 <= rows; r += 3) PvBlock<3, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
-  if (rows - r == 2) PvBlock<2, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
-  if (rows - r == 1) PvBlock<1, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
-}
-
 void PvAvx2(const float* p, int64_t lds, int rows, int n, const float* v, int64_t ldv, float* o, int64_t ldo,
             int width, const float* alpha) {
   if (width == 32) {
-    PvWidth32(p, lds, rows, n, v, ldv, o, ldo, alpha);
+    // Head size 32 (BERT-small, MiniLM, ...): all 4 column vectors in one pass, 3 rows at a
+    // time, so each P value is broadcast once instead of once per 16 columns.
+    ForRowBlocks<3>(rows, [&](auto mr, int r) {
+      PvBlock<decltype(mr)::value, 4>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, alpha + r);
+    });
     return;
   }
-  int r = 0;
-  for (; r + 6 <= rows; r += 6) PvRows<6>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, width, alpha + r);
-  p += r * lds;
-  o += r * ldo;
-  alpha += r;
-  switch (rows - r) {
-    case 5: PvRows<5>(p, lds, n, v, ldv, o, ldo, width, alpha); break;
-    case 4: PvRows<4>(p, lds, n, v, ldv, o, ldo, width, alpha); break;
-    case 3: PvRows<3>(p, lds, n, v, ldv, o, ldo, width, alpha); break;
-    case 2: PvRows<2>(p, lds, n, v, ldv, o, ldo, width, alpha); break;
-    case 1: PvRows<1>(p, lds, n, v, ldv, o, ldo, width, alpha); break;
-    default: break;
-  }
+  ForRowBlocks<6>(rows, [&](auto mr, int r) {
+    PvRows<decltype(mr)::value>(p + r * lds, lds, n, v, ldv, o + r * ldo, ldo, width, alpha + r);
+  });
 }
 
 }  // namespace
 
 const TileKernels* Avx2TileKernels() {
-  static const TileKernels kernels{"avx2", QkAvx2, SoftmaxAvx2, PackKeysAvx2, PvAvx2};
+  static const TileKernels kernels{"avx2", QkAvx2, QkExpAvx2, SoftmaxAvx2, PackKeysAvx2, PvAvx2};
   return &kernels;
 }
 

@@ -1,4 +1,5 @@
 // Portable reference versions of the attention tile loops (also the non-AVX2 fallback).
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +24,29 @@ void QkScalar(const float* q, int64_t ldq, int rows, const float* k_panels, int 
       std::memcpy(s + r * lds + p * kPanelWidth, acc, sizeof(acc));
     }
   }
+}
+
+bool QkExpScalar(const float* q, int64_t ldq, int rows, const float* k_panels, int n, int head_size,
+                 float* ref_max, float* p, int64_t lds, float* row_sum) {
+  const int panels = (n + kPanelWidth - 1) / kPanelWidth;
+  QkScalar(q, ldq, rows, k_panels, panels, head_size, p, lds);
+  float sums[kMaxQkExpRows] = {}, refs[kMaxQkExpRows];
+  for (int r = 0; r < rows; ++r) {
+    float* row = p + r * lds;
+    refs[r] = ref_max[r] != -std::numeric_limits<float>::infinity() ? ref_max[r] : *std::max_element(row, row + n);
+    for (int c = 0; c < n; ++c) {
+      const float x = row[c] - refs[r];
+      if (x > kMaxExcess) return false;
+      row[c] = std::exp2(x);
+      sums[r] += row[c];
+    }
+    std::fill(row + n, row + panels * kPanelWidth, 0.0f);
+  }
+  for (int r = 0; r < rows; ++r) {
+    ref_max[r] = refs[r];
+    row_sum[r] += sums[r];
+  }
+  return true;
 }
 
 void SoftmaxScalar(float* s, int64_t lds, int rows, int n, float* row_max, float* row_sum, float* alpha) {
@@ -73,7 +97,7 @@ void PvScalar(const float* p, int64_t lds, int rows, int n, const float* v, int6
 }  // namespace
 
 const TileKernels& ScalarTileKernels() {
-  static const TileKernels kernels{"scalar", QkScalar, SoftmaxScalar, PackKeysScalar, PvScalar};
+  static const TileKernels kernels{"scalar", QkScalar, QkExpScalar, SoftmaxScalar, PackKeysScalar, PvScalar};
   return kernels;
 }
 

@@ -61,7 +61,7 @@ def check_against_both(make_session, feeds, **attributes):
 
 
 @pytest.mark.parametrize(("num_heads", "kv_num_heads", "head_size"), [(12, 12, 32), (9, 3, 64), (5, 1, 17)])
-@pytest.mark.parametrize("seq", [1, 37, 200])  # 200 crosses the 192-query block and 128-key tile edges
+@pytest.mark.parametrize("seq", [1, 37, 200])  # 200 crosses query-block, 128-key tile and 16-key panel edges
 def test_matches_references_mha_and_gqa(make_session, num_heads, kv_num_heads, head_size, seq):
     rng = np.random.default_rng(seq + num_heads)
     feeds = random_inputs(rng, 2, seq, seq, num_heads, kv_num_heads, head_size)
@@ -165,6 +165,23 @@ def test_scalar_fallback_matches(make_session, monkeypatch):
     (scalar,) = run_op(make_session, feeds, **attrs)
     np.testing.assert_allclose(scalar, fast, atol=ATOL, rtol=0)
     np.testing.assert_allclose(scalar, reference(feeds, **attrs)[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("simd", ["auto", "scalar"])
+def test_scores_far_above_the_running_max(make_session, monkeypatch, simd):
+    """Unmasked tiles take exponentials against the running max of earlier keys; when later keys
+    score far higher (here the scores climb by hundreds of log2 units along the keys), that
+    reference is abandoned and the tile redone with an exact max. No overflow, no NaN."""
+    if simd == "scalar":
+        monkeypatch.setenv("ONNXPRESS_OPS_SIMD", "scalar")
+    rng = np.random.default_rng(9)
+    feeds = random_inputs(rng, 1, 300, 300, 2, 2, 16)
+    ramp = np.linspace(0.0, 1.0, 300, dtype=np.float32)[None, :, None]
+    feeds["query"] = np.abs(feeds["query"]) * 3.0
+    feeds["key"] = (np.abs(feeds["key"]) * 40.0 * ramp).astype(np.float32)
+    (out,) = run_op(make_session, feeds, num_heads=2)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, reference(feeds, num_heads=2)[0], atol=ATOL, rtol=0)
 
 
 def test_cross_attention_lengths_differ(make_session):
