@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from onnxpress.runtime import time_alternating  # noqa: F401  (re-exported for the bench scripts)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,26 +43,6 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "flags": cpu_flags(), "onnxruntime": onnxruntime.__version__}
-
-
-def time_alternating(
-    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
-) -> dict[str, float]:
-    """Median seconds per call of each callable, measured round-robin."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    start = time.perf_counter()
-    while True:
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        done = len(next(iter(samples.values())))
-        if done >= repeats and time.perf_counter() - start >= min_seconds:
-            break
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

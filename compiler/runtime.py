@@ -1,10 +1,13 @@
-"""ONNX Runtime sessions: one place that creates them and runs batches through them."""
+"""ONNX Runtime sessions: one place that creates them, runs batches through them and times them."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -88,3 +91,24 @@ def run_batches(
         arrays = session.run(names, session_feeds(session, feeds))
         results.append(dict(zip(names, arrays, strict=True)))
     return results
+
+
+def time_alternating(
+    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """Median seconds per call of each callable, measured round-robin, so that all of them
+    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    while True:
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        done = len(next(iter(samples.values())))
+        if done >= repeats and time.perf_counter() - start >= min_seconds:
+            break
+    return {name: statistics.median(s) for name, s in samples.items()}
