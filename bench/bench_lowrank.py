@@ -35,26 +35,32 @@ THREADS = 2
 
 # (label, settings): the comparison that picked the defaults. "one-shot" = every matrix
 # fitted on the original model's inputs; "seq" = fitted layer after layer on the inputs of
-# the model compressed so far, by least squares to the original outputs; "bc" = bias correction.
-# Every budget is a share of ALL the layers' linear parameters (attention Q/K/V/O + FFN,
-# scope "linear"), whichever matrices a variant splits.
+# the model compressed so far, by least squares to the original outputs; "bc" = bias correction;
+# "prior" = the least-squares refit pulled towards the original weight (refit_prior); "probe" =
+# ranks allocated by the model's measured output loss (allocation "probe"). Every budget is a
+# share of ALL the layers' linear parameters (attention Q/K/V/O + FFN, scope "linear"),
+# whichever matrices a variant splits. "_calib": "sentences" = single calibration sentences.
 ALL = ["ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"]
-PLAIN = {"method": "plain", "sequential": False, "bias_correction": False, "include": ALL}
-ONE_SHOT = {"sequential": False, "bias_correction": False}
+FFN = ["ffn.up", "ffn.gate", "ffn.down"]
+PLAIN = {"method": "plain", "sequential": False, "bias_correction": False, "allocation": "uniform", "include": ALL}
+PREVIOUS = {"allocation": "uniform", "include": FFN, "refit_prior": 0.0}  # the default before the probes
 MINILM_VARIANTS = {
     0.2: [
         ("plain SVD, all matrices", PLAIN),
-        ("whitened uniform one-shot+bc, FFN", {"sequential": False}),
-        ("whitened uniform seq+bc+res, FFN (default)", {}),
+        ("whitened uniform seq+bc+res, FFN (previous default)", PREVIOUS),
+        ("whitened uniform seq+bc+res+prior, FFN", {"allocation": "uniform", "include": FFN}),
+        ("whitened probe seq+bc+res+prior, all matrices (default)", {}),
+        ("whitened probe seq+bc+res+prior, all matrices (default), sentence calibration", {"_calib": "sentences"}),
     ],
     0.4: [
         ("plain SVD, all matrices", PLAIN),
-        ("whitened uniform seq+bc+res, FFN (default)", {}),
+        ("whitened probe seq+bc+res+prior, all matrices (default)", {}),
     ],
 }
 SMOLLM_VARIANTS = [
     ("plain SVD, all matrices", PLAIN),
-    ("whitened uniform seq+bc+res, FFN (default)", {}),
+    ("whitened uniform seq+bc+res+prior, FFN", {"allocation": "uniform", "include": FFN}),
+    ("whitened probe seq+bc+res+prior, all matrices (default)", {}),
 ]
 
 
@@ -107,8 +113,8 @@ def bench_minilm(args, work: Path, rows: list[dict]) -> None:
     for fraction, variants in MINILM_VARIANTS.items():
         for label, settings in variants:
             settings = dict(settings)
-            n_cal = settings.pop("_calib", None)
-            calib = calibration(model, tok, n_cal, 128, 16) if n_cal else calib_full
+            by_sentence = settings.pop("_calib", None) == "sentences"
+            calib = calibration(model, tok, args.minilm_calib, 128, 16, sentences=True) if by_sentence else calib_full
             key = f"minilm-{fraction}-{len(paths)}"
             out = work / f"{key}.onnx"
             result, seconds = run_pass(path, "lowrank", {"fraction": fraction, **settings}, calib, out, threads=THREADS)
@@ -222,7 +228,10 @@ def main() -> None:
                   "splits; linear_params_removed is the measured share, params_ratio the whole model's",
         "variants": "one-shot: every matrix fitted on the original model's inputs; seq: fitted in graph order on the "
                     "inputs of the model compressed so far, towards the original outputs; bc: bias correction; "
-                    "res: residual correction (O/down fits also cancel upstream error in the residual stream)",
+                    "res: residual correction (O/down fits also cancel upstream error in the residual stream); "
+                    "prior: least-squares refits pulled towards the original weight (refit_prior 1 pseudo-token per "
+                    "input dimension); probe: ranks allocated by the measured output loss of each (layer, role) split "
+                    "alone at a few shares (allocation 'probe'); uniform: every split matrix loses the same share",
         "latency": f"ORT CPU, {THREADS} threads, median of round-robin runs; MiniLM batch 8 x 128 tokens, "
                    "SmolLM2 1 x 128 tokens (prefill)",
     }

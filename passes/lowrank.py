@@ -2,22 +2,26 @@
 
 Calibration -> decision -> rewrite:
 
-1. the matrices: FFN up/gate/down by default, or any roles (attention Q/K/V/O ...) from the
-   analysis map, or any constant-weight MatMul/Gemm whose node or weight name matches a regex;
+1. the matrices: every attention Q/K/V/O and FFN up/gate/down matrix by default, or chosen roles
+   from the analysis map, or any constant-weight MatMul/Gemm whose node or weight name matches a regex;
 2. capture the Gram matrix X^T X of each matrix's input on calibration data and
    decompose each W by activation-aware (whitened) SVD, whose dropped singular values
    are the output error on that data (``method: plain`` = SVD of W, the baseline);
 3. choose ranks under one budget: ``fraction`` of the parameters (or MACs) of all the layers'
    linear matrices (``scope: linear``) or of the selected ones (``scope: selected``);
-   ``uniform`` (every selected matrix loses the same share) or ``global`` (greedy on
-   normalised truncation loss per parameter saved); a rank at which the two factors
-   would cost as much as W is never used;
+   ``probe`` (default: greedy on the model's measured output loss per parameter saved, each
+   (layer bucket, role) unit split alone at a few shares, :mod:`lowrank_probe`), ``uniform``
+   (every selected matrix loses the same share) or ``global`` (greedy on each matrix's own
+   normalised truncation loss, a proxy); a rank at which the two factors would cost as much
+   as W is never used;
 4. fit and rewrite; with ``sequential`` the factors of each group of matrices are fitted
    on the inputs of the model compressed so far, by least squares to the original
    outputs X W, so later layers absorb earlier errors (``residual_correction``: a matrix
    feeding a residual Add also cancels what it can of the residual stream's upstream
-   error); ``bias_correction`` restores the mean output on calibration data. The
-   sequential inputs come from running the model segment by segment (``_Stream``).
+   error); ``refit_prior`` pulls those least-squares refits towards W (they over-fit when the
+   calibration has few tokens per input dimension); ``bias_correction`` restores the mean
+   output on calibration data. The sequential inputs come from running the model segment
+   by segment (``_Stream``).
 
 The numerics are in :mod:`onnxpress.passes.lowrank_fit`; bench/bench_lowrank.py
 compares the options end to end on MiniLM and SmolLM2 and motivates the defaults.
@@ -40,12 +44,16 @@ from onnxpress.analysis.graph_utils import const_array
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import model_proto
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
+from onnxpress.pass_manager import primary_outputs
 from onnxpress.passes import lowrank_fit as fit
+from onnxpress.passes import lowrank_probe as probe
 from onnxpress.passes.graph_edit import add_initializer, drop_unused_initializers, remove_dead_nodes
 from onnxpress.runtime import make_session, session_feeds
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
-DEFAULT_INCLUDE = ("ffn.up", "ffn.gate", "ffn.down")
+# every role: with the probe allocation the measured losses decide which matrices give the budget
+# (on MiniLM it splits attention Q/K hardest and keeps some FFN matrices whole; bench/bench_lowrank.py)
+DEFAULT_INCLUDE = ROLES
 
 
 @dataclass
@@ -58,10 +66,13 @@ class LowRankConfig(PassConfig):
     scope: Literal["linear", "selected"] = "linear"
     target: Literal["params", "macs"] = "params"
     method: Literal["whitened", "plain"] = "whitened"
-    allocation: Literal["uniform", "global"] = "uniform"
+    # uniform: every selected matrix loses the same share; global: greedy on each matrix's own
+    # normalised truncation loss (a proxy); probe: greedy on the model's measured output loss
+    # with units of matrices split alone at a few shares (lowrank_probe)
+    allocation: Literal["uniform", "global", "probe"] = "probe"
+    # calibration sequences the probes run on (the first ones); every probe is a forward pass on them
+    probe_samples: int = 8
     # roles (ffn.up, attn.q, ...) from the analysis map, or regexes on node / weight names
-    # default FFN only: at the same share of all linear parameters, splitting the FFN matrices harder
-    # kept MiniLM's embeddings closer than splitting attention too (bench/bench_lowrank.py)
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     sequential: bool = True
     bias_correction: bool = True
@@ -69,6 +80,10 @@ class LowRankConfig(PassConfig):
     # their inputs predict of the upstream error already in the residual stream
     residual_correction: bool = True
     eps: float = fit.DEFAULT_EPS  # Cholesky ridge, relative to the mean Gram diagonal
+    # sequential least-squares refits are pulled towards the original W with the weight of this many
+    # isotropic pseudo-tokens per input dimension: the refit has d_in unknowns per output and
+    # over-fits when the calibration has few tokens per input dimension (SmolLM2's down_proj)
+    refit_prior: float = 1.0
     max_batches: int | None = None  # calibration batches used (None: all)
 
     def validate(self) -> None:
@@ -82,8 +97,12 @@ class LowRankConfig(PassConfig):
                     re.compile(pattern)
                 except re.error as exc:
                     self.fail("include", f"entry {pattern!r} is neither a role ({', '.join(ROLES)}) nor a regex ({exc})")
+        if self.refit_prior < 0:
+            self.fail("refit_prior", f"must be >= 0 (pseudo-tokens per input dimension), got {self.refit_prior}")
         if not 0 <= self.eps < 1:
             self.fail("eps", f"must be in [0, 1), e.g. 1e-4, got {self.eps}")
+        if self.probe_samples < 1:
+            self.fail("probe_samples", f"must be a positive number of sequences, got {self.probe_samples}")
         if self.max_batches is not None and self.max_batches < 1:
             self.fail("max_batches", f"must be a positive number of batches, got {self.max_batches}")
 
@@ -216,6 +235,10 @@ class InputStats:
             self.gram_ref += ref_rows.T @ ref_rows
             self.total_ref += ref_rows.sum(0, dtype=np.float64)
 
+    def same_inputs(self) -> InputStats:
+        """These X' statistics as the whole record for X' = X (the reference terms share the arrays)."""
+        return InputStats(self.gram, self.total, self.count, self.gram, self.gram, self.total)
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
@@ -247,6 +270,21 @@ class ResidualStats:
         self.cross_ref += ref_rows.T @ diff
         self.total += diff.sum(0, dtype=np.float64)
         self.sq += float(np.sum(diff.astype(np.float64) ** 2))
+
+
+def trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch without its trailing all-padding positions (a batch of short sentences padded
+    to max_length is mostly padding): every [batch, seq] feed cut at the last real token.
+    Exact: padded positions are masked, so the real tokens' values do not depend on them."""
+    mask = feeds.get("attention_mask")
+    if mask is None or mask.ndim != 2 or not mask.any():
+        return feeds
+    length = int(np.flatnonzero(mask.any(0))[-1]) + 1
+    # a non-empty KV cache, or a 2-D feed not aligned with the mask: the positions are not just the mask's
+    if length == mask.shape[1] or any((a.ndim >= 3 and a.size) or (a.ndim == 2 and a.shape != mask.shape)
+                                      for a in feeds.values()):
+        return feeds
+    return {k: a[:, :length] if a.ndim == 2 else a for k, a in feeds.items()}
 
 
 def residual_of(m: Matrix) -> ir.Value | None:
@@ -299,8 +337,8 @@ def collect_stats(
             if name not in stats:
                 stats[name] = InputStats.zeros(x.shape[-1])
             stats[name].add(x, x_ref, feeds.get("attention_mask"))
-    if reference is None:  # X' = X: share the arrays
-        stats = {k: InputStats(v.gram, v.total, v.count, v.gram, v.gram, v.total) for k, v in stats.items()}
+    if reference is None:
+        stats = {k: v.same_inputs() for k, v in stats.items()}
     return stats
 
 
@@ -378,30 +416,35 @@ def value_types(model: ir.Model) -> dict[str, int]:
 # ----------------------------------------------------------------------------- rewrite
 
 
-def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None) -> None:
+def split_matrix(graph: ir.Graph, m: Matrix, a: np.ndarray | ir.Value, b: np.ndarray | ir.Value,
+                 bias: np.ndarray | ir.Value | None) -> None:
     """Replace m.node by MatMul(x, A) -> MatMul(., B) (+ bias), in the original float dtype.
 
     MatMul + Add: the Add stays; its constant is replaced when the bias changed.
     Gemm: becomes MatMul, MatMul, Add(beta * C) (alpha is folded into B, transB into A).
+    A, B and the bias may also be given as values (graph inputs, for the allocation probes).
     """
     np_dtype = m.dtype.numpy()
     stem = m.node.name or m.key
-    a_val = add_initializer(graph, f"{stem}.lowrank_A", a.astype(np_dtype))
-    b_val = add_initializer(graph, f"{stem}.lowrank_B", b.astype(np_dtype))
+
+    def value(x, name):
+        return x if isinstance(x, ir.Value) else add_initializer(graph, f"{stem}.{name}", x.astype(np_dtype))
+
+    a_val, b_val = value(a, "lowrank_A"), value(b, "lowrank_B")
     first = ir.node("MatMul", [m.input, a_val], name=f"{stem}/lowrank_A")
     second = ir.node("MatMul", [first.outputs[0], b_val], name=f"{stem}/lowrank_B")
     new_nodes = [first, second]
     out = second.outputs[0]
     if bias is not None and m.bias_node is not None:  # MatMul + Add: the Add stays, with the new constant
         idx = next(i for i, v in enumerate(m.bias_node.inputs) if v is m.bias_value)
-        m.bias_node.replace_input_with(idx, add_initializer(graph, f"{stem}.bias", bias.astype(np_dtype)))
+        m.bias_node.replace_input_with(idx, value(bias, "bias"))
     elif bias is not None:  # Gemm's C, or a bias correction where there was no bias: a new Add
-        add = ir.node("Add", [out, add_initializer(graph, f"{stem}.bias", bias.astype(np_dtype))], name=f"{stem}/bias")
+        add = ir.node("Add", [out, value(bias, "bias")], name=f"{stem}/bias")
         new_nodes.append(add)
         out = add.outputs[0]
     old_out = m.node.outputs[0]
-    for value in (first.outputs[0], second.outputs[0], out):
-        value.dtype = m.dtype
+    for v in (first.outputs[0], second.outputs[0], out):
+        v.dtype = m.dtype
     out.shape = old_out.shape
     ir.convenience.replace_nodes_and_values(graph, m.node, [m.node], new_nodes, [old_out], [out])
     drop_unused_initializers(graph, [v for v in (m.bias_value,) if v is not None])
@@ -426,6 +469,7 @@ class LowRankPass(Pass):
         cfg: LowRankConfig = self.config
         calib = ctx.require_calibration(self.name)
         batches = list(calib.batches)[: cfg.max_batches] if cfg.max_batches else list(calib.batches)
+        batches = [trim_padding(feeds) for feeds in batches]
         needs_map = cfg.scope == "linear" or any(p in ROLES for p in cfg.include)
         tmap = ctx.analysis(model) if needs_map else None
         matrices = [m for m in select_matrices(model, cfg.include, tmap) if fit.break_even_rank(m.d_in, m.d_out) >= 1]
@@ -440,16 +484,27 @@ class LowRankPass(Pass):
                                  "or lower fraction")
         threads = getattr(ctx, "threads", None)
         dtypes = {m.input.name: m.dtype for m in matrices}
-        needs_stats = cfg.method == "whitened" or cfg.bias_correction or cfg.allocation == "global"
+        sequential = cfg.sequential and cfg.method == "whitened"
+        # a sequential fit gathers its own statistics while it streams the model
+        needs_stats = cfg.allocation != "uniform" or (not sequential and (cfg.method == "whitened" or cfg.bias_correction))
         stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads) if needs_stats else {}
-        plan = plan_ranks(matrices, stats, cfg, budget=budget)
+        if cfg.allocation == "probe":
+            outputs = getattr(ctx, "output_names", None) or primary_outputs(model)
+            prober = probe.Prober(model, matrices, split_matrix, probe.first_samples(batches, cfg.probe_samples),
+                                  outputs, threads)
+            means = [stats[m.input.name].mean for m in matrices] if cfg.bias_correction else None
+            plan = probe.probe_ranks(prober, matrices, [stats[m.input.name].gram for m in matrices], means,
+                                     budget, cfg.eps)
+        else:
+            plan = plan_ranks(matrices, stats, cfg, budget=budget)
         chosen = [(m, r) for m, r in zip(matrices, plan, strict=True) if r is not None]
-        if cfg.sequential and cfg.method == "whitened":
-            errors = self._fit_sequential(model, chosen, stats, batches, cfg, threads)
+        if sequential:
+            errors, tokens = self._fit_sequential(model, chosen, batches, cfg, threads)
         else:
             errors = {}
             for m, r in chosen:
                 errors[m.key] = _fit_and_split(model.graph, m, r, stats.get(m.input.name), cfg)
+            tokens = max((s.count for s in stats.values()), default=0)
         remove_dead_nodes(model)
         saved = sum(m.d_in * m.d_out - fit.factor_cost(r, m.d_in, m.d_out) for m, r in chosen)
         return Outcome(
@@ -463,15 +518,16 @@ class LowRankPass(Pass):
                 "fraction_saved": saved / base,  # of the scope's parameters (and MACs)
                 "fraction_saved_of_selected": saved / sum(m.d_in * m.d_out for m in matrices),
                 "target": cfg.target,
-                "calibration_tokens": int(max((s.count for s in stats.values()), default=0)),
+                "calibration_tokens": int(tokens),
                 "ranks": {m.key: {"rank": r, "shape": [m.d_in, m.d_out], "fit_error": errors.get(m.key)}
                           for m, r in chosen},
             },
         )
 
-    def _fit_sequential(self, model, chosen, stats, batches, cfg, threads) -> dict[str, float]:
+    def _fit_sequential(self, model, chosen, batches, cfg, threads) -> tuple[dict[str, float], int]:
         """Fit group after group (matrices sharing an input, in graph order), each on the
-        inputs of the model as compressed so far, towards the original outputs."""
+        inputs of the model as compressed so far, towards the original outputs; returns the
+        fit errors by matrix key and the number of calibration tokens."""
         reference = ir.from_proto(model_proto(model))  # frozen copy of the uncompressed model
         ref_node = {id(a): b for a, b in zip(model.graph, reference.graph, strict=True)}  # same order
         order = {id(node): i for i, node in enumerate(model.graph)}
@@ -496,12 +552,11 @@ class LowRankPass(Pass):
             xs = stream.advance(first, wanted)
             xs_ref = ref_stream.advance(ref_node[id(first)], wanted)
             mask = [feeds.get("attention_mask") for feeds in batches]
-            if i == 0:
-                s = stats[name]  # nothing upstream is compressed yet: the inputs are the original ones
-            else:
-                s = InputStats.zeros(groups[name][0][0].d_in)
-                for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
-                    s.add(x[0], x_ref[0], k)
+            s = InputStats.zeros(groups[name][0][0].d_in)
+            for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
+                s.add(x[0], x_ref[0] if i > 0 else None, k)
+            if i == 0:  # nothing upstream is compressed yet: the inputs are the original ones
+                s = s.same_inputs()
             for m, r in groups[name]:
                 res_stats = None
                 if m.key in residuals:
@@ -510,7 +565,7 @@ class LowRankPass(Pass):
                     for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
                         res_stats.add(x[0], x_ref[0], x[j], x_ref[j], k)
                 errors[m.key] = _fit_and_split(model.graph, m, r, s, cfg, res_stats)
-        return errors
+        return errors, s.count
 
 
 def budget_base(model: ir.Model, matrices: list[Matrix], tmap, scope: str) -> int:
@@ -552,8 +607,10 @@ def _fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: InputStats | None, 
     # the cross term only matters once X' differs from X (sequential fitting after the first group)
     cross = s.cross if whitened and s.cross is not s.gram else None
     res = res if whitened and cross is not None else None
+    # prior in pseudo-tokens per input dimension: lambda = refit_prior * mean ||x'||^2 per token
+    prior = cfg.refit_prior * float(np.trace(s.gram)) / max(s.count, 1) if cross is not None else 0.0
     dec = fit.decompose(m.weight, s.gram if whitened else None, cross=cross, eps=cfg.eps,
-                        residual=res.cross if res is not None else None)
+                        residual=res.cross if res is not None else None, prior=prior)
     a, b = dec.factors(rank)
     w_r = a @ b
     bias = m.bias

@@ -89,6 +89,7 @@ def decompose(
     cross: np.ndarray | None = None,
     eps: float = DEFAULT_EPS,
     residual: np.ndarray | None = None,
+    prior: float = 0.0,
 ) -> Decomposition:
     """Decompose ``w`` [d_in, d_out] for truncation.
 
@@ -99,17 +100,27 @@ def decompose(
     truncation of W_ls is then the optimal rank-r fit of X W from X' (reduced-rank
     regression). ``residual`` (= X'^T D, with ``cross``) adds D to the target: the upstream
     error of what the output is added to, so the fit cancels the part X' predicts.
+
+    ``prior`` (= lambda, with ``cross``) adds lambda * ||W_r - w||^2 to the refit's objective:
+    the same problem on the data augmented by sqrt(lambda) I -> sqrt(lambda) w, so it is solved
+    exactly with G' + lambda I and C w + lambda w. With few tokens per input dimension the
+    unregularised refit over-fits the calibration tokens; the prior pulls it back towards w.
     """
     w = np.asarray(w, dtype=np.float64)
     if gram is None:
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         return Decomposition(u, s, vt, None)
+    gram = np.asarray(gram, dtype=np.float64)
+    if cross is not None and prior > 0:
+        gram = gram + prior * np.eye(len(gram))
     chol = whitening(gram, eps)
     target = w
     if cross is not None:
         rhs = np.asarray(cross, dtype=np.float64) @ w
         if residual is not None:
             rhs = rhs + np.asarray(residual, dtype=np.float64)
+        if prior > 0:
+            rhs = rhs + prior * w
         target = scipy.linalg.cho_solve((chol, True), rhs)
     u, s, vt = np.linalg.svd(chol.T @ target, full_matrices=False)
     return Decomposition(u, s, vt, chol)
@@ -196,3 +207,38 @@ def bias_shift(
     E[x] W - E[x'] W_r (x' = the compressed model's inputs, x when not given)."""
     mean_in_new = mean_in if mean_in_new is None else mean_in_new
     return np.asarray(mean_in, np.float64) @ w - np.asarray(mean_in_new, np.float64) @ w_new
+
+
+def allocate_measured(curves: list[list[tuple[float, float]]], budget: float) -> list[float]:
+    """Parameters to save in each unit, ``budget`` in all, from measured (saved, loss) points
+    per unit (saving nothing costs nothing), at the least total loss assuming losses add.
+
+    Greedy on the lower convex hull of each unit's points: hull segments in order of loss per
+    parameter saved, the last one taken in part so the total is exactly ``budget`` (as far as
+    the units can give). Points above the hull (noisy measurements) are never chosen.
+    """
+    moves: list[tuple[float, int, float]] = []  # (loss per parameter saved, unit, parameters)
+    for u, points in enumerate(curves):
+        hull = [(0.0, 0.0)]
+        for saved, loss in sorted(points):
+            while len(hull) >= 2 and _on_or_above(hull[-2], hull[-1], (saved, loss)):
+                hull.pop()
+            hull.append((saved, loss))
+        for (s0, l0), (s1, l1) in zip(hull, hull[1:], strict=False):
+            if s1 > s0:
+                moves.append(((l1 - l0) / (s1 - s0), u, s1 - s0))
+    # a unit's hull slopes increase along its path, so a stable sort keeps each path in order
+    moves.sort(key=lambda mv: mv[0])
+    out = [0.0] * len(curves)
+    left = budget
+    for _, u, amount in moves:
+        if left <= 0:
+            break
+        out[u] += min(amount, left)
+        left -= amount
+    return out
+
+
+def _on_or_above(o, a, b) -> bool:
+    """Whether a lies on or above the segment o-b (then a is not on the lower hull)."""
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]) <= 0

@@ -78,6 +78,41 @@ def test_residual_target_cancels_predictable_upstream_error():
         assert err_res < 0.8 * err_plain
 
 
+def test_refit_prior_curbs_overfitting_with_few_tokens_and_tends_to_the_weight():
+    """Sequential refit with fewer calibration tokens than twice the input dimension: the
+    unregularised least-squares fit chases the calibration tokens, the prior towards W generalises
+    better to held-out tokens; an overwhelming prior returns W itself."""
+    rng = np.random.default_rng(6)
+    d, rank = 64, 24
+    w = rng.standard_normal((d, d))
+    mix = np.eye(d) + 0.05 * rng.standard_normal((d, d))
+    x_cal, x_test = _correlated_inputs(rng, 80, d), _correlated_inputs(rng, 4000, d)
+    noisy = lambda x: x @ mix + 0.05 * rng.standard_normal(x.shape)  # noqa: E731  compressed upstream
+
+    cal_new, test_new = noisy(x_cal), noisy(x_test)
+    gram, cross = cal_new.T @ cal_new, cal_new.T @ x_cal
+    scale = np.trace(gram) / len(x_cal)  # lambda per pseudo-token per input dimension
+
+    def held_out(prior):
+        a, b = fit.decompose(w, gram, cross=cross, prior=prior * scale).factors(rank)
+        return np.linalg.norm(test_new @ a @ b - x_test @ w)
+
+    assert held_out(1.0) < 0.9 * held_out(0.0)
+    a, b = fit.decompose(w, gram, cross=cross, prior=1e9 * scale).factors(d)
+    np.testing.assert_allclose(a @ b, w, rtol=1e-3, atol=1e-3)  # up to the Cholesky ridge eps
+
+
+def test_measured_allocation_takes_cheapest_losses_and_meets_the_budget_exactly():
+    # unit 0 loses little per parameter, unit 1 a lot, unit 2 has a noisy point above its hull
+    curves = [[(10, 1.0), (20, 3.0), (30, 9.0)], [(10, 5.0), (20, 12.0)], [(10, 4.0), (20, 4.5), (30, 12.0)]]
+    saved = fit.allocate_measured(curves, 45)
+    assert sum(saved) == pytest.approx(45)
+    # hull moves by loss per parameter: u0 0->10 (0.1), u0 10->20 (0.2), u2 0->20 (0.225, over
+    # the noisy point), u1 0->10 (0.5, half of it to meet the budget); u0 20->30 (0.6) not reached
+    assert saved == pytest.approx([20.0, 5.0, 20.0])
+    assert fit.allocate_measured(curves, 200) == pytest.approx([30.0, 20.0, 30.0])  # all there is
+
+
 def test_bias_shift_restores_mean_output():
     rng = np.random.default_rng(3)
     x = _correlated_inputs(rng, 1000, 16) + 2.0
@@ -204,6 +239,8 @@ def test_full_rank_split_of_matmul_and_gemm_is_exact():
         {},
         {"method": "plain"},
         {"allocation": "global", "sequential": False},
+        {"allocation": "probe"},
+        {"refit_prior": 1.0},
         {"sequential": False, "bias_correction": False},
     ],
 )
@@ -265,6 +302,8 @@ def test_whitened_beats_plain_end_to_end_on_handbuilt_graph():
         ({"include": ["ffn.up", "(unclosed"]}, "'include'"),
         ({"eps": -1}, "'eps'"),
         ({"max_batches": 0}, "'max_batches'"),
+        ({"refit_prior": -1}, "'refit_prior'"),
+        ({"probe_samples": 0}, "'probe_samples'"),
         ({"rank": 3}, "unknown setting 'rank'"),
     ],
 )
@@ -346,8 +385,8 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
 
     path, model = _tiny(arch, with_past)
     ctx = _tiny_ctx(model)
-    # every role: sequential fits with the residual correction of attention O and FFN down
-    result = LowRankPass({"fraction": 0.3, "include": list(lowrank.ROLES)}).run(model, ctx)
+    # every role split (uniform): sequential fits with the residual correction of attention O and FFN down
+    result = LowRankPass({"fraction": 0.3, "include": list(lowrank.ROLES), "allocation": "uniform"}).run(model, ctx)
     assert result.modified and result.changes["matrices_split"] >= 8
     assert result.params_after < result.params_before and result.macs_after < result.macs_before
     for info in result.details["ranks"].values():  # never a split that adds MACs
@@ -359,6 +398,58 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
     assert outputs == [o.name for o in make_session(path).get_outputs()]  # KV cache outputs kept
     measured = compare_outputs(ctx.reference, run_batches(session, ctx.verification, ctx.output_names)).rel_l2
     assert 0 < result.error and np.isclose(measured, result.error, rtol=0.02, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, with_past", [("bert", False), ("gpt2", False), ("llama", True)])
+def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
+    """The allocation probes feed trial factors to one shared session; their loss must be the
+    relative squared output error of the model actually split that way (in ORT)."""
+    from onnxpress.activations import token_rows
+    from onnxpress.model_io import model_proto
+    from onnxpress.passes import lowrank
+    from onnxpress.passes.lowrank_probe import Prober
+    from onnxpress.runtime import make_session, session_feeds
+
+    path, model = _tiny(arch, with_past)
+    ctx = _tiny_ctx(model)
+    batches = list(ctx.calibration.batches)[:2]
+    matrices = lowrank.select_matrices(model, list(lowrank.ROLES), ctx.analysis(model))
+    prober = Prober(model, matrices, lowrank.split_matrix, batches, ctx.output_names, threads=1)
+    assert prober.loss({}) == 0.0
+    trial = {}
+    for i in (0, len(matrices) - 1):
+        m = matrices[i]
+        a, b = fit.decompose(m.weight).factors(2)
+        trial[i] = (a, b, np.full(m.d_out, 0.1) if m.bias is None else m.bias + 0.1)
+        lowrank.split_matrix(model.graph, m, *trial[i])
+    before, after = make_session(path), make_session(model_proto(model).SerializeToString())
+    err = total = 0.0
+    for feeds in batches:
+        for y0, y1 in zip(*(s.run(ctx.output_names, session_feeds(s, feeds)) for s in (before, after)), strict=True):
+            y0, y1 = (token_rows(y, feeds.get("attention_mask")).astype(np.float64) for y in (y0, y1))
+            err, total = err + np.sum((y1 - y0) ** 2), total + np.sum(y0**2)
+    assert err > 0 and np.isclose(prober.loss(trial), err / total, rtol=1e-4)
+
+
+def test_trimmed_padding_leaves_the_real_tokens_unchanged():
+    """Calibration batches of short sentences padded to max_length are cut after their last real
+    token: the real tokens' outputs are the same in ORT; a non-empty KV cache is left alone."""
+    from onnxpress.activations import token_rows
+    from onnxpress.passes.lowrank import trim_padding
+    from onnxpress.runtime import make_session, session_feeds
+
+    path, model = _tiny("bert", False)
+    (feeds,) = _token_batches(model, 1, 3, 20, seed=1)
+    feeds["attention_mask"][:, 12:] = 0
+    feeds["attention_mask"][1, 9:] = 0
+    cut = trim_padding(feeds)
+    assert all(a.shape[1] == 12 for a in cut.values())
+    session = make_session(path)
+    full, short = (session.run(None, session_feeds(session, f))[0] for f in (feeds, cut))
+    np.testing.assert_allclose(token_rows(short, cut["attention_mask"]), token_rows(full, feeds["attention_mask"]),
+                               atol=1e-5)
+    past = {**feeds, "past": np.zeros((3, 2, 4, 8), np.float32)}
+    assert trim_padding(past) is past
 
 
 def test_compile_model_with_lowrank_verifies_the_stage(tmp_path):
@@ -408,12 +499,11 @@ def test_composes_with_pruning_in_either_order(order, tmp_path):
         assert result.modified and result.params_after < result.params_before
         assert result.measured_error is not None and result.measured_error <= result.error * 1.02 + 1e-6
     split = next(r for r in results if r.name == "lowrank")
-    # the default splits the FFN matrices (gate, up, down of both layers) for 20% of ALL the
-    # linear parameters (scope "linear"): attention stays whole
-    assert split.changes["matrices_split"] == 6
-    assert all(".ffn." in key for key in split.details["ranks"])
+    # the default offers every attention and FFN matrix to the probe allocation, for 20% of ALL
+    # the linear parameters (scope "linear")
+    assert split.details["allocation"] == "probe" and split.changes["matrices_split"] >= 1
     assert split.details["scope"] == "linear" and split.details["fraction_saved"] >= 0.2
-    assert split.details["fraction_saved_of_selected"] > split.details["fraction_saved"]
+    assert split.details["fraction_saved_of_selected"] == split.details["fraction_saved"]
     make_session(save_model(model, tmp_path / "out.onnx"))  # loads in ONNX Runtime
 
 
@@ -423,8 +513,9 @@ def test_budget_beyond_the_selected_matrices_is_a_one_line_error():
 
     _, model = _tiny("bert", False)
     ctx = _tiny_ctx(model)
+    ffn = ["ffn.up", "ffn.gate", "ffn.down"]
     with pytest.raises(OnnxpressError, match="include more roles") as info:
-        LowRankPass({"fraction": 0.9}).apply(model, ctx)
+        LowRankPass({"fraction": 0.9, "include": ffn}).apply(model, ctx)
     assert "\n" not in str(info.value)
-    outcome = LowRankPass({"fraction": 0.2, "scope": "selected", "sequential": False}).apply(model, ctx)
+    outcome = LowRankPass({"fraction": 0.2, "scope": "selected", "sequential": False, "include": ffn}).apply(model, ctx)
     assert outcome.details["fraction_saved"] == outcome.details["fraction_saved_of_selected"] >= 0.2

@@ -1,0 +1,156 @@
+"""End-to-end rank allocation for the low-rank pass (``allocation: probe``).
+
+A per-matrix proxy (the share of a matrix's own output energy dropped) does not say how much
+the model's outputs suffer: on MiniLM, allocating by it lost to equal ranks. Here each unit
+(the matrices of one role in a bucket of consecutive layers) is split alone at a few
+candidate shares of its parameters, and the model's primary outputs are measured on a few
+calibration batches; the shares are then chosen greedily by measured loss per parameter saved
+(:func:`onnxpress.passes.lowrank_fit.allocate_measured`), assuming the units' losses add.
+
+One ORT session serves every probe: the selected matrices compute ``x @ A @ B + b`` with
+A, B, b graph inputs, fed the original weight (as ``W @ I`` or ``I @ W``) or trial factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.activations import token_rows
+from onnxpress.model_io import model_proto
+from onnxpress.passes import lowrank_fit as fit
+from onnxpress.runtime import make_session, session_feeds
+
+# every probe is a forward pass, so (units x layers) bounds the probes' cost: MiniLM's 6 layers get a
+# unit per (layer, role); SmolLM2's 30 layers one per role over all layers (its probes take ~5x longer)
+UNIT_LAYERS = 216
+LEVELS = (0.5, 1.0, 2.0, 3.0)  # candidate shares removed, relative to the uniform share
+
+
+def units_of(matrices: list) -> list[list[int]]:
+    """Indices of ``matrices`` grouped by (role, bucket of consecutive layers), with as many
+    buckets as UNIT_LAYERS allows (at least one); matrices without a layer are their own unit."""
+    layers = sorted({m.layer for m in matrices if m.layer is not None})
+    roles = {m.key.split(".", 1)[-1] for m in matrices if m.layer is not None}
+    buckets = max(1, min(len(layers), UNIT_LAYERS // max(len(layers) * len(roles), 1)))
+    per_bucket = -(-len(layers) // buckets) if layers else 1  # ceil
+    bucket = {layer: i // per_bucket for i, layer in enumerate(layers)}
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, m in enumerate(matrices):
+        key = (bucket[m.layer], m.key.split(".", 1)[-1]) if m.layer is not None else m.key
+        groups[key].append(i)
+    return list(groups.values())
+
+
+def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` sequences of the calibration batches (every feed's axis 0 is the batch)."""
+    out = []
+    for feeds in batches:
+        if n <= 0:
+            break
+        rows = min(n, len(next(iter(feeds.values()))))
+        out.append({k: a[:rows] for k, a in feeds.items()})
+        n -= rows
+    return out
+
+
+def probe_model(model: ir.Model, matrices: list, split_matrix) -> tuple[bytes, list[tuple[str, str, str]]]:
+    """A copy of ``model`` in which matrix i computes ``x @ A_i @ B_i + b_i`` from graph inputs;
+    returns the serialised model and the (A, B, b) input names of each matrix."""
+    copy = ir.from_proto(model_proto(model))
+    nodes = {id(a): b for a, b in zip(model.graph, copy.graph, strict=True)}
+    values = {v.name: v for node in copy.graph for v in node.outputs}
+    values.update({v.name: v for v in copy.graph.inputs})
+    values.update(copy.graph.initializers)
+    names = []
+    for i, m in enumerate(matrices):
+        trio = []
+        for tag, shape in (("A", [m.d_in, f"probe_r{i}"]), ("B", [f"probe_r{i}", m.d_out]), ("b", [m.d_out])):
+            value = ir.Value(name=f"probe_{tag}{i}", type=ir.TensorType(m.dtype), shape=ir.Shape(shape))
+            copy.graph.inputs.append(value)
+            trio.append(value)
+        moved = dataclasses.replace(
+            m, node=nodes[id(m.node)], input=values[m.input.name],
+            bias_node=nodes[id(m.bias_node)] if m.bias_node is not None else None,
+            bias_value=values[m.bias_value.name] if m.bias_value is not None else None)
+        split_matrix(copy.graph, moved, *trio)
+        names.append(tuple(v.name for v in trio))
+    return model_proto(copy).SerializeToString(), names
+
+
+class Prober:
+    """Output loss of the model with some matrices replaced by trial factors."""
+
+    def __init__(self, model: ir.Model, matrices: list, split_matrix, batches: list[dict], outputs: list[str],
+                 threads: int | None):
+        proto, self.names = probe_model(model, matrices, split_matrix)
+        self.session = make_session(proto, threads=threads)
+        self.batches, self.outputs = batches, outputs
+        self.base = {}  # feeds that keep every matrix as it is
+        for m, (a, b, c) in zip(matrices, self.names, strict=True):
+            dt = m.dtype.numpy()
+            eye = np.eye(min(m.d_in, m.d_out), dtype=dt)  # the cheaper side carries the identity
+            w = m.weight.astype(dt)
+            self.base[a], self.base[b] = (eye, w) if m.d_in <= m.d_out else (w, eye)
+            self.base[c] = (m.bias if m.bias is not None else np.zeros(m.d_out)).astype(dt)
+        self.reference = [self._run({}, feeds) for feeds in batches]
+        self.scale = sum(float(np.sum(y**2)) for ref in self.reference for y in ref) or 1.0
+
+    def _run(self, trial: dict, feeds: dict) -> list[np.ndarray]:
+        all_feeds = {**feeds, **self.base, **trial}
+        outs = self.session.run(self.outputs, session_feeds(self.session, all_feeds))
+        mask = feeds.get("attention_mask")
+        return [token_rows(y, mask).astype(np.float64) for y in outs]
+
+    def loss(self, trial: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+        """Squared output error relative to the outputs' energy, matrix i fed trial[i] = (A, B, b)."""
+        feeds = {}
+        for i, arrays in trial.items():
+            dt = self.base[self.names[i][2]].dtype
+            feeds.update({n: x.astype(dt) for n, x in zip(self.names[i], arrays, strict=True)})
+        err = 0.0
+        for batch, ref in zip(self.batches, self.reference, strict=True):
+            err += sum(float(np.sum((y - r) ** 2)) for y, r in zip(self._run(feeds, batch), ref, strict=True))
+        return err / self.scale
+
+
+def probe_ranks(prober: Prober, matrices: list, grams: list[np.ndarray], means: list[np.ndarray] | None,
+                budget: float, eps: float) -> list[int | None]:
+    """Ranks saving ``budget`` parameters, shared among units by measured output loss.
+
+    Each unit is probed alone at LEVELS times the uniform share (one-shot whitened factors on
+    the Gram matrices ``grams``, bias-corrected with the input ``means`` when given); every
+    matrix of a unit then loses the unit's chosen share of its parameters."""
+    candidates = [fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices]
+    share = budget / sum(c.full_cost for c in candidates)
+    decs: dict[int, fit.Decomposition] = {}
+    units = units_of(matrices)
+    curves = []
+    for unit in units:
+        points = []
+        for level in LEVELS:
+            ranks = fit.uniform_ranks([candidates[i] for i in unit], min(level * share, 0.95))
+            trial = {}
+            for i, r in zip(unit, ranks, strict=True):
+                if r is None:
+                    continue
+                m = matrices[i]
+                dec = decs.setdefault(i, fit.decompose(m.weight, grams[i], eps=eps))
+                a, b = dec.factors(r)
+                bias = np.zeros(m.d_out) if m.bias is None else m.bias
+                if means is not None:
+                    bias = bias + fit.bias_shift(m.weight, a @ b, means[i])
+                trial[i] = (a, b, bias)
+            saved = fit.params_saved([candidates[i] for i in unit], ranks)
+            if saved > 0:
+                points.append((float(saved), prober.loss(trial)))
+        curves.append(points)
+    ranks_out: list[int | None] = [None] * len(matrices)
+    for unit, saved in zip(units, fit.allocate_measured(curves, budget), strict=True):
+        size = sum(candidates[i].full_cost for i in unit)
+        for i, r in zip(unit, fit.uniform_ranks([candidates[i] for i in unit], saved / size), strict=True):
+            ranks_out[i] = r if saved > 0 else None
+    return ranks_out
