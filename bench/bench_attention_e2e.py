@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common import time_alternating, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 from onnxpress.fidelity import compare_outputs  # noqa: E402
 from onnxpress.model_io import load_model  # noqa: E402
 from onnxpress.passes.attention import substitute_attention  # noqa: E402
-from onnxpress.runtime import make_session  # noqa: E402
+from onnxpress.runtime import make_session, time_alternating  # noqa: E402
 
 THREADS = 2
 TOL = 1e-4

@@ -24,8 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import time_alternating, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
+from onnxpress.runtime import time_alternating  # noqa: E402
 from onnxpress.runtime_ops import (  # noqa: E402
     library_api_version,
     library_path,

@@ -34,8 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, machine, peak_rss_mb, time_alternating, write_results  # noqa: E402
+from common import RESULTS, machine, peak_rss_mb, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
+
+from onnxpress.runtime import time_alternating  # noqa: E402
 
 THREADS = 2
 WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-compare"

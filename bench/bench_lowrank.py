@@ -27,9 +27,10 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_pass, time_alternating, write_results  # noqa: E402
+from common import run_pass, write_results  # noqa: E402
 
 from onnxpress.export import cached_export  # noqa: E402
+from onnxpress.runtime import time_alternating  # noqa: E402
 
 THREADS = 2
 

@@ -34,7 +34,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import time_alternating, write_results  # noqa: E402
+from common import write_results  # noqa: E402
+
+from onnxpress.runtime import time_alternating  # noqa: E402
 
 THREADS = 2
 OURS = {}  # defaults: calibrated contribution, global allocation, ridge least-squares repair

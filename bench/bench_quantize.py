@@ -28,9 +28,10 @@ SMOLLM2_INT8_BUDGET = 0.095
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import peers  # noqa: E402
-from common import time_alternating, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 from onnxpress.export import cached_export  # noqa: E402
+from onnxpress.runtime import time_alternating  # noqa: E402
 
 RESULTS = ROOT / "results" / "quantize.json"
 WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-quantize"

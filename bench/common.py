@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxpress.runtime import time_alternating  # noqa: F401  (re-exported for the bench scripts)
-
 RESULTS = Path(__file__).parent / "results"
 
 
