@@ -8,6 +8,11 @@ alike; ratios are of medians from the same run. At 512 the sliding-window varian
 non-causal: each query sees keys within 127 positions) is timed too, with its error against
 exact attention.
 
+A roofline row per thread count puts the goals in the machine's terms: the attention's two
+matrix products (4 * batch * heads * seq^2 * head_size flops) timed at the speed of ORT's
+own large fp32 MatMul (MLAS sgemm, 1024^3, same thread count) give the fastest any exact
+fp32 kernel could be before its softmax, as a ratio of the decomposed subgraph's time.
+
     nice python bench/bench_attention_op.py [--repeats 20] [--threads 2 1] [--seqs 128 512]
 
 Writes bench/results/attention_op.json (rows + machine header + load averages).
@@ -108,6 +113,22 @@ def session(model, threads, custom_ops):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def attention_flops(seq):
+    return 4 * BATCH * HEADS * seq * seq * HEAD_SIZE
+
+
+def sgemm_gflops(threads, n=1024, repeats=10):
+    """ORT's fp32 MatMul throughput on a large square product: the machine's practical FMA peak."""
+    a, b = (helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b"))
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a, b],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION),
+                   threads, False)
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    median = time_alternating({"sgemm": lambda: sess.run(None, {"a": x, "b": x})}, repeats=repeats, warmup=2)["sgemm"]
+    return 2 * n**3 / median / 1e9
+
+
 def bench_seq(seq, threads, repeats):
     rng = np.random.default_rng(seq)
     qkv = {n: rng.standard_normal((BATCH, seq, HIDDEN)).astype(np.float32) for n in ("q", "k", "v")}
@@ -130,11 +151,17 @@ def bench_seq(seq, threads, repeats):
     for name, median in medians.items():
         row = {"seq": seq, "threads": threads, "variant": name, "median_ms": median * 1e3,
                "vs_decomposed": median / medians["decomposed"], "vs_mha": median / medians["MultiHeadAttention"],
+               "gflops": attention_flops(seq) / median / 1e9,
                "max_abs_diff": float(np.abs(outputs[name] - reference).max())}
         if name == window:  # the approximation's cost: its error against exact attention
             exact = outputs["onnxpress.Attention"]
             row["rel_l2_vs_exact"] = float(np.linalg.norm(outputs[name] - exact) / np.linalg.norm(exact))
         rows.append(row)
+    peak = sgemm_gflops(threads)
+    floor = attention_flops(seq) / (peak * 1e9)
+    rows.append({"seq": seq, "threads": threads, "variant": "roofline: matrix products at sgemm speed",
+                 "median_ms": floor * 1e3, "vs_decomposed": floor / medians["decomposed"],
+                 "vs_mha": floor / medians["MultiHeadAttention"], "gflops": peak})
     return rows
 
 
@@ -153,7 +180,9 @@ def main():
              "load_average_start": load_start, "load_average_end": os.getloadavg(),
              "shared_machine": "other jobs ran on the same 2 cores: absolute ms are inflated and noisy; "
                                "compare the ratios (same run, alternating)",
-             "goal": "onnxpress <= 0.8x decomposed at 128, <= 0.5x at 512, <= 1.0x MultiHeadAttention"}
+             "goal": "onnxpress <= 0.8x decomposed at 128, <= 0.5x at 512, <= 1.0x MultiHeadAttention",
+             "roofline": "the 'roofline' rows: the two matrix products alone at ORT's large-sgemm speed on this "
+                         "machine, no softmax - no exact fp32 kernel can beat that ratio here"}
     command = "nice python bench/bench_attention_op.py " + " ".join(sys.argv[1:])
     write_results("attention_op", rows, command=command.strip(), notes=notes)
 

@@ -93,11 +93,21 @@ def run_batches(
     return results
 
 
+# Pause before each timed call of time_alternating (see there); ORT's idle pool threads
+# stopped spinning within 30-50 ms here.
+SETTLE_SECONDS = 0.05
+
+
 def time_alternating(
-    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
+    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0,
+    settle_s: float = SETTLE_SECONDS,
 ) -> dict[str, float]:
     """Median seconds per call of each callable, measured round-robin, so that all of them
-    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful."""
+    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful.
+
+    Each timed call waits ``settle_s`` first: an ORT session's pool threads spin for a while
+    after a run, and spinning threads of the previous session would take the cores the next
+    one is timed on (with 2 threads, a session alternated without the pause barely beat 1)."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -105,6 +115,7 @@ def time_alternating(
     start = time.perf_counter()
     while True:
         for name, fn in runs.items():
+            time.sleep(settle_s)
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
