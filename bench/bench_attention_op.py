@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from onnxpress.runtime import time_alternating  # noqa: E402
+from onnxpress.runtime import session_options, time_alternating  # noqa: E402
 from onnxpress.runtime_ops import (  # noqa: E402
     library_api_version,
     library_path,
@@ -105,9 +105,7 @@ def onnxpress_model(seq, window=0):
 
 
 def session(model, threads, custom_ops):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads, optimize=True)
     if custom_ops:
         register(options)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -43,12 +43,9 @@ def _size_mb(path: Path) -> float:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    from onnxpress.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=THREADS)
 
 
 def _latency_ms(path: Path, batch: int, seq: int = 128, runs: int = 20) -> float:

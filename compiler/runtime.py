@@ -24,6 +24,10 @@ def session_options(threads: int | None = None, *, optimize: bool = True) -> ort
     opts.intra_op_num_threads = threads or int(os.environ.get("ONNXPRESS_THREADS", "0"))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # Idle pool threads stop spinning when a run ends: a process here holds several sessions
+    # (reference and candidate, or variants timed in turn), and one session's spinning threads
+    # would take the cores of the next (timed in turn with spinning, 2 threads barely beat 1).
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts
@@ -93,21 +97,11 @@ def run_batches(
     return results
 
 
-# Pause before each timed call of time_alternating (see there); ORT's idle pool threads
-# stopped spinning within 30-50 ms here.
-SETTLE_SECONDS = 0.05
-
-
 def time_alternating(
-    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0,
-    settle_s: float = SETTLE_SECONDS,
+    runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, float]:
     """Median seconds per call of each callable, measured round-robin, so that all of them
-    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful.
-
-    Each timed call waits ``settle_s`` first: an ORT session's pool threads spin for a while
-    after a run, and spinning threads of the previous session would take the cores the next
-    one is timed on (with 2 threads, a session alternated without the pause barely beat 1)."""
+    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -115,7 +109,6 @@ def time_alternating(
     start = time.perf_counter()
     while True:
         for name, fn in runs.items():
-            time.sleep(settle_s)
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
