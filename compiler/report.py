@@ -83,7 +83,8 @@ class CompileReport:
         for c in found["trace"]:
             mark = "*" if c["label"] == found["chosen"] else " "
             lines.append(
-                f" {mark} {c['label']}: loss {c['loss']:.4g}{'' if c['fits'] else ' (over budget)'}, "
+                f" {mark} {c['label']}: loss {c['loss']:.4g} (bound {c['loss_bound']:.4g})"
+                f"{'' if c['fits'] else ' (over budget)'}, "
                 f"{c['latency_ms']:.3g} ms, {_si(c['size_bytes'], 'B')}, {c['seconds']:.0f}s"
             )
         lines += [f"   note: {n}" for n in found.get("notes", [])]

@@ -43,7 +43,7 @@ def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched)
     assert any(lab.startswith(("prune_ffn", "prune_heads")) for lab in labels), labels
     assert found["chosen"] in labels and found["budget"] == budget
     chosen = next(c for c in found["trace"] if c["label"] == found["chosen"])
-    assert chosen["fits"] and chosen["compressed"] and chosen["loss"] <= budget
+    assert chosen["fits"] and chosen["compressed"] and chosen["loss"] <= chosen["loss_bound"] <= budget
     # the chosen one is the most faithful of the candidates within MIN_GAIN of the fastest,
     # all of them timed together at the end
     fitting = [c for c in found["trace"] if c["fits"] and c["compressed"]]
@@ -60,10 +60,11 @@ def test_returned_model_is_within_budget_when_measured_again(searched):
     src, out, report, budget = searched
     batches = held_out(src)
     meter = FidelityMeter(load_model(src), batches, "encoder", threads=1)
-    loss, _ = meter.measure(load_model(out))
+    loss, bound, _ = meter.measure(load_model(out))
     found = report.extra["search"]
-    assert loss <= budget
+    assert loss <= bound <= budget
     assert loss == pytest.approx(found["chosen_loss"], rel=1e-3, abs=1e-6)
+    assert bound == pytest.approx(found["chosen_loss_bound"], rel=1e-3, abs=1e-6)
     assert [p.name for p in report.passes][:1] == ["cleanup"] and len(report.passes) >= 2
 
 
@@ -76,7 +77,7 @@ def test_fidelity_meter_pooled_cosine_matches_a_direct_computation():
     ref = meter.reference
     noisy = [{k: v + 0.5 * np.random.default_rng(0).standard_normal(v.shape) for k, v in r.items()} for r in ref]
     meter.reference = noisy
-    loss, _ = meter.measure(load_model(src))
+    loss, bound, _ = meter.measure(load_model(src))
     from onnxpress.evaluation import mean_pool
 
     name = meter.outputs[0]
@@ -84,11 +85,27 @@ def test_fidelity_meter_pooled_cosine_matches_a_direct_computation():
     b_ = np.concatenate([mean_pool(r[name], b["attention_mask"]) for r, b in zip(ref, batches, strict=True)])
     cos = (a * b_).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b_, axis=1)
     assert loss == pytest.approx(1 - cos.mean(), rel=1e-9)
+    # the bound: two standard errors of the per-sentence loss above the mean
+    assert bound == pytest.approx(loss + 2 * (1 - cos).std(ddof=1) / np.sqrt(len(cos)), rel=1e-6)
+
+
+def test_fidelity_meter_decoder_bound_covers_the_perplexity_shift():
+    src = tiny_model("gpt2")
+    meter = FidelityMeter(load_model(src), held_out(src), "decoder", threads=1)
+    loss, bound, _ = meter.measure(load_model(src))
+    assert loss == pytest.approx(0.0, abs=1e-9) and bound == pytest.approx(0.0, abs=1e-9)
+    # a reference better by 0.1 nats per token on average, unevenly across sequences
+    delta = np.random.default_rng(0).normal(0.1, 0.05, len(meter.reference_rows))
+    meter.reference_rows = meter.reference_rows - delta
+    meter.reference_nll -= 0.1
+    loss, bound, _ = meter.measure(load_model(src))
+    assert loss == pytest.approx(np.expm1(0.1), rel=1e-6)
+    assert bound == pytest.approx(np.expm1(0.1 + 2 * delta.std(ddof=1) / np.sqrt(len(delta))), rel=1e-6)
 
 
 def test_a_lossier_candidate_must_beat_a_faithful_one_by_more_than_the_noise():
     def cand(label, loss, ms):
-        return Candidate(label, [], loss, ms, 1, True, 0.0, True)
+        return Candidate(label, [], loss, loss, ms, 1, True, 0.0, True)
 
     quant, pruned, fast = cand("quantize", 0.004, 100.0), cand("prune+quantize", 0.008, 97.0), cand("x", 0.009, 90.0)
     latency = lambda c: c.latency_ms  # noqa: E731
