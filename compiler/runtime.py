@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,16 +102,21 @@ def time_alternating(
     runs: Mapping[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, float]:
     """Median seconds per call of each callable, measured round-robin, so that all of them
-    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful."""
+    share the machine's drift (other jobs, clock changes) and their ratios stay meaningful.
+    Each round takes the callables in a new random order (seeded): in a fixed order a model
+    would always run in the caches its predecessor left, a bias no number of rounds removes."""
+    order = list(runs)
+    rng = random.Random(0)
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in runs}
     start = time.perf_counter()
     while True:
-        for name, fn in runs.items():
+        rng.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            runs[name]()
             samples[name].append(time.perf_counter() - t0)
         done = len(next(iter(samples.values())))
         if done >= repeats and time.perf_counter() - start >= min_seconds:
