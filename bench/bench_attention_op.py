@@ -176,8 +176,7 @@ def main():
     notes = {"hidden": HIDDEN, "heads": HEADS, "head_size": HEAD_SIZE, "batch": BATCH, "repeats": args.repeats,
              "window": WINDOW, "library": str(library), "library_ort_api": library_api_version(library),
              "load_average_start": load_start, "load_average_end": os.getloadavg(),
-             "shared_machine": "other jobs ran on the same 2 cores: absolute ms are inflated and noisy; "
-                               "compare the ratios (same run, alternating)",
+             "reading": "compare the ratios (same run, alternating); absolute ms depend on the load",
              "goal": "onnxpress <= 0.8x decomposed at 128, <= 0.5x at 512, <= 1.0x MultiHeadAttention",
              "roofline": "the 'roofline' rows: the two matrix products alone at ORT's large-sgemm speed on this "
                          "machine, no softmax - no exact fp32 kernel can beat that ratio here"}
