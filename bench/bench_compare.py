@@ -227,10 +227,10 @@ def pareto_plot(rows: list[dict], kind: str, title: str, path: Path) -> None:
     key = "cos_mean" if kind == "encoder" else "ppl_vs_fp32_pct"
     pts = [r for r in rows if r.get(key) is not None and r.get("b8_ms")]
     colors = {"peer": "tab:gray", "pass": "tab:blue", "recipe": "tab:red"}
-    # Encoders: cosines below FLOOR sit on the bottom edge, labelled with their value.
+    # Encoders: cosines below `floor` sit on the bottom edge, labelled with their value.
     # Decoders: symlog (linear to +10%, then decades), as broken peers reach +1e7 %.
-    FLOOR = 0.8  # noqa: N806
-    shown = {id(r): max(r[key], FLOOR) if kind == "encoder" else r[key] for r in pts}
+    floor = 0.8
+    shown = {id(r): max(r[key], floor) if kind == "encoder" else r[key] for r in pts}
     fig, ax = plt.subplots(figsize=(10, 6.5))
     for group, color in colors.items():
         sel = [r for r in pts if r["group"] == group]
@@ -249,7 +249,7 @@ def pareto_plot(rows: list[dict], kind: str, title: str, path: Path) -> None:
     ax.set_xlabel("latency, batch 8 x 128 tokens (ms, median)")
     ax.set_ylabel("held-out mean embedding cosine vs fp32" if kind == "encoder" else "perplexity vs fp32 (%)")
     if kind == "encoder":
-        ax.set_ylim(max(FLOOR, min(r[key] for r in pts) - 0.01) - 0.005, 1.002)
+        ax.set_ylim(max(floor, min(r[key] for r in pts) - 0.01) - 0.005, 1.002)
     else:
         ax.set_yscale("symlog", linthresh=10)
     ax.set_title(title + " (marker area = file size)")
