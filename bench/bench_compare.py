@@ -161,7 +161,7 @@ def _compile(src: Path, out: Path, kwargs: dict) -> tuple[Path, float]:
     return out, r.seconds
 
 
-def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeats: int) -> list[dict]:
+def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeats: int, windows: int) -> list[dict]:
     from onnxpress.calibration import make_feeds
     from onnxpress.datasets import evaluation_sentences
     from onnxpress.evaluation import bbc_probe_accuracy, embedding_fidelity, perplexity
@@ -205,7 +205,7 @@ def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeat
                 row["bbc_probe"] = bbc_probe_accuracy(s, tok, **probe)["probe_accuracy"]
             else:
                 row["tokens_per_s_b8"] = round(8 * 128 / latency[8][label], 1)
-                row["perplexity"] = round(perplexity(s, tok, max_windows=8 if quick else 32), 3)
+                row["perplexity"] = round(perplexity(s, tok, max_windows=windows), 3)
         except Exception as exc:
             row["error"] = f"evaluation: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         print(json.dumps(row), flush=True)
@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["minilm"], help="minilm, smollm2, or paths to .onnx exports")
     parser.add_argument("--quick", action="store_true", help="fewer calibration samples, sentences and windows")
+    parser.add_argument("--windows", type=int, help="decoders: held-out perplexity windows (default 8 quick, else 32)")
     parser.add_argument("--repeats", type=int, default=7, help="round-robin timing rounds per batch size")
     parser.add_argument("--jobs", type=int, default=1, help="onnxpress variants compiled in parallel processes")
     parser.add_argument("--reuse-only", action="store_true",
@@ -288,7 +289,10 @@ def main(argv=None) -> int:
         variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only)
         notes[f"{model}_calibration"] = info["calibration"]
         notes[f"{model}_jobs"] = args.jobs
-        model_rows = measure(src, kind, variants, args.quick, args.repeats)
+        windows = args.windows or (8 if args.quick else 32)
+        if kind == "decoder":
+            notes[f"{model}_perplexity_windows"] = f"{windows} windows of 128 held-out tokens"
+        model_rows = measure(src, kind, variants, args.quick, args.repeats, windows)
         notes[f"{model}_load_average_start_end"] = [load_start, os.getloadavg()]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         rows += [{"model": model, "kind": kind, "run": stamp, "quick": args.quick, "command": command, **r}
