@@ -291,7 +291,9 @@ def main(argv=None) -> int:
         notes[f"{model}_jobs"] = args.jobs
         windows = args.windows or (8 if args.quick else 32)
         if kind == "decoder":
-            notes[f"{model}_perplexity_windows"] = f"{windows} windows of 128 held-out tokens"
+            from onnxpress.evaluation import PPL_WINDOW
+
+            notes[f"{model}_perplexity_windows"] = f"{windows} windows of {PPL_WINDOW} held-out tokens"
         model_rows = measure(src, kind, variants, args.quick, args.repeats, windows)
         notes[f"{model}_load_average_start_end"] = [load_start, os.getloadavg()]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
