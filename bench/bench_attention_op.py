@@ -24,20 +24,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from onnxpress.runtime import session_options, time_alternating  # noqa: E402
+from onnxpress.runtime import make_session, time_alternating  # noqa: E402
 from onnxpress.runtime_ops import (  # noqa: E402
     library_api_version,
     library_path,
     make_attention_node,
     opset_import,
-    register,
 )
 
 HIDDEN, HEADS, BATCH = 384, 12, 8
@@ -104,11 +102,8 @@ def onnxpress_model(seq, window=0):
     return _model([node], seq, TensorProto.INT64, domains=[opset_import()])
 
 
-def session(model, threads, custom_ops):
-    options = session_options(threads, optimize=True)
-    if custom_ops:
-        register(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def session(model, threads):
+    return make_session(model.SerializeToString(), threads=threads)  # registers the library for onnxpress ops
 
 
 def attention_flops(seq):
@@ -121,7 +116,7 @@ def sgemm_gflops(threads, n=1024, repeats=10):
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a, b],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION),
-                   threads, False)
+                   threads)
     x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     median = time_alternating({"sgemm": lambda: sess.run(None, {"a": x, "b": x})}, repeats=repeats, warmup=2)["sgemm"]
     return 2 * n**3 / median / 1e9
@@ -132,13 +127,13 @@ def bench_seq(seq, threads, repeats):
     qkv = {n: rng.standard_normal((BATCH, seq, HIDDEN)).astype(np.float32) for n in ("q", "k", "v")}
     mask64 = np.ones((BATCH, seq), np.int64)
     variants = {
-        "decomposed": (session(decomposed_model(seq), threads, False), {**qkv, "mask": mask64}),
-        "MultiHeadAttention": (session(mha_model(seq), threads, False), {**qkv, "mask": mask64.astype(np.int32)}),
-        "onnxpress.Attention": (session(onnxpress_model(seq), threads, True), {**qkv, "mask": mask64}),
+        "decomposed": (session(decomposed_model(seq), threads), {**qkv, "mask": mask64}),
+        "MultiHeadAttention": (session(mha_model(seq), threads), {**qkv, "mask": mask64.astype(np.int32)}),
+        "onnxpress.Attention": (session(onnxpress_model(seq), threads), {**qkv, "mask": mask64}),
     }
     window = f"onnxpress.Attention window={WINDOW}"
     if seq > 2 * WINDOW:
-        variants[window] = (session(onnxpress_model(seq, window=WINDOW), threads, True), {**qkv, "mask": mask64})
+        variants[window] = (session(onnxpress_model(seq, window=WINDOW), threads), {**qkv, "mask": mask64})
 
     outputs = {name: sess.run(None, feeds)[0] for name, (sess, feeds) in variants.items()}
     runs = {name: (lambda s=sess, f=feeds: s.run(None, f)) for name, (sess, feeds) in variants.items()}

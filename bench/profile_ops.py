@@ -14,18 +14,16 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from onnxpress.calibration import make_feeds
-from onnxpress.runtime import session_options
-from onnxpress.runtime_ops import session_options_for
+from onnxpress.runtime import make_session, session_options
 
 
 def profile(path: str, batch: int, runs: int, top: int = 12) -> None:
-    options = session_options_for(path, session_options(2))
+    options = session_options(2)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "onnxpress_profile")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = make_session(path, options=options)
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, 128)).astype(np.int64)
     feeds = make_feeds(session, ids, np.ones_like(ids))
     for _ in range(3 + runs):
