@@ -50,7 +50,7 @@ import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.evaluation import mean_pool
-from onnxpress.fidelity import compare_outputs, row_cosines
+from onnxpress.fidelity import compare_outputs, next_token_nll, row_cosines
 from onnxpress.model_io import model_bytes, model_proto
 from onnxpress.pass_infra import PassResult, build_pass
 from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
@@ -211,19 +211,7 @@ class FidelityMeter:
 
     def _nll(self, outputs: list[dict[str, np.ndarray]]) -> tuple[float, np.ndarray]:
         """Mean next-token negative log-likelihood of the held-out text, and per sequence."""
-        total = count = 0.0
-        rows = []
-        for out, feeds in zip(outputs, self.batches, strict=True):
-            logits = out["logits"][:, :-1].astype(np.float64)
-            target = feeds["input_ids"][:, 1:]
-            mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
-            logits -= logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            picked = np.take_along_axis(logp, target[..., None], -1)[..., 0]
-            total -= float((picked * mask).sum())
-            count += float(mask.sum())
-            rows.append(-(picked * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-        return total / max(count, 1.0), np.concatenate(rows)
+        return next_token_nll(outputs, self.batches)
 
 
 def _standard_error(samples: np.ndarray) -> float:
@@ -306,7 +294,8 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
     q_settings = dict(QUANTIZE[(kind, settings.objective)])
     quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
     if not quant.fits and q_settings.get("mode") != "weight_only":
-        q_settings = {**q_settings, "budget": budget / 2, "budget_metric": "cosine"}
+        metric = "perplexity" if kind == "decoder" else "cosine"  # the search's own loss, where it can
+        q_settings = {**q_settings, "budget": budget / 2, "budget_metric": metric}
         quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
     quant_loss = quant.loss if quant.fits else 0.0
     use_quant = quant.fits

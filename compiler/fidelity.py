@@ -61,3 +61,23 @@ def compare_outputs(
     rel = max(np.sqrt(sq_err[n] / sq_ref[n]) if sq_ref[n] > 0 else np.sqrt(sq_err[n]) for n in sq_err)
     cos = np.concatenate(cosines) if cosines else np.ones(1)
     return Fidelity(float(rel), max_abs, float(cos.mean()), float(cos.min()))
+
+
+def next_token_nll(
+    outputs: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[float, np.ndarray]:
+    """A decoder's mean next-token negative log-likelihood of its input text (``logits``
+    against the shifted ``input_ids``, padding masked out), and the mean per sequence."""
+    total = count = 0.0
+    rows = []
+    for out, batch in zip(outputs, feeds, strict=True):
+        logits = out["logits"][:, :-1].astype(np.float64)
+        target = batch["input_ids"][:, 1:]
+        mask = batch.get("attention_mask", np.ones_like(batch["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, target[..., None], -1)[..., 0]
+        total -= float((picked * mask).sum())
+        count += float(mask.sum())
+        rows.append(-(picked * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+    return total / max(count, 1.0), np.concatenate(rows)

@@ -105,4 +105,6 @@ def test_balanced_compiles_a_decoder_with_kv_cache(tmp_path):
     attention, quantize = report.passes[1:]
     assert attention.changes["attention_fused"] > 0
     assert quantize.changes["matmuls_quantized"] > 0 and quantize.changes["fused_integer_kernels"] > 0
-    assert quantize.measured_error <= max(quantize.error * 1.02, 1e-6) <= 0.095 * 1.02
+    assert quantize.measured_error <= max(quantize.error * 1.02, 1e-6)
+    chosen = [t for t in quantize.details["budget_trials"] if t["quantized"] == quantize.changes["matmuls_quantized"]]
+    assert chosen[-1]["error"] <= 0.02  # the recipe's perplexity budget, on the held-out batch

@@ -138,70 +138,58 @@ void QkAvx2(const float* q, int64_t ldq, int rows, const float* k_panels, int pa
   });
 }
 
-// QK^T with the exponentials folded in (see TileKernels::qk_exp): the scores go through exp2
-// while still in registers, so they are never stored, re-read for a max pass and re-read again.
-// The row sums stay in memory (the 12 accumulators need the registers); the largest excess over
-// the reference max is tracked in one register and checked once at the end.
-template <int MR>
-inline bool QkExpRows(const float* q, int64_t ldq, const float* k_panels, int n, int head_size, float* ref_max,
-                      float* p_out, int64_t lds, float* row_sum) {
-  alignas(32) float sums[MR][8] = {};
-  __m256 excess = _mm256_set1_ps(kNegInf);
-  const int panels = (n + kPanelWidth - 1) / kPanelWidth;
-  ForPanelPairs<MR>(q, ldq, k_panels, panels, head_size, [&](int p, auto& acc) {
-    constexpr int kNV = kVectors<decltype(acc)>;
-    const int valid = n - p * kPanelWidth;
-    if (valid < 8 * kNV) {  // the last panel is partly filler: -inf scores give P = 0
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-#pragma GCC unroll 4
-      for (int k = 0; k < kNV; ++k) {
-        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8 * k), lane));
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) acc[r][k] = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), acc[r][k], keep);
-      }
-    }
-    if (p == 0) {  // rows without a reference yet take the max of these first scores
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        if (ref_max[r] != kNegInf) continue;
-        __m256 m = acc[r][0];
-#pragma GCC unroll 4
-        for (int k = 1; k < kNV; ++k) m = _mm256_max_ps(m, acc[r][k]);
-        ref_max[r] = HorizontalMax(m);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 m = _mm256_broadcast_ss(ref_max + r);
-      __m256 sum = _mm256_load_ps(sums[r]);
-#pragma GCC unroll 4
-      for (int k = 0; k < kNV; ++k) {
-        const __m256 x = _mm256_sub_ps(acc[r][k], m);
-        excess = _mm256_max_ps(excess, x);
-        const __m256 pk = Exp2(x);
-        _mm256_storeu_ps(p_out + r * lds + p * kPanelWidth + 8 * k, pk);
-        sum = _mm256_add_ps(sum, pk);
-      }
-      _mm256_store_ps(sums[r], sum);
-    }
-  });
-  if (HorizontalMax(excess) > kMaxExcess) return false;
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) row_sum[r] += HorizontalSum(_mm256_load_ps(sums[r]));
-  return true;
+// Max of a row of n16 scores (a multiple of 16).
+inline float RowMax(const float* row, int n16) {
+  __m256 m0 = _mm256_loadu_ps(row), m1 = _mm256_loadu_ps(row + 8);
+  for (int c = 16; c < n16; c += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(row + c));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(row + c + 8));
+  }
+  return HorizontalMax(_mm256_max_ps(m0, m1));
 }
 
+// P = 2^(S - ref[r]) in place over rows x n16 scores, sums[r] = sum of row r's P; returns the
+// largest S - ref[r] seen. Two vectors per step, each with its own sum, keep the exp2 chains of
+// neighbouring vectors independent.
+inline float ExpAgainstReference(float* s, int64_t lds, int rows, int n16, const float* ref, float* sums) {
+  __m256 excess = _mm256_set1_ps(kNegInf);
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * lds;
+    const __m256 m = _mm256_set1_ps(ref[r]);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    for (int c = 0; c < n16; c += 16) {
+      const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(row + c), m);
+      const __m256 x1 = _mm256_sub_ps(_mm256_loadu_ps(row + c + 8), m);
+      excess = _mm256_max_ps(excess, _mm256_max_ps(x0, x1));
+      const __m256 p0 = Exp2(x0), p1 = Exp2(x1);
+      _mm256_storeu_ps(row + c, p0);
+      _mm256_storeu_ps(row + c + 8, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    sums[r] = HorizontalSum(_mm256_add_ps(sum0, sum1));
+  }
+  return HorizontalMax(excess);
+}
+
+// QK^T, then the exponentials in a second pass over the scores while they are still in L1
+// (6 rows x 128 keys, 3 KB). Folding exp2 into the QK^T tile's registers instead, as an earlier
+// version did, timed the same (A/B of the two libraries in one process, sequence 512) for
+// twice the code: with all 16 ymm registers holding accumulators, its polynomial constants
+// were re-read from the stack for every vector.
 bool QkExpAvx2(const float* q, int64_t ldq, int rows, const float* k_panels, int n, int head_size, float* ref_max,
                float* p, int64_t lds, float* row_sum) {
-  // Every row block is checked before row_sum / ref_max change, so a failed call leaves no trace.
-  float sums[kMaxQkExpRows] = {}, refs[kMaxQkExpRows];
-  for (int r = 0; r < rows; ++r) refs[r] = ref_max[r];
-  bool ok = true;
-  ForRowBlocks<3>(rows, [&](auto mr, int r) {
-    ok = ok && QkExpRows<decltype(mr)::value>(q + r * ldq, ldq, k_panels, n, head_size, refs + r, p + r * lds, lds,
-                                              sums + r);
-  });
-  if (!ok) return false;
+  const int panels = (n + kPanelWidth - 1) / kPanelWidth, n16 = panels * kPanelWidth;
+  QkAvx2(q, ldq, rows, k_panels, panels, head_size, p, lds);
+  float refs[kMaxQkExpRows], sums[kMaxQkExpRows];
+  for (int r = 0; r < rows; ++r) {
+    float* row = p + r * lds;
+    for (int c = n; c < n16; ++c) row[c] = kNegInf;  // filler keys: exp2 gives exactly 0
+    // A row without a reference yet (no key seen) takes the max of these scores.
+    refs[r] = ref_max[r] != kNegInf ? ref_max[r] : RowMax(row, n16);
+  }
+  // Checked before row_sum / ref_max change, so a failed call leaves no trace.
+  if (ExpAgainstReference(p, lds, rows, n16, refs, sums) > kMaxExcess) return false;
   for (int r = 0; r < rows; ++r) {
     ref_max[r] = refs[r];
     row_sum[r] += sums[r];

@@ -3,13 +3,15 @@ reports the error the saved model really has."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from onnxpress.calibration import make_feeds
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import compare_outputs
+from onnxpress.fidelity import compare_outputs, next_token_nll
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
@@ -117,6 +119,37 @@ def test_budget_keeps_sensitive_matmuls_float(tmp_path):
         t for t in result.details["budget_trials"] if t["quantized"] == result.changes["matmuls_quantized"]
     ]
     assert chosen[-1]["error"] <= budget or kept == free.changes["matmuls_quantized"]
+
+
+def test_perplexity_budget_bounds_the_calibration_text_perplexity():
+    """budget_metric=perplexity: the written model's next-token perplexity on the held-out
+    batches rises by at most the budget, measured here independently of the pass."""
+    model = load_model(tiny_model("llama"))
+    ctx = _context(model)
+    batches = ctx.verification  # held out from the calibration the pass fits on
+    reference_nll = next_token_nll(ctx.run(model, batches, ["logits"]), batches)[0]
+
+    def increase(m: ir.Model) -> float:
+        return math.exp(next_token_nll(ctx.run(m, batches, ["logits"]), batches)[0] - reference_nll) - 1.0
+
+    everything = load_model(tiny_model("llama"))
+    build_pass("quantize", {"mode": "dynamic", "check_fusion": False}).run(everything, _context(everything))
+    budget = increase(everything) / 3
+    assert budget > 0
+    settings = {"mode": "dynamic", "budget": budget, "budget_metric": "perplexity", "sensitivity": "measured"}
+    result = build_pass("quantize", settings).run(model, ctx)
+    assert result.changes["kept_float_sensitivity"] > 0 and result.changes["matmuls_quantized"] > 0
+    assert increase(model) <= budget
+    final = [t for t in result.details["budget_trials"] if t["quantized"] == result.changes["matmuls_quantized"]]
+    assert final[-1]["error"] == pytest.approx(increase(model), rel=1e-6, abs=1e-9)
+
+
+def test_perplexity_budget_on_an_encoder_is_a_one_line_error():
+    model = load_model(tiny_model("bert"))
+    settings = {"mode": "static", "budget": 0.01, "budget_metric": "perplexity"}
+    with pytest.raises(OnnxpressError, match="needs a decoder with a 'logits' output") as err:
+        build_pass("quantize", settings).run(model, _context(model))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
