@@ -70,10 +70,11 @@ class QuantizeConfig(PassConfig):
     # int8 weights in +-64 instead of +-127. None: on when the CPU lacks VNNI, whose absence makes
     # ORT's u8 x s8 kernels use vpmaddubsw, which saturates int16 pair sums (measured: 3x the error)
     reduce_range: bool | None = None
-    # accuracy budget on calibration data; None: quantise everything eligible
+    # accuracy budget; None: quantise everything eligible
     budget: float | None = None
-    # rel_l2 / cosine: of the outputs; perplexity: relative increase of the calibration text's
-    # next-token perplexity (decoders), the quantity a decoder's users judge it by
+    # rel_l2 / cosine: of the outputs on calibration batches; perplexity (decoders): relative
+    # increase of the next-token perplexity of the held-out calibration text, the quantity a
+    # decoder's users judge it by
     budget_metric: Literal["rel_l2", "cosine", "perplexity"] = "rel_l2"
     sensitivity: Literal["auto", "measured", "local"] = "auto"
     sensitivity_batches: int = 4

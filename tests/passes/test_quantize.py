@@ -121,7 +121,7 @@ def test_budget_keeps_sensitive_matmuls_float(tmp_path):
     assert chosen[-1]["error"] <= budget or kept == free.changes["matmuls_quantized"]
 
 
-def test_perplexity_budget_bounds_the_calibration_text_perplexity():
+def test_perplexity_budget_bounds_the_held_out_perplexity():
     """budget_metric=perplexity: the written model's next-token perplexity on the held-out
     batches rises by at most the budget, measured here independently of the pass."""
     model = load_model(tiny_model("llama"))
