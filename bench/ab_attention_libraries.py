@@ -30,6 +30,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
+    for library in args.libraries:
+        if not library.is_file():
+            parser.error(f"{library} is not a file: pass two built libonnxpress_ops.so paths "
+                         "(python -m onnxpress.runtime_ops path prints the current one)")
 
     rng = np.random.default_rng(0)
     feeds = {k: rng.standard_normal((BATCH, args.seq, HIDDEN)).astype(np.float32) for k in "qkv"}
