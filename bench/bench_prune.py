@@ -66,13 +66,13 @@ def _prune(src: Path, passes: list[tuple[str, dict]], calib, out: Path):
     """Run the pruning passes (with the pass manager's checks) and save; returns (path, results)."""
     from onnxpress.model_io import load_model, save_model
     from onnxpress.pass_infra import build_pass
-    from onnxpress.pass_manager import CompileContext, PassManager
+    from onnxpress.pipeline import CompileContext, Pipeline
 
     model = load_model(src)
     cal, held = calib.split(0.05)
     ctx = CompileContext(verification=held.batches[:2], calibration=cal, threads=THREADS)
     t0 = time.perf_counter()
-    results = PassManager([build_pass(n, dict(s)) for n, s in passes], progress=False).run(model, ctx)
+    results = Pipeline([build_pass(n, dict(s)) for n, s in passes], progress=False).run(model, ctx)
     seconds = time.perf_counter() - t0
     save_model(model, out)
     return out, results, seconds

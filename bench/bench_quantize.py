@@ -86,7 +86,7 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
     from onnxpress.calibration import CalibrationSet
     from onnxpress.model_io import load_model, save_model
     from onnxpress.pass_infra import build_pass
-    from onnxpress.pass_manager import CompileContext, PassManager
+    from onnxpress.pipeline import CompileContext, Pipeline
     from onnxpress.recipe import parse_pass_args
 
     model = load_model(src)
@@ -95,7 +95,7 @@ def _ours(src: Path, out: Path, passes: list[str], calib_batches, tok_dir) -> di
         verification=held.batches[:2], calibration=calib, tokenizer_dir=tok_dir, threads=THREADS
     )
     plan = parse_pass_args(passes)
-    manager = PassManager([build_pass(p.name, p.settings) for p in plan.passes], progress=False)
+    manager = Pipeline([build_pass(p.name, p.settings) for p in plan.passes], progress=False)
     t = time.perf_counter()
     results = manager.run(model, ctx)
     seconds = time.perf_counter() - t

@@ -79,9 +79,10 @@ def run_pass(path: Path, pass_name: str, settings: dict, calib, out: Path, *, th
     """Run a pass through its public ``run`` (which also verifies it) and save the result."""
     from types import SimpleNamespace
 
+    from onnxpress.fidelity import primary_outputs
     from onnxpress.model_io import load_model, save_model
     from onnxpress.pass_infra import build_pass
-    from onnxpress.pass_manager import CompileContext, primary_outputs
+    from onnxpress.pipeline import CompileContext
 
     model = load_model(path)
     ctx = CompileContext(verification=calib.batches[:1], calibration=SimpleNamespace(batches=calib.batches),

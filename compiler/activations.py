@@ -5,7 +5,7 @@ outputs, runs the calibration batches one at a time and hands each captured arra
 the consumers, then drops it: memory is one batch of activations plus the
 accumulators, never the whole calibration set.
 
-Accumulators (``GramStats``, ``CrossStats``, ``ChannelStats``) see token rows: the
+Accumulators (``Gram``, ``CrossStats``, ``ChannelStats``) see token rows: the
 tensor flattened to [tokens, channels] (channels = last axis) with padded tokens removed
 when its leading dims are [batch, seq] (or [batch*seq]) and the batch has an attention mask.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxpress.calibration import CalibrationSet, Feeds
+from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import PROTOBUF_LIMIT, model_nbytes, model_proto
 from onnxpress.runtime import make_session, session_feeds
@@ -136,33 +137,112 @@ def token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 # ---- accumulators ----------------------------------------------------------------------
 
 
-class GramStats:
-    """Streaming X^T X over tokens (float64), with the token count and column sums."""
+class Gram:
+    """Streaming second moments of one tensor's token rows, accumulated in float64:
+    ``xtx`` = X^T X, ``sum`` = the column sums, ``count`` = the rows (tokens).
 
-    def __init__(self, name: str):
-        self.names = (name,)
+    With reference rows (the same tensor of the original model on the same tokens, X_ref)
+    it also holds ``cross`` = X^T X_ref, ``xtx_ref`` and ``sum_ref``; without them those are
+    X's own arrays (X_ref = X). Per-batch products are taken in ``products`` (float32: BLAS
+    sgemm, half the time of float64, and a batch of a few thousand rows is far from where
+    float32 sums lose digits). As an accumulator for :func:`capture`, ``Gram(name)`` takes
+    the rows of ``name``.
+    """
+
+    def __init__(self, name: str | None = None, dim: int | None = None, *, products: type = np.float64):
+        self.names = (name,) if name is not None else ()
         self.name = name
+        self.products = products
         self.xtx: np.ndarray | None = None
         self.sum: np.ndarray | None = None
         self.count = 0
+        self._ref: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # cross, xtx_ref, sum_ref
+        if dim is not None:
+            self._allocate(dim)
+
+    @classmethod
+    def of(cls, x: np.ndarray, x_ref: np.ndarray | None = None) -> Gram:
+        gram = cls(dim=x.shape[-1])
+        gram.add(x, x_ref)
+        return gram
+
+    def _allocate(self, dim: int) -> None:
+        self.xtx, self.sum = np.zeros((dim, dim)), np.zeros(dim)
 
     def update(self, rows: dict[str, np.ndarray]) -> None:
-        x = rows[self.name].astype(np.float64)
+        self.add(rows[self.name])
+
+    def add(self, x: np.ndarray, x_ref: np.ndarray | None = None) -> None:
+        """Accumulate token rows ``x`` [tokens, dim] (and the reference's rows of the same tokens)."""
+        x = np.asarray(x).reshape(-1, np.shape(x)[-1]).astype(self.products, copy=False)
         if self.xtx is None:
-            self.xtx = np.zeros((x.shape[1], x.shape[1]))
-            self.sum = np.zeros(x.shape[1])
+            self._allocate(x.shape[1])
         self.xtx += x.T @ x
-        self.sum += x.sum(0)
+        self.sum += x.sum(0, dtype=np.float64)
         self.count += x.shape[0]
+        if x_ref is not None:
+            ref = np.asarray(x_ref).reshape(x.shape).astype(self.products, copy=False)
+            if self._ref is None:
+                d = x.shape[1]
+                self._ref = (np.zeros((d, d)), np.zeros((d, d)), np.zeros(d))
+            cross, xtx_ref, sum_ref = self._ref
+            cross += x.T @ ref
+            xtx_ref += ref.T @ ref
+            sum_ref += ref.sum(0, dtype=np.float64)
+
+    @property
+    def has_reference(self) -> bool:
+        return self._ref is not None
+
+    @property
+    def cross(self) -> np.ndarray:
+        return self._ref[0] if self._ref is not None else self.xtx
+
+    @property
+    def xtx_ref(self) -> np.ndarray:
+        return self._ref[1] if self._ref is not None else self.xtx
+
+    @property
+    def sum_ref(self) -> np.ndarray:
+        return self._ref[2] if self._ref is not None else self.sum
+
+    @property
+    def dim(self) -> int:
+        return self.xtx.shape[0]
 
     @property
     def mean(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
 
+    @property
+    def mean_ref(self) -> np.ndarray:
+        return self.sum_ref / max(self.count, 1)
+
     def covariance(self) -> np.ndarray:
         """Centered covariance (population, divides by the token count)."""
         mean = self.mean
         return self.xtx / max(self.count, 1) - np.outer(mean, mean)
+
+    def matrix(self) -> np.ndarray:
+        """The (d+1) x (d+1) Gram of [X 1] (least-squares fits with a bias)."""
+        d = self.dim
+        g = np.empty((d + 1, d + 1))
+        g[:d, :d] = self.xtx
+        g[:d, d] = g[d, :d] = self.sum
+        g[d, d] = self.count
+        return 0.5 * (g + g.T)
+
+
+class Energy:
+    """The squared norm of a tensor over real tokens."""
+
+    def __init__(self, name: str):
+        self.names = (name,)
+        self.total = 0.0
+
+    def update(self, rows: dict[str, np.ndarray]) -> None:
+        r = rows[self.names[0]].astype(np.float64)
+        self.total += float(np.einsum("ij,ij->", r, r))
 
 
 class CrossStats:
@@ -258,3 +338,146 @@ class ChannelStats:
             return 0.0
         idx = int(np.searchsorted(cdf, cdf[-1] * q / 100.0))
         return float(self.bin_edges[min(idx, self.bins - 1) + 1])
+
+
+# ---- sequential fitting: statistics of the compressed and the original model's inputs ----
+
+
+def probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataType], threads: int | None):
+    """A session whose outputs are the tensors ``names``, on a copy of ``model`` pruned to
+    the nodes they need (ORT runs every node otherwise; early groups need only the first layers)."""
+    probe = ir.from_proto(model_proto(model))
+    values = {v.name: v for node in probe.graph for v in node.outputs}
+    values.update({v.name: v for v in probe.graph.inputs})
+    probe.graph.outputs.clear()
+    for name in names:
+        value = values[name]
+        if value.dtype is None:
+            value.dtype = dtypes[name]  # ORT needs the element type of every graph output
+        probe.graph.outputs.append(value)
+    remove_dead_nodes(probe)
+    return make_session(probe, threads=threads)
+
+
+def collect_stats(
+    model: ir.Model,
+    names: list[str],
+    dtypes: dict[str, ir.DataType],
+    batches: list[dict[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+) -> dict[str, Gram]:
+    """The Gram of each named tensor's token rows on ``batches``."""
+    session = probe_session(model, names, dtypes, threads)
+    stats = {name: Gram(name, products=np.float32) for name in names}
+    for feeds in batches:
+        mask = feeds.get("attention_mask")
+        for name, x in zip(names, session.run(names, session_feeds(session, feeds)), strict=True):
+            stats[name].add(token_rows(x, mask))
+    return stats
+
+
+class SegmentStream:
+    """One model run segment by segment over the calibration batches, for sequential fitting.
+
+    The graph (topologically ordered) is cut just before a node; the values made before the
+    cut and used after it (the residual stream, the attention mask, ...) are kept per batch,
+    and the next segment runs from them: a whole sequential fit costs about one forward pass
+    instead of one model prefix per group. Nodes after the cut may be rewritten in between."""
+
+    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]], types: dict[str, int],
+                 threads: int | None):
+        self.model, self.batches, self.types, self.threads = model, batches, types, threads
+        self.done: set[int] = set()  # ids of the nodes before the cut (never rewritten later)
+        self.kept: list[dict[str, np.ndarray]] = [{} for _ in batches]  # live values at the cut
+
+    def advance(self, first: ir.Node, wanted: list[str]) -> list[list[np.ndarray]]:
+        """Move the cut to just before ``first``; returns the ``wanted`` tensors per batch."""
+        nodes = list(self.model.graph)
+        stop = nodes.index(first)
+        segment = [n for n in nodes[:stop] if id(n) not in self.done]
+        made = {v.name for n in nodes[:stop] for v in n.outputs}
+        live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
+        carried = set(self.kept[0])
+        outputs = sorted((live | set(wanted)) - carried - {v.name for v in self.model.graph.inputs})
+        session = make_session(self._segment_proto(segment, carried, outputs), threads=self.threads) if outputs else None
+        results = []
+        for b, feeds in enumerate(self.batches):
+            values = {**feeds, **self.kept[b]}
+            if session is not None:
+                values.update(zip(outputs, session.run(outputs, session_feeds(session, values)), strict=True))
+            self.kept[b] = {k: values[k] for k in live}
+            results.append([values[n] for n in wanted])
+        self.done.update(id(n) for n in nodes[:stop])
+        return results
+
+    def _segment_proto(self, segment: list[ir.Node], carried: set[str], outputs: list[str]) -> bytes:
+        from onnx import helper
+
+        graph_inputs = {v.name for v in self.model.graph.inputs}
+        produced = {v.name for node in segment for v in node.outputs}
+        inputs, inits, seen = [], [], set()
+        for v in (v for node in segment for v in node.inputs):
+            if v is None or v.name in produced or v.name in seen:
+                continue
+            seen.add(v.name)
+            if v.name in carried or v.name in graph_inputs:
+                inputs.append(helper.make_tensor_value_info(v.name, self.types[v.name], None))
+            elif v.const_value is not None:
+                inits.append(ir.serde.serialize_tensor(v.const_value))
+                inits[-1].name = v.name
+        outs = [helper.make_tensor_value_info(n, self.types[n], None) for n in outputs]
+        graph = helper.make_graph([ir.serde.serialize_node(n) for n in segment], "segment", inputs, outs, inits)
+        opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
+
+
+def value_types(model: ir.Model) -> dict[str, int]:
+    """Element type (TensorProto enum) of every named value, by ONNX shape inference where
+    the graph does not record it."""
+    import onnx
+
+    types = {v.name: int(v.dtype) for v in model.graph.inputs if v.dtype is not None}
+    missing = [v for node in model.graph for v in node.outputs if v.dtype is None]
+    if missing:
+        inferred = onnx.shape_inference.infer_shapes(model_proto(model)).graph
+        for info in list(inferred.value_info) + list(inferred.output):
+            if info.type.tensor_type.elem_type:
+                types[info.name] = info.type.tensor_type.elem_type
+    types.update({v.name: int(v.dtype) for node in model.graph for v in node.outputs if v.dtype is not None})
+    return types
+
+
+class Captured(NamedTuple):
+    grams: dict[str, Gram]
+    energy: dict[str, float]
+
+
+def capture_grams(
+    model: ir.Model,
+    batches: Iterable[Feeds],
+    grams: Sequence[str],
+    energies: Sequence[str] = (),
+    *,
+    threads: int | None = None,
+    desc: str = "capturing statistics",
+) -> Captured:
+    """One streaming pass: the Gram of each tensor in ``grams`` and the squared norm of each
+    in ``energies``, over real (unpadded) tokens."""
+    gram_accs = {n: Gram(n) for n in dict.fromkeys(grams)}
+    energy_accs = {n: Energy(n) for n in dict.fromkeys(energies)}
+    accs = [*gram_accs.values(), *energy_accs.values()]
+    if accs:
+        capture(model, None, list(batches), accs, threads=threads, desc=desc)
+    return Captured({n: a for n, a in gram_accs.items() if a.xtx is not None},
+                    {n: a.total for n, a in energy_accs.items()})
+
+
+def probe_shapes(model: ir.Model, names: Sequence[str], feeds: Feeds, *, threads: int | None = None
+                 ) -> dict[str, tuple[int, ...]]:
+    """Run-time shapes of the named tensors on one batch (facts static shapes do not give)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if names:
+        capture(model, names, [feeds], lambda name, array, _: shapes.__setitem__(name, array.shape),
+                threads=threads, desc="probing shapes")
+    return shapes

@@ -50,10 +50,10 @@ import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.evaluation import mean_pool
-from onnxpress.fidelity import compare_outputs, next_token_nll, row_cosines
+from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs, row_cosines
 from onnxpress.model_io import model_bytes, model_proto
-from onnxpress.pass_infra import PassResult, build_pass
-from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
+from onnxpress.pass_infra import PassReport, build_pass
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches, time_alternating
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class Candidate:
 @dataclass
 class SearchResult:
     model: ir.Model
-    results: list[PassResult]
+    results: list[PassReport]
     chosen: Candidate
     trace: list[Candidate]
     settings: SearchSettings
@@ -228,7 +228,7 @@ class _Search:
         self.start = time.perf_counter()
         self.meter = FidelityMeter(model, ctx.verification, kind, ctx.threads)
         self.trace: list[Candidate] = []
-        self.models: dict[int, tuple[ir.Model, list[PassResult]]] = {}
+        self.models: dict[int, tuple[ir.Model, list[PassReport]]] = {}
         self.notes: list[str] = []
         self.last_apply_seconds = 0.0
         self.base_size: int | None = None  # serialised size of the exact base (the first candidate)
@@ -236,7 +236,7 @@ class _Search:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def apply(self, model: ir.Model, results: list[PassResult], steps: Sequence[tuple[str, dict]]):
+    def apply(self, model: ir.Model, results: list[PassReport], steps: Sequence[tuple[str, dict]]):
         """A copy of ``model`` with ``steps`` run on it (verified by the pass manager)."""
         model = copy_model(model)
         passes = [build_pass(name, settings) for name, settings in steps]
@@ -245,11 +245,11 @@ class _Search:
             tokenizer_dir=self.ctx.tokenizer_dir, seed=self.ctx.seed, threads=self.ctx.threads,
         )
         t0 = time.perf_counter()
-        new = PassManager(passes, verify=True, progress=False).run(model, ctx)
+        new = Pipeline(passes, verify=True, progress=False).run(model, ctx)
         self.last_apply_seconds = time.perf_counter() - t0
         return model, results + new
 
-    def evaluate(self, label: str, model: ir.Model, results: list[PassResult]) -> Candidate:
+    def evaluate(self, label: str, model: ir.Model, results: list[PassReport]) -> Candidate:
         t0 = time.perf_counter()
         loss, bound, ms = self.meter.measure(model)
         cand = Candidate(
@@ -423,7 +423,7 @@ def _model_before_last(s: _Search, base_model, results_prefix):
     return base_model
 
 
-def _changed_settings(result: PassResult) -> dict[str, Any]:
+def _changed_settings(result: PassReport) -> dict[str, Any]:
     """A pass's settings that differ from its defaults (what a recipe would write)."""
     defaults = build_pass(result.name).config.to_dict()
     return {k: v for k, v in result.config.items() if defaults.get(k) != v}

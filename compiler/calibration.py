@@ -419,3 +419,18 @@ def _stack(parts: list[np.ndarray], name: str) -> np.ndarray:
         length = max(p.shape[1] for p in parts)
         parts = [np.pad(p, ((0, 0), (0, length - p.shape[1]))) for p in parts]
     return np.concatenate(parts, axis=0)
+
+
+def trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch without its trailing all-padding positions (a batch of short sentences padded
+    to max_length is mostly padding): every [batch, seq] feed cut at the last real token.
+    Exact: padded positions are masked, so the real tokens' values do not depend on them."""
+    mask = feeds.get("attention_mask")
+    if mask is None or mask.ndim != 2 or not mask.any():
+        return feeds
+    length = int(np.flatnonzero(mask.any(0))[-1]) + 1
+    # a non-empty KV cache, or a 2-D feed not aligned with the mask: the positions are not just the mask's
+    if length == mask.shape[1] or any((a.ndim >= 3 and a.size) or (a.ndim == 2 and a.shape != mask.shape)
+                                      for a in feeds.values()):
+        return feeds
+    return {k: a[:, :length] if a.ndim == 2 else a for k, a in feeds.items()}

@@ -18,7 +18,7 @@ from onnxpress.datasets import TOKENIZER_FILES, describe_split, find_tokenizer_d
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass, get_pass
-from onnxpress.pass_manager import CompileContext, PassManager
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.recipe import PassSpec, Recipe, load_recipe, parse_pass_args
 from onnxpress.report import CompileReport
 
@@ -154,7 +154,7 @@ def compile_model(
         specs, skipped = select_passes(plan, ir_model, has_calibration=bool(calib))
         notes += skipped
     pass_objs = [build_pass(spec.name, spec.settings) for spec in specs]
-    manager = PassManager(pass_objs, verify=verify, progress=progress)
+    manager = Pipeline(pass_objs, verify=verify, progress=progress)
     manager.check_applicable(ir_model, src.name)
     tok_dir = _tokenizer_dir(src, tokenizer_dir)
     calibration = load_calibration(

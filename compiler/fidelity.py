@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Fidelity:
 
 
 EXACT = Fidelity(rel_l2=0.0, max_abs=0.0, cosine_mean=1.0, cosine_min=1.0)
+
+
+def primary_outputs(model: ir.Model) -> list[str]:
+    """Outputs that are compared between stages: everything but the KV cache,
+    whose shape legitimately changes when heads are pruned."""
+    names = [v.name for v in model.graph.outputs]
+    primary = [n for n in names if not n.startswith("present")]
+    return primary or names
 
 
 def row_cosines(ref: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """What a compression pass is: a named class with a validated config whose ``run``
-returns a ``PassResult``.
+returns a ``PassReport``.
 
 A pass implements ``apply`` (calibration -> decision -> rewrite); ``run`` wraps it
 with the parts every pass shares: counting parameters and MACs before and after,
@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxpress.errors import OnnxpressError
 
 if typing.TYPE_CHECKING:
-    from onnxpress.pass_manager import CompileContext
+    from onnxpress.pipeline import CompileContext
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _describe(annotation: Any) -> str:
 
 
 @dataclass
-class PassResult:
+class PassReport:
     """What one pass did, as reported in the compile report (one row per pass)."""
 
     name: str
@@ -175,6 +175,7 @@ class Pass(abc.ABC):
     lossless: ClassVar[bool] = False  # exact rewrites: verified to a tight tolerance
     needs_attention: ClassVar[bool] = False  # cannot apply to a model with no recognisable attention
     needs_calibration: ClassVar[bool] = False  # needs real calibration data, not synthetic tokens
+    needs_original: ClassVar[bool] = False  # reads the compile's input model (ctx.original)
 
     def __init__(self, config: PassConfig | dict[str, Any] | None = None):
         if config is None or isinstance(config, dict):
@@ -187,14 +188,16 @@ class Pass(abc.ABC):
     def apply(self, model: ir.Model, ctx: CompileContext) -> Outcome:
         """Calibrate, decide and rewrite ``model`` in place."""
 
-    def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+    def run(self, model: ir.Model, ctx: CompileContext) -> PassReport:
         from onnxpress.analysis import count_macs, count_params
 
         start = time.perf_counter()
         params_before, macs_before = count_params(model), count_macs(model)
         outcome = self.apply(model, ctx)
+        if outcome.modified:
+            ctx.forget_analysis()
         fidelity = ctx.measure(model) if outcome.modified else None
-        return PassResult(
+        return PassReport(
             name=self.name,
             modified=outcome.modified,
             changes=outcome.changes,

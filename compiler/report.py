@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpress.pass_infra import PassResult
+from onnxpress.pass_infra import PassReport
 
 
 @dataclass
@@ -18,7 +18,7 @@ class CompileReport:
     output: str
     recipe: str
     calibration: str
-    passes: list[PassResult] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
     size_before: int = 0
     size_after: int = 0
     seconds: float = 0.0

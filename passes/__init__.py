@@ -1,11 +1,10 @@
-"""The compression passes, one module each; importing this package registers them."""
+"""The compression passes, one subpackage per family; importing this package registers them."""
 
 from onnxpress.passes import (  # noqa: F401
     attention,
     cleanup,
     lowrank,
-    prune_ffn,
-    prune_heads,
+    prune,
     quantize,
     share_weights,
 )

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from test_calibration import TEXTS  # noqa: E402
 from test_export import tiny_export  # noqa: E402
 
-from onnxpress.activations import ChannelStats, CrossStats, GramStats, capture, token_rows  # noqa: E402
+from onnxpress.activations import ChannelStats, CrossStats, Gram, capture, token_rows  # noqa: E402
 from onnxpress.calibration import CalibrationSet  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.model_io import model_bytes  # noqa: E402
@@ -44,7 +44,7 @@ def _collect(model, calib, names):
 
 def test_gram_and_cross_stats_equal_numpy(setup):
     model, calib, x_name, y_name = setup
-    gram, cross = GramStats(x_name), CrossStats(x_name, y_name)
+    gram, cross = Gram(x_name), CrossStats(x_name, y_name)
     capture(model, None, calib, [gram, cross])
     ref = _collect(model, calib, [x_name, y_name])
     x, y = ref[x_name], ref[y_name]
@@ -106,5 +106,5 @@ def test_token_rows_drops_padding():
 def test_unknown_tensor_is_one_line_error(setup):
     model, calib, _, _ = setup
     with pytest.raises(OnnxpressError, match="'no/such/tensor' is not in the model") as exc:
-        capture(model, ["no/such/tensor"], calib, GramStats("no/such/tensor"))
+        capture(model, ["no/such/tensor"], calib, Gram("no/such/tensor"))
     assert "\n" not in str(exc.value)

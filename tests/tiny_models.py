@@ -483,3 +483,33 @@ def hf_layer_params(arch: str, layer: int = 0) -> int:
     model = _build_hf_model(arch, "eager")
     pat = re.compile(rf"(^|\.)(layer|layers|h)\.{layer}\.")
     return sum(p.numel() for name, p in model.named_parameters() if pat.search(name))
+
+
+def random_token_batches(model, n_batches: int, batch: int, seq: int, seed: int) -> list[dict]:
+    """Random-token feeds with some right padding (exercises the padding mask)."""
+    import numpy as np
+
+    from onnxpress.calibration import make_feeds
+
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = rng.integers(5, VOCAB, (batch, seq))
+        mask = np.ones_like(ids)
+        mask[0, seq - seq // 4:] = 0
+        batches.append(make_feeds(model, ids, mask, seed=seed))
+    return batches
+
+
+def random_token_context(model, seed: int = 0):
+    """A compile context whose calibration (4 batches of 4 x 24) and verification (2 x 16) are
+    random tokens with some padding, and whose reference is ``model``'s own outputs."""
+    from onnxpress.calibration import CalibrationSet
+    from onnxpress.fidelity import primary_outputs
+    from onnxpress.pipeline import CompileContext
+
+    calib = CalibrationSet(random_token_batches(model, 4, 4, 24, seed), "random tokens")
+    ctx = CompileContext(verification=random_token_batches(model, 1, 2, 16, seed + 100), calibration=calib, threads=1)
+    ctx.output_names = primary_outputs(model)
+    ctx.reference = ctx.run(model)
+    return ctx

@@ -6,8 +6,8 @@ import pytest
 
 from onnxpress.compile import compile_model, report_path
 from onnxpress.model_io import load_model
-from onnxpress.pass_manager import CompileContext, PassManager
 from onnxpress.passes.cleanup import CleanupPass
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session
 
 from graphs import mlp_model, save
@@ -17,7 +17,7 @@ def test_cleanup_removes_dead_and_foldable_nodes_without_changing_outputs(tmp_pa
     model = load_model(save(mlp_model(), tmp_path / "m.onnx"))
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     ctx = CompileContext(verification=[{"x": x}])
-    (result,) = PassManager([CleanupPass()], progress=False).run(model, ctx)
+    (result,) = Pipeline([CleanupPass()], progress=False).run(model, ctx)
     ops = [n.op_type for n in model.graph]
     assert "Sigmoid" not in ops and "Identity" not in ops and ops.count("Mul") == 0
     assert "unused_init" not in model.graph.initializers
@@ -29,8 +29,8 @@ def test_cleanup_removes_dead_and_foldable_nodes_without_changing_outputs(tmp_pa
 def test_cleanup_is_idempotent(tmp_path):
     model = load_model(save(mlp_model(dead_branch=False), tmp_path / "m.onnx"))
     ctx = CompileContext(verification=[{"x": np.ones((2, 8), np.float32)}])
-    PassManager([CleanupPass()], progress=False).run(model, ctx)
-    (again,) = PassManager([CleanupPass()], progress=False).run(model, ctx)
+    Pipeline([CleanupPass()], progress=False).run(model, ctx)
+    (again,) = Pipeline([CleanupPass()], progress=False).run(model, ctx)
     assert not again.modified and again.changes["nodes_removed"] == 0
 
 

@@ -7,23 +7,23 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.passes.quant_calibrate import (
+from onnxpress.passes.quantize.calibrate import (
     StreamingHistogram,
     choose_range,
     choose_range_for_linear,
     expected_mse,
     qparams_from_range,
 )
-from onnxpress.passes.quant_capture import StatsCollector
-from onnxpress.passes.quant_gptq import (
+from onnxpress.passes.quantize.capture import StatsCollector
+from onnxpress.passes.quantize.gptq import (
     BlockQuantizer,
     ChannelQuantizer,
     _inverse_cholesky_upper,
     channel_scales,
     gptq,
 )
-from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
-from onnxpress.passes.quant_weight_only import (
+from onnxpress.passes.quantize.smooth import choose_alpha, smooth_scales
+from onnxpress.passes.quantize.weight_only import (
     dequantize_nbits,
     pack_codes,
     quantize_nbits,

@@ -5,7 +5,7 @@ the model's outputs suffer: on MiniLM, allocating by it lost to equal ranks. Her
 (the matrices of one role in a bucket of consecutive layers) is split alone at a few
 candidate shares of its parameters, and the model's primary outputs are measured on a few
 calibration batches; the shares are then chosen greedily by measured loss per parameter saved
-(:func:`onnxpress.passes.lowrank_fit.allocate_measured`), assuming the units' losses add.
+(:func:`onnxpress.factorization.allocate_measured`), assuming the units' losses add.
 
 One ORT session serves every probe: the selected matrices compute ``x @ A @ B + b`` with
 A, B, b graph inputs, fed the original weight (as ``W @ I`` or ``I @ W``) or trial factors.
@@ -19,9 +19,10 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress import factorization as fz
 from onnxpress.activations import token_rows
+from onnxpress.editing import split_matrix
 from onnxpress.model_io import model_proto
-from onnxpress.passes import lowrank_fit as fit
 from onnxpress.runtime import make_session, session_feeds
 
 # every probe is a forward pass, so (units x layers) bounds the probes' cost: MiniLM's 6 layers get a
@@ -57,7 +58,7 @@ def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str
     return out
 
 
-def probe_model(model: ir.Model, matrices: list, split_matrix) -> tuple[bytes, list[tuple[str, str, str]]]:
+def probe_model(model: ir.Model, matrices: list) -> tuple[bytes, list[tuple[str, str, str]]]:
     """A copy of ``model`` in which matrix i computes ``x @ A_i @ B_i + b_i`` from graph inputs;
     returns the serialised model and the (A, B, b) input names of each matrix."""
     copy = ir.from_proto(model_proto(model))
@@ -84,9 +85,9 @@ def probe_model(model: ir.Model, matrices: list, split_matrix) -> tuple[bytes, l
 class Prober:
     """Output loss of the model with some matrices replaced by trial factors."""
 
-    def __init__(self, model: ir.Model, matrices: list, split_matrix, batches: list[dict], outputs: list[str],
+    def __init__(self, model: ir.Model, matrices: list, batches: list[dict], outputs: list[str],
                  threads: int | None):
-        proto, self.names = probe_model(model, matrices, split_matrix)
+        proto, self.names = probe_model(model, matrices)
         self.session = make_session(proto, threads=threads)
         self.batches, self.outputs = batches, outputs
         self.base = {}  # feeds that keep every matrix as it is
@@ -124,33 +125,33 @@ def probe_ranks(prober: Prober, matrices: list, grams: list[np.ndarray], means: 
     Each unit is probed alone at LEVELS times the uniform share (one-shot whitened factors on
     the Gram matrices ``grams``, bias-corrected with the input ``means`` when given); every
     matrix of a unit then loses the unit's chosen share of its parameters."""
-    candidates = [fit.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices]
+    candidates = [fz.Candidate(m.d_in, m.d_out, np.zeros(1)) for m in matrices]
     share = budget / sum(c.full_cost for c in candidates)
-    decs: dict[int, fit.Decomposition] = {}
+    decs: dict[int, fz.Decomposition] = {}
     units = units_of(matrices)
     curves = []
     for unit in units:
         points = []
         for level in LEVELS:
-            ranks = fit.uniform_ranks([candidates[i] for i in unit], min(level * share, 0.95))
+            ranks = fz.uniform_ranks([candidates[i] for i in unit], min(level * share, 0.95))
             trial = {}
             for i, r in zip(unit, ranks, strict=True):
                 if r is None:
                     continue
                 m = matrices[i]
-                dec = decs.setdefault(i, fit.decompose(m.weight, grams[i], eps=eps))
+                dec = decs.setdefault(i, fz.decompose(m.weight, grams[i], eps=eps))
                 a, b = dec.factors(r)
                 bias = np.zeros(m.d_out) if m.bias is None else m.bias
                 if means is not None:
-                    bias = bias + fit.bias_shift(m.weight, a @ b, means[i])
+                    bias = bias + fz.bias_shift(m.weight, a @ b, means[i])
                 trial[i] = (a, b, bias)
-            saved = fit.params_saved([candidates[i] for i in unit], ranks)
+            saved = fz.params_saved([candidates[i] for i in unit], ranks)
             if saved > 0:
                 points.append((float(saved), prober.loss(trial)))
         curves.append(points)
     ranks_out: list[int | None] = [None] * len(matrices)
-    for unit, saved in zip(units, fit.allocate_measured(curves, budget), strict=True):
+    for unit, saved in zip(units, fz.allocate_measured(curves, budget), strict=True):
         size = sum(candidates[i].full_cost for i in unit)
-        for i, r in zip(unit, fit.uniform_ranks([candidates[i] for i in unit], saved / size), strict=True):
+        for i, r in zip(unit, fz.uniform_ranks([candidates[i] for i in unit], saved / size), strict=True):
             ranks_out[i] = r if saved > 0 else None
     return ranks_out

@@ -40,8 +40,8 @@ import onnx_ir.passes.common as common
 
 from onnxpress.analysis import analyze
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes.attention_build import Builder, build_fused, replace_shape_reads, wire
-from onnxpress.passes.attention_match import Site, match_site
+from onnxpress.passes.attention.build import Builder, build_fused, replace_shape_reads, wire
+from onnxpress.passes.attention.match import Site, match_site
 
 ONNX_ATTENTION_OPSET = 23
 TARGET_DOMAINS = {"onnxruntime": ("com.microsoft", 1), "onnxpress": ("onnxpress", 1)}

@@ -8,7 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxpress.passes import prune_common as pc
+from onnxpress.activations import Gram
+from onnxpress.passes.prune import scoring
 
 
 def _features(rng, n, d, scales=None):
@@ -24,13 +25,13 @@ def _err(x, w, b, keep, w_new, b_new):
 def test_streaming_gram_equals_batch():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 7)).astype(np.float32)
-    g = pc.AugmentedGram.empty(7)
+    g = Gram(dim=7)
     for part in np.array_split(x, 5):
-        g.update(part)
+        g.add(part)
     xa = np.hstack([x.astype(np.float64), np.ones((300, 1))])
     np.testing.assert_allclose(g.matrix(), xa.T @ xa, rtol=1e-10)
     w, b = rng.standard_normal((7, 3)), rng.standard_normal(3)
-    assert np.isclose(pc.output_energy(g, w, b), float(((x @ w + b) ** 2).sum()), rtol=1e-5)
+    assert np.isclose(scoring.output_energy(g, w, b), float(((x @ w + b) ** 2).sum()), rtol=1e-5)
 
 
 def test_ridge_refit_is_least_squares_and_beats_plain_slicing():
@@ -38,7 +39,7 @@ def test_ridge_refit_is_least_squares_and_beats_plain_slicing():
     x = _features(rng, 2000, 24)
     w, b = rng.standard_normal((24, 10)), rng.standard_normal(10)
     keep = np.arange(0, 24, 2)
-    w_new, b_new = pc.ridge_refit(pc.AugmentedGram.of(x), w, b, keep, ridge=1e-12)
+    w_new, b_new = scoring.ridge_refit(Gram.of(x), w, b, keep, ridge=1e-12)
     # same answer as an explicit lstsq on [X_keep 1]
     xa = np.hstack([x[:, keep], np.ones((len(x), 1))])
     ref = np.linalg.lstsq(xa, x @ w + b, rcond=None)[0]
@@ -51,7 +52,7 @@ def test_refit_keeping_everything_reproduces_the_layer():
     rng = np.random.default_rng(2)
     x = _features(rng, 500, 12)
     w, b = rng.standard_normal((12, 5)), rng.standard_normal(5)
-    w_new, b_new = pc.ridge_refit(pc.AugmentedGram.of(x), w, b, np.arange(12), ridge=1e-10)
+    w_new, b_new = scoring.ridge_refit(Gram.of(x), w, b, np.arange(12), ridge=1e-10)
     np.testing.assert_allclose(w_new, w, atol=1e-5)
     np.testing.assert_allclose(b_new, b, atol=1e-5)
 
@@ -61,7 +62,7 @@ def test_refit_survives_dead_features():
     x = _features(rng, 400, 10)
     x[:, 3] = 0.0  # a dead neuron: singular Gram without the ridge
     w, b = rng.standard_normal((10, 4)), rng.standard_normal(4)
-    w_new, b_new = pc.ridge_refit(pc.AugmentedGram.of(x), w, b, np.array([0, 1, 2, 3, 5]))
+    w_new, b_new = scoring.ridge_refit(Gram.of(x), w, b, np.array([0, 1, 2, 3, 5]))
     assert np.all(np.isfinite(w_new)) and np.all(np.isfinite(b_new))
 
 
@@ -75,13 +76,13 @@ def test_repair_elimination_errors_are_the_refit_errors(group_size):
     x = _features(rng, 3000, d)
     w, b = rng.standard_normal((d, 8)), rng.standard_normal(8)
     groups = [np.arange(i * group_size, (i + 1) * group_size) for i in range(n_groups)]
-    gram = pc.AugmentedGram.of(x)
-    elim = pc.eliminate_with_repair(gram, w, b, groups, n_groups - 1, ridge=1e-12)
+    gram = Gram.of(x)
+    elim = scoring.eliminate_with_repair(gram, w, b, groups, n_groups - 1, ridge=1e-12)
     assert len(elim.order) == n_groups - 1 and len(set(elim.order)) == n_groups - 1
     for k in range(1, n_groups):
         removed = set(elim.order[:k])
         keep = np.concatenate([groups[i] for i in range(n_groups) if i not in removed])
-        w_new, b_new = pc.ridge_refit(gram, w, b, keep, ridge=1e-12)
+        w_new, b_new = scoring.ridge_refit(gram, w, b, keep, ridge=1e-12)
         assert np.isclose(elim.errors[k - 1], _err(x, w, b, keep, w_new, b_new), rtol=1e-4, atol=1e-6)
 
 
@@ -89,13 +90,13 @@ def test_repair_elimination_first_choice_is_optimal_single_removal():
     rng = np.random.default_rng(5)
     x = _features(rng, 2000, 8)
     w, b = rng.standard_normal((8, 4)), rng.standard_normal(4)
-    gram = pc.AugmentedGram.of(x)
+    gram = Gram.of(x)
     groups = [np.array([i]) for i in range(8)]
-    elim = pc.eliminate_with_repair(gram, w, b, groups, 1, ridge=1e-12)
+    elim = scoring.eliminate_with_repair(gram, w, b, groups, 1, ridge=1e-12)
     costs = []
     for i in range(8):
         keep = np.array([j for j in range(8) if j != i])
-        costs.append(_err(x, w, b, keep, *pc.ridge_refit(gram, w, b, keep, ridge=1e-12)))
+        costs.append(_err(x, w, b, keep, *scoring.ridge_refit(gram, w, b, keep, ridge=1e-12)))
     assert elim.order[0] == int(np.argmin(costs))
 
 
@@ -103,10 +104,10 @@ def test_chunked_elimination_is_close_to_one_at_a_time():
     rng = np.random.default_rng(6)
     x = _features(rng, 4000, 64)
     w, b = rng.standard_normal((64, 16)), rng.standard_normal(16)
-    gram = pc.AugmentedGram.of(x)
+    gram = Gram.of(x)
     groups = [np.array([i]) for i in range(64)]
-    one = pc.eliminate_with_repair(gram, w, b, groups, 32)
-    eight = pc.eliminate_with_repair(gram, w, b, groups, 32, chunk=8)
+    one = scoring.eliminate_with_repair(gram, w, b, groups, 32)
+    eight = scoring.eliminate_with_repair(gram, w, b, groups, 32, chunk=8)
     assert eight.errors[-1] <= 1.5 * one.errors[-1]
     assert np.all(np.diff(eight.errors) >= 0)
 
@@ -116,7 +117,7 @@ def test_no_repair_elimination_matches_direct_error():
     x = _features(rng, 1000, 12)
     w = rng.standard_normal((12, 6))
     groups = [np.arange(i * 3, i * 3 + 3) for i in range(4)]
-    elim = pc.eliminate_without_repair(pc.AugmentedGram.of(x), w, groups, 3)
+    elim = scoring.eliminate_without_repair(Gram.of(x), w, groups, 3)
     for k in range(1, 4):
         cols = np.concatenate([groups[i] for i in elim.order[:k]])
         direct = float(((x[:, cols] @ w[cols]) ** 2).sum())
@@ -131,10 +132,10 @@ def test_contribution_beats_weight_norm_when_activations_differ():
     x = rng.standard_normal((2000, 4)) * scales
     w = np.diag([1.0, 1.0, 0.5, 10.0])
     groups = [np.array([i]) for i in range(4)]
-    gram = pc.AugmentedGram.of(x)
-    assert pc.eliminate_without_repair(gram, w, groups, 1).order == [3]
-    assert pc.eliminate_with_repair(gram, w, None, groups, 1).order == [3]
-    assert pc.eliminate_by_weight_norm(w, groups, 1).order == [2]
+    gram = Gram.of(x)
+    assert scoring.eliminate_without_repair(gram, w, groups, 1).order == [3]
+    assert scoring.eliminate_with_repair(gram, w, None, groups, 1).order == [3]
+    assert scoring.eliminate_by_weight_norm(w, groups, 1).order == [2]
 
 
 def _brute_force(curves, budget):
@@ -156,28 +157,28 @@ def test_allocation_is_optimal_on_convex_curves_and_meets_budget():
         curves = []
         for _layer in range(3):
             inc = np.sort(rng.exponential(size=4))  # increasing increments -> convex path
-            curves.append(pc.LayerCurve(pc.Elimination(list(range(4)), np.cumsum(inc)), unit_cost=1.0,
+            curves.append(scoring.LayerCurve(scoring.Elimination(list(range(4)), np.cumsum(inc)), unit_cost=1.0,
                                         scale=float(rng.uniform(0.5, 2.0))))
         budget = int(rng.integers(1, 12))
-        counts = pc.allocate(curves, budget)
+        counts = scoring.allocate(curves, budget)
         assert sum(counts) == budget
         loss = sum(c.path()[k - 1] if k else 0.0 for k, c in zip(counts, curves, strict=True))
         assert np.isclose(loss, _brute_force(curves, budget)[0])
 
 
 def test_allocation_respects_caps_costs_and_zero_budget():
-    path = pc.Elimination([0, 1, 2], np.array([1.0, 2.0, 3.0]))
-    curves = [pc.LayerCurve(path, unit_cost=2.0, max_remove=2), pc.LayerCurve(path, unit_cost=1.0, scale=100.0)]
-    assert pc.allocate(curves, 0) == [0, 0]
-    counts = pc.allocate(curves, 5)
+    path = scoring.Elimination([0, 1, 2], np.array([1.0, 2.0, 3.0]))
+    curves = [scoring.LayerCurve(path, unit_cost=2.0, max_remove=2), scoring.LayerCurve(path, unit_cost=1.0, scale=100.0)]
+    assert scoring.allocate(curves, 0) == [0, 0]
+    counts = scoring.allocate(curves, 5)
     assert counts[0] <= 2 and counts[1] == 3  # the cheap-to-lose layer (large scale) goes first
     assert 2 * counts[0] + counts[1] >= 5
     # infeasible budget: take everything allowed
-    assert pc.allocate(curves, 100) == [2, 3]
+    assert scoring.allocate(curves, 100) == [2, 3]
 
 
 def test_allocation_sees_past_a_costly_first_step():
     """Non-convex path: one expensive removal unlocks cheap ones; the hull finds it."""
-    a = pc.LayerCurve(pc.Elimination([0, 1, 2], np.array([3.0, 3.0, 3.0])), unit_cost=1.0)
-    b = pc.LayerCurve(pc.Elimination([0, 1, 2], np.array([1.2, 2.4, 3.6])), unit_cost=1.0)
-    assert pc.allocate([a, b], 3) == [3, 0]
+    a = scoring.LayerCurve(scoring.Elimination([0, 1, 2], np.array([3.0, 3.0, 3.0])), unit_cost=1.0)
+    b = scoring.LayerCurve(scoring.Elimination([0, 1, 2], np.array([1.2, 2.4, 3.6])), unit_cost=1.0)
+    assert scoring.allocate([a, b], 3) == [3, 0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.passes.attention_match import PACKED, MaskTerm, Operand, Site
+from onnxpress.passes.attention.match import PACKED, MaskTerm, Operand, Site
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxpress.passes.quant_calibrate import StreamingHistogram, choose_range, qparams_from_range
+from onnxpress.passes.quantize.calibrate import StreamingHistogram, choose_range, qparams_from_range
 
 ALPHA_CANDIDATES = (0.3, 0.5, 0.65, 0.8)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxpress.passes.quant_gptq import BlockQuantizer, gptq
+from onnxpress.passes.quantize.gptq import BlockQuantizer, gptq
 
 
 @dataclass

@@ -11,10 +11,10 @@ import pytest
 from onnxpress.analysis import analyze
 from onnxpress.calibration import CalibrationSet, make_feeds
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import compare_outputs
+from onnxpress.fidelity import compare_outputs, primary_outputs
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
-from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 
 from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
@@ -54,7 +54,7 @@ def _run_pass(model, name, settings, seed=0, path=None):
     calib = CalibrationSet(_batches(model, 4, seed), "random tokens")
     ctx = CompileContext(verification=_batches(model, 1, seed + 100), calibration=calib, threads=1)
     ref = run_batches(make_session(path, threads=1), ctx.verification) if path is not None else None
-    result = PassManager([build_pass(name, settings)], progress=False).run(model, ctx)[0]
+    result = Pipeline([build_pass(name, settings)], progress=False).run(model, ctx)[0]
     return result, ctx, ref
 
 
@@ -175,7 +175,7 @@ def test_smollm2_one_kv_group_in_three_still_generates(smollm2_onnx, tmp_path):
     texts = datasets.text_chunks(datasets.read_text(datasets.sotu_files("calibration")[0]), 200)[:16]
     calib = CalibrationSet.from_texts(texts, smollm2_onnx.parent, model, max_length=48, batch_size=8)
     ctx = CompileContext(verification=calib.batches[:1], calibration=calib, threads=2)
-    result = PassManager([build_pass("prune_heads", {"fraction": 1 / 3})], progress=False).run(model, ctx)[0]
+    result = Pipeline([build_pass("prune_heads", {"fraction": 1 / 3})], progress=False).run(model, ctx)[0]
     assert result.changes["kv_groups_removed"] == 30 and result.changes["heads_removed"] == 90
     session, _ = _saved_outputs(model, tmp_path, [])
     prompt = np.asarray([load_tokenizer(smollm2_onnx.parent)("The state of the union is")["input_ids"]])

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.passes import share_weights_fit as sfit
+from onnxpress.passes.share_weights import fit as sfit
+
+from tiny_models import random_token_context
 
 # ---------------------------------------------------------------------------- numerics
 
@@ -91,9 +93,8 @@ def _tiny(arch, with_past):
 
 
 def _ctx(model):
-    from tests.passes.test_lowrank import _tiny_ctx  # same random-token calibration as the low-rank tests
 
-    return _tiny_ctx(model)
+    return random_token_context(model)
 
 
 def _run_saved(path, ctx):
@@ -118,13 +119,13 @@ def test_zero_sharing_leaves_the_output_unchanged(tmp_path):
 def test_full_rank_sharing_of_every_role_is_lossless(how):
     """The rewrite alone (one shared initializer, per-layer parts, tied base + residual) at full
     rank: every role of every layer shared in pairs, output unchanged."""
-    from onnxpress.passes import lowrank
+    from onnxpress.analysis.matrices import ROLES, select_matrices
     from onnxpress.passes import share_weights as sw
 
     _, model = _tiny("llama", True)
     ctx = _ctx(model)
-    cfg = sw.ShareWeightsConfig(side="input" if how == "tie" else how, share=list(sw.ROLES))
-    groups = sw.make_groups(lowrank.select_matrices(model, cfg.include, ctx.analysis(model)), cfg)
+    cfg = sw.ShareWeightsConfig(side="input" if how == "tie" else how, share=list(ROLES))
+    groups = sw.make_groups(select_matrices(model, cfg.include, ctx.analysis(model)), cfg)
     assert all(len(g.members) == 2 for g in groups) and len(groups) >= 7
     for g in groups:
         weights = [m.weight for m in g.members]
@@ -227,15 +228,15 @@ def test_reported_calibration_errors_are_the_measured_ones(mode):
     """Each member's reported error = ||f_new(X_i) - X_i W_i|| / ||X_i W_i|| measured in ORT on the
     calibration tokens, with f_new the rewritten model's subgraph from X_i to the layer's output."""
     from onnxpress.activations import capture, token_rows
+    from onnxpress.analysis.matrices import select_matrices
     from onnxpress.model_io import model_proto
-    from onnxpress.passes import lowrank
     from onnxpress.passes.share_weights import ShareWeightsPass
     from onnxpress.runtime import make_session
 
     _, model = _tiny("llama", True)
     ctx = _ctx(model)
     settings = {"fraction": 0.1, "allocation": "uniform", "mode": mode, "include": ["ffn.up"], "share": ["ffn.up"]}
-    matrices = {m.layer: m for m in lowrank.select_matrices(model, ["ffn.up"], ctx.analysis(model))}
+    matrices = {m.layer: m for m in select_matrices(model, ["ffn.up"], ctx.analysis(model))}
     # where each ffn.up output goes (consumer node, input slot): those nodes survive the rewrite
     slots = {i: [(n.name, idx) for n, idx in m.node.outputs[0].uses()][0] for i, m in matrices.items()}
     inputs = {i: m.input.name for i, m in matrices.items()}

@@ -19,9 +19,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import Fidelity, compare_outputs
+from onnxpress.fidelity import Fidelity, compare_outputs, primary_outputs
 from onnxpress.model_io import model_proto
-from onnxpress.pass_infra import Pass, PassResult
+from onnxpress.pass_infra import Pass, PassReport
 from onnxpress.runtime import make_session, run_batches
 
 if TYPE_CHECKING:
@@ -39,14 +39,6 @@ class VerificationError(OnnxpressError):
     """A pass produced a model that fails the checks after it (a bug in that pass)."""
 
 
-def primary_outputs(model: ir.Model) -> list[str]:
-    """Outputs that are compared between stages: everything but the KV cache,
-    whose shape legitimately changes when heads are pruned."""
-    names = [v.name for v in model.graph.outputs]
-    primary = [n for n in names if not n.startswith("present")]
-    return primary or names
-
-
 @dataclass
 class CompileContext:
     """What a pass may use besides the model: data, the reference outputs of the
@@ -59,6 +51,11 @@ class CompileContext:
     threads: int | None = None
     reference: list[dict[str, np.ndarray]] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # the compile's input model, as it was before the first pass (distillation's teacher)
+    original: ir.Model | None = None
+    # the text files the calibration data was read from (None: an .npz or synthetic data)
+    text_files: list[Path] | None = None
+    _analysis: tuple[ir.Model, TransformerMap] | None = field(default=None, repr=False)
 
     def run(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None):
         session = make_session(model, threads=self.threads)
@@ -69,9 +66,21 @@ class CompileContext:
         return compare_outputs(self.reference, self.run(model))
 
     def analysis(self, model: ir.Model) -> TransformerMap:
+        """The analysis map of ``model``, computed once until a pass changes the model."""
         from onnxpress.analysis import analyze
 
-        return analyze(model)
+        if self._analysis is None or self._analysis[0] is not model:
+            self._analysis = (model, analyze(model))
+        return self._analysis[1]
+
+    def forget_analysis(self) -> None:
+        """Drop the cached map (the model was rewritten)."""
+        self._analysis = None
+
+    def calibration_batches(self, pass_name: str, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+        """The calibration batches a pass fits on (the first ``max_batches``; 0 or None: all)."""
+        batches = list(self.require_calibration(pass_name).batches)
+        return batches[:max_batches] if max_batches else batches
 
     def require_calibration(self, pass_name: str) -> CalibrationSet:
         if self.calibration is None:
@@ -81,7 +90,7 @@ class CompileContext:
         return self.calibration
 
 
-class PassManager:
+class Pipeline:
     def __init__(self, passes: Sequence[Pass], *, verify: bool = True, progress: bool = True):
         self.passes = list(passes)
         self.verify = verify
@@ -102,11 +111,13 @@ class PassManager:
                 "cannot apply: remove them (e.g. --passes cleanup) or check the model is a transformer export"
             )
 
-    def run(self, model: ir.Model, ctx: CompileContext) -> list[PassResult]:
+    def run(self, model: ir.Model, ctx: CompileContext) -> list[PassReport]:
         """Run all passes on ``model`` in place; returns one result per pass."""
         ctx.output_names = ctx.output_names or primary_outputs(model)
         if not ctx.reference:
             ctx.reference = ctx.run(model)
+        if ctx.original is None and any(p.needs_original for p in self.passes):
+            ctx.original = model.clone()
         results = []
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
@@ -117,7 +128,7 @@ class PassManager:
             results.append(result)
         return results
 
-    def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassResult, *, lossless: bool):
+    def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassReport, *, lossless: bool):
         proto = model_proto(model)
         try:
             onnx.checker.check_model(proto)

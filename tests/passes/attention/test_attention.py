@@ -15,9 +15,9 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
-from onnxpress.pass_manager import CompileContext, PassManager
 from onnxpress.passes.attention import substitute_attention
-from onnxpress.passes.attention_build import GQA_CHUNK_LIMIT
+from onnxpress.passes.attention.build import GQA_CHUNK_LIMIT
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 
 from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
@@ -193,7 +193,7 @@ def test_after_head_pruning(target, tmp_path):
     path, model = _load("llama")
     calib = CalibrationSet([_feeds(model, batch=4, seq=12, seed=s) for s in range(4)], "random tokens")
     ctx = CompileContext(verification=_verification(model), calibration=calib, threads=1)
-    PassManager([build_pass("prune_heads", {"fraction": 0.4})], progress=False).run(model, ctx)
+    Pipeline([build_pass("prune_heads", {"fraction": 0.4})], progress=False).run(model, ctx)
     pruned = save_model(model, tmp_path / "pruned.onnx")
     heads = [a.num_heads for a in analyze(model).attentions()]
     assert len(set(heads)) > 1, f"pruning left equal head counts {heads}: the test needs different ones"
@@ -204,7 +204,7 @@ def test_after_head_pruning(target, tmp_path):
 
 def _run_pass(model, settings):
     ctx = CompileContext(verification=_verification(model), threads=1)
-    result = PassManager([build_pass("attention", settings)], progress=False).run(model, ctx)[0]
+    result = Pipeline([build_pass("attention", settings)], progress=False).run(model, ctx)[0]
     return result, ctx
 
 

@@ -1,170 +1,17 @@
-"""Tests of the low-rank pass: numerics on random matrices, the rewrite on a hand-built
-MatMul/Gemm graph, and the whole pass on tiny exported transformers (checked in ORT)."""
+"""Tests of the low-rank pass: the rewrite on a hand-built MatMul/Gemm graph, and the whole
+pass on tiny exported transformers (checked in ORT)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from onnxpress import factorization as fz
+from onnxpress.analysis.matrices import ROLES, select_matrices
+from onnxpress.editing import split_matrix
 from onnxpress.errors import OnnxpressError
-from onnxpress.passes import lowrank_fit as fit
 
-
-def _correlated_inputs(rng, n, d):
-    # anisotropic inputs, like real activations: a few directions carry most energy
-    mix = rng.standard_normal((d, d)) * np.logspace(0, -2, d)[:, None]
-    return rng.standard_normal((n, d)) @ mix + 0.3 * rng.standard_normal(d)
-
-
-# ---------------------------------------------------------------------------- numerics
-
-
-def test_whitened_svd_minimises_output_error_better_than_plain():
-    rng = np.random.default_rng(0)
-    x = _correlated_inputs(rng, 2000, 48)
-    w = rng.standard_normal((48, 32))
-    gram = x.T @ x
-    for rank in (4, 8, 16):
-        a_p, b_p = fit.decompose(w).factors(rank)
-        a_w, b_w = fit.decompose(w, gram, eps=1e-9).factors(rank)
-        err_plain = np.linalg.norm(x @ w - x @ a_p @ b_p)
-        err_white = np.linalg.norm(x @ w - x @ a_w @ b_w)
-        assert err_white < 0.8 * err_plain
-        # the dropped energies are exactly the output error on the calibration data
-        dec = fit.decompose(w, gram, eps=1e-12)
-        assert np.isclose(err_white**2, dec.energy[rank:].sum(), rtol=1e-4)
-
-
-def test_full_rank_is_exact_and_plain_svd_minimises_weight_error():
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((20, 30))
-    x = _correlated_inputs(rng, 500, 20)
-    for dec in (fit.decompose(w), fit.decompose(w, x.T @ x)):
-        a, b = dec.factors(20)
-        np.testing.assert_allclose(a @ b, w, atol=1e-8)
-    a, b = fit.decompose(w).factors(5)
-    s = np.linalg.svd(w, compute_uv=False)
-    assert np.isclose(np.linalg.norm(w - a @ b) ** 2, (s[5:] ** 2).sum())
-
-
-def test_cross_fit_recovers_original_outputs_from_perturbed_inputs():
-    """Sequential fitting: with X' = X + noise, the rank-r factors fitted to (X', X W)
-    reproduce X W better than factors fitted on X alone."""
-    rng = np.random.default_rng(2)
-    x = _correlated_inputs(rng, 3000, 40)
-    x_new = x @ (np.eye(40) + 0.1 * rng.standard_normal((40, 40)))
-    w = rng.standard_normal((40, 40))
-    a0, b0 = fit.decompose(w, x.T @ x).factors(12)
-    a1, b1 = fit.decompose(w, x_new.T @ x_new, cross=x_new.T @ x).factors(12)
-    err_naive = np.linalg.norm(x_new @ a0 @ b0 - x @ w)
-    err_cross = np.linalg.norm(x_new @ a1 @ b1 - x @ w)
-    assert err_cross < 0.9 * err_naive
-
-
-def test_residual_target_cancels_predictable_upstream_error():
-    """A matrix whose output is added to a residual stream R' (original R): fitted with
-    residual = X'^T (R - R'), X' W_r + R' gets closer to X W + R than the plain cross fit."""
-    rng = np.random.default_rng(5)
-    x = _correlated_inputs(rng, 3000, 32)
-    x_new = x + 0.05 * rng.standard_normal(x.shape)
-    w = rng.standard_normal((32, 24))
-    diff = x_new @ (0.2 * rng.standard_normal((32, 24))) + 0.01 * rng.standard_normal((3000, 24))  # R - R'
-    gram, cross = x_new.T @ x_new, x_new.T @ x
-    for rank in (8, 24):
-        a0, b0 = fit.decompose(w, gram, cross=cross).factors(rank)
-        a1, b1 = fit.decompose(w, gram, cross=cross, residual=x_new.T @ diff).factors(rank)
-        err_plain = np.linalg.norm(x_new @ a0 @ b0 - x @ w - diff)
-        err_res = np.linalg.norm(x_new @ a1 @ b1 - x @ w - diff)
-        assert err_res < 0.8 * err_plain
-
-
-def test_refit_prior_curbs_overfitting_with_few_tokens_and_tends_to_the_weight():
-    """Sequential refit with fewer calibration tokens than twice the input dimension: the
-    unregularised least-squares fit chases the calibration tokens, the prior towards W generalises
-    better to held-out tokens; an overwhelming prior returns W itself."""
-    rng = np.random.default_rng(6)
-    d, rank = 64, 24
-    w = rng.standard_normal((d, d))
-    mix = np.eye(d) + 0.05 * rng.standard_normal((d, d))
-    x_cal, x_test = _correlated_inputs(rng, 80, d), _correlated_inputs(rng, 4000, d)
-    noisy = lambda x: x @ mix + 0.05 * rng.standard_normal(x.shape)  # noqa: E731  compressed upstream
-
-    cal_new, test_new = noisy(x_cal), noisy(x_test)
-    gram, cross = cal_new.T @ cal_new, cal_new.T @ x_cal
-    scale = np.trace(gram) / len(x_cal)  # lambda per pseudo-token per input dimension
-
-    def held_out(prior):
-        a, b = fit.decompose(w, gram, cross=cross, prior=prior * scale).factors(rank)
-        return np.linalg.norm(test_new @ a @ b - x_test @ w)
-
-    assert held_out(1.0) < 0.9 * held_out(0.0)
-    a, b = fit.decompose(w, gram, cross=cross, prior=1e9 * scale).factors(d)
-    np.testing.assert_allclose(a @ b, w, rtol=1e-3, atol=1e-3)  # up to the Cholesky ridge eps
-
-
-def test_measured_allocation_takes_cheapest_losses_and_meets_the_budget_exactly():
-    # unit 0 loses little per parameter, unit 1 a lot, unit 2 has a noisy point above its hull
-    curves = [[(10, 1.0), (20, 3.0), (30, 9.0)], [(10, 5.0), (20, 12.0)], [(10, 4.0), (20, 4.5), (30, 12.0)]]
-    saved = fit.allocate_measured(curves, 45)
-    assert sum(saved) == pytest.approx(45)
-    # hull moves by loss per parameter: u0 0->10 (0.1), u0 10->20 (0.2), u2 0->20 (0.225, over
-    # the noisy point), u1 0->10 (0.5, half of it to meet the budget); u0 20->30 (0.6) not reached
-    assert saved == pytest.approx([20.0, 5.0, 20.0])
-    assert fit.allocate_measured(curves, 200) == pytest.approx([30.0, 20.0, 30.0])  # all there is
-
-
-def test_bias_shift_restores_mean_output():
-    rng = np.random.default_rng(3)
-    x = _correlated_inputs(rng, 1000, 16) + 2.0
-    w = rng.standard_normal((16, 8))
-    a, b = fit.decompose(w).factors(3)
-    shift = fit.bias_shift(w, a @ b, x.mean(0))
-    np.testing.assert_allclose((x @ a @ b + shift).mean(0), (x @ w).mean(0), atol=1e-9)
-
-
-def test_break_even_rank_never_adds_cost():
-    for d_in, d_out in [(2, 2), (3, 5), (64, 64), (384, 1536), (1, 100)]:
-        r = fit.break_even_rank(d_in, d_out)
-        assert r * (d_in + d_out) < d_in * d_out or r == 0
-        assert (r + 1) * (d_in + d_out) >= d_in * d_out
-    assert fit.break_even_rank(1, 100) == 0
-
-
-def _candidates(rng, shapes):
-    cands = []
-    for d_in, d_out in shapes:
-        decay = rng.uniform(0.5, 3.0)
-        energy = np.sort(rng.uniform(0.5, 1, min(d_in, d_out)) * np.arange(1, min(d_in, d_out) + 1) ** -decay)[::-1]
-        cands.append(fit.Candidate(d_in, d_out, energy))
-    return cands
-
-
-@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4, 0.6])
-def test_allocation_respects_the_budget(fraction):
-    rng = np.random.default_rng(4)
-    cands = _candidates(rng, [(64, 64), (64, 256), (256, 64), (64, 16)] * 3)
-    total = sum(c.full_cost for c in cands)
-    for ranks in (fit.global_ranks(cands, fraction * total), fit.uniform_ranks(cands, fraction)):
-        saved = fit.params_saved(cands, ranks)
-        largest_move = max(c.full_cost for c in cands)
-        assert fraction * total * 0.97 <= saved <= fraction * total + largest_move
-        for c, r in zip(cands, ranks, strict=True):  # a split never costs more than it saves
-            assert r is None or 1 <= r <= fit.break_even_rank(c.d_in, c.d_out)
-
-
-def test_global_allocation_loses_less_than_uniform_on_its_objective():
-    rng = np.random.default_rng(5)
-    cands = _candidates(rng, [(64, 256), (256, 64)] * 4)
-    total = sum(c.full_cost for c in cands)
-    g = fit.global_ranks(cands, 0.3 * total)
-    u = fit.uniform_ranks(cands, 0.3)
-
-    def loss(ranks):
-        return sum(c.loss(r) if r else 0.0 for c, r in zip(cands, ranks, strict=True))
-
-    assert fit.params_saved(cands, g) >= 0.3 * total
-    assert loss(g) <= loss(u) + 1e-12
-
+from tiny_models import random_token_batches, random_token_context
 
 # ---------------------------------------------------------------------------- rewrite on a hand-built graph
 
@@ -205,7 +52,7 @@ def _handbuilt(dtype=np.float32, seed=0):
 def _ctx(model, batches, outputs=None):
     from types import SimpleNamespace
 
-    from onnxpress.pass_manager import CompileContext
+    from onnxpress.pipeline import CompileContext
 
     ctx = CompileContext(verification=batches[:1], calibration=SimpleNamespace(batches=batches), threads=1)
     ctx.output_names = outputs or [v.name for v in model.graph.outputs]
@@ -216,17 +63,16 @@ def _ctx(model, batches, outputs=None):
 def test_full_rank_split_of_matmul_and_gemm_is_exact():
     import onnx_ir as ir
 
-    from onnxpress.passes import lowrank
 
     for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
         proto, batches = _handbuilt(dtype)
         model = ir.from_proto(proto)
         ctx = _ctx(model, batches)
-        matrices = lowrank.select_matrices(model, ["mm1", "gemm2", "mm3"])
+        matrices = select_matrices(model, ["mm1", "gemm2", "mm3"])
         assert sorted(m.key for m in matrices) == ["gemm2", "mm1", "mm3"]
         for m in matrices:
-            a, b = fit.decompose(m.weight).factors(min(m.d_in, m.d_out))
-            lowrank.split_matrix(model.graph, m, a, b, m.bias)
+            a, b = fz.decompose(m.weight).factors(min(m.d_in, m.d_out))
+            split_matrix(model.graph, m, a, b, m.bias)
         ops = [n.op_type for n in model.graph]
         assert "Gemm" not in ops and ops.count("MatMul") == 7
         assert all(v.const_value.dtype.numpy() == dtype for v in model.graph.initializers.values())
@@ -335,43 +181,16 @@ def _tiny(arch, with_past):
     return path, load_model(path)
 
 
-def _token_batches(model, n_batches, batch, seq, seed):
-    """Random-token feeds with some right padding (exercises the padding mask)."""
-    from onnxpress.calibration import make_feeds
-    from tests.tiny_models import VOCAB
-
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(n_batches):
-        ids = rng.integers(5, VOCAB, (batch, seq))
-        mask = np.ones_like(ids)
-        mask[0, seq - seq // 4:] = 0
-        batches.append(make_feeds(model, ids, mask, seed=seed))
-    return batches
-
-
-def _tiny_ctx(model, seed=0):
-    from onnxpress.calibration import CalibrationSet
-    from onnxpress.pass_manager import CompileContext, primary_outputs
-
-    calib = CalibrationSet(_token_batches(model, 4, 4, 24, seed), "random tokens")
-    ctx = CompileContext(verification=_token_batches(model, 1, 2, 16, seed + 100), calibration=calib, threads=1)
-    ctx.output_names = primary_outputs(model)
-    ctx.reference = ctx.run(model)
-    return ctx
-
-
 @pytest.mark.parametrize("arch, with_past", TINY)
 def test_full_rank_split_of_every_role_is_exact(arch, with_past):
-    from onnxpress.passes import lowrank
 
     _, model = _tiny(arch, with_past)
-    ctx = _tiny_ctx(model)
-    matrices = lowrank.select_matrices(model, list(lowrank.ROLES), ctx.analysis(model))
+    ctx = random_token_context(model)
+    matrices = select_matrices(model, list(ROLES), ctx.analysis(model))
     assert len(matrices) >= 8  # two layers, attention and FFN
     for m in matrices:
-        a, b = fit.decompose(m.weight).factors(min(m.d_in, m.d_out))
-        lowrank.split_matrix(model.graph, m, a, b, m.bias)
+        a, b = fz.decompose(m.weight).factors(min(m.d_in, m.d_out))
+        split_matrix(model.graph, m, a, b, m.bias)
     assert ctx.measure(model).rel_l2 < 1e-4
 
 
@@ -379,14 +198,13 @@ def test_full_rank_split_of_every_role_is_exact(arch, with_past):
 def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp_path):
     from onnxpress.fidelity import compare_outputs
     from onnxpress.model_io import save_model
-    from onnxpress.passes import lowrank
     from onnxpress.passes.lowrank import LowRankPass
     from onnxpress.runtime import make_session, run_batches
 
     path, model = _tiny(arch, with_past)
-    ctx = _tiny_ctx(model)
+    ctx = random_token_context(model)
     # every role split (uniform): sequential fits with the residual correction of attention O and FFN down
-    result = LowRankPass({"fraction": 0.3, "include": list(lowrank.ROLES), "allocation": "uniform"}).run(model, ctx)
+    result = LowRankPass({"fraction": 0.3, "include": list(ROLES), "allocation": "uniform"}).run(model, ctx)
     assert result.modified and result.changes["matrices_split"] >= 8
     assert result.params_after < result.params_before and result.macs_after < result.macs_before
     for info in result.details["ranks"].values():  # never a split that adds MACs
@@ -406,22 +224,21 @@ def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
     relative squared output error of the model actually split that way (in ORT)."""
     from onnxpress.activations import token_rows
     from onnxpress.model_io import model_proto
-    from onnxpress.passes import lowrank
-    from onnxpress.passes.lowrank_probe import Prober
+    from onnxpress.passes.lowrank.probe import Prober
     from onnxpress.runtime import make_session, session_feeds
 
     path, model = _tiny(arch, with_past)
-    ctx = _tiny_ctx(model)
+    ctx = random_token_context(model)
     batches = list(ctx.calibration.batches)[:2]
-    matrices = lowrank.select_matrices(model, list(lowrank.ROLES), ctx.analysis(model))
-    prober = Prober(model, matrices, lowrank.split_matrix, batches, ctx.output_names, threads=1)
+    matrices = select_matrices(model, list(ROLES), ctx.analysis(model))
+    prober = Prober(model, matrices, batches, ctx.output_names, threads=1)
     assert prober.loss({}) == 0.0
     trial = {}
     for i in (0, len(matrices) - 1):
         m = matrices[i]
-        a, b = fit.decompose(m.weight).factors(2)
+        a, b = fz.decompose(m.weight).factors(2)
         trial[i] = (a, b, np.full(m.d_out, 0.1) if m.bias is None else m.bias + 0.1)
-        lowrank.split_matrix(model.graph, m, *trial[i])
+        split_matrix(model.graph, m, *trial[i])
     before, after = make_session(path), make_session(model_proto(model).SerializeToString())
     err = total = 0.0
     for feeds in batches:
@@ -435,11 +252,11 @@ def test_trimmed_padding_leaves_the_real_tokens_unchanged():
     """Calibration batches of short sentences padded to max_length are cut after their last real
     token: the real tokens' outputs are the same in ORT; a non-empty KV cache is left alone."""
     from onnxpress.activations import token_rows
-    from onnxpress.passes.lowrank import trim_padding
+    from onnxpress.calibration import trim_padding
     from onnxpress.runtime import make_session, session_feeds
 
     path, model = _tiny("bert", False)
-    (feeds,) = _token_batches(model, 1, 3, 20, seed=1)
+    (feeds,) = random_token_batches(model, 1, 3, 20, seed=1)
     feeds["attention_mask"][:, 12:] = 0
     feeds["attention_mask"][1, 9:] = 0
     cut = trim_padding(feeds)
@@ -474,7 +291,7 @@ def test_matrices_that_cannot_shrink_are_never_split():
     from onnxpress.passes.lowrank import LowRankPass
 
     _, model = _tiny("bert", False)
-    ctx = _tiny_ctx(model)
+    ctx = random_token_context(model)
     outcome = LowRankPass({"fraction": 0.02, "allocation": "global", "sequential": False}).apply(model, ctx)
     assert 1 <= outcome.changes["matrices_split"] < 8
     for info in outcome.details["ranks"].values():
@@ -488,13 +305,13 @@ def test_composes_with_pruning_in_either_order(order, tmp_path):
     and the pass manager's checks (its reported error against the saved model) pass."""
     from onnxpress.model_io import save_model
     from onnxpress.pass_infra import build_pass
-    from onnxpress.pass_manager import PassManager
+    from onnxpress.pipeline import Pipeline
     from onnxpress.runtime import make_session
 
     _, model = _tiny("llama", True)
-    ctx = _tiny_ctx(model)
+    ctx = random_token_context(model)
     passes = [build_pass(name, {"fraction": 0.2 if name == "lowrank" else 0.25}) for name in order]
-    results = PassManager(passes, progress=False).run(model, ctx)
+    results = Pipeline(passes, progress=False).run(model, ctx)
     for result in results:
         assert result.modified and result.params_after < result.params_before
         assert result.measured_error is not None and result.measured_error <= result.error * 1.02 + 1e-6
@@ -512,7 +329,7 @@ def test_budget_beyond_the_selected_matrices_is_a_one_line_error():
     from onnxpress.passes.lowrank import LowRankPass
 
     _, model = _tiny("bert", False)
-    ctx = _tiny_ctx(model)
+    ctx = random_token_context(model)
     ffn = ["ffn.up", "ffn.gate", "ffn.down"]
     with pytest.raises(OnnxpressError, match="include more roles") as info:
         LowRankPass({"fraction": 0.9, "include": ffn}).apply(model, ctx)

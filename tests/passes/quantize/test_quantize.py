@@ -11,13 +11,13 @@ import pytest
 
 from onnxpress.calibration import make_feeds
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import compare_outputs, next_token_nll
+from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
-from onnxpress.pass_manager import CompileContext, PassManager, primary_outputs
-from onnxpress.passes.quant_fusion import fusion_report
-from onnxpress.passes.quant_graph import apply_smoothing, find_linears
-from onnxpress.passes.quant_smooth import smooth_scales
+from onnxpress.passes.quantize.fusion import fusion_report
+from onnxpress.passes.quantize.graph import apply_smoothing, find_linears
+from onnxpress.passes.quantize.smooth import smooth_scales
+from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 from tests.tiny_models import tiny_model
 
@@ -94,7 +94,7 @@ def test_compile_pipeline_verifies_the_quantized_stage(tmp_path):
     """Through the pass manager: the checker runs and the re-measured error matches."""
     model = load_model(tiny_model("bert"))
     ctx = _context(model)
-    manager = PassManager([build_pass("quantize", {"mode": "static"})], progress=False)
+    manager = Pipeline([build_pass("quantize", {"mode": "static"})], progress=False)
     (result,) = manager.run(model, ctx)
     assert result.measured_error == pytest.approx(result.error, rel=0.02, abs=1e-6)
     assert result.changes["matmuls_smoothed"] + result.changes["matmuls_gptq"] > 0
@@ -222,7 +222,7 @@ def test_quantize_after_pruning_and_lowrank(tmp_path):
         build_pass("quantize", {"mode": "static"}),
     ]
     before = _weight_matmuls(model)
-    heads, ffn, lowrank, quant = PassManager(passes, progress=False).run(model, ctx)
+    heads, ffn, lowrank, quant = Pipeline(passes, progress=False).run(model, ctx)
     assert heads.changes["heads_removed"] > 0 and ffn.changes["neurons_removed"] > 0
     split = lowrank.changes["matrices_split"]
     assert split > 0
@@ -248,7 +248,7 @@ def test_quantize_after_attention_on_the_onnxpress_op(tmp_path):
     ctx = _context(model)
     original = ctx.reference  # the manager moves ctx.reference to each accepted stage
     passes = [build_pass("attention", {"target": "onnxpress"}), build_pass("quantize", {"mode": "static"})]
-    attention, quant = PassManager(passes, progress=False).run(model, ctx)
+    attention, quant = Pipeline(passes, progress=False).run(model, ctx)
     assert attention.changes["attention_fused"] == 2
     fusion = quant.details["ort_fusion"]
     assert fusion["unfused"] == 0 and fusion["fused"] == quant.changes["matmuls_quantized"] > 0, fusion

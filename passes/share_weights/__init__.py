@@ -7,9 +7,9 @@ Calibration -> decision -> rewrite:
    adjacent layers of equal shape, the other selected roles stay alone (a group of one is
    the low-rank pass's whitened SVD);
 2. the Gram X^T X of every matrix's input on calibration data; each group's weights are
-   whitened, stacked and decomposed (:mod:`onnxpress.passes.share_weights_fit`);
+   whitened, stacked and decomposed (:mod:`onnxpress.passes.share_weights.fit`);
 3. ranks under one budget (``fraction`` of the selected matrices' parameters), with the
-   low-rank pass's allocators, one candidate per group;
+   allocators of :mod:`onnxpress.factorization`, one candidate per group;
 4. per group, basis sharing ``W_i ~ B C_i`` (or ``C_i B`` on the output side), or, with
    ``mode: tie``/``auto``, a shared base plus per-layer low-rank residuals when that has the
    lower calibration error at no more parameters; bias correction restores mean outputs.
@@ -28,14 +28,13 @@ import numpy as np
 import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
-from onnxpress.activations import GramStats, capture
+from onnxpress import factorization as fz
+from onnxpress.activations import Gram, capture
+from onnxpress.analysis.matrices import ROLES, Matrix, select_matrices
+from onnxpress.editing import add_initializer, drop_unused_initializers, remove_dead_nodes, split_matrix
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes import lowrank
-from onnxpress.passes import lowrank_fit as fit
-from onnxpress.passes import share_weights_fit as sfit
-from onnxpress.passes.graph_edit import add_initializer, drop_unused_initializers, remove_dead_nodes
+from onnxpress.passes.share_weights import fit as sfit
 
-ROLES = lowrank.ROLES
 # Basis Sharing shares the matrices that read the (normalised) residual stream; O and down
 # read per-layer activations and are compressed alone by default (bench: side=output).
 SHARED_ROLES = ["attn.q", "attn.k", "attn.v", "attn.qkv", "ffn.up", "ffn.gate"]
@@ -52,7 +51,7 @@ class ShareWeightsConfig(PassConfig):
     mode: Literal["basis", "tie", "auto"] = "auto"  # auto: per group, the lower calibration error
     allocation: Literal["global", "uniform"] = "global"
     bias_correction: bool = True
-    eps: float = fit.DEFAULT_EPS
+    eps: float = fz.DEFAULT_EPS
     max_batches: int | None = None
 
     def validate(self) -> None:
@@ -75,7 +74,7 @@ class ShareWeightsConfig(PassConfig):
 @dataclass
 class Group:
     role: str
-    members: list[lowrank.Matrix]
+    members: list[Matrix]
     side: str
     dec: sfit.GroupDecomposition | None = None
 
@@ -84,10 +83,10 @@ class Group:
         return [m.layer for m in self.members]
 
 
-def make_groups(matrices: list[lowrank.Matrix], cfg: ShareWeightsConfig, stats=None) -> list[Group]:
+def make_groups(matrices: list[Matrix], cfg: ShareWeightsConfig, stats=None) -> list[Group]:
     """Layers of one role, ``group_size`` at a time (equal shapes and dtypes only): adjacent ones,
     or (``grouping: similar``, needs ``stats``) the most similar whitened weights."""
-    by_role: dict[str, list[lowrank.Matrix]] = {}
+    by_role: dict[str, list[Matrix]] = {}
     for m in matrices:
         by_role.setdefault(m.key.split(".", 1)[1], []).append(m)
     groups = []
@@ -98,7 +97,7 @@ def make_groups(matrices: list[lowrank.Matrix], cfg: ShareWeightsConfig, stats=N
         if cfg.grouping == "similar" and size > 1:
             groups += _similar_groups(role, ms, size, side, stats, cfg.eps)
             continue
-        run: list[lowrank.Matrix] = []
+        run: list[Matrix] = []
         for m in ms:
             fits = run and m.weight.shape == run[0].weight.shape and m.dtype == run[0].dtype \
                 and m.layer == run[-1].layer + 1
@@ -112,42 +111,40 @@ def make_groups(matrices: list[lowrank.Matrix], cfg: ShareWeightsConfig, stats=N
 
 
 def _similar_groups(role, ms, size, side, stats, eps) -> list[Group]:
-    buckets: dict[tuple, list[lowrank.Matrix]] = {}
+    buckets: dict[tuple, list[Matrix]] = {}
     for m in ms:
         buckets.setdefault((m.weight.shape, m.dtype), []).append(m)
     groups = []
     for bucket in buckets.values():
-        sim = sfit.similarity([m.weight for m in bucket], [stats[m.input.name].gram for m in bucket], side, eps=eps)
+        sim = sfit.similarity([m.weight for m in bucket], [stats[m.input.name].xtx for m in bucket], side, eps=eps)
         groups += [Group(role, [bucket[i] for i in idx], side) for idx in sfit.similar_groups(sim, size)]
     return groups
 
 
-def _input_stats(model: ir.Model, names: list[str], batches, threads) -> dict[str, lowrank.InputStats]:
-    """Gram, sum and count of each input on calibration tokens, in the low-rank pass's form.
-    One-shot fitting needs no cross terms, so activations.GramStats holds a third of the memory of
-    lowrank.collect_stats (which also allocates them); the reference terms are the same arrays."""
-    accs = [GramStats(n) for n in names]
+def _input_stats(model: ir.Model, names: list[str], batches, threads) -> dict[str, Gram]:
+    """The Gram of each input on calibration tokens (one-shot fitting: no reference terms)."""
+    accs = [Gram(n) for n in names]
     capture(model, names, batches, accs, threads=threads, desc="share_weights: input statistics")
-    return {a.name: lowrank.InputStats(a.xtx, a.sum, a.count, a.xtx, a.xtx, a.sum) for a in accs}
+    return {a.name: a for a in accs}
 
 
 # ----------------------------------------------------------------------------- rewrite
 
 
 def _weight_input(x: ir.Value, stem: str, second: bool) -> ir.Node:
-    """The MatMul that lowrank.split_matrix made for ``stem`` (its first or second factor)."""
+    """The MatMul that split_matrix made for ``stem`` (its first or second factor)."""
     first = next(n for n, _ in x.uses() if n.name == f"{stem}/lowrank_A")
     return next(n for n, _ in first.outputs[0].uses()) if second else first
 
 
 def emit_basis(graph: ir.Graph, group: Group, shared: np.ndarray, parts: list[np.ndarray],
                biases: list[np.ndarray | None]) -> str:
-    """Split every member with lowrank.split_matrix, then point all of them at ONE copy of the
+    """Split every member with split_matrix, then point all of them at ONE copy of the
     shared factor (the others are dropped): that is what makes the file and ORT hold it once."""
     shared_value = None
     for m, part, bias in zip(group.members, parts, biases, strict=True):
         a, b = (shared, part) if group.side == "input" else (part, shared)
-        lowrank.split_matrix(graph, m, a, b, bias)
+        split_matrix(graph, m, a, b, bias)
         node = _weight_input(m.input, m.node.name or m.key, second=group.side == "output")
         if shared_value is None:
             shared_value = node.inputs[1]
@@ -168,7 +165,7 @@ def emit_tie(graph: ir.Graph, group: Group, base: np.ndarray, residuals, biases)
     stem = group.members[0].node.name or group.members[0].key
     base_value = add_initializer(graph, f"{stem}.shared_base", base.astype(np_dtype))
     for m, (a, b), bias in zip(group.members, residuals, biases, strict=True):
-        lowrank.split_matrix(graph, m, a, b, bias)
+        split_matrix(graph, m, a, b, bias)
         second = _weight_input(m.input, m.node.name or m.key, second=True)
         low = second.outputs[0]
         base_mm = ir.node("MatMul", [m.input, base_value], name=f"{m.node.name or m.key}/shared_base")
@@ -198,9 +195,8 @@ class ShareWeightsPass(Pass):
         none = Outcome(changes={"groups_shared": 0, "matrices_split": 0})
         if cfg.fraction == 0:
             return none
-        calib = ctx.require_calibration(self.name)
-        batches = list(calib.batches)[: cfg.max_batches] if cfg.max_batches else list(calib.batches)
-        matrices = lowrank.select_matrices(model, cfg.include, ctx.analysis(model))
+        batches = ctx.calibration_batches(self.name, cfg.max_batches)
+        matrices = select_matrices(model, cfg.include, ctx.analysis(model))
         if not matrices:
             return none
         stats = _input_stats(model, sorted({m.input.name for m in matrices}), batches, getattr(ctx, "threads", None))
@@ -210,9 +206,9 @@ class ShareWeightsPass(Pass):
         candidates = [self._decompose(g, stats, cfg).candidate() for g in groups]
         total = sum(m.d_in * m.d_out for m in matrices)
         if cfg.allocation == "uniform":
-            ranks = fit.uniform_ranks(candidates, cfg.fraction)
+            ranks = fz.uniform_ranks(candidates, cfg.fraction)
         else:
-            ranks = fit.global_ranks(candidates, cfg.fraction * total)
+            ranks = fz.global_ranks(candidates, cfg.fraction * total)
         report, saved, shared_count = [], 0, 0
         for g, rank in zip(groups, ranks, strict=True):
             if rank is None:
@@ -230,7 +226,7 @@ class ShareWeightsPass(Pass):
 
     @staticmethod
     def _decompose(g: Group, stats, cfg: ShareWeightsConfig) -> sfit.GroupDecomposition:
-        return sfit.decompose_group([m.weight for m in g.members], [stats[m.input.name].gram for m in g.members],
+        return sfit.decompose_group([m.weight for m in g.members], [stats[m.input.name].xtx for m in g.members],
                                     g.side, cfg.eps)
 
     def _fit_group(self, graph: ir.Graph, g: Group, rank: int, stats, cfg: ShareWeightsConfig) -> dict:
@@ -246,14 +242,14 @@ class ShareWeightsPass(Pass):
         r_tie = sfit.tie_rank(n, d_in, d_out, budget) if n > 1 else 0
         tie = None
         if cfg.mode in ("tie", "auto") and r_tie >= 1:
-            tie = sfit.fit_tie([m.weight for m in ms], [stats[m.input.name].gram for m in ms], r_tie, cfg.eps)
+            tie = sfit.fit_tie([m.weight for m in ms], [stats[m.input.name].xtx for m in ms], r_tie, cfg.eps)
             options["tie"] = ([tie[0] + a @ b for a, b in tie[1]], sfit.tie_cost(n, d_in, d_out, r_tie))
         if not options:  # mode tie where no residual rank fits the budget: basis sharing instead
             options["basis"] = (g.dec.approximations(rank), budget)
         scored = {}
         for kind, (approx, cost) in options.items():
             biases = [self._bias(m, w_r, stats[m.input.name], cfg) for m, w_r in zip(ms, approx, strict=True)]
-            errs = [lowrank.output_error(m, w_r, stats[m.input.name], b)
+            errs = [fz.output_error(m, w_r, stats[m.input.name], b)
                     for m, w_r, b in zip(ms, approx, biases, strict=True)]
             scored[kind] = (errs, biases, cost)
         kind = min(scored, key=lambda k: np.sqrt(np.mean(np.square(scored[k][0]))))
@@ -270,9 +266,9 @@ class ShareWeightsPass(Pass):
                 "calibration_error": [float(e) for e in errs]}
 
     @staticmethod
-    def _bias(m: lowrank.Matrix, w_r: np.ndarray, s: lowrank.InputStats, cfg) -> np.ndarray | None:
+    def _bias(m: Matrix, w_r: np.ndarray, s: Gram, cfg) -> np.ndarray | None:
         if not cfg.bias_correction:
             return m.bias
-        shift = fit.bias_shift(m.weight, w_r, s.mean)
+        shift = fz.bias_shift(m.weight, w_r, s.mean)
         return shift if m.bias is None else m.bias + shift
 

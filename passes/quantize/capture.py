@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxpress.model_io import model_proto
-from onnxpress.passes.quant_calibrate import StreamingHistogram
+from onnxpress.passes.quantize.calibrate import StreamingHistogram
 from onnxpress.runtime import make_session, session_feeds
 
 

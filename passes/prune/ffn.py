@@ -16,9 +16,12 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.activations import Gram, capture_grams
+from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
-from onnxpress.passes import prune_common as pc
+from onnxpress.passes.prune import rewrite, scoring
+from onnxpress.passes.prune.config import PruneConfig
 
 # Thousands of neurons: the greedy elimination takes this many OBS updates, each
 # removing the cheapest neurons of the moment together (the recorded error stays exact
@@ -32,7 +35,7 @@ _MAX_SHARE_FACTOR = 3.0
 
 
 @dataclass
-class PruneFfnConfig(pc.PruneConfig):
+class PruneFfnConfig(PruneConfig):
     targets: ClassVar[tuple[str, ...]] = ("neurons", "params", "macs")
     fraction: float = 0.25
     target: str = "neurons"  # share of FFN neurons, of FFN parameters or of FFN MACs (the same for FFNs)
@@ -67,13 +70,13 @@ class PruneFfnPass(Pass):
             return Outcome(changes={"neurons_removed": 0}, details=details)
 
         ffns = [layer.ffn for layer in layers]
-        weights = [pc.read_weight(f.down) for f in ffns]
-        biases = [pc.read_bias(f.down) for f in ffns]
+        weights = [rewrite.read_weight(f.down) for f in ffns]
+        biases = [rewrite.read_bias(f.down) for f in ffns]
         stats = residuals = None
         if cfg.score == "contribution" or cfg.repair:
-            batches = pc.calibration_batches(ctx, self.name, cfg.max_batches)
-            residuals = [pc.residual_output(f.down, layer) for f, layer in zip(ffns, layers, strict=True)]
-            stats = pc.capture_stats(model, batches, [f.down.input.name for f in ffns],
+            batches = ctx.calibration_batches(self.name, cfg.max_batches)
+            residuals = [rewrite.residual_output(f.down, layer) for f, layer in zip(ffns, layers, strict=True)]
+            stats = capture_grams(model, batches, [f.down.input.name for f in ffns],
                                      [r.name for r in residuals if r is not None], threads=ctx.threads)
             details["calibration_tokens"] = int(stats.grams[ffns[0].down.input.name].count)
 
@@ -84,29 +87,29 @@ class PruneFfnPass(Pass):
             max_remove = max(0, min(n - cfg.min_neurons_per_layer, cap))
             groups = [np.array([j]) for j in range(n)]
             if cfg.score == "weight_norm":
-                elim, scale = pc.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
+                elim, scale = scoring.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
             else:
                 gram = stats.grams[f.down.input.name]
                 if cfg.repair:
                     chunk = max(1, max_remove // _STEPS)
-                    elim = pc.eliminate_with_repair(gram, weights[i], biases[i], groups, max_remove,
+                    elim = scoring.eliminate_with_repair(gram, weights[i], biases[i], groups, max_remove,
                                                     ridge=cfg.ridge, chunk=chunk)
                 else:
                     elim = _eliminate_no_repair_fast(gram, weights[i], max_remove)
                 scale = stats.energy.get(residuals[i].name, 0.0) if residuals[i] is not None else 0.0
                 if scale <= 0:
-                    scale = pc.output_energy(gram, weights[i], biases[i])
+                    scale = scoring.output_energy(gram, weights[i], biases[i])
             cost = 1.0 if cfg.target == "neurons" else float(_neuron_params(f) if cfg.target == "params"
                                                               else _neuron_macs(f))
-            curves.append(pc.LayerCurve(elim, unit_cost=cost, scale=scale, max_remove=max_remove))
+            curves.append(scoring.LayerCurve(elim, unit_cost=cost, scale=scale, max_remove=max_remove))
             totals.append(n)
         grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
         if cfg.allocation == "global":
-            counts = pc.allocate(curves, cfg.fraction * grand_total)
+            counts = scoring.allocate(curves, cfg.fraction * grand_total)
         else:
-            counts = pc.uniform_counts(curves, cfg.fraction, totals)
+            counts = scoring.uniform_counts(curves, cfg.fraction, totals)
 
-        editor = pc.GraphEditor(model)
+        editor = GraphEditor(model)
         removed = 0
         for i, (f, curve, count) in enumerate(zip(ffns, curves, counts, strict=True)):
             drop = set(curve.elimination.order[:count])
@@ -116,7 +119,7 @@ class PruneFfnPass(Pass):
             if not drop:
                 continue
             if cfg.repair:
-                w, b = pc.ridge_refit(stats.grams[f.down.input.name], weights[i], biases[i], keep, ridge=cfg.ridge)
+                w, b = scoring.ridge_refit(stats.grams[f.down.input.name], weights[i], biases[i], keep, ridge=cfg.ridge)
             else:
                 w, b = weights[i][keep], biases[i]
             _rewrite(editor, f, keep, w, b, add_bias=cfg.add_bias and cfg.repair)
@@ -147,34 +150,34 @@ def _neuron_macs(ffn) -> int:
     return n * (2 if ffn.packed_gate_up else 1) + ffn.down.d_out
 
 
-def _eliminate_no_repair_fast(gram: pc.AugmentedGram, w: np.ndarray, max_remove: int) -> pc.Elimination:
+def _eliminate_no_repair_fast(gram: Gram, w: np.ndarray, max_remove: int) -> scoring.Elimination:
     """Without repair, for single neurons: order by the energy ``G_jj ||W_j||^2`` each
     contributes (cross terms between neurons are second order; the exact greedy is
     quadratic in the width)."""
     energy = np.diag(gram.xtx) * (w**2).sum(1)
     order = [int(i) for i in np.argsort(energy, kind="stable")[:max_remove]]
-    return pc.Elimination(order, np.cumsum(energy[order]))
+    return scoring.Elimination(order, np.cumsum(energy[order]))
 
 
-def _rewrite(editor: pc.GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *, add_bias: bool) -> None:
+def _rewrite(editor: GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *, add_bias: bool) -> None:
     n, n2 = ffn.ffn_size, len(keep)
     cols = np.concatenate([keep, n + keep]) if ffn.packed_gate_up else keep
     for lin in (ffn.up, ffn.gate):
         if lin is None:
             continue
-        lw, lb = pc.read_weight(lin), pc.read_bias(lin)
-        pc.write_linear(editor, lin, lw[:, cols], None if lb is None else lb[cols])
+        lw, lb = rewrite.read_weight(lin), rewrite.read_bias(lin)
+        rewrite.write_linear(editor, lin, lw[:, cols], None if lb is None else lb[cols])
     starts = [lin.node.outputs[0] for lin in (ffn.up, ffn.gate) if lin is not None]
-    region = pc.region_between(starts, ffn.down.node)
+    region = rewrite.region_between(starts, ffn.down.node)
     for node in region:
         _patch_width(editor, node, n, n2, packed=ffn.packed_gate_up)
         _slice_channel_constants(editor, node, keep, n)
-    pc.write_linear(editor, ffn.down, w, b, add_bias=add_bias)
-    pc.clear_shapes([v for node in region for v in node.outputs])
-    pc.clear_shapes([*starts, *(lin.output for lin in (ffn.up, ffn.gate) if lin is not None)])
+    rewrite.write_linear(editor, ffn.down, w, b, add_bias=add_bias)
+    rewrite.clear_shapes([v for node in region for v in node.outputs])
+    rewrite.clear_shapes([*starts, *(lin.output for lin in (ffn.up, ffn.gate) if lin is not None)])
 
 
-def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, packed: bool) -> None:
+def _patch_width(editor: GraphEditor, node: ir.Node, n: int, n2: int, *, packed: bool) -> None:
     """Reshape targets ending in the width, Split sizes and Slice bounds of the
     packed halves: n -> n2 (and 2n -> 2n2)."""
     from onnxpress.analysis.graph_utils import const_array, shape_elements
@@ -183,7 +186,7 @@ def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, pack
     if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
         dims = shape_elements(node.inputs[1])
         if dims and dims[-1] is not None and dims[-1] in widths:
-            pc.write_shape(editor, node.inputs[1], dims, [*dims[:-1], widths[dims[-1]]], [node])
+            rewrite.write_shape(editor, node.inputs[1], dims, [*dims[:-1], widths[dims[-1]]], [node])
     elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
         sizes = const_array(node.inputs[1])
         if sizes is not None and sizes.ndim == 1 and all(int(s) in widths for s in sizes):
@@ -197,7 +200,7 @@ def _patch_width(editor: pc.GraphEditor, node: ir.Node, n: int, n2: int, *, pack
                     editor.set_constant(node.inputs[idx], new, [node])
 
 
-def _slice_channel_constants(editor: pc.GraphEditor, node: ir.Node, keep: np.ndarray, n: int) -> None:
+def _slice_channel_constants(editor: GraphEditor, node: ir.Node, keep: np.ndarray, n: int) -> None:
     """Per-neuron constants applied between up and down (the bias input of ORT's fused
     BiasGelu / FastGelu, a per-channel scale) lose the removed neurons too."""
     from onnxpress.analysis.graph_utils import const_array

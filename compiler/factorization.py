@@ -1,5 +1,6 @@
-"""Numerics of the low-rank pass, in numpy only (no graphs): factorising one weight
-matrix and sharing one parameter budget across many.
+"""Factorising weight matrices, in numpy only (no graphs): one matrix's (whitened) SVD,
+one parameter budget shared across many, and the output error of a factorised matrix
+from calibration statistics. The low-rank and weight-sharing passes stand on it.
 
 Conventions: a linear layer computes ``Y = X @ W`` with ``W`` of shape [d_in, d_out];
 its calibration inputs are summarised by the Gram matrix ``G = X^T X`` (and, for
@@ -242,3 +243,23 @@ def allocate_measured(curves: list[list[tuple[float, float]]], budget: float) ->
 def _on_or_above(o, a, b) -> bool:
     """Whether a lies on or above the segment o-b (then a is not on the lower hull)."""
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]) <= 0
+
+
+def output_error(m, w_r: np.ndarray, s, bias: np.ndarray | None, res=None) -> float:
+    """||X' W_r + b' - (X W + b) - D|| / ||X W + b|| on the calibration tokens, from the
+    second moments (X' = the compressed model's inputs, X = the original ones, D = the
+    upstream error of the residual the output is added to; zero without ``res``)."""
+    w, n = m.weight, s.count
+    b0 = m.bias if m.bias is not None else np.zeros(m.d_out)
+    b1 = bias if bias is not None else np.zeros(m.d_out)
+    def trace(left, gram, right):  # tr(left^T gram right)
+        return float(np.sum(left * (gram @ right)))
+
+    new_sq = trace(w_r, s.xtx, w_r) + 2 * (s.sum @ w_r) @ b1 + n * b1 @ b1
+    ref_sq = trace(w, s.xtx_ref, w) + 2 * (s.sum_ref @ w) @ b0 + n * b0 @ b0
+    dot = trace(w_r, s.cross, w) + (s.sum @ w_r) @ b0 + (s.sum_ref @ w) @ b1 + n * b1 @ b0
+    err_sq = new_sq - 2 * dot + ref_sq
+    if res is not None:  # ||P - D||^2 = ||P||^2 - 2 <P, D> + ||D||^2 with P = X'W_r + b' - XW - b
+        p_dot_d = float(np.sum(w_r * res.cross)) + b1 @ res.total - float(np.sum(w * res.cross_ref)) - b0 @ res.total
+        err_sq += res.sq - 2 * p_dot_d
+    return float(np.sqrt(max(err_sq, 0.0) / max(ref_sq, 1e-30)))

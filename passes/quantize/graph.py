@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.passes.graph_edit import add_initializer, drop_unused_initializers
+from onnxpress.editing import add_initializer, drop_unused_initializers
 
 NORM_OPS = {
     "LayerNormalization",

@@ -13,7 +13,7 @@ and calibration Grams ``G_i = X_i^T X_i``. Two ways to store the group in fewer 
   group plus a per-layer low-rank residual ``A_i B_i`` fitted by whitened SVD.
 
 The per-rank energies of a basis decomposition feed the low-rank pass's allocator
-(:mod:`onnxpress.passes.lowrank_fit`) as one ``Candidate`` per group.
+(:mod:`onnxpress.factorization`) as one ``Candidate`` per group.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from onnxpress.passes import lowrank_fit as fit
+from onnxpress import factorization as fz
 
 SIDES = ("input", "output")
 
@@ -36,19 +36,19 @@ class GroupDecomposition:
     n: int
     d_in: int
     d_out: int
-    dec: fit.Decomposition  # input side: lowrank_fit's whitened SVD of [W_1 ... W_n]
+    dec: fz.Decomposition  # input side: the factorization's whitened SVD of [W_1 ... W_n]
     whitens: list[np.ndarray] | None = None  # output side: S_i per layer (dec.whiten is None)
 
     @property
     def energy(self) -> np.ndarray:
         return self.dec.energy
 
-    def candidate(self) -> fit.Candidate:
+    def candidate(self) -> fz.Candidate:
         """The group as one matrix for the allocator: its factor cost r * (d_in' + d_out')
         is the basis (shared) plus the n per-layer coefficient matrices."""
         if self.side == "input":
-            return fit.Candidate(self.d_in, self.n * self.d_out, self.energy)
-        return fit.Candidate(self.n * self.d_in, self.d_out, self.energy)
+            return fz.Candidate(self.d_in, self.n * self.d_out, self.energy)
+        return fz.Candidate(self.n * self.d_in, self.d_out, self.energy)
 
     def cost(self, rank: int) -> int:
         c = self.candidate()
@@ -74,17 +74,17 @@ class GroupDecomposition:
 
 
 def decompose_group(weights: list[np.ndarray], grams: list[np.ndarray], side: str,
-                    eps: float = fit.DEFAULT_EPS) -> GroupDecomposition:
+                    eps: float = fz.DEFAULT_EPS) -> GroupDecomposition:
     """Whitened SVD of the group stacked along ``side`` (see the module docstring)."""
     d_in, d_out = weights[0].shape
     if side == "input":
         pooled = sum(grams) / len(grams)
-        dec = fit.decompose(np.concatenate(weights, axis=1), pooled, eps=eps)
+        dec = fz.decompose(np.concatenate(weights, axis=1), pooled, eps=eps)
         return GroupDecomposition(side, len(weights), d_in, d_out, dec)
-    whitens = [fit.whitening(g, eps) for g in grams]
+    whitens = [fz.whitening(g, eps) for g in grams]
     stacked = np.concatenate([s.T @ w for s, w in zip(whitens, weights, strict=True)], axis=0)
     u, sigma, vt = np.linalg.svd(stacked, full_matrices=False)
-    return GroupDecomposition(side, len(weights), d_in, d_out, fit.Decomposition(u, sigma, vt, None), whitens)
+    return GroupDecomposition(side, len(weights), d_in, d_out, fz.Decomposition(u, sigma, vt, None), whitens)
 
 
 def tie_rank(n: int, d_in: int, d_out: int, budget: int) -> int:
@@ -98,25 +98,25 @@ def tie_cost(n: int, d_in: int, d_out: int, rank: int) -> int:
 
 
 def fit_tie(weights: list[np.ndarray], grams: list[np.ndarray], rank: int,
-            eps: float = fit.DEFAULT_EPS) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+            eps: float = fz.DEFAULT_EPS) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """Shared base and per-layer residual factors (A_i [d_in, r], B_i [r, d_out]).
 
     The base minimises the summed output error of the group on calibration data,
-    ``argmin_W sum_i ||X_i (W_i - W)||^2 = (sum G_i)^-1 sum G_i W_i`` (with lowrank_fit's ridge);
+    ``argmin_W sum_i ||X_i (W_i - W)||^2 = (sum G_i)^-1 sum G_i W_i`` (with the factorization's ridge);
     each residual W_i - W is then truncated by whitened SVD on its own layer's inputs.
     """
-    chol = fit.whitening(sum(grams), eps)
+    chol = fz.whitening(sum(grams), eps)
     base = scipy.linalg.cho_solve((chol, True), sum(g @ w for g, w in zip(grams, weights, strict=True)))
-    residuals = [fit.decompose(w - base, g, eps=eps).factors(rank) for w, g in zip(weights, grams, strict=True)]
+    residuals = [fz.decompose(w - base, g, eps=eps).factors(rank) for w, g in zip(weights, grams, strict=True)]
     return base, residuals
 
 
 def similarity(weights: list[np.ndarray], grams: list[np.ndarray], side: str, keep: float = 0.25,
-               eps: float = fit.DEFAULT_EPS) -> np.ndarray:
+               eps: float = fz.DEFAULT_EPS) -> np.ndarray:
     """[n, n] symmetric similarity of whitened weights Z_i = S_i^T W_i: the share of Z_j's energy
     inside the top ``keep`` fraction of Z_i's singular subspace on the shared ``side`` (input: column
     space, which a shared basis B must span; output: row space), averaged both ways."""
-    zs = [fit.whitening(g, eps).T @ w for w, g in zip(weights, grams, strict=True)]
+    zs = [fz.whitening(g, eps).T @ w for w, g in zip(weights, grams, strict=True)]
     if side == "output":
         zs = [z.T for z in zs]
     k = max(1, int(keep * min(zs[0].shape)))

@@ -28,15 +28,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import compare_outputs, next_token_nll
+from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes.quant_calibrate import QParams, choose_range_for_linear, qparams_from_range
-from onnxpress.passes.quant_capture import capture_stats
-from onnxpress.passes.quant_fusion import fusion_report
-from onnxpress.passes.quant_gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
-from onnxpress.passes.quant_graph import QLinear, QuantRewriter, apply_smoothing, find_linears
-from onnxpress.passes.quant_smooth import choose_alpha, smooth_scales
-from onnxpress.passes.quant_weight_only import quantize_nbits, split_columns
+from onnxpress.passes.quantize.calibrate import QParams, choose_range_for_linear, qparams_from_range
+from onnxpress.passes.quantize.capture import capture_stats
+from onnxpress.passes.quantize.fusion import fusion_report
+from onnxpress.passes.quantize.gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
+from onnxpress.passes.quantize.graph import QLinear, QuantRewriter, apply_smoothing, find_linears
+from onnxpress.passes.quantize.smooth import choose_alpha, smooth_scales
+from onnxpress.passes.quantize.weight_only import quantize_nbits, split_columns
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class QuantizePass(Pass):
 
     def _int8(self, model, ctx, linears, reasons, batches) -> Outcome:
         cfg: QuantizeConfig = self.config
-        outputs = ctx.output_names or _primary_outputs(model)
+        outputs = ctx.output_names or primary_outputs(model)
         sens_batches = (batches or ctx.verification)[: cfg.sensitivity_batches]
         reference = None
         if cfg.budget is not None and cfg.budget_metric == "perplexity":
@@ -489,12 +489,6 @@ def _try_analysis(ctx, model):
     except Exception as exc:  # the analysis is an aid here (roles), never a requirement
         log.info("quantize: analysis failed (%s); treating every MatMul as generic", exc)
         return None
-
-
-def _primary_outputs(model):
-    from onnxpress.pass_manager import primary_outputs
-
-    return primary_outputs(model)
 
 
 def _split_excluded(linears, exclude):

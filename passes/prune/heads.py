@@ -23,17 +23,20 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.activations import capture_grams, probe_shapes
 from onnxpress.calibration import is_past_input
+from onnxpress.editing import GraphEditor, constant_array
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
-from onnxpress.passes import prune_common as pc
+from onnxpress.passes.prune import rewrite, scoring
+from onnxpress.passes.prune.config import PruneConfig
 
 _FUSED_KINDS = ("com.microsoft.Attention", "com.microsoft.MultiHeadAttention",
                 "com.microsoft.GroupQueryAttention", "Attention", "onnxpress.Attention")
 
 
 @dataclass
-class PruneHeadsConfig(pc.PruneConfig):
+class PruneHeadsConfig(PruneConfig):
     targets: ClassVar[tuple[str, ...]] = ("heads", "params", "macs")
     fraction: float = 0.33
     target: str = "heads"  # share of query heads, of attention parameters or of attention MACs
@@ -80,13 +83,13 @@ class PruneHeadsPass(Pass):
             return Outcome(changes={"heads_removed": 0}, details=details)
         _check_empty_past(model, ctx)
 
-        weights = [pc.read_weight(u.att.o) for u in units]
-        biases = [pc.read_bias(u.att.o) for u in units]
+        weights = [rewrite.read_weight(u.att.o) for u in units]
+        biases = [rewrite.read_bias(u.att.o) for u in units]
         stats = residuals = None
         if cfg.score == "contribution" or cfg.repair:
-            batches = pc.calibration_batches(ctx, self.name, cfg.max_batches)
-            residuals = [pc.residual_output(u.att.o, u.layer) for u in units]
-            stats = pc.capture_stats(
+            batches = ctx.calibration_batches(self.name, cfg.max_batches)
+            residuals = [rewrite.residual_output(u.att.o, u.layer) for u in units]
+            stats = capture_grams(
                 model, batches, [u.att.o.input.name for u in units],
                 [r.name for r in residuals if r is not None], threads=ctx.threads,
             )
@@ -97,23 +100,23 @@ class PruneHeadsPass(Pass):
             max_remove = u.att.num_kv_heads - cfg.min_groups_per_layer
             elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats, residuals, i, max_remove)
             cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
-            curves.append(pc.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
+            curves.append(scoring.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
             totals.append(u.att.num_kv_heads)
         grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
         if cfg.allocation == "global":
-            counts = pc.allocate(curves, cfg.fraction * grand_total)
+            counts = scoring.allocate(curves, cfg.fraction * grand_total)
         else:
-            counts = pc.uniform_counts(curves, cfg.fraction, totals)
+            counts = scoring.uniform_counts(curves, cfg.fraction, totals)
 
         # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
         # the removed heads too; which inputs of the score Adds carry a head axis is a
         # run-time fact
         candidates = [v for u in units for _, _, v in _score_bias_inputs(u.att)
-                      if not v.is_graph_input() and pc.constant_array(v) is None]
-        feeds = ctx.verification[0] if ctx.verification else pc.calibration_batches(ctx, self.name, 1)[0]
-        bias_shapes = pc.probe_shapes(model, candidates, feeds, threads=ctx.threads)
+                      if not v.is_graph_input() and constant_array(v) is None]
+        feeds = ctx.verification[0] if ctx.verification else ctx.calibration_batches(self.name, 1)[0]
+        bias_shapes = probe_shapes(model, [v.name for v in candidates], feeds, threads=ctx.threads)
 
-        editor = pc.GraphEditor(model)
+        editor = GraphEditor(model)
         removed_heads = removed_groups = 0
         for i, (u, curve, count) in enumerate(zip(units, curves, counts, strict=True)):
             drop = set(curve.elimination.order[:count])
@@ -127,7 +130,7 @@ class PruneHeadsPass(Pass):
             cols = np.concatenate([u.groups[g] for g in keep])
             if cfg.repair:
                 gram = stats.grams[u.att.o.input.name]
-                w_o, b_o = pc.ridge_refit(gram, weights[i], biases[i], cols, ridge=cfg.ridge)
+                w_o, b_o = scoring.ridge_refit(gram, weights[i], biases[i], cols, ridge=cfg.ridge)
             else:
                 w_o, b_o = weights[i][cols], biases[i]
             _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
@@ -184,35 +187,35 @@ def _eliminate(cfg, u: _Unit, w, b, stats, residuals, i, max_remove):
     groups = u.groups
     max_remove = max(0, max_remove)
     if cfg.score == "weight_norm":
-        return pc.eliminate_by_weight_norm(w, groups, max_remove), 1.0
+        return scoring.eliminate_by_weight_norm(w, groups, max_remove), 1.0
     gram = stats.grams[u.att.o.input.name]
     if cfg.repair:
-        elim = pc.eliminate_with_repair(gram, w, b, groups, max_remove, ridge=cfg.ridge)
+        elim = scoring.eliminate_with_repair(gram, w, b, groups, max_remove, ridge=cfg.ridge)
     else:
-        elim = pc.eliminate_without_repair(gram, w, groups, max_remove)
+        elim = scoring.eliminate_without_repair(gram, w, groups, max_remove)
     res = residuals[i]
     scale = stats.energy.get(res.name, 0.0) if res is not None else 0.0
     if scale <= 0:  # no residual found: the layer's own output energy
-        scale = pc.output_energy(gram, w, b)
+        scale = scoring.output_energy(gram, w, b)
     return elim, scale
 
 
 # ----------------------------------------------------------------------- rewriting
 
 
-def _rewrite(editor: pc.GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray, b_o, *, add_bias: bool) -> None:
+def _rewrite(editor: GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray, b_o, *, add_bias: bool) -> None:
     att = u.att
     h, kv, d, n_rep = att.num_heads, att.num_kv_heads, att.head_size, u.n_rep
     h2, kv2 = len(keep) * n_rep, len(keep)
     q_heads = [g * n_rep + r for g in keep for r in range(n_rep)]
-    q_cols, kv_cols = pc.group_columns(q_heads, d), pc.group_columns(keep, d)
+    q_cols, kv_cols = rewrite.group_columns(q_heads, d), rewrite.group_columns(keep, d)
 
     # everything downstream of the projections up to o: shape constants and stale shapes
     starts = [p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None]
-    region = pc.region_between(starts, att.o.node)
+    region = rewrite.region_between(starts, att.o.node)
     if att.qkv is not None:
         if att.qkv_layout == "interleaved":  # [group0: q heads, k, v | group1: ...]
-            cols = pc.group_columns(keep, (n_rep + 2) * d)
+            cols = rewrite.group_columns(keep, (n_rep + 2) * d)
         else:
             cols = np.concatenate([q_cols, h * d + kv_cols, (h + kv) * d + kv_cols])
         _slice_outputs(editor, att.qkv, cols)
@@ -232,10 +235,10 @@ def _rewrite(editor: pc.GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray,
     _patch_attributes(att, geometry)
     _patch_cache_shapes(att, kv2)
 
-    pc.write_linear(editor, att.o, w_o, b_o, add_bias=add_bias)
-    pc.clear_shapes([v for n in nodes for v in n.outputs])
-    pc.clear_shapes([p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None])
-    pc.clear_shapes([p.output for p in (att.q, att.k, att.v, att.qkv) if p is not None])
+    rewrite.write_linear(editor, att.o, w_o, b_o, add_bias=add_bias)
+    rewrite.clear_shapes([v for n in nodes for v in n.outputs])
+    rewrite.clear_shapes([p.node.outputs[0] for p in (att.q, att.k, att.v, att.qkv) if p is not None])
+    rewrite.clear_shapes([p.output for p in (att.q, att.k, att.v, att.qkv) if p is not None])
 
 
 def _score_bias_inputs(att) -> list[tuple[ir.Node, int, ir.Value]]:
@@ -262,7 +265,7 @@ def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tu
     h = att.num_heads
     kept_heads = np.array([g * u.n_rep + r for g in keep for r in range(u.n_rep)], dtype=np.int64)
     for node, idx, value in _score_bias_inputs(att):
-        const = pc.constant_array(value)
+        const = constant_array(value)
         shape = const.shape if const is not None else shapes.get(value.name, _static_shape(value))
         if shape is None or len(shape) != 4 or shape[1] != h or h == 1:
             continue  # broadcast over heads (padding / causal masks): nothing to do
@@ -285,10 +288,10 @@ def _static_shape(value: ir.Value) -> tuple | None:
     return tuple(value.shape)
 
 
-def _slice_outputs(editor: pc.GraphEditor, lin, cols: np.ndarray) -> None:
-    w = pc.read_weight(lin)
-    b = pc.read_bias(lin)
-    pc.write_linear(editor, lin, w[:, cols], None if b is None else b[cols])
+def _slice_outputs(editor: GraphEditor, lin, cols: np.ndarray) -> None:
+    w = rewrite.read_weight(lin)
+    b = rewrite.read_bias(lin)
+    rewrite.write_linear(editor, lin, w[:, cols], None if b is None else b[cols])
 
 
 def _slice_fused_bias(editor, att, q_cols, kv_cols) -> None:
@@ -297,7 +300,7 @@ def _slice_fused_bias(editor, att, q_cols, kv_cols) -> None:
     node = att.fused_node
     if node is None or node.op_type not in ("MultiHeadAttention",) or len(node.inputs) < 4:
         return
-    bias = pc.constant_array(node.inputs[3])
+    bias = constant_array(node.inputs[3])
     h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
     if bias is None or bias.size != (h + 2 * kv) * d:
         return
@@ -339,7 +342,7 @@ def _patch_shape(editor, node: ir.Node, geometry, expand: bool) -> None:
         return
     new = _new_dims(dims, geometry, expand)
     if new != dims:
-        pc.write_shape(editor, shape_in, dims, new, [node])
+        rewrite.write_shape(editor, shape_in, dims, new, [node])
 
 
 def _patch_split(editor, node: ir.Node, geometry) -> None:
