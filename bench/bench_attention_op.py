@@ -1,7 +1,7 @@
 """Benchmark onnxpress.Attention against the decomposed attention subgraph and ORT's MultiHeadAttention.
 
 One attention layer (hidden 384, 12 heads, head size 32, batch 8, an all-ones padding mask) on
-Q/K/V inputs at sequence 128 and 512, ORT CPU with 2 intra-op threads (the issue's setting) and,
+Q/K/V inputs at sequence 128 and 512, ORT CPU with 2 intra-op threads (the edge target's setting) and,
 as a second view less exposed to a busy machine's scheduling, 1 thread. Variants are timed
 round-robin in one process (bench/common.py's time_alternating), so load drift hits all of them
 alike; ratios are of medians from the same run. At 512 the sliding-window variant (window 128,

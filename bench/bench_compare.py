@@ -1,4 +1,4 @@
-"""Side-by-side benchmark (issue 7): onnxpress's passes and recipes against the peers.
+"""Side-by-side benchmark: onnxpress's passes and recipes against the peers.
 
 For each model, in one process: the peers (ORT fp32, ORT transformers optimizer, ORT
 ``quantize_dynamic`` per-channel, ORT ``quantize_static`` QDQ, Optimum ORTQuantizer
@@ -7,14 +7,17 @@ onnxpress pass alone at two strengths, and the packaged recipes. Columns: file s
 latency at batch 1 and batch 8 x 128 tokens (medians of round-robin runs, so all
 variants share the machine's drift; ratios against ORT fp32), tokens/s at batch 8 for
 decoders, peak RSS of a fresh process that loads the model and runs one batch-8 call,
-held-out fidelity (mean/min sentence-embedding cosine vs fp32 on the SOTU evaluation
-split, or perplexity), BBC-probe accuracy for encoders, and compile time.
+held-out fidelity against fp32 on the evaluation splits of both corpora - the SOTU
+speeches the calibration's domain, BBC News a domain it never saw (mean/min
+sentence-embedding cosine, or perplexity) - BBC-probe accuracy for encoders, and compile
+time. Every onnxpress variant calibrates with ``--calib sotu``.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py --models minilm [smollm2] [path/model.onnx] [--quick]
 
 Prints one table per model and writes ``bench/results/compare.json`` (rows of models not
 run this time are kept) and a Pareto plot ``bench/results/compare.<model>.png``
-(fidelity vs batch-8 latency, marker area = file size).
+(fidelity vs batch-8 latency, marker area = file size; the calibration's domain on the left,
+BBC News on the right).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 from onnxpress.runtime import time_alternating  # noqa: E402
 
 THREADS = 2
+# evaluation corpora and their column prefixes: SOTU (the calibration's domain), BBC News (unseen)
+CORPORA = {"sotu": "", "bbc": "bbc_"}
 WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-compare"
 # Each pass alone at two strengths (the second the stronger).
 ENCODER_PASSES = [
@@ -50,6 +55,9 @@ ENCODER_PASSES = [
     ("prune_ffn 30%", ["prune_ffn:fraction=0.3"]),
     ("lowrank 10%", ["lowrank:fraction=0.1"]),
     ("lowrank 25%", ["lowrank:fraction=0.25"]),
+    ("prune_heads 33% + distill", ["prune_heads:fraction=0.33", "distill"]),
+    ("prune_ffn 25% + distill", ["prune_ffn:fraction=0.25", "distill"]),
+    ("lowrank 20% + distill", ["lowrank:fraction=0.2", "distill"]),
     ("quantize static, budget 1-cos<=0.003", ["quantize:mode=static,budget=0.003,budget_metric=cosine"]),
     ("quantize static (all MatMuls)", ["quantize:mode=static"]),
 ]
@@ -57,6 +65,7 @@ DECODER_PASSES = [
     ("attention (exact, ORT fused op)", ["cleanup", "attention:target=onnxruntime"]),
     ("prune_ffn 10%", ["prune_ffn:fraction=0.1"]),
     ("prune_ffn 25%", ["prune_ffn:fraction=0.25"]),
+    ("prune_ffn 25% + distill", ["prune_ffn:fraction=0.25", "distill"]),
     ("quantize dynamic int8", ["quantize:mode=dynamic"]),
     ("quantize weight_only int4 b32", ["quantize:mode=weight_only,bits=4,block_size=32"]),
 ]
@@ -179,7 +188,7 @@ def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeat
         feeds = {k: make_feeds(s, ids, np.ones_like(ids)) for k, s in sessions.items()}
         latency[batch] = time_alternating({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()},
                                           repeats=repeats, warmup=1)
-    sentences = evaluation_sentences(64 if quick else 256)
+    sentences = {corpus: evaluation_sentences(64 if quick else 256, corpus=corpus) for corpus in CORPORA}
     rows = []
     for label, v in variants.items():
         row = {"variant": label, "group": v["group"]}
@@ -199,24 +208,28 @@ def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeat
             row["peak_rss_mb"] = None
             row["rss_error"] = exc.stderr.strip().splitlines()[-1][:120] if exc.stderr.strip() else "failed"
         try:
+            for corpus, prefix in CORPORA.items():
+                if kind == "encoder":
+                    fid = embedding_fidelity(s, sessions["ORT fp32"], sentences[corpus], tok)
+                    row[prefix + "cos_mean"] = round(fid["embedding_cosine_mean"], 5)
+                    row[prefix + "cos_min"] = round(fid["embedding_cosine_min"], 5)
+                else:
+                    row[prefix + "perplexity"] = round(perplexity(s, tok, max_windows=windows, corpus=corpus), 3)
             if kind == "encoder":
-                fid = embedding_fidelity(s, sessions["ORT fp32"], sentences, tok)
-                row["cos_mean"] = round(fid["embedding_cosine_mean"], 5)
-                row["cos_min"] = round(fid["embedding_cosine_min"], 5)
                 probe = dict(max_train=200, max_test=100) if quick else {}
                 row["bbc_probe"] = bbc_probe_accuracy(s, tok, **probe)["probe_accuracy"]
             else:
                 row["tokens_per_s_b8"] = round(8 * 128 / latency[8][label], 1)
-                row["perplexity"] = round(perplexity(s, tok, max_windows=windows), 3)
         except Exception as exc:
             row["error"] = f"evaluation: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         print(json.dumps(row), flush=True)
         rows.append(row)
     if kind == "decoder":
-        ref = next(r["perplexity"] for r in rows if r["variant"] == "ORT fp32")
-        for r in rows:
-            if r.get("perplexity"):
-                r["ppl_vs_fp32_pct"] = round(100 * (r["perplexity"] / ref - 1), 2)
+        for prefix in CORPORA.values():
+            ref = next(r[prefix + "perplexity"] for r in rows if r["variant"] == "ORT fp32")
+            for r in rows:
+                if r.get(prefix + "perplexity"):
+                    r[prefix + "ppl_vs_fp32_pct"] = round(100 * (r[prefix + "perplexity"] / ref - 1), 2)
     return rows
 
 
@@ -226,14 +239,24 @@ def pareto_plot(rows: list[dict], kind: str, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "cos_mean" if kind == "encoder" else "ppl_vs_fp32_pct"
+    fig, axes = plt.subplots(1, 2, figsize=(18, 6.5), sharey=kind == "encoder")
+    for ax, (corpus, prefix) in zip(axes, CORPORA.items(), strict=True):
+        key = prefix + ("cos_mean" if kind == "encoder" else "ppl_vs_fp32_pct")
+        domain = "calibration's domain (SOTU)" if corpus == "sotu" else "unseen domain (BBC News)"
+        _pareto_panel(ax, rows, kind, key, domain)
+    fig.suptitle(title + " (marker area = file size)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pareto_panel(ax, rows: list[dict], kind: str, key: str, domain: str) -> None:
     pts = [r for r in rows if r.get(key) is not None and r.get("b8_ms")]
     colors = {"peer": "tab:gray", "pass": "tab:blue", "recipe": "tab:red"}
     # Encoders: cosines below `floor` sit on the bottom edge, labelled with their value.
     # Decoders: symlog (linear to +10%, then decades), as broken peers reach +1e7 %.
     floor = 0.8
     shown = {id(r): max(r[key], floor) if kind == "encoder" else r[key] for r in pts}
-    fig, ax = plt.subplots(figsize=(10, 6.5))
     for group, color in colors.items():
         sel = [r for r in pts if r["group"] == group]
         ax.scatter([r["b8_ms"] for r in sel], [shown[id(r)] for r in sel], s=[4 * r["size_mb"] for r in sel], c=color,
@@ -249,20 +272,17 @@ def pareto_plot(rows: list[dict], kind: str, title: str, path: Path) -> None:
                    key=lambda r: r["b8_ms"])
     ax.plot([r["b8_ms"] for r in front], [r[key] for r in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xlabel("latency, batch 8 x 128 tokens (ms, median)")
-    ax.set_ylabel("held-out mean embedding cosine vs fp32" if kind == "encoder" else "perplexity vs fp32 (%)")
+    what = "mean embedding cosine vs fp32" if kind == "encoder" else "perplexity vs fp32 (%)"
+    ax.set_ylabel(f"{what}, {domain}")
     if kind == "encoder":
         ax.set_ylim(max(floor, min(r[key] for r in pts) - 0.01) - 0.005, 1.002)
     else:
         ax.set_yscale("symlog", linthresh=10)
-    ax.set_title(title + " (marker area = file size)")
     legend = ax.legend(loc="best", fontsize=8)
     for handle in legend.legend_handles:  # one marker size in the legend, not the last point's
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([40])
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -279,9 +299,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py " + " ".join(argv or sys.argv[1:])
     from onnxpress.compile import model_kind
+    from onnxpress.datasets import describe_split
     from onnxpress.model_io import load_model
 
-    rows, notes = [], {"threads": THREADS}
+    rows, notes = [], {"threads": THREADS,
+                       "evaluation": {corpus: describe_split("evaluation", corpus) for corpus in CORPORA}}
     for name in args.models:
         src = resolve_model(name)
         model = Path(name).stem if name.endswith(".onnx") else name
@@ -307,7 +329,8 @@ def main(argv=None) -> int:
                     RESULTS / f"compare.{model}.png")
     notes["reading"] = "latency: compare ratios (alternating runs); absolute ms depend on the load averages noted"
     columns = ["model", "variant", "size_mb", "b1_ms", "b8_ms", "b1_ratio", "b8_ratio", "tokens_per_s_b8",
-               "peak_rss_mb", "cos_mean", "cos_min", "perplexity", "ppl_vs_fp32_pct", "bbc_probe", "compile_s", "error"]
+               "peak_rss_mb", "cos_mean", "cos_min", "bbc_cos_mean", "bbc_cos_min", "perplexity", "ppl_vs_fp32_pct",
+               "bbc_perplexity", "bbc_ppl_vs_fp32_pct", "bbc_probe", "compile_s", "error"]
     print(f"# threads {THREADS}")
     # rows of models not run this time are kept (read now: another run may have written meanwhile)
     if (RESULTS / "compare.json").exists():

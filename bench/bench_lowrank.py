@@ -1,4 +1,4 @@
-"""Low-rank splitting benchmark (issue 6): plain SVD vs activation-aware (whitened) SVD,
+"""Low-rank splitting benchmark: plain SVD vs activation-aware (whitened) SVD,
 and the options of the activation-aware pass, end to end.
 
 MiniLM (all-MiniLM-L6-v2) at 20% and 40% of its linear-layer parameters removed

@@ -1,4 +1,4 @@
-"""Structured-pruning benchmark (issue 3): attention heads and FFN neurons, chosen on
+"""Structured-pruning benchmark: attention heads and FFN neurons, chosen on
 calibration data and repaired by least squares, against naive weight-norm pruning and
 onnxsim 0.8.1's ``apply_attention_head_pruning``.
 

@@ -1,4 +1,4 @@
-"""Quantisation benchmark (issue 8): onnxpress ``quantize`` vs ONNX Runtime's and Optimum's tools.
+"""Quantisation benchmark: onnxpress ``quantize`` vs ONNX Runtime's and Optimum's tools.
 
 MiniLM (all-MiniLM-L6-v2): held-out SOTU sentence-embedding cosine vs fp32, latency at
 batch 1 and 8 x 128 tokens, file size. SmolLM2-135M: held-out SOTU perplexity (256-token

@@ -1,4 +1,4 @@
-"""Cross-layer weight-sharing benchmark (issue 4): the share_weights pass vs the low-rank
+"""Cross-layer weight-sharing benchmark: the share_weights pass vs the low-rank
 pass alone at the same share of linear-layer parameters removed.
 
 SmolLM2-135M at 20% and 30%: perplexity on held-out SOTU text (256-token windows), file
@@ -35,19 +35,19 @@ from onnxpress.export import cached_export  # noqa: E402
 
 THREADS = 2
 
-# (label, pass, settings). The low-rank rows split the FFN matrices, as that pass's default did
-# when share.json was measured (its default now also probes attention); "global one-shot+bc" is the
-# low-rank pass on the same footing as share_weights (global ranks, original inputs, bias correction).
+# (label, pass, settings). The low-rank rows split the FFN matrices only (the pass's default also
+# probes attention); "global one-shot+bc" is the low-rank pass on the same footing as share_weights
+# (global ranks, original inputs, bias correction).
 FFN = ["ffn.up", "ffn.gate", "ffn.down"]
 VARIANTS = [
-    ("lowrank uniform seq+bc, FFN (default then)", "lowrank", {"allocation": "uniform", "include": FFN, "refit_prior": 0.0}),
+    ("lowrank uniform seq+bc, FFN, no refit prior", "lowrank", {"allocation": "uniform", "include": FFN, "refit_prior": 0.0}),
     ("lowrank global one-shot+bc", "lowrank", {"allocation": "global", "sequential": False, "include": FFN}),
     ("share_weights default (q/k/v/up/gate in pairs)", "share_weights", {}),
     ("share_weights + o/down shared (output side)", "share_weights",
      {"share": ["attn.q", "attn.k", "attn.v", "ffn.up", "ffn.gate", "attn.o", "ffn.down"]}),
 ]
 # SmolLM2: no sequential low-rank run (it re-collects statistics per layer group, about an hour
-# per ratio on the shared 2-core machine); both low-rank rows are one-shot with bias correction.
+# per ratio on 2 cores); both low-rank rows are one-shot with bias correction.
 SMOLLM_VARIANTS = [
     ("lowrank uniform one-shot+bc", "lowrank", {"sequential": False, "allocation": "uniform", "include": FFN}),
     *VARIANTS[1:],
@@ -151,7 +151,7 @@ def main() -> None:
                        "and runs one 1 x 128-token batch; the 'python + onnxruntime only' row is that process "
                        "without a model",
         "size": "model file + external data, bytes as written by onnxpress.model_io.save_model",
-        "machine_load": f"shared 2-core machine (other jobs running); load average at start {os.getloadavg()}",
+        "machine_load": f"load average at start {os.getloadavg()}",
     }
     columns = ["model", "target", "variant", "embedding_cosine", "perplexity", "ppl_vs_fp32",
                "linear_params_removed", "params_ratio", "size_mb", "size_ratio", "peak_rss_mb", "verify_rel_l2",

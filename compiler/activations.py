@@ -1,11 +1,15 @@
 """Capture intermediate tensors through ONNX Runtime, in bounded memory.
 
-``capture`` serialises a copy of the model with the chosen values added as graph
-outputs, runs the calibration batches one at a time and hands each captured array to
-the consumers, then drops it: memory is one batch of activations plus the
-accumulators, never the whole calibration set.
+Every activation session of onnxpress is a :class:`Tap`: an ONNX Runtime session on a copy
+of the model whose outputs are the tensors wanted (the copy pruned to the nodes they need
+when asked). ``capture`` runs the calibration batches through taps one at a time and hands
+each captured array to the consumers, then drops it: memory is one batch of activations
+plus the accumulators, never the whole calibration set. ``chunk`` bounds how many tensors
+one session fetches per batch (each chunk costs a pass over the data); ``feeds`` adds
+inputs to every batch (weights a probe model takes as graph inputs). :class:`SegmentStream`
+runs a model segment by segment through the same taps.
 
-Accumulators (``Gram``, ``CrossStats``, ``ChannelStats``) see token rows: the
+Accumulators (``Gram``, ``CrossStats``, ``ChannelStats``, ...) see token rows: the
 tensor flattened to [tokens, channels] (channels = last axis) with padded tokens removed
 when its leading dims are [batch, seq] (or [batch*seq]) and the batch has an attention mask.
 """
@@ -14,18 +18,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import PROTOBUF_LIMIT, model_nbytes, model_proto
+from onnxpress.model_io import PROTOBUF_LIMIT, model_bytes, model_nbytes, model_proto
 from onnxpress.runtime import make_session, session_feeds
 
 RawConsumer = Callable[[str, np.ndarray, Feeds], None]
@@ -47,6 +51,9 @@ def capture(
     calib: CalibrationSet | Iterable[Feeds],
     consumer: RawConsumer | Accumulator | Sequence[Accumulator],
     *,
+    chunk: int | None = None,
+    prune: bool = False,
+    feeds: Feeds | None = None,
     mask_padding: bool = True,
     threads: int | None = None,
     desc: str = "capturing activations",
@@ -55,26 +62,26 @@ def capture(
 
     ``consumer`` is either a callable ``(name, array, feeds)`` that gets each raw array,
     or one or more accumulators that get padding-free token rows. ``tensor_names`` may be
-    None when accumulators are given (their ``names`` are captured). The caller's model is
-    not modified.
+    None when accumulators are given (their ``names`` are captured).
+
+    ``chunk``: at most this many tensors per session, one session and one pass over ``calib``
+    per chunk (an accumulator's tensors stay in one chunk), to bound the memory one batch's
+    outputs take. ``prune``: run a copy cut down to the nodes the tensors need (ORT runs every
+    node otherwise). ``feeds``: inputs added to every batch, over the batch's own of the same
+    name. The caller's model is not modified.
     """
     accumulators = _as_accumulators(consumer)
-    names = list(dict.fromkeys(tensor_names or [n for a in accumulators for n in a.names]))
+    names = list(dict.fromkeys(tensor_names or [n for a in accumulators or () for n in a.names]))
     if not names:
         raise OnnxpressError("no tensors to capture: name at least one intermediate tensor")
-    session = make_session(with_outputs(model, names), threads=threads)
     batches = list(calib) if not isinstance(calib, CalibrationSet) else calib.batches
-    for feeds in tqdm(batches, desc=desc, disable=not progress_enabled(), leave=False):
-        arrays = dict(zip(names, session.run(names, session_feeds(session, feeds)), strict=True))
-        if accumulators is None:
-            for name in names:
-                consumer(name, arrays[name], feeds)
-        else:
-            mask = feeds.get("attention_mask") if mask_padding else None
-            rows = {name: token_rows(arr, mask) for name, arr in arrays.items()}
-            for acc in accumulators:
-                acc.update({n: rows[n] for n in acc.names})
-        del arrays  # bounded memory: nothing from this batch outlives the loop body
+    parts = _chunks(names, accumulators, chunk)
+    for i, (part, accs) in enumerate(parts):
+        tap = Tap(model, part, prune=prune, threads=threads)
+        label = desc if len(parts) == 1 else f"{desc} ({i + 1}/{len(parts)})"
+        tap.stream(batches, consumer if accs is None else accs, feeds=feeds, mask_padding=mask_padding,
+                   desc=label)
+        del tap  # one session alive at a time
 
 
 def _as_accumulators(consumer) -> list[Accumulator] | None:
@@ -87,28 +94,105 @@ def _as_accumulators(consumer) -> list[Accumulator] | None:
     raise TypeError("consumer must be a callable (name, array, feeds) or accumulator(s) with names/update")
 
 
-def with_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
-    """Serialised copy of ``model`` whose outputs are its own plus ``names`` (caller's model untouched)."""
+def _chunks(names: list[str], accumulators: list[Accumulator] | None, chunk: int | None
+            ) -> list[tuple[list[str], list[Accumulator] | None]]:
+    """The tensors fetched together, with the accumulators they feed (None: the raw consumer)."""
+    if not chunk or len(names) <= chunk:
+        return [(names, accumulators)]
+    if accumulators is None:
+        return [(names[i : i + chunk], None) for i in range(0, len(names), chunk)]
+    parts: list[tuple[list[str], list[Accumulator] | None]] = []
+    part: dict[str, None] = {}
+    accs: list[Accumulator] = []
+    for acc in accumulators:
+        grown = {**part, **dict.fromkeys(acc.names)}
+        if accs and len(grown) > chunk:
+            parts.append((list(part), accs))
+            grown, accs = dict.fromkeys(acc.names), []
+        part = grown
+        accs.append(acc)
+    parts.append((list(part), accs))
+    return parts
+
+
+class Tap:
+    """An ONNX Runtime session returning the tensors ``names`` of ``model``.
+
+    Built on a copy of ``model`` with those tensors as graph outputs (its own outputs kept,
+    or, with ``prune``, replaced and the nodes nothing then needs removed), or on a model
+    already serialised with them as outputs (``SegmentStream``'s segments, the low-rank
+    probe model). Callers running the same tensors many times keep one tap."""
+
+    def __init__(self, model: ir.Model | bytes, names: Sequence[str], *, prune: bool = False,
+                 threads: int | None = None):
+        self.names = list(dict.fromkeys(names))
+        source = model if isinstance(model, bytes) else with_outputs(model, self.names, prune=prune)
+        self.session = make_session(source, threads=threads)
+
+    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The tensors on one batch (``feeds`` may name inputs the session does not take)."""
+        arrays = self.session.run(self.names, session_feeds(self.session, feeds))
+        return dict(zip(self.names, arrays, strict=True))
+
+    def stream(
+        self,
+        batches: Iterable[Feeds],
+        consumer: RawConsumer | Accumulator | Sequence[Accumulator],
+        *,
+        feeds: Feeds | None = None,
+        mask_padding: bool = True,
+        desc: str | None = "capturing activations",
+    ) -> None:
+        """Every batch through the session (``feeds`` added to each), its tensors handed to
+        ``consumer`` (raw, or as token rows to accumulators) and dropped before the next.
+        ``desc`` labels the progress bar (None: no bar)."""
+        accumulators = _as_accumulators(consumer)
+        batches = list(batches)
+        for batch in tqdm(batches, desc=desc, disable=desc is None or not progress_enabled(), leave=False):
+            arrays = self.run({**batch, **feeds} if feeds else batch)
+            if accumulators is None:
+                for name in self.names:
+                    consumer(name, arrays.pop(name), batch)
+                continue
+            mask = batch.get("attention_mask") if mask_padding else None
+            uses = Counter(n for acc in accumulators for n in acc.names)
+            rows: dict[str, np.ndarray] = {}
+            for acc in accumulators:
+                for n in acc.names:
+                    if n not in rows:
+                        rows[n] = token_rows(arrays.pop(n), mask)
+                acc.update({n: rows[n] for n in acc.names})
+                for n in acc.names:  # bounded memory: a tensor's rows go once its last reader is done
+                    uses[n] -= 1
+                    if not uses[n]:
+                        del rows[n]
+            del arrays
+
+
+def with_outputs(model: ir.Model, names: Sequence[str], *, prune: bool = False) -> bytes:
+    """Serialised copy of ``model`` whose outputs are its own plus ``names`` (with ``prune``:
+    ``names`` only, and only the nodes they need); the caller's model is untouched."""
     if model_nbytes(model) > PROTOBUF_LIMIT:
         raise OnnxpressError("model is over 2 GB: activation capture needs a model below the protobuf limit")
-    values = _values_by_name(model)
-    proto = model_proto(model)
-    existing = {o.name for o in proto.graph.output}
+    copy = model.clone()  # weights shared, not copied
+    values = _values_by_name(copy)
     for name in names:
         if name not in values:
             raise OnnxpressError(
                 f"tensor {name!r} is not in the model: pick a node output or graph input name"
             )
-        if name in existing:
-            continue
+    if prune:
+        copy.graph.outputs.clear()
+    for name in names:
         value = values[name]
-        if value.dtype is not None:
-            shape = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
-            info = onnx.helper.make_tensor_value_info(name, int(value.dtype), shape)
-        else:  # ORT infers the type of an untyped graph output
-            info = onnx.ValueInfoProto(name=name)
-        proto.graph.output.append(info)
-    return proto.SerializeToString()
+        if value.is_graph_output():
+            continue
+        if value.dtype is None:
+            value.shape = None  # untyped: ORT infers the type (a shape alone would not serialise)
+        copy.graph.outputs.append(value)
+    if prune:
+        remove_dead_nodes(copy)
+    return model_bytes(copy)
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -217,6 +301,16 @@ class Gram:
     @property
     def mean_ref(self) -> np.ndarray:
         return self.sum_ref / max(self.count, 1)
+
+    def scaled(self, s: np.ndarray) -> Gram:
+        """The Gram of the same rows with channel j divided by ``s[j]``, exactly, without the
+        data (no reference rows)."""
+        if self.has_reference:
+            raise ValueError("scaled: a Gram with reference rows has no single scaling")
+        s64 = np.asarray(s, dtype=np.float64)
+        out = Gram(self.name, products=self.products)
+        out.xtx, out.sum, out.count = self.xtx / np.outer(s64, s64), self.sum / s64, self.count
+        return out
 
     def covariance(self) -> np.ndarray:
         """Centered covariance (population, divides by the token count)."""
@@ -343,40 +437,6 @@ class ChannelStats:
 # ---- sequential fitting: statistics of the compressed and the original model's inputs ----
 
 
-def probe_session(model: ir.Model, names: list[str], dtypes: dict[str, ir.DataType], threads: int | None):
-    """A session whose outputs are the tensors ``names``, on a copy of ``model`` pruned to
-    the nodes they need (ORT runs every node otherwise; early groups need only the first layers)."""
-    probe = ir.from_proto(model_proto(model))
-    values = {v.name: v for node in probe.graph for v in node.outputs}
-    values.update({v.name: v for v in probe.graph.inputs})
-    probe.graph.outputs.clear()
-    for name in names:
-        value = values[name]
-        if value.dtype is None:
-            value.dtype = dtypes[name]  # ORT needs the element type of every graph output
-        probe.graph.outputs.append(value)
-    remove_dead_nodes(probe)
-    return make_session(probe, threads=threads)
-
-
-def collect_stats(
-    model: ir.Model,
-    names: list[str],
-    dtypes: dict[str, ir.DataType],
-    batches: list[dict[str, np.ndarray]],
-    *,
-    threads: int | None = None,
-) -> dict[str, Gram]:
-    """The Gram of each named tensor's token rows on ``batches``."""
-    session = probe_session(model, names, dtypes, threads)
-    stats = {name: Gram(name, products=np.float32) for name in names}
-    for feeds in batches:
-        mask = feeds.get("attention_mask")
-        for name, x in zip(names, session.run(names, session_feeds(session, feeds)), strict=True):
-            stats[name].add(token_rows(x, mask))
-    return stats
-
-
 class SegmentStream:
     """One model run segment by segment over the calibration batches, for sequential fitting.
 
@@ -400,12 +460,14 @@ class SegmentStream:
         live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
         carried = set(self.kept[0])
         outputs = sorted((live | set(wanted)) - carried - {v.name for v in self.model.graph.inputs})
-        session = make_session(self._segment_proto(segment, carried, outputs), threads=self.threads) if outputs else None
+        tap = None
+        if outputs:
+            tap = Tap(self._segment_proto(segment, carried, outputs), outputs, threads=self.threads)
         results = []
         for b, feeds in enumerate(self.batches):
             values = {**feeds, **self.kept[b]}
-            if session is not None:
-                values.update(zip(outputs, session.run(outputs, session_feeds(session, values)), strict=True))
+            if tap is not None:
+                values.update(tap.run(values))
             self.kept[b] = {k: values[k] for k in live}
             results.append([values[n] for n in wanted])
         self.done.update(id(n) for n in nodes[:stop])
@@ -459,16 +521,19 @@ def capture_grams(
     grams: Sequence[str],
     energies: Sequence[str] = (),
     *,
+    products: type = np.float64,
+    prune: bool = False,
     threads: int | None = None,
     desc: str = "capturing statistics",
 ) -> Captured:
-    """One streaming pass: the Gram of each tensor in ``grams`` and the squared norm of each
-    in ``energies``, over real (unpadded) tokens."""
-    gram_accs = {n: Gram(n) for n in dict.fromkeys(grams)}
+    """One streaming pass: the Gram of each tensor in ``grams`` (per-batch products in
+    ``products``, see :class:`Gram`) and the squared norm of each in ``energies``, over real
+    (unpadded) tokens; ``prune`` runs only the nodes those tensors need."""
+    gram_accs = {n: Gram(n, products=products) for n in dict.fromkeys(grams)}
     energy_accs = {n: Energy(n) for n in dict.fromkeys(energies)}
     accs = [*gram_accs.values(), *energy_accs.values()]
     if accs:
-        capture(model, None, list(batches), accs, threads=threads, desc=desc)
+        capture(model, None, list(batches), accs, prune=prune, threads=threads, desc=desc)
     return Captured({n: a for n, a in gram_accs.items() if a.xtx is not None},
                     {n: a.total for n, a in energy_accs.items()})
 

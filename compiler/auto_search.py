@@ -13,6 +13,8 @@ there lands over it on other text as often as not:
 - decoders (models with a ``logits`` output): the relative increase in perplexity of
   the held-out text, ``ppl / ppl_reference - 1``.
 
+(``onnxpress.fidelity.FidelityMeter``, the same measure the compile report gives per stage.)
+
 **Search** (greedy; every step starts from the model the previous accepted step left,
 so statistics already paid for are not recomputed from the original):
 
@@ -49,9 +51,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.evaluation import mean_pool
-from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs, row_cosines
-from onnxpress.model_io import model_bytes, model_proto
+from onnxpress.fidelity import CONFIDENCE_Z, FidelityMeter
+from onnxpress.model_io import model_bytes
 from onnxpress.pass_infra import PassReport, build_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches, time_alternating
@@ -82,7 +83,6 @@ COMPRESSED = 0.99  # a candidate counts as compression when its file is below th
 # this share of the objective: round-robin timings on a busy 2-core machine still drift by
 # a few percent, and a structural step that buys noise-level speed still costs fidelity.
 MIN_GAIN = 0.05
-CONFIDENCE_Z = 2.0  # standard errors above the mean loss that must still be within the budget
 
 
 @dataclass
@@ -159,74 +159,29 @@ class SearchResult:
         }
 
 
-class FidelityMeter:
-    """Fidelity loss and timing of a model on the held-out batches, against the original's outputs."""
-
-    def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]], kind: str, threads: int | None):
-        self.batches, self.kind, self.threads = batches, kind, threads
-        self.outputs = primary_outputs(model)
-        self.pooled = kind == "encoder" and all("attention_mask" in b for b in batches)
-        if kind == "decoder":
-            self.outputs = ["logits"]
-            self.definition = "relative perplexity increase on the held-out calibration split"
-        elif self.pooled:
-            self.outputs = self.outputs[:1]
-            self.definition = "1 - mean cosine of mask-pooled embeddings on the held-out calibration split"
-        else:
-            self.definition = "1 - mean row cosine of the outputs on the held-out calibration split"
-        self.reference = self._run(model)[0]
-        if kind == "decoder":
-            self.reference_nll, self.reference_rows = self._nll(self.reference)
-
-    def _run(self, model: ir.Model) -> tuple[list[dict[str, np.ndarray]], float]:
-        session = make_session(model, threads=self.threads)
-        outputs = run_batches(session, self.batches, self.outputs)  # also the warm-up run
-        times = []
-        for _ in range(TIMING_REPEATS):
-            t0 = time.perf_counter()
-            run_batches(session, self.batches, self.outputs)
-            times.append(time.perf_counter() - t0)
-        return outputs, 1e3 * statistics.median(times)
-
-    def measure(self, model: ir.Model) -> tuple[float, float, float]:
-        """(fidelity loss, its upper confidence bound, latency in ms of the held-out batches)."""
-        outputs, ms = self._run(model)
-        if self.kind == "decoder":
-            nll, per_row = self._nll(outputs)
-            shift = nll - self.reference_nll
-            bound = shift + CONFIDENCE_Z * _standard_error(per_row - self.reference_rows)
-            return math.exp(shift) - 1.0, math.exp(bound) - 1.0, ms
-        name = self.outputs[0]
-        if self.pooled:
-            per_row = 1.0 - np.concatenate([
-                row_cosines(mean_pool(r[name], b["attention_mask"]), mean_pool(o[name], b["attention_mask"]))
-                for r, o, b in zip(self.reference, outputs, self.batches, strict=True)
-            ])
-            loss = float(per_row.mean())
-        else:
-            loss = 1.0 - compare_outputs(self.reference, outputs).cosine_mean
-            per_row = 1.0 - np.concatenate([row_cosines(r[name], o[name]) for r, o in zip(self.reference, outputs,
-                                                                                            strict=True)])
-        return loss, loss + CONFIDENCE_Z * _standard_error(per_row), ms
-
-    def _nll(self, outputs: list[dict[str, np.ndarray]]) -> tuple[float, np.ndarray]:
-        """Mean next-token negative log-likelihood of the held-out text, and per sequence."""
-        return next_token_nll(outputs, self.batches)
-
-
-def _standard_error(samples: np.ndarray) -> float:
-    return float(samples.std(ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else 0.0
+def timed_outputs(model: ir.Model, meter: FidelityMeter, threads: int | None) -> tuple[list[dict[str, np.ndarray]], float]:
+    """``model``'s outputs on the meter's batches (also the warm-up run) and the median wall time
+    in ms of ``TIMING_REPEATS`` more runs."""
+    session = make_session(model, threads=threads)
+    outputs = run_batches(session, meter.batches, meter.outputs)
+    times = []
+    for _ in range(TIMING_REPEATS):
+        t0 = time.perf_counter()
+        run_batches(session, meter.batches, meter.outputs)
+        times.append(time.perf_counter() - t0)
+    return outputs, 1e3 * statistics.median(times)
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(model_proto(model))
+    """An independent copy to run passes on (graph cloned, weights shared until replaced)."""
+    return model.clone()
 
 
 class _Search:
     def __init__(self, model: ir.Model, ctx: CompileContext, settings: SearchSettings, kind: str, progress: bool):
         self.ctx, self.settings, self.kind, self.progress = ctx, settings, kind, progress
         self.start = time.perf_counter()
-        self.meter = FidelityMeter(model, ctx.verification, kind, ctx.threads)
+        self.meter = FidelityMeter.of_model(model, ctx.verification, kind=kind, threads=ctx.threads)
         self.trace: list[Candidate] = []
         self.models: dict[int, tuple[ir.Model, list[PassReport]]] = {}
         self.notes: list[str] = []
@@ -243,6 +198,7 @@ class _Search:
         ctx = CompileContext(
             verification=self.ctx.verification, calibration=self.ctx.calibration,
             tokenizer_dir=self.ctx.tokenizer_dir, seed=self.ctx.seed, threads=self.ctx.threads,
+            input_fidelity=self.meter,
         )
         t0 = time.perf_counter()
         new = Pipeline(passes, verify=True, progress=False).run(model, ctx)
@@ -251,7 +207,9 @@ class _Search:
 
     def evaluate(self, label: str, model: ir.Model, results: list[PassReport]) -> Candidate:
         t0 = time.perf_counter()
-        loss, bound, ms = self.meter.measure(model)
+        outputs, ms = timed_outputs(model, self.meter, self.ctx.threads)
+        fid = self.meter.measure(outputs)
+        loss, bound = fid.loss, fid.loss_bound
         cand = Candidate(
             label=label,
             steps=[{"pass": r.name, "settings": _changed_settings(r)} for r in results],
@@ -279,13 +237,11 @@ class _Search:
 def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, kind: str = "encoder",
            progress: bool = False) -> SearchResult:
     """The best model within ``settings.budget``; see the module docstring."""
-    from onnxpress.analysis import analyze
-
     if ctx.calibration is None:
         raise OnnxpressError("--budget needs calibration data to search and measure on: add --calib sotu (or files)")
     s = _Search(model, ctx, settings, kind, progress)
     budget = settings.budget
-    has_attention = analyze(model).has_attention
+    has_attention = ctx.analysis(model).has_attention
     base_steps = [("cleanup", {})] + ([("attention", {"target": "onnxruntime"})] if has_attention else [])
     base_model, base_results = s.apply(model, [], base_steps)
     base = s.evaluate("exact base (" + " + ".join(n for n, _ in base_steps) + ")", base_model, base_results)
@@ -303,7 +259,7 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
     # 3. structural families, each from the model the previous one accepted.
     families = [(f, hi) for f, hi in STRUCTURAL[settings.objective] if settings.families is None or f in settings.families]
     current, current_results, steps_taken = base_model, base_results, []
-    analysis = analyze(base_model)
+    analysis = ctx.analysis(base_model)
     for family, top in families:
         if family.startswith("prune_") and not analysis.has_attention:
             s.notes.append(f"{family}: skipped, no transformer layers recognised")
@@ -339,8 +295,8 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
         _time_together(s, fitting)
     chosen = _most_faithful_near_best(fitting, s.cost)
     chosen_model, chosen_results = s.models[id(chosen)]
-    return SearchResult(chosen_model, chosen_results, chosen, s.trace, settings, s.meter.definition, s.elapsed(),
-                        s.notes)
+    return SearchResult(chosen_model, chosen_results, chosen, s.trace, settings,
+                        f"{s.meter.definition} on the held-out calibration split", s.elapsed(), s.notes)
 
 
 def _most_faithful_near_best(candidates: list[Candidate], cost) -> Candidate:

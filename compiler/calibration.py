@@ -9,6 +9,7 @@ run as plain prefill. Texts are right-padded per batch (the mask marks padding).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,8 +65,12 @@ def is_past_input(name: str) -> bool:
     return name.startswith("past_key_values") or name.startswith("past.")
 
 
-def make_feeds(model, input_ids: np.ndarray, attention_mask: np.ndarray, *, seed: int = 0) -> Feeds:
-    """Feeds for every graph input of ``model`` from token ids and their mask (see module doc)."""
+def make_feeds(
+    model, input_ids: np.ndarray, attention_mask: np.ndarray, *, seed: int = 0,
+    image_dims: tuple[int, ...] | None = None,
+) -> Feeds:
+    """Feeds for every graph input of ``model`` from token ids and their mask (see module doc);
+    ``image_dims``: (channels, height, width) of random ``pixel_values`` where the input's are dynamic."""
     batch = input_ids.shape[0]
     feeds: Feeds = {}
     for spec in input_specs(model):
@@ -80,7 +85,7 @@ def make_feeds(model, input_ids: np.ndarray, attention_mask: np.ndarray, *, seed
         elif is_past_input(spec.name):
             value = np.zeros(_empty_past_shape(spec, batch), dtype=spec.dtype)
         elif spec.name == "pixel_values":
-            value = synthetic_pixels(spec, batch, seed)
+            value = synthetic_pixels(spec, batch, seed, image_dims)
         else:
             raise OnnxpressError(
                 f"model input {spec.name!r} cannot be built from text: pass calibration data as .npz with that key"
@@ -98,13 +103,88 @@ def _empty_past_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:
     return (batch, spec.shape[1], 0, spec.shape[3])
 
 
-def synthetic_pixels(spec: InputSpec, batch: int, seed: int) -> np.ndarray:
-    dims = spec.shape[1:]
+def synthetic_pixels(spec: InputSpec, batch: int, seed: int, dims: tuple[int, ...] | None = None) -> np.ndarray:
+    dims = tuple(dims or spec.shape[1:])
     if any(d is None for d in dims):
         raise OnnxpressError(
-            f"input {spec.name!r} has dynamic image dims {spec.shape}: pass real images as .npz calibration data"
+            f"input {spec.name!r} has dynamic image dims {spec.shape}: pass real images as .npz calibration data "
+            "or keep the model's config.json (image_size, num_channels) beside it"
         )
     return np.random.default_rng(seed).standard_normal((batch, *dims)).astype(np.float32)
+
+
+def image_dims(model, spec: InputSpec, model_dir: str | os.PathLike | None = None) -> tuple[int, ...] | None:
+    """(channels, height, width) of the images ``model`` takes, or None when they cannot be told:
+    the input's static dims where it has them; the rest from ``config.json`` in ``model_dir``
+    (``image_size``, ``num_channels``), else from the weights (an ``ir.Model``): the patch
+    embedding's Conv gives the channels and patch size, the position-embedding table the
+    number of patches (its rows less one for a CLS token), and the image side is
+    sqrt(patches) x patch size."""
+    dims = spec.shape[1:]
+    if len(dims) != 3:
+        return None
+    if all(d is not None for d in dims):
+        return tuple(dims)
+    found = _image_dims_from_config(model_dir) or (_image_dims_from_weights(model) if isinstance(model, ir.Model)
+                                                   else None)
+    if found is None:
+        return None
+    return tuple(d if d is not None else f for d, f in zip(dims, found, strict=True))
+
+
+def _image_dims_from_config(model_dir) -> tuple[int, int, int] | None:
+    path = Path(model_dir) / "config.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("vision_config", config) if isinstance(config, dict) else {}
+    size = config.get("image_size")
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        return None
+    return (int(config.get("num_channels", 3)), size[0], size[1])
+
+
+def _image_dims_from_weights(model: ir.Model) -> tuple[int, int, int] | None:
+    pixels = next((v for v in model.graph.inputs if v.name == "pixel_values"), None)
+    conv = _first_consumer(pixels, "Conv") if pixels is not None else None
+    weight = conv.inputs[1] if conv is not None and len(conv.inputs) > 1 else None
+    if weight is None or weight.shape is None or len(weight.shape) != 4 or not weight.shape.is_static():
+        return None
+    hidden, channels, kernel_h, kernel_w = (int(d) for d in weight.shape)
+    strides = conv.attributes.get("strides")
+    stride_h, stride_w = strides.as_ints() if strides is not None else (kernel_h, kernel_w)
+    group = conv.attributes.get("group")
+    channels *= group.as_int() if group is not None else 1
+    for value in model.graph.initializers.values():
+        shape = value.shape
+        if shape is None or len(shape) not in (2, 3) or shape[-1] != hidden or not shape.is_static():
+            continue
+        rows = int(shape[-2])
+        for patches in (rows - 1, rows):  # a CLS token's row first
+            side = math.isqrt(max(patches, 0))
+            if patches > 1 and side * side == patches:
+                return (channels, side * stride_h, side * stride_w)
+    return None
+
+
+def _first_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The first ``op_type`` node reading ``value``, looking through casts and reshapes."""
+    frontier, seen = [value], {value}
+    while frontier:
+        current = frontier.pop(0)
+        for node, index in current.uses():
+            if node.op_type == op_type and index == 0:
+                return node
+            if node.op_type in _ID_PASSTHROUGH and index == 0:
+                fresh = [out for out in node.outputs if out not in seen]
+                seen.update(fresh)
+                frontier.extend(fresh)
+    return None
 
 
 # Ops an exporter puts between input_ids and the embedding Gather (GPT-2 reshapes the ids first).
@@ -269,10 +349,13 @@ class CalibrationSet:
 
     @classmethod
     def synthetic(
-        cls, model: ir.Model, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0, num_batches: int = 1
+        cls, model: ir.Model, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0, num_batches: int = 1,
+        model_dir: str | os.PathLike | None = None,
     ) -> CalibrationSet:
-        """Random tokens within the vocabulary (or random pixels): for checking lossless passes."""
+        """Random tokens within the vocabulary (or random pixels, of the size ``image_dims`` finds
+        with ``model_dir``, the model's folder): for checking lossless passes."""
         specs = {s.name: s for s in input_specs(model)}
+        pixels = image_dims(model, specs["pixel_values"], model_dir) if "pixel_values" in specs else None
         rng = np.random.default_rng(seed)
         if not any(name in _NAMED_DIMS or is_past_input(name) for name in specs):
             # Not a transformer's inputs (e.g. a plain MLP): random data of each input's shape.
@@ -284,7 +367,7 @@ class CalibrationSet:
                 ids = rng.integers(0, vocab_size(model), size=(batch_size, seq_len), dtype=np.int64)
             else:
                 ids = np.zeros((batch_size, seq_len), np.int64)  # vision: only pixel_values is used
-            batches.append(make_feeds(model, ids, np.ones_like(ids), seed=seed + i))
+            batches.append(make_feeds(model, ids, np.ones_like(ids), seed=seed + i, image_dims=pixels))
         return cls(batches, f"synthetic: {num_batches} batch(es) of {batch_size}x{seq_len}, seed {seed}")
 
 

@@ -8,6 +8,8 @@ writes the model and ``<output>.report.json`` only when every stage passed.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ import onnx_ir as ir
 
 from onnxpress.datasets import TOKENIZER_FILES, describe_split, find_tokenizer_dir, sotu_files
 from onnxpress.errors import OnnxpressError
+from onnxpress.fidelity import model_kind
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
@@ -48,20 +51,17 @@ def resolve_recipe(
     return load_recipe(recipe or DEFAULT_RECIPE)
 
 
-def model_kind(model: ir.Model) -> str:
-    """'decoder' when the model emits logits (a language model), else 'encoder'."""
-    return "decoder" if any(v.name == "logits" for v in model.graph.outputs) else "encoder"
-
-
-def select_passes(plan: Recipe, model: ir.Model, *, has_calibration: bool) -> tuple[list[PassSpec], list[str]]:
-    """The recipe's passes that run on ``model``, and a note for each optional one skipped."""
+def select_passes(
+    plan: Recipe, model: ir.Model, *, has_calibration: bool, ctx: CompileContext | None = None
+) -> tuple[list[PassSpec], list[str]]:
+    """The recipe's passes that run on ``model``, and a note for each optional one skipped
+    (``ctx``: the compile's context, whose cached analysis of ``model`` is used)."""
     kind = model_kind(model)
     specs = [s for s in plan.passes if s.applies_to(kind)]
     notes: list[str] = []
     if any(s.optional and get_pass(s.name).needs_attention for s in specs):
-        from onnxpress.analysis import analyze
-
-        if not analyze(model).has_attention:
+        ctx = ctx or CompileContext(verification=[])
+        if not ctx.analysis(model).has_attention:
             skipped = [s for s in specs if s.optional and get_pass(s.name).needs_attention]
             notes += [f"skipped optional pass {s.name}: no transformer attention recognised" for s in skipped]
             specs = [s for s in specs if s not in skipped]
@@ -129,90 +129,122 @@ def compile_model(
     ``latency`` or ``size``; ``search_seconds``: wall time after which the search stops
     probing (the final measurement still runs).
     """
-    from onnxpress.calibration import CalibrationSet
-
     start = time.perf_counter()
     src, out = Path(model), Path(output)
+    plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective)
+    ir_model = load_model(src)
+    ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), seed=seed,
+                         threads=threads)
+    pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
+                            verify=verify, progress=progress)
+    calibration = load_calibration(
+        calib, ir_model, ctx.tokenizer_dir, batch_size=batch_size, seed=seed,
+        max_samples=max_samples or plan.calibration.get("max_samples", DEFAULT_MAX_SAMPLES),
+        max_length=max_length or plan.calibration.get("max_length", 128),
+    )
+    verified_on = _split_calibration(ctx, calibration, ir_model, src)
+    if budget is None:
+        results, extra = pipeline.run(ir_model, ctx), {}
+    else:
+        ir_model, results, extra = _search(ir_model, ctx, budget, objective, search_seconds, progress)
+    if notes:
+        extra["notes"] = notes
+    report = CompileReport(
+        model=str(src), output=str(out), recipe=plan.name,
+        calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
+        passes=results, size_before=_file_size(src), verified_on=verified_on, extra=extra,
+    )
+    _save_with_report(ir_model, out, report, external_data=external_data, start=start)
+    return report
+
+
+def _check_arguments(out: Path, recipe, passes, calib, budget: float | None, objective: str
+                     ) -> tuple[Recipe, list[str]]:
+    """Everything that needs no model: the output name, the recipe and every pass setting;
+    returns the recipe (an empty one for the search) and a note when the default was replaced."""
     if out.suffix != ".onnx":
         raise OnnxpressError(f"output {out} must end in .onnx: choose a name like model.compressed.onnx")
     if budget is not None:
         from onnxpress.auto_search import check_search_args
 
         check_search_args(budget, objective, recipe, passes, calib)
-        plan = Recipe(name=f"auto (budget {budget:g}, objective {objective})", passes=[])
-    else:
-        plan = resolve_recipe(recipe, passes, has_calibration=bool(calib))
-        for spec in plan.passes:  # validate every setting before any slow work
-            build_pass(spec.name, spec.settings)
+        return Recipe(name=f"auto (budget {budget:g}, objective {objective})", passes=[]), []
+    plan = resolve_recipe(recipe, passes, has_calibration=bool(calib))
+    for spec in plan.passes:
+        build_pass(spec.name, spec.settings)
+    if recipe is None and not passes and not calib:
+        return plan, [f"no --calib given: ran the {NO_CALIBRATION_RECIPE} recipe instead of {DEFAULT_RECIPE}"]
+    return plan, []
 
-    ir_model = load_model(src)
-    notes: list[str] = []
-    if recipe is None and not passes and not calib and budget is None:
-        notes.append(f"no --calib given: ran the {NO_CALIBRATION_RECIPE} recipe instead of {DEFAULT_RECIPE}")
+
+def _plan_passes(plan: Recipe, model: ir.Model, ctx: CompileContext, src: Path, notes: list[str], *, calib,
+                 auto: bool, verify: bool, progress: bool) -> Pipeline:
+    """The pipeline of the recipe's passes that apply to ``model`` (none for the search), checked
+    against the model and the data given; adds a note for each optional pass left out."""
     specs: list[PassSpec] = []
-    if budget is None:
-        specs, skipped = select_passes(plan, ir_model, has_calibration=bool(calib))
+    if not auto:
+        specs, skipped = select_passes(plan, model, has_calibration=bool(calib), ctx=ctx)
         notes += skipped
-    pass_objs = [build_pass(spec.name, spec.settings) for spec in specs]
-    manager = Pipeline(pass_objs, verify=verify, progress=progress)
-    manager.check_applicable(ir_model, src.name)
-    tok_dir = _tokenizer_dir(src, tokenizer_dir)
-    calibration = load_calibration(
-        calib,
-        ir_model,
-        tok_dir,
-        max_samples=max_samples or plan.calibration.get("max_samples", DEFAULT_MAX_SAMPLES),
-        max_length=max_length or plan.calibration.get("max_length", 128),
-        batch_size=batch_size,
-        seed=seed,
-    )
-    needy = [p.name for p in pass_objs if p.needs_calibration]
-    if needy and calibration is None:
+    pipeline = Pipeline([build_pass(s.name, s.settings) for s in specs], verify=verify, progress=progress)
+    pipeline.check_applicable(model, ctx, src.name)
+    needy = [p.name for p in pipeline.passes if p.needs_calibration]
+    if needy and not calib:
         raise OnnxpressError(
             f"passes {', '.join(needy)} need calibration data: pass --calib TEXT_FILES_OR_FOLDER "
             "(tokenizer from the model's folder or --tokenizer) or --calib inputs.npz"
         )
+    return pipeline
+
+
+def _split_calibration(ctx: CompileContext, calibration, model: ir.Model, src: Path) -> str:
+    """Hold ``VERIFY_FRACTION`` of the calibration samples out to verify and measure every stage
+    on (synthetic inputs without calibration data); sets ``ctx``'s data and says what it is."""
+    from onnxpress.calibration import CalibrationSet
+
     if calibration is not None and len(calibration) >= 4:
-        calibration, held_out = calibration.split(VERIFY_FRACTION)
-        verification = held_out.batches
-    elif calibration is not None:
-        verification = calibration.batches[:1]
-    else:
-        verification = CalibrationSet.synthetic(ir_model, seed=seed).batches
-    ctx = CompileContext(
-        verification=verification, calibration=calibration, tokenizer_dir=tok_dir, seed=seed, threads=threads
-    )
-    extra: dict = {}
-    if budget is not None:
-        from onnxpress.auto_search import SearchSettings, search
+        ctx.calibration, held_out = calibration.split(VERIFY_FRACTION)
+        ctx.verification = held_out.batches
+        return f"{held_out.num_samples} held-out calibration samples"
+    if calibration is not None:
+        ctx.calibration, ctx.verification = calibration, calibration.batches[:1]
+        return f"the first calibration batch ({calibration.take(1).num_samples} samples, too few to hold any out)"
+    synthetic = CalibrationSet.synthetic(model, seed=ctx.seed, model_dir=src.parent)
+    ctx.verification = synthetic.batches
+    return f"{synthetic.num_samples} synthetic samples"
 
-        found = search(ir_model, ctx, SearchSettings(budget=budget, objective=objective, max_seconds=search_seconds), kind=model_kind(ir_model),
-                       progress=progress)
-        ir_model, results = found.model, found.results
-        extra["search"] = found.to_dict()
-    else:
-        results = manager.run(ir_model, ctx)
-    if notes:
-        extra["notes"] = notes
 
-    save_model(ir_model, out, external_data=external_data)
-    report = CompileReport(
-        model=str(src),
-        output=str(out),
-        recipe=plan.name,
-        calibration=calibration.source if calibration is not None else "synthetic tokens (no --calib given)",
-        passes=results,
-        size_before=_file_size(src),
-        size_after=_file_size(out),
-        seconds=time.perf_counter() - start,
-        extra=extra,
-    )
+def _search(model: ir.Model, ctx: CompileContext, budget: float, objective: str, seconds: float, progress: bool):
+    """The automatic search's model, its pass rows, and its trace for the report."""
+    from onnxpress.auto_search import SearchSettings, search
+
+    settings = SearchSettings(budget=budget, objective=objective, max_seconds=seconds)
+    found = search(model, ctx, settings, kind=model_kind(model), progress=progress)
+    return found.model, found.results, {"search": found.to_dict()}
+
+
+def _save_with_report(model: ir.Model, out: Path, report: CompileReport, *, external_data: bool | None,
+                      start: float) -> None:
+    """Write the model (and its external data) and ``report`` beside it, all or nothing: every
+    file is written in a temporary folder first and renamed into place at the end."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
+    placed: list[Path] = []
     try:
-        report.write_json(report_path(out))
+        saved = save_model(model, tmp / out.name, external_data=external_data)
+        report.size_after = _file_size(saved)
+        report.seconds = time.perf_counter() - start
+        report.write_json(tmp / report_path(out).name)
+        data = saved.with_name(saved.name + ".data")
+        for f in [data, tmp / report_path(out).name, saved]:  # the model last: it appears only when complete
+            if f.exists():
+                os.replace(f, out.parent / f.name)
+                placed.append(out.parent / f.name)
     except BaseException:
-        out.unlink(missing_ok=True)  # no model without its report
+        for f in placed:
+            f.unlink(missing_ok=True)
         raise
-    return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenizer_dir(model_path: Path, tokenizer_dir) -> Path | None:

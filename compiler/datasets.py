@@ -3,14 +3,19 @@
 Data lives in ``$ONNXPRESS_DATA`` or in ``shared/data`` found by walking up from the
 package (the repo sits at ``/work/main``, the data at ``/work/shared/data``).
 
-Splits (fixed; every report names them):
+Splits (fixed; every report names them). Calibration, training (distillation) and
+evaluation text never share a file:
 
-* SOTU **calibration**: State of the Union speeches dated before 1950 (159 files).
-* SOTU **evaluation**: speeches from 1990 on (32 files): perplexity, logits fidelity and
-  embedding-fidelity sentences. Calibration and evaluation never share a file.
-* BBC News **probe**: per topic folder, files sorted by name; every 5th file (index 0, 5,
-  10, ...) is test, the rest train (1,780 / 445 articles). Subsamples (default 400 train /
-  200 test) are drawn from each pool without replacement with fixed seeds (0 and 1).
+* SOTU **calibration**: State of the Union speeches dated before 1950 (159 files);
+  **training**: 1950-1989 (42 files); **evaluation**: from 1990 on (32 files).
+* BBC News, per topic folder, files sorted by name, by index modulo 5: 0 **evaluation**
+  (445 articles; also the topic probe's test set), 1 **calibration**, 2 **training**,
+  3 and 4 the topic **probe**'s training pool. Probe subsamples (default 400 train /
+  200 test) are drawn without replacement with fixed seeds (0 and 1).
+
+Named calibration data (``--calib NAME``): ``sotu``, ``bbc``, and ``default``, which
+draws equally from both corpora. Fidelity is always also measured on a corpus the
+calibration did not see (:func:`unseen_corpus`): BBC News for ``sotu``, SOTU for ``bbc``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from onnxpress.errors import OnnxpressError
 CALIBRATION_BEFORE = 1950
 EVALUATION_FROM = 1990
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+SPLITS = ("calibration", "training", "evaluation")
+CORPORA = ("sotu", "bbc")
+# BBC files by index modulo 5 within each topic folder
+_BBC_SPLIT_OF_INDEX = {0: "evaluation", 1: "calibration", 2: "training", 3: "probe", 4: "probe"}
+NAMED_CALIBRATIONS = {"sotu": ("sotu",), "bbc": ("bbc",), "default": ("sotu", "bbc")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -56,14 +66,17 @@ def _year(path: Path) -> int:
 
 
 def sotu_files(split: str) -> list[Path]:
-    """SOTU speeches of the 'calibration' (< 1950) or 'evaluation' (>= 1990) split, sorted."""
+    """SOTU speeches of the 'calibration' (< 1950), 'training' (1950-1989) or 'evaluation'
+    (>= 1990) split, sorted."""
     files = sorted((data_dir() / "sotu").glob("*.txt"))
     if split == "calibration":
         chosen = [f for f in files if _year(f) < CALIBRATION_BEFORE]
+    elif split == "training":
+        chosen = [f for f in files if CALIBRATION_BEFORE <= _year(f) < EVALUATION_FROM]
     elif split == "evaluation":
         chosen = [f for f in files if _year(f) >= EVALUATION_FROM]
     else:
-        raise OnnxpressError(f"unknown SOTU split {split!r}: use 'calibration' or 'evaluation'")
+        raise OnnxpressError(f"unknown SOTU split {split!r}: use one of {', '.join(SPLITS)}")
     if not chosen:
         raise OnnxpressError(
             f"no SOTU files for split {split!r} in {data_dir() / 'sotu'}: check the data folder"
@@ -71,9 +84,63 @@ def sotu_files(split: str) -> list[Path]:
     return chosen
 
 
-def describe_split(split: str) -> str:
-    rule = f"before {CALIBRATION_BEFORE}" if split == "calibration" else f"from {EVALUATION_FROM} on"
+def bbc_files(split: str) -> list[Path]:
+    """BBC News articles of a split ('calibration', 'training', 'evaluation' or the topic
+    'probe' training pool), sorted by topic and name."""
+    if split not in (*SPLITS, "probe"):
+        raise OnnxpressError(f"unknown BBC split {split!r}: use one of {', '.join(SPLITS)} or probe")
+    return [f for f, _ in _bbc_labelled(split)]
+
+
+def _bbc_labelled(split: str) -> list[tuple[Path, int]]:
+    root = data_dir() / "bbcnews"
+    chosen = []
+    for label, topic in enumerate(BBC_TOPICS):
+        files = sorted((root / topic).glob("*.txt"))
+        if not files:
+            raise OnnxpressError(f"no BBC articles in {root / topic}: check the data folder")
+        chosen += [(f, label) for i, f in enumerate(files) if _BBC_SPLIT_OF_INDEX[i % 5] == split]
+    return chosen
+
+
+def corpus_files(corpus: str, split: str) -> list[Path]:
+    if corpus == "sotu":
+        return sotu_files(split)
+    if corpus == "bbc":
+        return bbc_files(split)
+    raise OnnxpressError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
+
+
+def describe_split(split: str, corpus: str = "sotu") -> str:
+    if corpus == "bbc":
+        return f"BBC News {split} split ({len(bbc_files(split))} articles, index % 5 = " \
+               f"{next(i for i, s in _BBC_SPLIT_OF_INDEX.items() if s == split)} per topic)"
+    rule = {"calibration": f"before {CALIBRATION_BEFORE}", "training": f"{CALIBRATION_BEFORE}-{EVALUATION_FROM - 1}",
+            "evaluation": f"from {EVALUATION_FROM} on"}[split]
     return f"SOTU {split} split (speeches {rule}, {len(sotu_files(split))} files)"
+
+
+def unseen_corpus(calibration: str) -> str | None:
+    """The corpus whose text a named calibration never drew from (None: it drew from both)."""
+    used = NAMED_CALIBRATIONS.get(calibration, ())
+    unseen = [c for c in CORPORA if c not in used]
+    return unseen[0] if len(unseen) == 1 else None
+
+
+def named_texts(name: str, split: str, max_chars: int) -> tuple[list[str], str]:
+    """(texts, description) of a named calibration source's ``split``: text chunks of at most
+    ``max_chars`` characters; ``default`` takes as many chunks from each corpus as the smaller
+    one has, interleaved, so neither dominates."""
+    if name not in NAMED_CALIBRATIONS:
+        raise OnnxpressError(f"unknown named data {name!r}: use one of {', '.join(NAMED_CALIBRATIONS)}")
+    per_corpus = [
+        [c for f in corpus_files(corpus, split) for c in text_chunks(read_text(f), max_chars)]
+        for corpus in NAMED_CALIBRATIONS[name]
+    ]
+    n = min(len(t) for t in per_corpus)
+    texts = per_corpus[0] if len(per_corpus) == 1 else [t[i] for i in range(n) for t in per_corpus]
+    description = " + ".join(describe_split(split, c) for c in NAMED_CALIBRATIONS[name])
+    return texts, description
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -109,26 +176,19 @@ def text_chunks(text: str, max_chars: int = 512, min_chars: int = 20) -> list[st
     return chunks
 
 
-def evaluation_sentences(n: int = 256, seed: int = 0) -> list[str]:
-    """``n`` sentences drawn with a fixed seed from the SOTU evaluation split."""
-    pool = [s for f in sotu_files("evaluation") for s in split_sentences(read_text(f), min_chars=40)]
+def evaluation_sentences(n: int = 256, seed: int = 0, corpus: str = "sotu") -> list[str]:
+    """``n`` sentences drawn with a fixed seed from a corpus's evaluation split."""
+    pool = [s for f in corpus_files(corpus, "evaluation") for s in split_sentences(read_text(f), min_chars=40)]
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))
     return [pool[i] for i in idx]
 
 
 def bbc_split(max_train: int | None = 400, max_test: int | None = 200, seed: int = 0):
-    """(train_texts, train_labels, test_texts, test_labels) of the fixed BBC News probe split."""
-    root = data_dir() / "bbcnews"
-    train: list[tuple[Path, int]] = []
-    test: list[tuple[Path, int]] = []
-    for label, topic in enumerate(BBC_TOPICS):
-        files = sorted((root / topic).glob("*.txt"))
-        if not files:
-            raise OnnxpressError(f"no BBC articles in {root / topic}: check the data folder")
-        for i, f in enumerate(files):
-            (test if i % 5 == 0 else train).append((f, label))
-    train, test = _subsample(train, max_train, seed), _subsample(test, max_test, seed + 1)
+    """(train_texts, train_labels, test_texts, test_labels) of the fixed BBC News probe split:
+    train from the probe pool, test from the evaluation split."""
+    train = _subsample(_bbc_labelled("probe"), max_train, seed)
+    test = _subsample(_bbc_labelled("evaluation"), max_test, seed + 1)
     return (
         [read_text(f) for f, _ in train],
         np.array([y for _, y in train]),

@@ -3,8 +3,9 @@
 Encoders: mean-pooled (mask-aware) sentence embeddings of the first output, cosine vs
 the reference, and a BBC News topic probe. Decoders: next-token logits vs the reference
 (max |error|, KL(ref || new)), perplexity on held-out text, greedy generation with the
-KV cache. Default text is the SOTU *evaluation* split (speeches from 1990 on), disjoint
-from the calibration split (before 1950); see ``onnxpress.datasets``.
+KV cache. Default text: the *evaluation* splits of both corpora (SOTU speeches from 1990
+on, and BBC News), disjoint from every calibration and training split, so a compile is
+always also measured on a domain its calibration did not see; see ``onnxpress.datasets``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnxruntime as ort
 from onnxpress import datasets
 from onnxpress.calibration import input_specs, is_past_input, make_feeds, pad_right
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import row_cosines
+from onnxpress.fidelity import mean_pool, row_cosines
 from onnxpress.runtime import make_session
 
 ModelLike = str | os.PathLike | ir.Model | ort.InferenceSession
@@ -70,11 +71,6 @@ def _run(session: ort.InferenceSession, output: str, input_ids: np.ndarray, mask
 
 
 # ---- encoders ---------------------------------------------------------------------------
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask.astype(np.float64)[..., None]
-    return (hidden.astype(np.float64) * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
 
 
 def sentence_embeddings(
@@ -184,10 +180,12 @@ def perplexity_windows(
     *,
     window: int = PPL_WINDOW,
     max_windows: int | None = PPL_MAX_WINDOWS,
+    corpus: str = "sotu",
 ) -> np.ndarray:
-    """[n, window] token windows: the files' text joined by blank lines, tokenized without special
-    tokens, cut into non-overlapping windows; ``max_windows`` evenly spaced ones are kept."""
-    files = datasets.expand_text_paths(text_files) if text_files else datasets.sotu_files("evaluation")
+    """[n, window] token windows: the files' text (default: ``corpus``'s evaluation split) joined
+    by blank lines, tokenized without special tokens, cut into non-overlapping windows;
+    ``max_windows`` evenly spaced ones are kept."""
+    files = datasets.expand_text_paths(text_files) if text_files else datasets.corpus_files(corpus, "evaluation")
     tokenizer = _tokenizer(tokenizer_dir)
     text = "\n\n".join(datasets.read_text(f).strip() for f in files)
     ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
@@ -224,9 +222,10 @@ def perplexity(
     window: int = PPL_WINDOW,
     max_windows: int | None = PPL_MAX_WINDOWS,
     batch_size: int = 4,
+    corpus: str = "sotu",
 ) -> float:
-    """Causal-LM perplexity over non-overlapping windows (default: SOTU evaluation split)."""
-    windows = perplexity_windows(tokenizer_dir, text_files, window=window, max_windows=max_windows)
+    """Causal-LM perplexity over non-overlapping windows (default: ``corpus``'s evaluation split)."""
+    windows = perplexity_windows(tokenizer_dir, text_files, window=window, max_windows=max_windows, corpus=corpus)
     total, count = window_nll(model, windows, batch_size=batch_size)
     return float(np.exp(total / count))
 
@@ -312,35 +311,40 @@ def evaluate(
         result.update(fn())
         result[f"{key}_seconds"] = round(time.perf_counter() - start, 2)
 
-    text_source = _describe_files(text_files) if text_files else datasets.describe_split("evaluation")
-    if kind == "encoder":
-        if ref is not None:
-            sentences = _eval_sentences(text_files, EMBED_SENTENCES)
-            timed("embedding", lambda: embedding_fidelity(session, ref, sentences, tokenizer))
-            result["embedding_text"] = text_source
-        if probe:
-            timed("probe", lambda: bbc_probe_accuracy(session, tokenizer))
+    for prefix, files, corpus in _evaluation_sources(text_files):
+        text = _describe_files(files) if files else datasets.describe_split("evaluation", corpus)
+        if kind == "encoder":
             if ref is not None:
-                timed(
-                    "reference_probe",
-                    lambda: {
-                        "reference_probe_accuracy": bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]
-                    },
-                )
-    else:
-        if probe:
+                sentences = _eval_sentences(files, EMBED_SENTENCES, corpus)
+                fid = embedding_fidelity(session, ref, sentences, tokenizer)
+                result.update({prefix + k: v for k, v in fid.items()}, **{prefix + "embedding_text": text})
+            continue
+        if ref is not None:
+            sentences = _eval_sentences(files, LOGIT_SENTENCES, corpus)
+            result.update({prefix + k: v for k, v in logits_fidelity(session, ref, sentences, tokenizer).items()})
+        windows = perplexity_windows(tokenizer, files, window=window, max_windows=max_windows, corpus=corpus)
+        timed(prefix + "perplexity", lambda w=windows, p=prefix: _ppl(session, w, p + "perplexity"))
+        if ref is not None:
+            result.update(_ppl(ref, windows, prefix + "reference_perplexity"))
+        result.update({prefix + "perplexity_text": text, prefix + "perplexity_windows": len(windows),
+                       prefix + "perplexity_window": window})
+    if probe:
+        if kind != "encoder":
             raise OnnxpressError(
                 "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
             )
+        timed("probe", lambda: bbc_probe_accuracy(session, tokenizer))
         if ref is not None:
-            sentences = _eval_sentences(text_files, LOGIT_SENTENCES)
-            timed("logits", lambda: logits_fidelity(session, ref, sentences, tokenizer))
-        windows = perplexity_windows(tokenizer, text_files, window=window, max_windows=max_windows)
-        timed("perplexity", lambda: _ppl(session, windows, "perplexity"))
-        if ref is not None:
-            timed("reference_perplexity", lambda: _ppl(ref, windows, "reference_perplexity"))
-        result.update(perplexity_text=text_source, perplexity_windows=len(windows), perplexity_window=window)
+            result["reference_probe_accuracy"] = bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]
     return result
+
+
+def _evaluation_sources(text_files) -> list[tuple[str, list | None, str]]:
+    """(key prefix, files, corpus) to evaluate on: the user's text alone, or both corpora's
+    evaluation splits (the BBC News keys prefixed ``bbc_``)."""
+    if text_files:
+        return [("", list(text_files), "sotu")]
+    return [("", None, "sotu"), ("bbc_", None, "bbc")]
 
 
 def _ppl(session, windows: np.ndarray, key: str) -> dict:
@@ -354,9 +358,9 @@ def _describe_files(paths) -> str:
     return f"{len(files)} file(s): {names}"
 
 
-def _eval_sentences(text_files, n: int) -> list[str]:
+def _eval_sentences(text_files, n: int, corpus: str = "sotu") -> list[str]:
     if not text_files:
-        return datasets.evaluation_sentences(n)
+        return datasets.evaluation_sentences(n, corpus=corpus)
     pool = [
         s
         for f in datasets.expand_text_paths(text_files)

@@ -1,17 +1,25 @@
-"""How far a model's outputs moved: the one error measure every pass reports.
+"""How far a model moved, measured two ways.
 
-``rel_l2`` (||new - ref|| / ||ref||, worst output) is the headline number: passes
-report it on the verification batch and the pass manager re-measures it on the
-saved model. Cosines are taken per output row (token or sequence vector).
+- Between stages, on the raw outputs: ``rel_l2`` (||new - ref|| / ||ref||, worst output) is
+  what every pass reports on the verification batches and what the pass manager re-measures
+  on the saved model (``compare_outputs``). Cosines are taken per output row.
+- End to end, against the compile's input model, in the model's own terms
+  (``FidelityMeter``): encoders, the cosine of mask-pooled sentence embeddings; decoders, the
+  relative change in next-token perplexity. The compile report and the automatic search both
+  use it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx_ir as ir
+
+# Standard errors above the mean loss that a loss bound adds (the search's "fits" criterion).
+CONFIDENCE_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -90,3 +98,125 @@ def next_token_nll(
         count += float(mask.sum())
         rows.append(-(picked * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
     return total / max(count, 1.0), np.concatenate(rows)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``hidden`` [batch, seq, dim] over the positions ``mask`` marks, in float64."""
+    weights = mask.astype(np.float64)[..., None]
+    return (hidden.astype(np.float64) * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
+
+
+def model_kind(model: ir.Model) -> str:
+    """'decoder' when the model emits logits (a language model), else 'encoder'."""
+    return "decoder" if any(v.name == "logits" for v in model.graph.outputs) else "encoder"
+
+
+def standard_error(samples: np.ndarray) -> float:
+    return float(samples.std(ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class TaskFidelity:
+    """A model against a reference model on the same samples, in the model's own terms.
+
+    ``loss`` is what the automatic search's budget bounds: ``1 - cosine_mean`` for
+    encoders, ``perplexity_change`` for decoders; ``loss_bound`` adds ``CONFIDENCE_Z``
+    standard errors over the samples."""
+
+    metric: str  # "embedding cosine", "output cosine" or "perplexity"
+    samples: int
+    loss: float
+    loss_bound: float
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    perplexity_change: float | None = None  # ppl / ppl_reference - 1
+    perplexity: float | None = None
+    perplexity_reference: float | None = None
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class FidelityMeter:
+    """End-to-end fidelity of a model's outputs against a reference model's on fixed batches.
+
+    - encoders with an ``attention_mask`` input: cosine of the sentence embeddings (the first
+      output, mean-pooled over the mask), per sample;
+    - other encoders (e.g. vision, no mask): cosine of every output row (token vector);
+    - decoders (a ``logits`` output): next-token perplexity of the batches' own text, relative
+      to the reference's.
+
+    Built from the reference's outputs (``reference``: one dict per batch holding at least
+    ``outputs``), so a caller that already ran the reference pays nothing more."""
+
+    def __init__(self, reference: Sequence[Mapping[str, np.ndarray]], batches: Sequence[Mapping[str, np.ndarray]],
+                 kind: str, output_names: Sequence[str]):
+        self.batches, self.kind = list(batches), kind
+        self.outputs = self.outputs_for(kind, output_names, batches)
+        self.pooled = kind == "encoder" and all("attention_mask" in b for b in batches)
+        if kind == "decoder":
+            self.metric, self.definition = "perplexity", "relative perplexity increase"
+        elif self.pooled:
+            self.metric, self.definition = "embedding cosine", "1 - mean cosine of mask-pooled embeddings"
+        else:
+            self.metric, self.definition = "output cosine", "1 - mean row cosine of the outputs"
+        self.samples = sum(next(iter(b.values())).shape[0] for b in self.batches) if self.batches else 0
+        if kind == "decoder":  # only the likelihoods are kept: a large vocabulary's logits take gigabytes
+            self.reference_nll, self.reference_rows = next_token_nll(reference, self.batches)
+            self.reference = []
+        else:
+            self.reference = [{n: r[n] for n in self.outputs} for r in reference]
+
+    @staticmethod
+    def outputs_for(kind: str, output_names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+        """The outputs the measure reads: ``logits`` (decoders), the first output (pooled
+        encoders) or all of ``output_names``."""
+        if kind == "decoder":
+            return ["logits"]
+        if all("attention_mask" in b for b in batches):
+            return list(output_names[:1])
+        return list(output_names)
+
+    @classmethod
+    def of_model(cls, model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]], *, kind: str | None = None,
+                 threads: int | None = None) -> FidelityMeter:
+        """A meter whose reference is ``model`` run on ``batches``."""
+        from onnxpress.runtime import make_session, run_batches
+
+        kind = kind or model_kind(model)
+        names = cls.outputs_for(kind, primary_outputs(model), batches)
+        reference = run_batches(make_session(model, threads=threads), batches, names)
+        return cls(reference, batches, kind, names)
+
+    def measure(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> TaskFidelity:
+        """Fidelity of ``outputs`` (one dict per batch, holding ``self.outputs``) against the reference."""
+        if self.kind == "decoder":
+            nll, per_row = next_token_nll(outputs, self.batches)
+            shift = nll - self.reference_nll
+            bound = shift + CONFIDENCE_Z * standard_error(per_row - self.reference_rows)
+            return TaskFidelity(
+                self.metric, self.samples, loss=math.expm1(shift), loss_bound=math.expm1(bound),
+                perplexity_change=math.expm1(shift), perplexity=math.exp(nll),
+                perplexity_reference=math.exp(self.reference_nll),
+            )
+        cosines = self._cosines(outputs)
+        loss = float(1.0 - cosines.mean())
+        return TaskFidelity(
+            self.metric, self.samples, loss=loss, loss_bound=loss + CONFIDENCE_Z * standard_error(cosines),
+            cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()),
+        )
+
+    def _cosines(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """Cosine per sample (pooled) or per output row, over every comparable float output."""
+        parts = []
+        for ref, new, batch in zip(self.reference, outputs, self.batches, strict=True):
+            for name in self.outputs:
+                a, b = ref[name], new[name]
+                if a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
+                    continue
+                if self.pooled:
+                    a, b = mean_pool(a, batch["attention_mask"]), mean_pool(b, batch["attention_mask"])
+                parts.append(row_cosines(a, b))
+        if not parts:
+            raise ValueError("no comparable float outputs between the two runs")
+        return np.concatenate(parts)

@@ -1,11 +1,11 @@
 """What a compression pass is: a named class with a validated config whose ``run``
-returns a ``PassReport``.
+returns a ``PassReport`` (one row of the compile report).
 
 A pass implements ``apply`` (calibration -> decision -> rewrite); ``run`` wraps it
-with the parts every pass shares: counting parameters and MACs before and after,
-and verification, i.e. measuring on the verification batch how far the outputs
-moved from the previous stage. That measured error is what the pass reports, and
-the pass manager checks the saved model against it.
+with the parts every pass shares: counting parameters, weight bytes and MACs before
+and after, and measuring on the verification batches how far the outputs moved from
+the previous stage. That measured error is what the pass reports, and the pass
+manager (``onnxpress.pipeline.Pipeline``) checks the saved model against it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import model_nbytes
 
 if typing.TYPE_CHECKING:
     from onnxpress.pipeline import CompileContext
@@ -135,7 +136,19 @@ def _describe(annotation: Any) -> str:
 
 @dataclass
 class PassReport:
-    """What one pass did, as reported in the compile report (one row per pass)."""
+    """One row of the compile report: what one pass changed and what it cost.
+
+    Two kinds of numbers, measured on the verification samples:
+
+    - ``error`` / ``measured_error`` / ``vs_previous``: how far the raw outputs moved from
+      the previous stage (relative L2 error, max |error|, row cosines). ``error`` is what the
+      pass reports; the pass manager re-measures the saved model (``measured_error``) and
+      refuses the stage when it is further off than reported.
+    - ``vs_input``: end-to-end fidelity of the model after this pass against the compile's
+      input model, in the model's own terms (``onnxpress.fidelity.TaskFidelity``: embedding
+      cosine for encoders, perplexity change for decoders). A pass that changed nothing
+      carries the previous stage's.
+    """
 
     name: str
     modified: bool
@@ -144,9 +157,12 @@ class PassReport:
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
-    error: float = 0.0  # relative L2 error vs the previous stage on the verification batch
-    fidelity: dict[str, float] = field(default_factory=dict)
-    measured_error: float | None = None  # re-measured by the pass manager on the saved model
+    weight_bytes_before: int = 0  # initializers, as stored
+    weight_bytes_after: int = 0
+    error: float = 0.0  # relative L2 error vs the previous stage, as the pass reports it
+    measured_error: float | None = None  # the same, re-measured by the pass manager on the saved model
+    vs_previous: dict[str, float] = field(default_factory=dict)
+    vs_input: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -192,11 +208,11 @@ class Pass(abc.ABC):
         from onnxpress.analysis import count_macs, count_params
 
         start = time.perf_counter()
-        params_before, macs_before = count_params(model), count_macs(model)
+        params_before, macs_before, bytes_before = count_params(model), count_macs(model), model_nbytes(model)
         outcome = self.apply(model, ctx)
         if outcome.modified:
             ctx.forget_analysis()
-        fidelity = ctx.measure(model) if outcome.modified else None
+        fidelity = ctx.measure_stage(model, self.name) if outcome.modified else None
         return PassReport(
             name=self.name,
             modified=outcome.modified,
@@ -205,8 +221,10 @@ class Pass(abc.ABC):
             params_after=count_params(model),
             macs_before=macs_before,
             macs_after=count_macs(model),
+            weight_bytes_before=bytes_before,
+            weight_bytes_after=model_nbytes(model),
             error=fidelity.rel_l2 if fidelity else 0.0,
-            fidelity=fidelity.to_dict() if fidelity else {},
+            vs_previous=fidelity.to_dict() if fidelity else {},
             seconds=time.perf_counter() - start,
             details=outcome.details,
             config=self.config.to_dict(),

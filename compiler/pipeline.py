@@ -1,9 +1,13 @@
-"""Runs passes in order and checks every stage.
+"""The pass manager: runs passes in order on one model and verifies every stage.
 
 After each pass that changed the model, the manager serialises it, runs the ONNX
 checker, loads it in a fresh ONNX Runtime session and re-measures its outputs
-against the previous stage on the verification batch. The stage is accepted only
-if that measured error is within what the pass reported.
+against the previous stage on the verification batches. The stage is accepted only
+if that measured error is within what the pass reported (lossless passes: within
+``LOSSLESS_TOLERANCE``); anything else, an ONNX Runtime failure included, is a
+one-line ``VerificationError`` that names the pass. Each stage is also measured
+end to end against the compile's input model (``onnxpress.fidelity.FidelityMeter``)
+from the same outputs, for the report.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.fidelity import Fidelity, compare_outputs, primary_outputs
+from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
 from onnxpress.model_io import model_proto
 from onnxpress.pass_infra import Pass, PassReport
-from onnxpress.runtime import make_session, run_batches
+from onnxpress.runtime import make_session, run_batches, session_options
 
 if TYPE_CHECKING:
     from onnxpress.analysis import TransformerMap
@@ -33,16 +37,25 @@ LOSSLESS_TOLERANCE = 1e-5
 # Re-measured error may exceed the reported one by this relative slack (thread
 # scheduling can reorder float reductions between two sessions).
 REPORT_SLACK = 0.02
+# What every verification failure tells the user to do: it is a bug in the pass, not in their input.
+REPORT_BUG = "please report this bug; run without this pass meanwhile"
+# make_session's one-line prefix when ONNX Runtime itself rejects the model.
+_ORT_LOAD_FAILURE = "ONNX Runtime cannot load the model: "
 
 
 class VerificationError(OnnxpressError):
     """A pass produced a model that fails the checks after it (a bug in that pass)."""
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(": ") if text else type(exc).__name__
+
+
 @dataclass
 class CompileContext:
     """What a pass may use besides the model: data, the reference outputs of the
-    previous stage, and helpers to run and measure models."""
+    previous stage, the compile's input model, and helpers to run and measure models."""
 
     verification: list[dict[str, np.ndarray]]
     calibration: CalibrationSet | None = None
@@ -55,7 +68,11 @@ class CompileContext:
     original: ir.Model | None = None
     # the text files the calibration data was read from (None: an .npz or synthetic data)
     text_files: list[Path] | None = None
+    # measures a stage's outputs against the compile's input model; set by the first Pipeline.run
+    input_fidelity: FidelityMeter | None = None
     _analysis: tuple[ir.Model, TransformerMap] | None = field(default=None, repr=False)
+    # the outputs ``measure_stage`` last computed: the next reference when stages are not verified
+    stage_outputs: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
 
     def run(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None):
         session = make_session(model, threads=self.threads)
@@ -64,6 +81,43 @@ class CompileContext:
     def measure(self, model: ir.Model) -> Fidelity:
         """How far ``model``'s outputs are from the previous stage's on the verification batch."""
         return compare_outputs(self.reference, self.run(model))
+
+    def measure_stage(self, model: ir.Model, pass_name: str) -> Fidelity:
+        """``measure`` for the model ``pass_name`` just wrote: a failure to run it is a
+        ``VerificationError`` naming the pass."""
+        self.stage_outputs = self.run_stage(model, pass_name)
+        return self.compare_stage(self.stage_outputs, pass_name)
+
+    def run_stage(self, model: ir.Model | bytes, pass_name: str) -> list[dict[str, np.ndarray]]:
+        """The verification outputs of the model ``pass_name`` wrote, in a fresh session."""
+        options = session_options(self.threads)
+        options.log_severity_level = 4  # ORT's own error log would add lines to the one-line error below
+        try:
+            session = make_session(model, options=options)
+        except OnnxpressError as exc:
+            if not str(exc).startswith(_ORT_LOAD_FAILURE):
+                raise  # not the model's fault (e.g. the operator library is not built)
+            detail = str(exc).removeprefix(_ORT_LOAD_FAILURE)
+            raise VerificationError(
+                f"pass {pass_name} wrote a model ONNX Runtime cannot load ({detail}): {REPORT_BUG}"
+            ) from None
+        try:
+            return run_batches(session, self.verification, self.output_names)
+        except MemoryError:
+            raise
+        except Exception as exc:  # ORT raises several types; the same feeds ran the previous stage
+            raise VerificationError(
+                f"pass {pass_name} wrote a model ONNX Runtime cannot run ({_first_line(exc)}): {REPORT_BUG}"
+            ) from None
+
+    def compare_stage(self, outputs: list[dict[str, np.ndarray]], pass_name: str) -> Fidelity:
+        """``outputs`` against the previous stage's."""
+        try:
+            return compare_outputs(self.reference, outputs)
+        except ValueError:
+            raise VerificationError(
+                f"pass {pass_name} changed the shape or type of every output it is compared on: {REPORT_BUG}"
+            ) from None
 
     def analysis(self, model: ir.Model) -> TransformerMap:
         """The analysis map of ``model``, computed once until a pass changes the model."""
@@ -91,19 +145,21 @@ class CompileContext:
 
 
 class Pipeline:
+    """The pass manager: runs a list of passes in order on one model, in place, and
+    verifies each stage (see the module docstring); ``run`` returns one ``PassReport``
+    per pass, the rows of the compile report."""
+
     def __init__(self, passes: Sequence[Pass], *, verify: bool = True, progress: bool = True):
         self.passes = list(passes)
         self.verify = verify
         self.progress = progress
 
-    def check_applicable(self, model: ir.Model, model_name: str = "model") -> None:
+    def check_applicable(self, model: ir.Model, ctx: CompileContext, model_name: str = "model") -> None:
         """Fail early, naming every pass that cannot apply to a model without attention."""
         needs = [p.name for p in self.passes if p.needs_attention]
         if not needs:
             return
-        from onnxpress.analysis import analyze
-
-        tmap = analyze(model)
+        tmap = ctx.analysis(model)
         if not tmap.has_attention:
             why = f" ({tmap.unrecognised[0]})" if tmap.unrecognised else ""
             raise OnnxpressError(
@@ -112,36 +168,64 @@ class Pipeline:
             )
 
     def run(self, model: ir.Model, ctx: CompileContext) -> list[PassReport]:
-        """Run all passes on ``model`` in place; returns one result per pass."""
+        """Run all passes on ``model`` in place; returns one result per pass, each with its stage
+        measured against the compile's input model (a pass that changed nothing carries the
+        stage before it)."""
         ctx.output_names = ctx.output_names or primary_outputs(model)
         if not ctx.reference:
             ctx.reference = ctx.run(model)
+        if ctx.input_fidelity is None:
+            ctx.input_fidelity = FidelityMeter(ctx.reference, ctx.verification, model_kind(model), ctx.output_names)
         if ctx.original is None and any(p.needs_original for p in self.passes):
             ctx.original = model.clone()
         results = []
+        vs_input = None  # the current stage's fidelity against the input model
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
             bar.set_postfix_str(p.name)
             result = p.run(model, ctx)
-            if result.modified and self.verify:
-                ctx.reference = self._check_stage(model, ctx, result, lossless=p.lossless)
+            if result.modified:
+                verified = self._check_stage(model, ctx, result, lossless=p.lossless) if self.verify else None
+                ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
+                vs_input = None
+            if vs_input is None:
+                vs_input = self._vs_input(ctx, p.name)
+            result.vs_input = vs_input
             results.append(result)
         return results
 
+    @staticmethod
+    def _vs_input(ctx: CompileContext, pass_name: str) -> dict:
+        """The current stage (``ctx.reference``) against the compile's input model."""
+        try:
+            return ctx.input_fidelity.measure(ctx.reference).to_dict()
+        except (KeyError, ValueError):
+            raise VerificationError(
+                f"pass {pass_name} changed the shape of the outputs compared with the input model: {REPORT_BUG}"
+            ) from None
+
     def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassReport, *, lossless: bool):
+        """The checker, a fresh ORT session of the saved model, and its error against the
+        reported one; returns the stage's verification outputs."""
         proto = model_proto(model)
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise VerificationError(f"pass {result.name} wrote an invalid ONNX model ({first}): please report this bug") from None
-        outputs = run_batches(make_session(proto.SerializeToString(), threads=ctx.threads), ctx.verification, ctx.output_names)
-        measured = compare_outputs(ctx.reference, outputs).rel_l2
-        result.measured_error = measured
-        allowed = LOSSLESS_TOLERANCE if lossless else result.error * (1 + REPORT_SLACK) + 1e-6
-        if measured > allowed:
             raise VerificationError(
-                f"pass {result.name}: the saved model is {measured:.3g} (relative L2) from the previous stage, "
-                f"more than the {allowed:.3g} it may be: please report this bug; run without this pass meanwhile"
+                f"pass {result.name} wrote an invalid ONNX model ({_first_line(exc)}): {REPORT_BUG}"
+            ) from None
+        outputs = ctx.run_stage(proto.SerializeToString(), result.name)
+        measured = ctx.compare_stage(outputs, result.name).rel_l2
+        result.measured_error = measured
+        if lossless and measured > LOSSLESS_TOLERANCE:
+            raise VerificationError(
+                f"pass {result.name} is lossless, but the saved model is {measured:.3g} (relative L2) from the "
+                f"previous stage, more than the {LOSSLESS_TOLERANCE:g} allowed: {REPORT_BUG}"
+            )
+        allowed = result.error * (1 + REPORT_SLACK) + 1e-6
+        if not lossless and measured > allowed:
+            raise VerificationError(
+                f"pass {result.name} reported an error of {result.error:.3g} (relative L2), but the saved model is "
+                f"{measured:.3g} from the previous stage: {REPORT_BUG}"
             )
         return outputs

@@ -1,10 +1,15 @@
-"""The compile report: one row per pass, as JSON and as a readable table."""
+"""The compile report: one row per pass, as JSON and as a readable table.
+
+The table speaks the model's terms: each stage's fidelity against the input model
+(embedding cosine for encoders, perplexity change for decoders). The raw relative L2
+error between stages, which verification uses, stays in the JSON.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +19,9 @@ from onnxpress.pass_infra import PassReport
 
 @dataclass
 class CompileReport:
+    """What ``compile`` did: one ``PassReport`` row per pass, sizes, and the end-to-end
+    fidelity of the output against the input model (``fidelity``: the last row's ``vs_input``)."""
+
     model: str
     output: str
     recipe: str
@@ -22,6 +30,7 @@ class CompileReport:
     size_before: int = 0
     size_after: int = 0
     seconds: float = 0.0
+    verified_on: str = ""  # the samples every stage was verified and measured on
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -32,33 +41,47 @@ class CompileReport:
     def params_after(self) -> int:
         return self.passes[-1].params_after if self.passes else 0
 
+    @property
+    def fidelity(self) -> dict[str, Any]:
+        """The output model against the input model (``TaskFidelity.to_dict``), or {} when not measured."""
+        return self.passes[-1].vs_input if self.passes else {}
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passes"] = [p.to_dict() for p in self.passes]
         data["params_before"], data["params_after"] = self.params_before, self.params_after
+        data["fidelity"] = self.fidelity
         return data
 
     def write_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".onnxpress-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, default=str)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".onnxpress-{uuid.uuid4().hex}.json")
+        # os.open with 0o666 applies the umask, as for the model file (mkstemp would make it private)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, default=str)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     def format_table(self) -> str:
-        header = ["pass", "changed", "params", "MACs/token", "error (rel L2)", "checked", "time"]
+        header = ["pass", "weights", "params", "MACs/token", "vs input", "verified", "time", "changed"]
         rows = [header]
         for p in self.passes:
             changes = ", ".join(f"{k} {v}" for k, v in p.changes.items() if v) or "nothing"
+            verified = "yes" if p.measured_error is not None else "no" if p.modified else "-"
             rows.append([
                 p.name,
-                changes,
+                f"{_si(p.weight_bytes_before, 'B')} -> {_si(p.weight_bytes_after, 'B')}",
                 f"{_si(p.params_before)} -> {_si(p.params_after)}",
                 f"{_si(p.macs_before)} -> {_si(p.macs_after)}",
-                f"{p.error:.2e}",
-                "-" if p.measured_error is None else f"{p.measured_error:.2e}",
+                describe_fidelity(p.vs_input),
+                verified,
                 f"{p.seconds:.1f}s",
+                changes,
             ])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -66,10 +89,24 @@ class CompileReport:
         summary = (
             f"{self.model} -> {self.output} (recipe {self.recipe}; calibration: {self.calibration})\n"
             f"file size {_si(self.size_before, 'B')} -> {_si(self.size_after, 'B')}, "
-            f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s"
+            f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s\n"
+            f"{self._format_fidelity()}"
         )
         notes = "".join(f"\nnote: {n}" for n in self.extra.get("notes", []))
         return summary + "\n" + "\n".join(lines) + notes + self._format_search()
+
+    def _format_fidelity(self) -> str:
+        """The whole compile's fidelity line, e.g. 'fidelity vs input: embedding cosine 0.9958 mean / ...'."""
+        fid = self.fidelity
+        if not fid:
+            return "fidelity vs input: not measured"
+        where = f" on {self.verified_on}" if self.verified_on else f" on {fid['samples']} samples"
+        if "perplexity_change" in fid:
+            value = (f"perplexity {_percent(fid['perplexity_change'])} "
+                     f"({fid['perplexity_reference']:.4g} -> {fid['perplexity']:.4g})")
+        else:
+            value = f"{fid['metric']} {fid['cosine_mean']:.4f} mean / {fid['cosine_min']:.4f} min"
+        return f"fidelity vs input{where}: {value}"
 
     def _format_search(self) -> str:
         """The automatic search's trace: one line per measured candidate."""
@@ -89,6 +126,19 @@ class CompileReport:
             )
         lines += [f"   note: {n}" for n in found.get("notes", [])]
         return "\n".join(lines)
+
+
+def describe_fidelity(fid: dict[str, Any]) -> str:
+    """A ``TaskFidelity`` dict in a few words: 'cosine 0.9958 mean / 0.9912 min' or 'perplexity +2.05%'."""
+    if not fid:
+        return "-"
+    if "perplexity_change" in fid:
+        return f"perplexity {_percent(fid['perplexity_change'])}"
+    return f"cosine {fid['cosine_mean']:.4f} mean / {fid['cosine_min']:.4f} min"
+
+
+def _percent(change: float) -> str:
+    return f"{round(100 * change, 2) + 0.0:+.2f}%"  # + 0.0: no "-0.00%"
 
 
 def _si(n: float, unit: str = "") -> str:

@@ -3,6 +3,7 @@
 from onnxpress.passes import (  # noqa: F401
     attention,
     cleanup,
+    distill,
     lowrank,
     prune,
     quantize,

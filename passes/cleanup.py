@@ -1,7 +1,7 @@
 """Lossless cleanup: constant folding, dead nodes and unused initializers.
 
-Done with onnxscript's optimizer (constant folding + dead-code removal) and onnx-ir's
-common passes; counts what went away. The first real pass, proving the machinery.
+Done with onnxscript's optimizer (constant folding + dead-code removal) and a sequence
+of onnx-ir's common passes; counts what went away.
 """
 
 from __future__ import annotations
@@ -36,17 +36,16 @@ class CleanupPass(Pass):
         inits_before = len(model.graph.initializers)
         if cfg.fold_constants:
             onnxscript.optimizer.fold_constants(model, output_size_limit=cfg.max_folded_size)
-        steps = [
+        dedupe = [common.DeduplicateInitializersPass()] if cfg.deduplicate_initializers else []
+        ir.passes.Sequential(
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),
-        ]
-        if cfg.deduplicate_initializers:
-            steps.append(common.DeduplicateInitializersPass())
-        steps += [common.LiftConstantsToInitializersPass(size_limit=16), common.RemoveUnusedNodesPass()]
-        for step in steps:
-            step(model)
+            *dedupe,
+            common.LiftConstantsToInitializersPass(size_limit=16),
+            common.RemoveUnusedNodesPass(),
+        )(model)
         nodes_after = Counter(n.op_type for n in model.graph)
         removed = nodes_before - nodes_after
         return Outcome(

@@ -1,4 +1,7 @@
-"""The ``onnxpress.Attention`` node: constants and a builder (schema in runtime_ops/README.md)."""
+"""The ``onnxpress.Attention`` node: constants and a builder (schema in runtime_ops/README.md).
+
+``ATTENTION_INPUTS`` / ``ATTENTION_OUTPUTS`` are the op's slots in order: the fused-op table
+(``onnxpress.analysis.fused_attention``) takes the input positions from them."""
 
 import onnx
 from onnx import helper
@@ -55,10 +58,13 @@ def make_attention_node(
         attributes["causal"] = 1
     if window:
         attributes["window"] = int(window)
+    inputs = {"query": query, "key": key, "value": value, "attention_mask": attention_mask,
+              "past_key": past_key, "past_value": past_value}
+    outputs = {"output": output, "present_key": present_key, "present_value": present_value}
     return helper.make_node(
         ATTENTION_OP,
-        _trim([query, key, value, attention_mask, past_key, past_value]),
-        _trim([output, present_key, present_value]),
+        _trim([inputs[name] for name in ATTENTION_INPUTS]),
+        _trim([outputs[name] for name in ATTENTION_OUTPUTS]),
         name=name,
         domain=DOMAIN,
         **attributes,

@@ -14,7 +14,17 @@ import pytest  # noqa: E402
 from test_calibration import TEXTS  # noqa: E402
 from test_export import tiny_export  # noqa: E402
 
-from onnxpress.activations import ChannelStats, CrossStats, Gram, capture, token_rows  # noqa: E402
+from onnxpress import activations  # noqa: E402
+from onnxpress.activations import (  # noqa: E402
+    ChannelStats,
+    CrossStats,
+    Gram,
+    Tap,
+    capture,
+    capture_grams,
+    token_rows,
+    with_outputs,
+)
 from onnxpress.calibration import CalibrationSet  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.model_io import model_bytes  # noqa: E402
@@ -101,6 +111,9 @@ def test_token_rows_drops_padding():
     heads = np.zeros((2, 5, 3, 4))  # [batch, heads, seq, d]: leading dims are not [batch, seq]
     assert token_rows(heads, mask).shape == (30, 4)
     assert token_rows(x, None).shape == (6, 4)
+    # with a KV cache the mask covers past + new tokens; the tensor holds the new ones (the last)
+    past_mask = np.array([[0, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(token_rows(x[:, :2], past_mask), x[[0, 1, 1], [0, 0, 1]])
 
 
 def test_unknown_tensor_is_one_line_error(setup):
@@ -108,3 +121,117 @@ def test_unknown_tensor_is_one_line_error(setup):
     with pytest.raises(OnnxpressError, match="'no/such/tensor' is not in the model") as exc:
         capture(model, ["no/such/tensor"], calib, Gram("no/such/tensor"))
     assert "\n" not in str(exc.value)
+
+
+def _session_count(monkeypatch) -> list[int]:
+    made = []
+    real = activations.make_session
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "make_session", counting)
+    return made
+
+
+def _tensor_names(model, count):
+    """Node outputs of the first MatMuls' inputs and outputs: float [batch, seq, ...] tensors."""
+    names = []
+    for node in model.graph:
+        if node.op_type == "MatMul" and len(names) < count:
+            names += [v.name for v in (node.inputs[0], node.outputs[0]) if v.name not in names]
+    return names[:count]
+
+
+def test_chunks_give_the_statistics_of_one_chunk(setup, monkeypatch):
+    """One session per chunk, an accumulator's tensors in one chunk, and the same numbers."""
+    model, calib, x_name, y_name = setup
+    names = _tensor_names(model, 5)
+
+    def stats(chunk):
+        grams = [Gram(n) for n in names]
+        cross = CrossStats(x_name, y_name)
+        capture(model, None, calib, [*grams, cross], chunk=chunk)
+        return grams, cross
+
+    made = _session_count(monkeypatch)
+    one_grams, one_cross = stats(None)
+    assert len(made) == 1
+    made.clear()
+    grams, cross = stats(2)
+    assert len(made) == 4  # 2 tensors a session, the pair together: {a, b} {c, d} {e} {x, y}
+    for got, want in zip(grams, one_grams, strict=True):
+        assert got.count == want.count
+        np.testing.assert_allclose(got.xtx, want.xtx, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.sum, want.sum, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cross.xty, one_cross.xty, rtol=1e-6, atol=1e-6)
+
+    raw: dict[str, int] = {}
+    made.clear()
+    capture(model, names, calib, lambda name, array, feeds: raw.__setitem__(name, raw.get(name, 0) + 1), chunk=2)
+    assert len(made) == 3 and raw == {n: len(calib) for n in names}  # each tensor once per batch
+
+
+def test_pruned_copy_gives_the_same_tensors(setup):
+    model, calib, x_name, y_name = setup
+    import onnx
+
+    names = [x_name, y_name]
+    full, pruned = {}, {}
+    capture(model, names, calib.take(2), lambda n, a, f: full.setdefault(n, []).append(a.copy()))
+    capture(model, names, calib.take(2), lambda n, a, f: pruned.setdefault(n, []).append(a.copy()), prune=True)
+    for n in names:
+        for a, b in zip(full[n], pruned[n], strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    cut = onnx.load_from_string(with_outputs(model, names, prune=True))
+    assert [o.name for o in cut.graph.output] == names
+    assert len(cut.graph.node) < len(model.graph) / 2  # only the first layer's projection runs
+    cut_gram, full_gram = (capture_grams(model, calib, [y_name], prune=p).grams[y_name] for p in (True, False))
+    assert cut_gram.count == full_gram.count
+    np.testing.assert_allclose(cut_gram.xtx, full_gram.xtx, rtol=1e-6, atol=1e-6)
+
+
+def _weight_input_model():
+    """y = x @ w with the weight w a graph input (as the low-rank probes feed trial factors)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, "r"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_extra_feeds_reach_every_batch():
+    model = _weight_input_model()
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 3, 4)).astype(np.float32),
+                "attention_mask": np.array([[1, 1, 1], [1, 1, 0]])} for _ in range(2)]
+    w = rng.standard_normal((4, 5)).astype(np.float32)
+    gram = Gram("h")
+    capture(model, None, batches, gram, feeds={"w": w})
+    h = np.concatenate([token_rows(b["x"] @ w, b["attention_mask"]) for b in batches]).astype(np.float64)
+    assert gram.count == 10
+    np.testing.assert_allclose(gram.xtx, h.T @ h, rtol=1e-5, atol=1e-5)
+
+    tap = Tap(model, ["y"])  # one session, run with other feeds: a batch's own w is overridden
+    got = []
+    for trial in (w, 2 * w):
+        got.clear()
+        tap.stream([{**b, "w": np.zeros_like(w)} for b in batches], lambda n, a, f: got.append(a), feeds={"w": trial})
+        np.testing.assert_allclose(got[0], np.maximum(batches[0]["x"] @ trial, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_scaled_equals_the_gram_of_scaled_rows():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 6))
+    s = rng.uniform(0.5, 3.0, 6)
+    got, want = Gram.of(x).scaled(s), Gram.of(x / s)
+    np.testing.assert_allclose(got.xtx, want.xtx, rtol=1e-12)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12)
+    assert got.count == want.count
+    with pytest.raises(ValueError):
+        Gram.of(x, x).scaled(s)

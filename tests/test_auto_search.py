@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from onnxpress.auto_search import MIN_GAIN, Candidate, FidelityMeter, _most_faithful_near_best, _next_strength
+from onnxpress.auto_search import MIN_GAIN, Candidate, _most_faithful_near_best, _next_strength
 from onnxpress.calibration import CalibrationSet
 from onnxpress.cli import main
 from onnxpress.compile import VERIFY_FRACTION, compile_model, report_path
 from onnxpress.errors import OnnxpressError
+from onnxpress.fidelity import FidelityMeter, mean_pool
 from onnxpress.model_io import load_model
+from onnxpress.runtime import make_session, run_batches
 
 from tiny_models import tiny_model
 
@@ -56,50 +58,59 @@ def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched)
     assert "search (budget" in report.format_table()
 
 
+def measure(meter, model):
+    return meter.measure(run_batches(make_session(model, threads=1), meter.batches, meter.outputs))
+
+
 def test_returned_model_is_within_budget_when_measured_again(searched):
     src, out, report, budget = searched
     batches = held_out(src)
-    meter = FidelityMeter(load_model(src), batches, "encoder", threads=1)
-    loss, bound, _ = meter.measure(load_model(out))
+    meter = FidelityMeter.of_model(load_model(src), batches, kind="encoder", threads=1)
+    fid = measure(meter, load_model(out))
     found = report.extra["search"]
-    assert loss <= bound <= budget
-    assert loss == pytest.approx(found["chosen_loss"], rel=1e-3, abs=1e-6)
-    assert bound == pytest.approx(found["chosen_loss_bound"], rel=1e-3, abs=1e-6)
+    assert fid.loss <= fid.loss_bound <= budget
+    assert fid.loss == pytest.approx(found["chosen_loss"], rel=1e-3, abs=1e-6)
+    assert fid.loss_bound == pytest.approx(found["chosen_loss_bound"], rel=1e-3, abs=1e-6)
     assert [p.name for p in report.passes][:1] == ["cleanup"] and len(report.passes) >= 2
+    # the compile report's end-to-end fidelity is the search's loss of the chosen model
+    assert report.fidelity["loss"] == pytest.approx(found["chosen_loss"], rel=1e-3, abs=1e-6)
 
 
 def test_fidelity_meter_pooled_cosine_matches_a_direct_computation():
     src = tiny_model("bert")
     batches = held_out(src)
-    meter = FidelityMeter(load_model(src), batches, "encoder", threads=1)
-    assert meter.pooled and meter.measure(load_model(src))[0] == pytest.approx(0.0, abs=1e-9)
+    meter = FidelityMeter.of_model(load_model(src), batches, kind="encoder", threads=1)
+    assert meter.pooled and measure(meter, load_model(src)).loss == pytest.approx(0.0, abs=1e-9)
     # a perturbed reference: loss = 1 - mean cosine of mask-pooled embeddings
     ref = meter.reference
     noisy = [{k: v + 0.5 * np.random.default_rng(0).standard_normal(v.shape) for k, v in r.items()} for r in ref]
     meter.reference = noisy
-    loss, bound, _ = meter.measure(load_model(src))
-    from onnxpress.evaluation import mean_pool
-
+    fid = measure(meter, load_model(src))
+    loss, bound = fid.loss, fid.loss_bound
     name = meter.outputs[0]
     a = np.concatenate([mean_pool(n[name], b["attention_mask"]) for n, b in zip(noisy, batches, strict=True)])
     b_ = np.concatenate([mean_pool(r[name], b["attention_mask"]) for r, b in zip(ref, batches, strict=True)])
     cos = (a * b_).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b_, axis=1)
     assert loss == pytest.approx(1 - cos.mean(), rel=1e-9)
+    assert (fid.cosine_mean, fid.cosine_min) == pytest.approx((cos.mean(), cos.min()), rel=1e-9)
     # the bound: two standard errors of the per-sentence loss above the mean
     assert bound == pytest.approx(loss + 2 * (1 - cos).std(ddof=1) / np.sqrt(len(cos)), rel=1e-6)
 
 
 def test_fidelity_meter_decoder_bound_covers_the_perplexity_shift():
     src = tiny_model("gpt2")
-    meter = FidelityMeter(load_model(src), held_out(src), "decoder", threads=1)
-    loss, bound, _ = meter.measure(load_model(src))
+    meter = FidelityMeter.of_model(load_model(src), held_out(src), threads=1)
+    assert meter.kind == "decoder" and meter.outputs == ["logits"]
+    fid = measure(meter, load_model(src))
+    loss, bound = fid.loss, fid.loss_bound
     assert loss == pytest.approx(0.0, abs=1e-9) and bound == pytest.approx(0.0, abs=1e-9)
     # a reference better by 0.1 nats per token on average, unevenly across sequences
     delta = np.random.default_rng(0).normal(0.1, 0.05, len(meter.reference_rows))
     meter.reference_rows = meter.reference_rows - delta
     meter.reference_nll -= 0.1
-    loss, bound, _ = meter.measure(load_model(src))
-    assert loss == pytest.approx(np.expm1(0.1), rel=1e-6)
+    fid = measure(meter, load_model(src))
+    loss, bound = fid.loss, fid.loss_bound
+    assert loss == fid.perplexity_change == pytest.approx(np.expm1(0.1), rel=1e-6)
     assert bound == pytest.approx(np.expm1(0.1 + 2 * delta.std(ddof=1) / np.sqrt(len(delta))), rel=1e-6)
 
 

@@ -1,9 +1,10 @@
-"""onnxpress.calibration: feed batches from text / JSONL / npz / synthetic tokens, and their errors."""
+"""onnxpress.calibration: feed batches from text / JSONL / npz / synthetic tokens or pixels, and their errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -13,9 +14,12 @@ import onnx_ir as ir  # noqa: E402
 import pytest  # noqa: E402
 from test_export import TINY_VOCAB, tiny_export  # noqa: E402
 
-from onnxpress.calibration import CalibrationSet, make_feeds, vocab_size  # noqa: E402
+from onnxpress.calibration import CalibrationSet, image_dims, input_specs, make_feeds, vocab_size  # noqa: E402
+from onnxpress.compile import compile_model  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.runtime import make_session, run_batches  # noqa: E402
+
+from tiny_models import IMAGE_SIZE, tiny_model  # noqa: E402
 
 TEXTS = [
     "The Congress of the United States met in Washington.",
@@ -187,3 +191,47 @@ def test_unknown_input_cannot_be_built_from_text(bert):
         "'speaker_embedding'",
         ".npz",
     )
+
+
+def _pixel_spec(model):
+    return next(s for s in input_specs(model) if s.name == "pixel_values")
+
+
+def test_vit_with_dynamic_image_dims_takes_its_size_from_config_or_weights(tmp_path):
+    """A transformers ViTModel export with dynamic height and width: config.json beside it gives
+    the image size; without it, the patch Conv (8x8, stride 8) and the 17 position rows (a CLS
+    token and 4x4 patches) give 32x32."""
+    src = tiny_model("vit")
+    model = ir.load(src)
+    spec = _pixel_spec(model)
+    assert spec.shape == (None, None, None, None)
+    assert image_dims(model, spec, src.parent) == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert image_dims(model, spec, tmp_path) == (3, IMAGE_SIZE, IMAGE_SIZE)  # no config.json there
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": [48, 64], "num_channels": 3}))
+    assert image_dims(model, spec, tmp_path) == (3, 48, 64)  # the config wins over the weights
+    calib = CalibrationSet.synthetic(model, batch_size=2, seed=1)
+    assert calib.batches[0]["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    run_batches(make_session(model), calib)
+
+
+def test_lossless_compile_of_a_vit_needs_no_data(tmp_path):
+    alone = tmp_path / "vit" / "model.onnx"  # the export without its config.json: sized from the weights
+    alone.parent.mkdir()
+    shutil.copy(tiny_model("vit"), alone)
+    for src in (tiny_model("vit"), alone):
+        report = compile_model(src, tmp_path / "out" / "vit.onnx", recipe="lossless", progress=False)
+        assert report.verified_on == "2 synthetic samples" and report.fidelity["metric"] == "output cosine"
+        assert report.fidelity["cosine_min"] > 1 - 1e-5
+
+
+def test_image_size_that_cannot_be_told_is_a_one_line_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["pixel_values"], ["y"], keepdims=0)], "pool",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["b", "c", "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert image_dims(model, _pixel_spec(model), tmp_path) is None
+    _one_line_error(lambda: CalibrationSet.synthetic(model), "dynamic image dims", ".npz", "config.json")

@@ -57,6 +57,10 @@ def test_compile_cleanup_writes_model_and_report(capsys, tmp_path, mlp):
     row = report["passes"][0]
     assert row["modified"] and row["changes"]["nodes_removed"] >= 3  # Mul folded, Identity, dead Sigmoid
     assert row["measured_error"] <= 1e-6
+    # the table speaks in the model's terms (here: row cosine, no attention mask); rel L2 stays in the JSON
+    assert report["fidelity"] == row["vs_input"] and row["vs_input"]["cosine_min"] > 1 - 1e-6
+    assert "fidelity vs input on 2 synthetic samples: output cosine 1.0000 mean / 1.0000 min" in stdout
+    assert "rel L2" not in stdout
     assert "cleanup" in stdout and "report:" in stdout
     x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
     ref = ort.InferenceSession(str(mlp)).run(None, {"x": x})[0]

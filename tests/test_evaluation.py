@@ -20,13 +20,32 @@ SENTENCES = ["The economy is growing.", "We must defend the nation against every
 
 
 def test_splits_are_fixed_and_disjoint():
-    calib, evals = datasets.sotu_files("calibration"), datasets.sotu_files("evaluation")
-    assert not set(calib) & set(evals)
-    assert max(int(f.name[:4]) for f in calib) < 1950 <= 1990 <= min(int(f.name[:4]) for f in evals)
+    for corpus in datasets.CORPORA:
+        splits = {split: set(datasets.corpus_files(corpus, split)) for split in datasets.SPLITS}
+        assert all(splits.values())
+        for a in datasets.SPLITS:
+            for b in datasets.SPLITS:
+                assert a == b or not splits[a] & splits[b], (corpus, a, b)
+    calib, train, evals = (datasets.sotu_files(s) for s in datasets.SPLITS)
+    assert max(int(f.name[:4]) for f in calib) < 1950 <= min(int(f.name[:4]) for f in train)
+    assert max(int(f.name[:4]) for f in train) < 1990 <= min(int(f.name[:4]) for f in evals)
+    probe = set(datasets.bbc_files("probe"))
+    assert probe and not probe & set().union(*(set(datasets.bbc_files(s)) for s in datasets.SPLITS))
     train_x, train_y, test_x, test_y = datasets.bbc_split(max_train=50, max_test=20)
     assert (len(train_x), len(test_x)) == (50, 20) and not set(train_x) & set(test_x)
     assert datasets.bbc_split(max_train=50, max_test=20)[0] == train_x  # deterministic
     assert len(set(train_y.tolist())) == 5
+
+
+def test_default_named_data_draws_equally_from_both_corpora():
+    texts, description = datasets.named_texts("default", "calibration", 400)
+    sotu, _ = datasets.named_texts("sotu", "calibration", 400)
+    bbc, _ = datasets.named_texts("bbc", "calibration", 400)
+    assert texts[0::2] == sotu[: len(texts) // 2] and texts[1::2] == bbc[: len(texts) // 2]
+    assert "SOTU" in description and "BBC" in description
+    assert datasets.unseen_corpus("sotu") == "bbc" and datasets.unseen_corpus("default") is None
+    with pytest.raises(OnnxpressError, match="unknown named data"):
+        datasets.named_texts("wiki", "calibration", 400)
 
 
 def test_missing_data_dir_is_one_line_error(monkeypatch, tmp_path):
@@ -89,6 +108,17 @@ def test_evaluate_decoder_and_encoder_dicts():
     assert result["kind"] == "encoder" and result["embedding_cosine_mean"] == pytest.approx(1.0)
     with pytest.raises(OnnxpressError, match="encoder"):
         ev.evaluate(dec, probe=True, text_files=text)
+
+
+def test_default_evaluation_covers_both_corpora():
+    enc, dec = tiny_export("bert"), tiny_export("llama")
+    result = ev.evaluate(enc, enc)
+    for prefix in ("", "bbc_"):
+        assert result[prefix + "embedding_cosine_mean"] == pytest.approx(1.0)
+    assert "SOTU" in result["embedding_text"] and "BBC" in result["bbc_embedding_text"]
+    result = ev.evaluate(dec, dec, window=64, max_windows=4)
+    assert result["bbc_perplexity"] == pytest.approx(result["bbc_reference_perplexity"])
+    assert result["bbc_perplexity"] != pytest.approx(result["perplexity"])  # another text
 
 
 def test_probe_runs_on_tiny_encoder():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import FLOAT_TYPES, _attr, constant_tensor, numel
+from onnxpress.analysis.graph_utils import FLOAT_TYPES, constant_tensor, numel
 
 # Weights are float tensors or the integer storage of quantized ones.
 _WEIGHT_TYPES = FLOAT_TYPES | {
@@ -37,7 +37,7 @@ def count_params(model: ir.Model) -> int:
     skip: set[int] = set()
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            k, n = _attr(node, "K"), _attr(node, "N")
+            k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
             if node.inputs[1] is not None and k and n:
                 override[id(node.inputs[1])] = int(k) * int(n)
             for i in _MATMUL_NBITS_META:

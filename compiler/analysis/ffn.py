@@ -17,7 +17,6 @@ import onnx_ir as ir
 
 from onnxpress.analysis.graph_utils import (
     ACTIVATION_OPS,
-    _attr,
     const_scalar,
     consumers,
     is_constant,
@@ -151,7 +150,7 @@ def _classify_activation(acts: list[ir.Node], nodes: list[ir.Node]) -> str:
     ops = {n.op_type for n in acts}
     if "Gelu" in ops:
         gelu = next(n for n in acts if n.op_type == "Gelu")
-        return "gelu_new" if _attr(gelu, "approximate", "none") == "tanh" else "gelu"
+        return "gelu_new" if gelu.attributes.get_string("approximate", "none") == "tanh" else "gelu"
     if ops & {"FastGelu", "BiasFastGelu"}:
         return "gelu_new"
     if ops & {"BiasGelu"}:

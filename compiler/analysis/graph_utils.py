@@ -6,8 +6,10 @@ split may be ``Reshape`` + ``Transpose`` or ``Split``; a scale may be ``Mul`` or
 ``Div``). The helpers here let analysis code match on dataflow and ignore the
 spelling:
 
-* constant lookup: :func:`const_array` / :func:`is_constant` see through
-  ``Constant``, ``Identity``, ``Cast`` and small constant-foldable shape arithmetic;
+* constant lookup, two readers: :func:`stored_array` reads the data an initializer or
+  ``Constant`` node holds (what an edit replaces); :func:`const_array` also folds small
+  constant shape arithmetic (``Identity``, ``Cast``, ``Concat``, ``Mul``...: the value a node
+  sees). :func:`is_constant` says whether a value depends on no graph input;
 * weight lookup: :func:`find_weight` finds the stored initializer behind a MatMul
   operand (through ``Identity`` / ``Cast`` / ``Transpose`` / ``DequantizeLinear``);
 * walks: :func:`walk_up` / :func:`walk_down` follow dataflow through caller-chosen
@@ -302,7 +304,8 @@ def memoized():
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The stored tensor of an initializer or a ``Constant`` node output (no folding)."""
+    """The tensor object behind :func:`stored_array` (its data not read: shapes and dtypes
+    of large weights come from here)."""
     if value is None:
         return None
     if value.const_value is not None and not value.is_graph_input():
@@ -353,9 +356,18 @@ def _is_constant(value: ir.Value, depth: int, cache) -> bool:
     return result
 
 
+def stored_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array an initializer (not a graph input) or a ``Constant`` node output holds, else
+    None. No folding: this is the data an edit of that constant replaces."""
+    tensor = constant_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
 def const_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
-    """``value`` as a numpy array when it is constant (small shape arithmetic is folded),
-    else None. Weights (large tensors) are returned as stored, never copied by folding."""
+    """The array ``value`` always equals, folded through small constant arithmetic
+    (``Identity``, ``Cast``, ``Reshape``, ``Concat``, ``Mul``, ``Transpose``...) when it is not
+    stored itself, else None: what a node sees. Weights (large tensors) are returned as stored,
+    never copied by folding. To read the data an edit would replace, use :func:`stored_array`."""
     if value is None:
         return None
     cache = _CACHE["const_array"] if _CACHE is not None else None
@@ -393,43 +405,38 @@ def _const_array(value: ir.Value, _depth: int) -> np.ndarray | None:
         return None
 
 
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _fold(node: ir.Node, a: list[np.ndarray | None]) -> np.ndarray | None:
-    op = node.op_type
+    op, attrs = node.op_type, node.attributes
     if op in ("Identity",):
         return a[0]
     if op == "Cast":
-        return a[0].astype(ir.DataType(_attr(node, "to")).numpy())
+        return a[0].astype(ir.DataType(attrs.get_int("to")).numpy())
     if op == "CastLike":
         return a[0].astype(a[1].dtype)
     if op == "Reshape":
         shape = [int(s) for s in a[1]]
         shape = [
-            a[0].shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(shape)
+            a[0].shape[i] if s == 0 and not attrs.get_int("allowzero", 0) else s for i, s in enumerate(shape)
         ]
         return a[0].reshape(shape)
     if op == "Unsqueeze":
-        axes = a[1] if len(a) > 1 and a[1] is not None else _attr(node, "axes")
+        axes = a[1] if len(a) > 1 and a[1] is not None else attrs.get_ints("axes")
         out = a[0]
         for ax in sorted(int(x) if x >= 0 else int(x) + out.ndim + len(axes) for x in axes):
             out = np.expand_dims(out, ax)
         return out
     if op == "Squeeze":
-        axes = a[1] if len(a) > 1 and a[1] is not None else _attr(node, "axes")
+        axes = a[1] if len(a) > 1 and a[1] is not None else attrs.get_ints("axes")
         return np.squeeze(a[0], axis=None if axes is None else tuple(int(x) for x in axes))
     if op == "Concat":
-        return np.concatenate([x for x in a if x is not None], axis=_attr(node, "axis", 0))
+        return np.concatenate([x for x in a if x is not None], axis=attrs.get_int("axis", 0))
     if op == "Flatten":
-        axis = _attr(node, "axis", 1)
+        axis = attrs.get_int("axis", 1)
         return a[0].reshape(int(np.prod(a[0].shape[:axis])), -1)
     if op == "Transpose":
-        return np.transpose(a[0], _attr(node, "perm"))
+        return np.transpose(a[0], attrs.get_ints("perm"))
     if op == "Gather":
-        return np.take(a[0], a[1], axis=_attr(node, "axis", 0))
+        return np.take(a[0], a[1], axis=attrs.get_int("axis", 0))
     if op == "Slice":
         starts, ends = a[1], a[2]
         axes = a[3] if len(a) > 3 and a[3] is not None else range(len(starts))
@@ -512,8 +519,8 @@ def shape_elements(value: ir.Value | None, _depth: int = 0) -> list[int | None] 
         if shape is None:
             return None
         dims = [d if isinstance(d, int) else None for d in shape]
-        start = _attr(node, "start", 0)
-        end = _attr(node, "end", None)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end")
         return dims[start:end]
     if node.op_type in ("Gather",):
         idx = const_array(node.inputs[1])
@@ -579,7 +586,7 @@ def find_weight(value: ir.Value | None, max_depth: int = 6) -> tuple[ir.Value, b
             cur = node.inputs[0]
             continue
         if node.op_type == "Transpose":
-            perm = _attr(node, "perm")  # None: reverse all axes (a plain matrix transpose for 2-D)
+            perm = node.attributes.get_ints("perm")  # None: reverse all axes (a matrix transpose for 2-D)
             if perm is None or len(perm) >= 2 and list(perm[-2:]) == [len(perm) - 1, len(perm) - 2]:
                 transposed = not transposed
             via.append(node)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxpress.analysis.graph_utils import (
-    _attr,
     constant_tensor,
     data_consumers,
     find_weight,
@@ -29,9 +28,10 @@ def as_linear(node: ir.Node) -> Linear | None:
     if op == "MatMul" and domain in ("", "ai.onnx"):
         return _matmul(node, trans_b=False)
     if op == "FusedMatMul" and domain == "com.microsoft":
-        if _attr(node, "transA", 0) or _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0):
+        attrs = node.attributes
+        if attrs.get_int("transA", 0) or attrs.get_int("transBatchA", 0) or attrs.get_int("transBatchB", 0):
             return None
-        return _matmul(node, trans_b=bool(_attr(node, "transB", 0)))
+        return _matmul(node, trans_b=bool(attrs.get_int("transB", 0)))
     if op == "Gemm" and domain in ("", "ai.onnx"):
         return _gemm(node)
     if op == "MatMulNBits" and domain == "com.microsoft":
@@ -94,9 +94,9 @@ def _matmul(node: ir.Node, trans_b: bool) -> Linear | None:
 
 
 def _gemm(node: ir.Node) -> Linear | None:
-    if _attr(node, "transA", 0):
+    if node.attributes.get_int("transA", 0):
         return None
-    found = _weight_of(node, bool(_attr(node, "transB", 0)))
+    found = _weight_of(node, bool(node.attributes.get_int("transB", 0)))
     if found is None:
         return None
     weight, transposed, via, d_in, d_out = found
@@ -110,7 +110,7 @@ def _gemm(node: ir.Node) -> Linear | None:
 
 
 def _matmul_nbits(node: ir.Node) -> Linear | None:
-    k, n = _attr(node, "K"), _attr(node, "N")
+    k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
     if k is None or n is None or node.inputs[0] is None or constant_tensor(node.inputs[1]) is None:
         return None
     bias = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5] is not None else None
@@ -161,3 +161,26 @@ def _following_bias(out: ir.Value, d_out: int) -> tuple[ir.Value | None, ir.Node
     if shape is None or not shape or shape[-1] != d_out or any(d != 1 for d in shape[:-1]):
         return None, None
     return other, add
+
+
+class LinearIndex:
+    """Every constant-weight projection of the graph, by node and by output value."""
+
+    def __init__(self, graph: ir.Graph):
+        self.by_node: dict[int, Linear] = {}
+        self.by_value: dict[int, Linear] = {}
+        self.ordered: list[Linear] = []
+        for node in graph:
+            lin = as_linear(node)
+            if lin is None:
+                continue
+            self.by_node[id(node)] = lin
+            self.ordered.append(lin)
+            self.by_value[id(node.outputs[0])] = lin
+            self.by_value[id(lin.output)] = lin
+
+    def for_value(self, value: ir.Value | None) -> Linear | None:
+        return None if value is None else self.by_value.get(id(value))
+
+    def for_node(self, node: ir.Node | None) -> Linear | None:
+        return None if node is None else self.by_node.get(id(node))

@@ -2,18 +2,21 @@
 
 The low-rank and weight-sharing passes pick the matrices they factorise from here: roles
 of the analysis map (``layer3.ffn.up``, ``layer0.attn.q``, ...) or regexes on node and
-weight names of any constant-weight MatMul/Gemm.
+weight names of any constant-weight MatMul/Gemm. :func:`residual_add` finds where a
+projection's output joins the residual stream (pruning and low-rank fitting use it).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import const_array
+from onnxpress.analysis.graph_utils import const_array, consumers, is_constant
 from onnxpress.analysis.linear import as_linear
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
@@ -109,3 +112,36 @@ def select_matrices(model: ir.Model, include: list[str], tmap=None) -> list[Matr
                     chosen[id(node)] = m
     return list(chosen.values())
 
+
+
+# What may lie between a projection's output and the residual Add it feeds: its bias Add
+# and ops that leave the values alone (GPT-2's Conv1D reshapes back to [batch, seq, d]).
+RESIDUAL_PATH_OPS = frozenset({"Add", "Dropout", "Cast", "Reshape", "Identity"})
+
+
+class ResidualJoin(NamedTuple):
+    add: ir.Node  # the residual Add; its output is the stream after the projection's update
+    stream: ir.Value | None  # its other input: the stream before (None for x + x)
+
+
+def residual_add(output: ir.Value, residual_adds: Iterable[ir.Node] = (), *, depth: int = 4
+                 ) -> ResidualJoin | None:
+    """Where a projection's ``output`` (after its bias) is added to the residual stream, as for
+    attention O and FFN down projections: the first node met that is one of the analysis'
+    ``residual_adds`` or an Add of two non-constant tensors, looking at the readers of
+    ``output`` and, ``depth`` levels deep, through :data:`RESIDUAL_PATH_OPS`. None if none."""
+    joins = {id(n) for n in residual_adds}
+    frontier = [output]
+    for _ in range(depth):
+        nxt = []
+        for value in frontier:
+            for node in consumers(value):
+                plain_add = node.op_type == "Add" and node.domain in ("", "ai.onnx")
+                if id(node) in joins or (plain_add and not any(is_constant(v) for v in node.inputs)):
+                    stream = next((v for v in node.inputs if v is not None and v is not value
+                                   and not is_constant(v)), None)
+                    return ResidualJoin(node, stream)
+                if node.op_type in RESIDUAL_PATH_OPS:
+                    nxt.append(node.outputs[0])
+        frontier = nxt
+    return None

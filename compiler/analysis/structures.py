@@ -44,6 +44,48 @@ class Linear:
 
 
 @dataclass
+class ScaleFactor:
+    """One scalar multiplier of the attention scores."""
+
+    node: ir.Node  # the Mul / Div applying it (the scores FusedMatMul for its alpha)
+    value: float | None  # the constant factor; None: not a constant (SDPA's sqrt(1/sqrt(D)) from a Shape)
+    on: str  # "scores" (between q @ k^T and the Softmax), "q" or "k" (on that operand's path)
+    walked: bool  # between the operand value a fused op reads and the Softmax: that op must apply it
+
+
+@dataclass
+class MaskTerm:
+    """One term between the scores and the Softmax: a tensor added to them, or the condition
+    of a ``Where`` that fills them."""
+
+    value: ir.Value
+    node: ir.Node  # the Add / Sub / Where applying it
+    condition: bool = False  # a Where condition: keep the scores where true, else ``fill``
+    fill: float | None = 0.0  # the Where's fill; None when it is not a constant scalar
+    padding_source: ir.Value | None = None  # the 2-D [B, S_total] integer graph input it is built from
+    pure: bool = True  # built only from that input, shapes and small constants (padding/causal)
+
+
+# Axis labels of operand values: B batch, H heads, S positions, D head dim; PACKED is [B, S, H*D].
+PACKED = "BSX"
+
+
+@dataclass
+class OperandPath:
+    """The tensor a fused attention op reads for Q, K or V: where the walk up from the scores
+    or context MatMul operand stopped (the head-split Reshape of the projection output, a
+    rotary or Split output), and what it crossed."""
+
+    value: ir.Value
+    axes: str  # labels of ``value``'s axes, e.g. "BHSD", "BSHD", or PACKED
+    past: ir.Value | None = None  # KV-cache graph input concatenated in front
+    present: ir.Value | None = None  # the Concat output holding past + new (BHSD)
+    repeated: bool = False  # crossed a repeat-KV expansion
+    # every value crossed: (value, its axis labels, heads on its H axis, includes the past positions)
+    trail: list[tuple[ir.Value, str, int, bool]] = field(default_factory=list)
+
+
+@dataclass
 class Attention:
     layer: int
     # "decomposed" | "com.microsoft.Attention" | "com.microsoft.MultiHeadAttention" |
@@ -74,9 +116,22 @@ class Attention:
     present_key: ir.Value | None = None
     present_value: ir.Value | None = None
     nodes: list[ir.Node] = field(default_factory=list)  # the core between the projections and o
-    scale_source: str = "constant"  # "constant" | "attribute" | "default" (1/sqrt(head_size) implied)
+    # "constant" | "attribute" | "default" (1/sqrt(head_size) implied) | "none" (no factor)
+    scale_source: str = "constant"
     # how the packed qkv output is laid out: "blocks" ([Q|K|V]) or "interleaved" ([h0:q,k,v | h1:...])
     qkv_layout: str | None = None
+    # decomposed cores: every scalar multiplier of the scores between the projections and the Softmax
+    scale_factors: list[ScaleFactor] = field(default_factory=list)
+    # decomposed cores: the terms between the scores and the Softmax, nearest the Softmax first
+    mask_terms: list[MaskTerm] = field(default_factory=list)
+    # decomposed cores: the Q, K, V tensors a fused op replacing the core reads
+    q_path: OperandPath | None = None
+    k_path: OperandPath | None = None
+    v_path: OperandPath | None = None
+    # the scale that op applies to q_path @ k_path^T (the walked factors); None when scores_problem is set
+    path_scale: float | None = None
+    # why the scores are not path_scale * (q_path @ k_path^T) + mask_terms (None: they are)
+    scores_problem: str | None = None
 
     @property
     def projections(self) -> list[Linear]:

@@ -22,7 +22,7 @@ from collections import deque
 
 import onnx_ir as ir
 
-from onnxpress.analysis.attention import AttentionFinder, LinearIndex
+from onnxpress.analysis.attention import AttentionFinder
 from onnxpress.analysis.cost import attention_macs, count_params
 from onnxpress.analysis.ffn import find_ffns
 from onnxpress.analysis.graph_utils import (
@@ -34,6 +34,7 @@ from onnxpress.analysis.graph_utils import (
     numel,
     tensor_shape,
 )
+from onnxpress.analysis.linear import LinearIndex
 from onnxpress.analysis.norms import Norm, find_norms
 from onnxpress.analysis.structures import FFN, Attention, Extra, Layer, Linear, TransformerMap
 

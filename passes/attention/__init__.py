@@ -39,12 +39,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxpress.analysis import analyze
+from onnxpress.analysis.fused_attention import ONNX_ATTENTION
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes.attention.build import Builder, build_fused, replace_shape_reads, wire
+from onnxpress.passes.attention.build import AttentionTape, build_fused, replace_shape_reads, wire
 from onnxpress.passes.attention.match import Site, match_site
 
-ONNX_ATTENTION_OPSET = 23
-TARGET_DOMAINS = {"onnxruntime": ("com.microsoft", 1), "onnxpress": ("onnxpress", 1)}
+ONNX_ATTENTION_OPSET = ONNX_ATTENTION.since_version
 
 
 @dataclass
@@ -107,33 +107,34 @@ def substitute_attention(
     graph = model.graph
     done: list[Site] = []
     ops: dict[str, int] = {}
+    opsets: dict[str, int] = {}
     shared: dict = {}
     for index, site in sites:
-        builder = Builder(graph, f"/attention_fused/layer{index}", shared=shared)
-        built = build_fused(builder, site, target, window, chunked_decoding)
+        tape = AttentionTape(graph, f"/attention_fused/layer{index}", shared=shared)
+        built = build_fused(tape, site, target, window, chunked_decoding)
         if isinstance(built, str):
             per_layer.append({"layer": index, "skipped": built})
             continue
-        node, op_name = built
-        wire(graph, builder, site, node)
+        node, spec = built
+        wire(graph, tape, site, node)
         done.append(site)
-        ops[op_name] = ops.get(op_name, 0) + 1
+        ops[spec.kind] = ops.get(spec.kind, 0) + 1
+        opsets[spec.domain] = spec.since_version
         att = site.att
-        per_layer.append({"layer": index, "op": op_name, "num_heads": att.num_heads,
+        per_layer.append({"layer": index, "op": spec.kind, "num_heads": att.num_heads,
                           "num_kv_heads": att.num_kv_heads, "head_size": att.head_size,
                           "scale": site.scale, "kv_cache": site.past_key is not None})
     if done:
-        domain = TARGET_DOMAINS.get(target)
-        if domain is not None:
-            model.opset_imports.setdefault(*domain)
+        for domain, version in opsets.items():
+            model.opset_imports.setdefault(domain, version)
         common.RemoveUnusedNodesPass()(model)
         replaced = replace_shape_reads(graph, done)
         if replaced:
             common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
     per_layer.sort(key=lambda r: r["layer"])
-    details = {"target": target, "window": window, "chunked_decoding": chunked_decoding, "ops": ops, "layers": per_layer,
-               "skipped": sum(1 for r in per_layer if "skipped" in r)}
+    details = {"target": target, "window": window, "chunked_decoding": chunked_decoding, "ops": ops,
+               "layers": per_layer, "skipped": sum(1 for r in per_layer if "skipped" in r)}
     if window:
         details["note"] = f"approximate: sliding window of {window} keys; the error is measured, not zero"
     return Outcome(changes={"attention_fused": len(done)}, details=details)

@@ -10,7 +10,7 @@ Calibration -> decision -> rewrite:
 3. choose ranks under one budget: ``fraction`` of the parameters (or MACs) of all the layers'
    linear matrices (``scope: linear``) or of the selected ones (``scope: selected``);
    ``probe`` (default: greedy on the model's measured output loss per parameter saved, each
-   (layer bucket, role) unit split alone at a few shares, :mod:`lowrank_probe`), ``uniform``
+   (layer bucket, role) unit split alone at a few shares, :mod:`.probe`), ``uniform``
    (every selected matrix loses the same share) or ``global`` (greedy on each matrix's own
    normalised truncation loss, a proxy); a rank at which the two factors would cost as much
    as W is never used;
@@ -21,9 +21,9 @@ Calibration -> decision -> rewrite:
    error); ``refit_prior`` pulls those least-squares refits towards W (they over-fit when the
    calibration has few tokens per input dimension); ``bias_correction`` restores the mean
    output on calibration data. The sequential inputs come from running the model segment
-   by segment (``_Stream``).
+   by segment (:class:`onnxpress.activations.SegmentStream`).
 
-The numerics are in :mod:`onnxpress.passes.lowrank_fit`; bench/bench_lowrank.py
+The numerics are in :mod:`.fit` and :mod:`onnxpress.factorization`; bench/bench_lowrank.py
 compares the options end to end on MiniLM and SmolLM2 and motivates the defaults.
 """
 
@@ -33,14 +33,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
 from onnxpress import factorization as fz
-from onnxpress.activations import collect_stats
+from onnxpress.activations import capture_grams
 from onnxpress.analysis.matrices import ROLES, Matrix, select_matrices
 from onnxpress.calibration import trim_padding
-from onnxpress.editing import remove_dead_nodes
+from onnxpress.editing import GraphEditor, remove_dead_nodes
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
@@ -63,7 +64,7 @@ class LowRankConfig(PassConfig):
     method: Literal["whitened", "plain"] = "whitened"
     # uniform: every selected matrix loses the same share; global: greedy on each matrix's own
     # normalised truncation loss (a proxy); probe: greedy on the model's measured output loss
-    # with units of matrices split alone at a few shares (lowrank_probe)
+    # with units of matrices split alone at a few shares (.probe)
     allocation: Literal["uniform", "global", "probe"] = "probe"
     # calibration sequences the probes run on (the first ones); every probe is a forward pass on them
     probe_samples: int = 8
@@ -131,11 +132,14 @@ class LowRankPass(Pass):
                                  f"the selected matrices can give ({most / base:.0%} at rank 1): include more roles "
                                  "or lower fraction")
         threads = getattr(ctx, "threads", None)
-        dtypes = {m.input.name: m.dtype for m in matrices}
         sequential = cfg.sequential and cfg.method == "whitened"
         # a sequential fit gathers its own statistics while it streams the model
         needs_stats = cfg.allocation != "uniform" or (not sequential and (cfg.method == "whitened" or cfg.bias_correction))
-        stats = collect_stats(model, sorted(dtypes), dtypes, batches, threads=threads) if needs_stats else {}
+        stats = {}
+        if needs_stats:
+            # float32 products per batch (see Gram); only the nodes up to the last input run
+            stats = capture_grams(model, batches, sorted({m.input.name for m in matrices}), products=np.float32,
+                                  prune=True, threads=threads, desc="lowrank: input statistics").grams
         if cfg.allocation == "probe":
             outputs = getattr(ctx, "output_names", None) or primary_outputs(model)
             prober = probe.Prober(model, matrices, probe.first_samples(batches, cfg.probe_samples),
@@ -149,9 +153,9 @@ class LowRankPass(Pass):
         if sequential:
             errors, tokens = fit.fit_sequential(model, chosen, batches, cfg, threads)
         else:
-            errors = {}
+            errors, editor = {}, GraphEditor(model)
             for m, r in chosen:
-                errors[m.key] = fit.fit_and_split(model.graph, m, r, stats.get(m.input.name), cfg)
+                errors[m.key] = fit.fit_and_split(editor, m, r, stats.get(m.input.name), cfg)
             tokens = max((s.count for s in stats.values()), default=0)
         remove_dead_nodes(model)
         saved = sum(m.d_in * m.d_out - fz.factor_cost(r, m.d_in, m.d_out) for m, r in chosen)

@@ -16,9 +16,8 @@ import onnx_ir as ir
 
 from onnxpress import factorization as fz
 from onnxpress.activations import Gram, SegmentStream, token_rows, value_types
-from onnxpress.analysis.graph_utils import const_array
-from onnxpress.analysis.matrices import Matrix
-from onnxpress.editing import split_matrix
+from onnxpress.analysis.matrices import Matrix, residual_add
+from onnxpress.editing import GraphEditor, split_matrix
 
 
 @dataclass
@@ -46,15 +45,10 @@ class ResidualStats:
 
 
 def residual_of(m: Matrix) -> ir.Value | None:
-    """The other input of the Add that takes m's output (after its bias), when it is not a
-    constant: the residual stream for attention O and FFN down projections."""
-    out = (m.bias_node or m.node).outputs[0]
-    for node, _ in out.uses():
-        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
-            other = node.inputs[1] if node.inputs[0] is out else node.inputs[0]
-            if other is not None and other is not out and other.const_value is None and const_array(other) is None:
-                return other
-    return None
+    """The residual stream m's output (after its bias) is added to, when that Add reads the
+    output itself: attention O and FFN down projections."""
+    join = residual_add((m.bias_node or m.node).outputs[0], depth=1)
+    return None if join is None else join.stream
 
 
 def plan_ranks(matrices: list[Matrix], stats: dict[str, Gram], cfg,
@@ -77,11 +71,12 @@ def plan_ranks(matrices: list[Matrix], stats: dict[str, Gram], cfg,
     return fz.global_ranks(candidates, budget)
 
 
-def fit_and_split(graph: ir.Graph, m: Matrix, rank: int, s: Gram | None, cfg,
+def fit_and_split(graph: ir.Graph | GraphEditor, m: Matrix, rank: int, s: Gram | None, cfg,
                    res: ResidualStats | None = None) -> float:
-    """Factorise m at ``rank`` and rewrite it; returns the relative output error on the
-    calibration data (||X'AB - XW|| / ||XW||, bias correction included; with ``res``, the
-    error of the residual sum X'AB + R' against XW + R, still relative to ||XW||)."""
+    """Factorise m at ``rank`` and rewrite it (``graph`` may be an editor of it, kept across
+    the matrices); returns the relative output error on the calibration data
+    (||X'AB - XW|| / ||XW||, bias correction included; with ``res``, the error of the
+    residual sum X'AB + R' against XW + R, still relative to ||XW||)."""
     whitened = cfg.method == "whitened" and s is not None
     # the cross term only matters once X' differs from X (sequential fitting after the first group)
     cross = s.cross if whitened and s.has_reference else None
@@ -118,6 +113,7 @@ def fit_sequential(model, chosen, batches, cfg, threads) -> tuple[dict[str, floa
     names = sorted(groups, key=lambda n: order[id(firsts[n])])
     types = value_types(model)
     stream, ref_stream = SegmentStream(model, batches, types, threads), SegmentStream(reference, batches, types, threads)
+    editor = GraphEditor(model)
     errors = {}
     for i, name in enumerate(names):
         first = firsts[name]
@@ -143,5 +139,5 @@ def fit_sequential(model, chosen, batches, cfg, threads) -> tuple[dict[str, floa
                 res_stats = ResidualStats.zeros(m.d_in, m.d_out)
                 for x, x_ref, k in zip(xs, xs_ref, mask, strict=True):
                     res_stats.add(x[0], x_ref[0], x[j], x_ref[j], k)
-            errors[m.key] = fit_and_split(model.graph, m, r, s, cfg, res_stats)
+            errors[m.key] = fit_and_split(editor, m, r, s, cfg, res_stats)
     return errors, s.count

@@ -20,10 +20,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress import factorization as fz
-from onnxpress.activations import token_rows
-from onnxpress.editing import split_matrix
-from onnxpress.model_io import model_proto
-from onnxpress.runtime import make_session, session_feeds
+from onnxpress.activations import Tap
+from onnxpress.editing import GraphEditor, split_matrix
+from onnxpress.model_io import model_bytes
 
 # every probe is a forward pass, so (units x layers) bounds the probes' cost: MiniLM's 6 layers get a
 # unit per (layer, role); SmolLM2's 30 layers one per role over all layers (its probes take ~5x longer)
@@ -61,25 +60,48 @@ def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str
 def probe_model(model: ir.Model, matrices: list) -> tuple[bytes, list[tuple[str, str, str]]]:
     """A copy of ``model`` in which matrix i computes ``x @ A_i @ B_i + b_i`` from graph inputs;
     returns the serialised model and the (A, B, b) input names of each matrix."""
-    copy = ir.from_proto(model_proto(model))
+    copy = model.clone()
     nodes = {id(a): b for a, b in zip(model.graph, copy.graph, strict=True)}
     values = {v.name: v for node in copy.graph for v in node.outputs}
     values.update({v.name: v for v in copy.graph.inputs})
     values.update(copy.graph.initializers)
+    editor = GraphEditor(copy)
     names = []
     for i, m in enumerate(matrices):
-        trio = []
-        for tag, shape in (("A", [m.d_in, f"probe_r{i}"]), ("B", [f"probe_r{i}", m.d_out]), ("b", [m.d_out])):
-            value = ir.Value(name=f"probe_{tag}{i}", type=ir.TensorType(m.dtype), shape=ir.Shape(shape))
-            copy.graph.inputs.append(value)
-            trio.append(value)
+        trio = [editor.add_input(f"probe_{tag}{i}", m.dtype, shape)
+                for tag, shape in (("A", [m.d_in, f"probe_r{i}"]), ("B", [f"probe_r{i}", m.d_out]), ("b", [m.d_out]))]
         moved = dataclasses.replace(
             m, node=nodes[id(m.node)], input=values[m.input.name],
             bias_node=nodes[id(m.bias_node)] if m.bias_node is not None else None,
             bias_value=values[m.bias_value.name] if m.bias_value is not None else None)
-        split_matrix(copy.graph, moved, *trio)
+        split_matrix(editor, moved, *trio)
         names.append(tuple(v.name for v in trio))
-    return model_proto(copy).SerializeToString(), names
+    return model_bytes(copy), names
+
+
+class _SquaredError:
+    """Accumulator: squared distance of the outputs' token rows to ``reference`` (rows per
+    batch, in batch order), summed over batches."""
+
+    def __init__(self, names: list[str], reference: list[list[np.ndarray]]):
+        self.names, self.reference = tuple(names), reference
+        self.total, self._batch = 0.0, 0
+
+    def update(self, rows: dict[str, np.ndarray]) -> None:
+        ref = self.reference[self._batch]
+        self._batch += 1
+        self.total += sum(float(np.sum((rows[n].astype(np.float64) - r) ** 2))
+                          for n, r in zip(self.names, ref, strict=True))
+
+
+class _Rows:
+    """Accumulator: every batch's output rows (float64), the probes' reference."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.batches = tuple(names), []
+
+    def update(self, rows: dict[str, np.ndarray]) -> None:
+        self.batches.append([rows[n].astype(np.float64) for n in self.names])
 
 
 class Prober:
@@ -88,7 +110,7 @@ class Prober:
     def __init__(self, model: ir.Model, matrices: list, batches: list[dict], outputs: list[str],
                  threads: int | None):
         proto, self.names = probe_model(model, matrices)
-        self.session = make_session(proto, threads=threads)
+        self.tap = Tap(proto, outputs, threads=threads)
         self.batches, self.outputs = batches, outputs
         self.base = {}  # feeds that keep every matrix as it is
         for m, (a, b, c) in zip(matrices, self.names, strict=True):
@@ -97,25 +119,20 @@ class Prober:
             w = m.weight.astype(dt)
             self.base[a], self.base[b] = (eye, w) if m.d_in <= m.d_out else (w, eye)
             self.base[c] = (m.bias if m.bias is not None else np.zeros(m.d_out)).astype(dt)
-        self.reference = [self._run({}, feeds) for feeds in batches]
+        rows = _Rows(outputs)
+        self.tap.stream(batches, rows, feeds=self.base, desc=None)
+        self.reference = rows.batches
         self.scale = sum(float(np.sum(y**2)) for ref in self.reference for y in ref) or 1.0
-
-    def _run(self, trial: dict, feeds: dict) -> list[np.ndarray]:
-        all_feeds = {**feeds, **self.base, **trial}
-        outs = self.session.run(self.outputs, session_feeds(self.session, all_feeds))
-        mask = feeds.get("attention_mask")
-        return [token_rows(y, mask).astype(np.float64) for y in outs]
 
     def loss(self, trial: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
         """Squared output error relative to the outputs' energy, matrix i fed trial[i] = (A, B, b)."""
-        feeds = {}
+        feeds = dict(self.base)
         for i, arrays in trial.items():
             dt = self.base[self.names[i][2]].dtype
             feeds.update({n: x.astype(dt) for n, x in zip(self.names[i], arrays, strict=True)})
-        err = 0.0
-        for batch, ref in zip(self.batches, self.reference, strict=True):
-            err += sum(float(np.sum((y - r) ** 2)) for y, r in zip(self._run(feeds, batch), ref, strict=True))
-        return err / self.scale
+        err = _SquaredError(self.outputs, self.reference)
+        self.tap.stream(self.batches, err, feeds=feeds, desc=None)
+        return err.total / self.scale
 
 
 def probe_ranks(prober: Prober, matrices: list, grams: list[np.ndarray], means: list[np.ndarray] | None,

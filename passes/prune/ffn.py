@@ -3,7 +3,7 @@
 Neuron ``j`` is column ``j`` of the up (and gate) projection and row ``j`` of the
 down projection; removing it is exact slicing, and the down projection is then
 refitted by ridge least squares on the calibration activations so the layer output
-is preserved (decision and repair: :mod:`onnxpress.passes.prune_common`). Shape
+is preserved (decision and repair: :mod:`.scoring`). Shape
 constants between up/gate and down that spell the intermediate width (GPT-2's
 Conv1D reshapes, the Split of a packed gate-up projection) are patched.
 """
@@ -16,7 +16,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.activations import Gram, capture_grams
+from onnxpress.activations import Gram
+from onnxpress.analysis.graph_utils import const_array, shape_elements
 from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
@@ -72,13 +73,10 @@ class PruneFfnPass(Pass):
         ffns = [layer.ffn for layer in layers]
         weights = [rewrite.read_weight(f.down) for f in ffns]
         biases = [rewrite.read_bias(f.down) for f in ffns]
-        stats = residuals = None
-        if cfg.score == "contribution" or cfg.repair:
-            batches = ctx.calibration_batches(self.name, cfg.max_batches)
-            residuals = [rewrite.residual_output(f.down, layer) for f, layer in zip(ffns, layers, strict=True)]
-            stats = capture_grams(model, batches, [f.down.input.name for f in ffns],
-                                     [r.name for r in residuals if r is not None], threads=ctx.threads)
-            details["calibration_tokens"] = int(stats.grams[ffns[0].down.input.name].count)
+        downs = [(f.down, layer) for f, layer in zip(ffns, layers, strict=True)]
+        stats = scoring.capture_layer_stats(model, ctx, self.name, cfg, downs)
+        if stats:
+            details["calibration_tokens"] = int(stats[0].gram.count)
 
         curves, totals = [], []
         for i, f in enumerate(ffns):
@@ -89,25 +87,19 @@ class PruneFfnPass(Pass):
             if cfg.score == "weight_norm":
                 elim, scale = scoring.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
             else:
-                gram = stats.grams[f.down.input.name]
+                gram = stats[i].gram
                 if cfg.repair:
                     chunk = max(1, max_remove // _STEPS)
                     elim = scoring.eliminate_with_repair(gram, weights[i], biases[i], groups, max_remove,
                                                     ridge=cfg.ridge, chunk=chunk)
                 else:
                     elim = _eliminate_no_repair_fast(gram, weights[i], max_remove)
-                scale = stats.energy.get(residuals[i].name, 0.0) if residuals[i] is not None else 0.0
-                if scale <= 0:
-                    scale = scoring.output_energy(gram, weights[i], biases[i])
+                scale = scoring.error_scale(stats[i], weights[i], biases[i])
             cost = 1.0 if cfg.target == "neurons" else float(_neuron_params(f) if cfg.target == "params"
                                                               else _neuron_macs(f))
             curves.append(scoring.LayerCurve(elim, unit_cost=cost, scale=scale, max_remove=max_remove))
             totals.append(n)
-        grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
-        if cfg.allocation == "global":
-            counts = scoring.allocate(curves, cfg.fraction * grand_total)
-        else:
-            counts = scoring.uniform_counts(curves, cfg.fraction, totals)
+        counts = scoring.layer_counts(curves, totals, cfg.fraction, cfg.allocation)
 
         editor = GraphEditor(model)
         removed = 0
@@ -119,7 +111,7 @@ class PruneFfnPass(Pass):
             if not drop:
                 continue
             if cfg.repair:
-                w, b = scoring.ridge_refit(stats.grams[f.down.input.name], weights[i], biases[i], keep, ridge=cfg.ridge)
+                w, b = scoring.ridge_refit(stats[i].gram, weights[i], biases[i], keep, ridge=cfg.ridge)
             else:
                 w, b = weights[i][keep], biases[i]
             _rewrite(editor, f, keep, w, b, add_bias=cfg.add_bias and cfg.repair)
@@ -180,8 +172,6 @@ def _rewrite(editor: GraphEditor, ffn, keep: np.ndarray, w: np.ndarray, b, *, ad
 def _patch_width(editor: GraphEditor, node: ir.Node, n: int, n2: int, *, packed: bool) -> None:
     """Reshape targets ending in the width, Split sizes and Slice bounds of the
     packed halves: n -> n2 (and 2n -> 2n2)."""
-    from onnxpress.analysis.graph_utils import const_array, shape_elements
-
     widths = {n: n2, 2 * n: 2 * n2}
     if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
         dims = shape_elements(node.inputs[1])
@@ -203,8 +193,6 @@ def _patch_width(editor: GraphEditor, node: ir.Node, n: int, n2: int, *, packed:
 def _slice_channel_constants(editor: GraphEditor, node: ir.Node, keep: np.ndarray, n: int) -> None:
     """Per-neuron constants applied between up and down (the bias input of ORT's fused
     BiasGelu / FastGelu, a per-channel scale) lose the removed neurons too."""
-    from onnxpress.analysis.graph_utils import const_array
-
     if node.op_type in ("Reshape", "Expand", "Split", "Slice", "Shape"):
         return
     for value in node.inputs:

@@ -1,6 +1,6 @@
 """Structured pruning of attention heads (whole KV groups under grouped-query attention).
 
-Decision and repair are in :mod:`onnxpress.passes.prune_common`; this module maps
+Decision and repair are in :mod:`.scoring`; this module maps
 heads to the output projection's input columns, prices them and rewrites the graph:
 
 * Q/K/V (or packed QKV) weight columns and biases of removed heads are sliced away,
@@ -23,9 +23,11 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.activations import capture_grams, probe_shapes
+from onnxpress.activations import probe_shapes
+from onnxpress.analysis.fused_attention import spec_for
+from onnxpress.analysis.graph_utils import const_array, shape_elements, stored_array
 from onnxpress.calibration import is_past_input
-from onnxpress.editing import GraphEditor, constant_array
+from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.pass_infra import Outcome, Pass, register_pass
 from onnxpress.passes.prune import rewrite, scoring
@@ -85,34 +87,24 @@ class PruneHeadsPass(Pass):
 
         weights = [rewrite.read_weight(u.att.o) for u in units]
         biases = [rewrite.read_bias(u.att.o) for u in units]
-        stats = residuals = None
-        if cfg.score == "contribution" or cfg.repair:
-            batches = ctx.calibration_batches(self.name, cfg.max_batches)
-            residuals = [rewrite.residual_output(u.att.o, u.layer) for u in units]
-            stats = capture_grams(
-                model, batches, [u.att.o.input.name for u in units],
-                [r.name for r in residuals if r is not None], threads=ctx.threads,
-            )
-            details["calibration_tokens"] = int(stats.grams[units[0].att.o.input.name].count)
+        stats = scoring.capture_layer_stats(model, ctx, self.name, cfg, [(u.att.o, u.layer) for u in units])
+        if stats:
+            details["calibration_tokens"] = int(stats[0].gram.count)
 
         curves, totals = [], []
         for i, u in enumerate(units):
             max_remove = u.att.num_kv_heads - cfg.min_groups_per_layer
-            elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats, residuals, i, max_remove)
+            elim, scale = _eliminate(cfg, u, weights[i], biases[i], stats[i] if stats else None, max_remove)
             cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
             curves.append(scoring.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
             totals.append(u.att.num_kv_heads)
-        grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
-        if cfg.allocation == "global":
-            counts = scoring.allocate(curves, cfg.fraction * grand_total)
-        else:
-            counts = scoring.uniform_counts(curves, cfg.fraction, totals)
+        counts = scoring.layer_counts(curves, totals, cfg.fraction, cfg.allocation)
 
         # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
         # the removed heads too; which inputs of the score Adds carry a head axis is a
         # run-time fact
         candidates = [v for u in units for _, _, v in _score_bias_inputs(u.att)
-                      if not v.is_graph_input() and constant_array(v) is None]
+                      if not v.is_graph_input() and stored_array(v) is None]
         feeds = ctx.verification[0] if ctx.verification else ctx.calibration_batches(self.name, 1)[0]
         bias_shapes = probe_shapes(model, [v.name for v in candidates], feeds, threads=ctx.threads)
 
@@ -129,8 +121,7 @@ class PruneHeadsPass(Pass):
                 continue
             cols = np.concatenate([u.groups[g] for g in keep])
             if cfg.repair:
-                gram = stats.grams[u.att.o.input.name]
-                w_o, b_o = scoring.ridge_refit(gram, weights[i], biases[i], cols, ridge=cfg.ridge)
+                w_o, b_o = scoring.ridge_refit(stats[i].gram, weights[i], biases[i], cols, ridge=cfg.ridge)
             else:
                 w_o, b_o = weights[i][cols], biases[i]
             _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
@@ -183,21 +174,16 @@ def _unsupported(att) -> str | None:
     return None
 
 
-def _eliminate(cfg, u: _Unit, w, b, stats, residuals, i, max_remove):
+def _eliminate(cfg, u: _Unit, w, b, stats: scoring.LayerStats | None, max_remove):
     groups = u.groups
     max_remove = max(0, max_remove)
     if cfg.score == "weight_norm":
         return scoring.eliminate_by_weight_norm(w, groups, max_remove), 1.0
-    gram = stats.grams[u.att.o.input.name]
     if cfg.repair:
-        elim = scoring.eliminate_with_repair(gram, w, b, groups, max_remove, ridge=cfg.ridge)
+        elim = scoring.eliminate_with_repair(stats.gram, w, b, groups, max_remove, ridge=cfg.ridge)
     else:
-        elim = scoring.eliminate_without_repair(gram, w, groups, max_remove)
-    res = residuals[i]
-    scale = stats.energy.get(res.name, 0.0) if res is not None else 0.0
-    if scale <= 0:  # no residual found: the layer's own output energy
-        scale = scoring.output_energy(gram, w, b)
-    return elim, scale
+        elim = scoring.eliminate_without_repair(stats.gram, w, groups, max_remove)
+    return elim, scoring.error_scale(stats, w, b)
 
 
 # ----------------------------------------------------------------------- rewriting
@@ -265,14 +251,11 @@ def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tu
     h = att.num_heads
     kept_heads = np.array([g * u.n_rep + r for g in keep for r in range(u.n_rep)], dtype=np.int64)
     for node, idx, value in _score_bias_inputs(att):
-        const = constant_array(value)
+        const = stored_array(value)
         shape = const.shape if const is not None else shapes.get(value.name, _static_shape(value))
         if shape is None or len(shape) != 4 or shape[1] != h or h == 1:
             continue  # broadcast over heads (padding / causal masks): nothing to do
-        index = ir.Value(name=editor.fresh_name(f"{value.name}_kept_heads"), shape=ir.Shape(kept_heads.shape),
-                         type=ir.TensorType(ir.DataType.INT64))
-        index.const_value = ir.tensor(kept_heads, name=index.name)
-        editor.graph.register_initializer(index)
+        index = editor.add_initializer(f"{value.name}_kept_heads", kept_heads)
         gather = ir.node("Gather", [value, index], attributes={"axis": 1},
                          name=editor.fresh_name(f"{node.name}/kept_heads"))
         gather.outputs[0].name = editor.fresh_name(f"{value.name}_kept")
@@ -300,7 +283,7 @@ def _slice_fused_bias(editor, att, q_cols, kv_cols) -> None:
     node = att.fused_node
     if node is None or node.op_type not in ("MultiHeadAttention",) or len(node.inputs) < 4:
         return
-    bias = constant_array(node.inputs[3])
+    bias = stored_array(node.inputs[3])
     h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
     if bias is None or bias.size != (h + 2 * kv) * d:
         return
@@ -334,8 +317,6 @@ def _new_dims(dims: list[int | None], geometry, expand: bool) -> list[int | None
 
 
 def _patch_shape(editor, node: ir.Node, geometry, expand: bool) -> None:
-    from onnxpress.analysis.graph_utils import shape_elements
-
     shape_in = node.inputs[1]
     dims = shape_elements(shape_in)
     if not dims:
@@ -346,8 +327,6 @@ def _patch_shape(editor, node: ir.Node, geometry, expand: bool) -> None:
 
 
 def _patch_split(editor, node: ir.Node, geometry) -> None:
-    from onnxpress.analysis.graph_utils import const_array
-
     h, kv, d, h2, kv2 = geometry
     sizes = const_array(node.inputs[1])
     if sizes is None or sizes.ndim != 1:
@@ -362,11 +341,12 @@ def _patch_attributes(att, geometry) -> None:
     if node is None:
         return
     h, kv, d, h2, kv2 = geometry
-    for name, value in (("num_heads", h2), ("q_num_heads", h2), ("kv_num_heads", kv2)):
-        if name in node.attributes:
+    spec = spec_for(node)  # the op's names for its head counts
+    for name, value in ((spec.num_heads, h2), (spec.kv_num_heads, kv2)):
+        if name is not None and name in node.attributes:
             node.attributes[name] = ir.AttrInt64(name, value)
-    if "qkv_hidden_sizes" in node.attributes:
-        node.attributes["qkv_hidden_sizes"] = ir.AttrInt64s("qkv_hidden_sizes", [h2 * d, kv2 * d, kv2 * d])
+    if spec.qkv_sizes is not None and spec.qkv_sizes in node.attributes:
+        node.attributes[spec.qkv_sizes] = ir.AttrInt64s(spec.qkv_sizes, [h2 * d, kv2 * d, kv2 * d])
 
 
 def _patch_cache_shapes(att, kv2: int) -> None:

@@ -11,39 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import (
-    ancestors,
-    const_array,
-    consumers,
-    is_constant,
-    shape_elements,
-    walk_down,
-)
-from onnxpress.editing import GraphEditor, constant_array
+from onnxpress.analysis.graph_utils import ancestors, const_array, shape_elements, stored_array, walk_down
+from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 
 if TYPE_CHECKING:
-    from onnxpress.analysis import Layer, Linear
-
-
-def residual_output(linear: Linear, layer: Layer) -> ir.Value | None:
-    """The residual stream right after ``linear``'s output is added to it: the value
-    whose energy normalises this layer's errors (None when not found)."""
-
-    residual_ids = {id(n) for n in layer.residual_adds}
-    frontier = [linear.output]
-    for _ in range(4):  # through a bias Add, Dropout, Cast, Reshape
-        nxt = []
-        for value in frontier:
-            for node in consumers(value):
-                if id(node) in residual_ids:
-                    return node.outputs[0]
-                if node.op_type == "Add" and not any(is_constant(v) for v in node.inputs):
-                    return node.outputs[0]
-                if node.op_type in ("Add", "Dropout", "Cast", "Reshape", "Identity"):
-                    nxt.append(node.outputs[0])
-        frontier = nxt
-    return None
+    from onnxpress.analysis import Linear
 
 
 def _check_plain(linear: Linear) -> None:
@@ -59,7 +32,7 @@ def _check_plain(linear: Linear) -> None:
 def read_weight(linear: Linear) -> np.ndarray:
     """The weight as [d_in, d_out] float64."""
     _check_plain(linear)
-    w = constant_array(linear.weight)
+    w = stored_array(linear.weight)
     if w is None:
         raise OnnxpressError(f"cannot read the weight of {linear.name} (please report this bug)")
     w = w.astype(np.float64)
@@ -67,7 +40,7 @@ def read_weight(linear: Linear) -> np.ndarray:
 
 
 def read_bias(linear: Linear) -> np.ndarray | None:
-    b = constant_array(linear.bias)
+    b = stored_array(linear.bias)
     return None if b is None else b.astype(np.float64).reshape(-1)
 
 
@@ -82,14 +55,14 @@ def write_linear(
     """Store ``weight`` ([d_in', d_out']) and ``bias`` into ``linear`` (same dtypes and
     layout as before). A bias given for a layer without one is added as an ``Add``
     only when ``add_bias``; otherwise it is dropped."""
-    old = constant_array(linear.weight)
+    old = stored_array(linear.weight)
     stored = weight.T if linear.transposed else weight
     users = [linear.node, *linear.weight_via]
     editor.set_constant(linear.weight, stored.astype(old.dtype), users)
     if bias is None:
         return
     if linear.bias is not None:
-        old_b = constant_array(linear.bias)
+        old_b = stored_array(linear.bias)
         lead = (1,) * (old_b.ndim - 1)
         users = [linear.bias_node] if linear.bias_node is not None else [linear.node]
         editor.set_constant(linear.bias, bias.reshape(*lead, -1).astype(old_b.dtype), users)
@@ -100,10 +73,7 @@ def write_linear(
 def _append_bias(editor: GraphEditor, linear: Linear, bias: np.ndarray) -> None:
     out = linear.output
     uses = list(out.uses())
-    b = ir.Value(name=editor.fresh_name(f"{linear.name}.bias"), shape=ir.Shape(bias.shape),
-                 type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)))
-    b.const_value = ir.tensor(bias, name=b.name)
-    editor.graph.register_initializer(b)
+    b = editor.add_initializer(f"{linear.name}.bias", bias)
     add = ir.node("Add", [out, b], name=editor.fresh_name(f"{linear.name}/bias_add"))
     add.outputs[0].name = editor.fresh_name(f"{out.name}_biased")
     add.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(bias.dtype))

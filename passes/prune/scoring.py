@@ -31,15 +31,61 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import onnx_ir as ir
 
-from onnxpress.activations import Gram
+from onnxpress.activations import Gram, capture_grams
+from onnxpress.analysis.matrices import residual_add
+
+if TYPE_CHECKING:
+    from onnxpress.analysis import Layer, Linear
 
 # Ridge added to the diagonal of X^T X, relative to its mean diagonal: keeps the normal
 # equations well posed for dead features and few tokens while leaving the fit of the
 # well-conditioned directions untouched. Never applied to the bias (ones) column.
 DEFAULT_RIDGE = 1e-4
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+class LayerStats(NamedTuple):
+    """Step 1 for one layer's projection: the Gram of its input and the energy of the residual
+    stream it writes into (0 when that was not found)."""
+
+    gram: Gram
+    residual_energy: float
+
+
+def residual_output(linear: Linear, layer: Layer) -> ir.Value | None:
+    """The residual stream right after ``linear``'s output is added to it: the value
+    whose energy normalises this layer's errors (None when not found)."""
+    join = residual_add(linear.output, layer.residual_adds)
+    return None if join is None else join.add.outputs[0]
+
+
+def capture_layer_stats(model: ir.Model, ctx, pass_name: str, cfg, projections: list[tuple[Linear, Layer]]
+                        ) -> list[LayerStats] | None:
+    """One streaming pass over the calibration data for the projection of every layer:
+    :class:`LayerStats` each; None when ``cfg`` needs no data (weight-norm scores, no repair)."""
+    if cfg.score != "contribution" and not cfg.repair:
+        return None
+    batches = ctx.calibration_batches(pass_name, cfg.max_batches)
+    residuals = [residual_output(lin, layer) for lin, layer in projections]
+    captured = capture_grams(model, batches, [lin.input.name for lin, _ in projections],
+                             [r.name for r in residuals if r is not None], threads=ctx.threads)
+    energy = [captured.energy.get(r.name, 0.0) if r is not None else 0.0 for r in residuals]
+    return [LayerStats(captured.grams[lin.input.name], e) for (lin, _), e in zip(projections, energy, strict=True)]
+
+
+def error_scale(stats: LayerStats, weight: np.ndarray, bias: np.ndarray | None) -> float:
+    """What a layer's errors are divided by: the energy of its residual stream, or without one
+    the layer's own output energy."""
+    if stats.residual_energy > 0:
+        return stats.residual_energy
+    return output_energy(stats.gram, weight, bias)
 
 
 def augment(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -272,6 +318,15 @@ def _hull_segments(errors: np.ndarray) -> list[tuple[int, float]]:
                 break
         hull.append(pt)
     return [(x2, (y2 - y1) / (x2 - x1)) for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False)]
+
+
+def layer_counts(curves: list[LayerCurve], totals: list[int], fraction: float, allocation: str) -> list[int]:
+    """Removals per layer for ``fraction`` of all the layers' groups (``totals`` each):
+    allocated globally by cost, or the same share in every layer (``uniform``)."""
+    if allocation == "global":
+        grand_total = sum(c.unit_cost * n for c, n in zip(curves, totals, strict=True))
+        return allocate(curves, fraction * grand_total)
+    return uniform_counts(curves, fraction, totals)
 
 
 def uniform_counts(curves: list[LayerCurve], fraction: float, totals: list[int]) -> list[int]:

@@ -1,7 +1,7 @@
 """Post-training int8 / int4 quantisation of a transformer's MatMuls.
 
 Three modes, all emitting standard ops ORT's CPU provider fuses into integer kernels
-(see ``quant_graph``):
+(see :mod:`.graph`):
 
 - ``static``: per-channel symmetric int8 weights, per-tensor activations (u8 by default:
   ORT's s8 QDQ kernels are 2-4x slower on AVX2) with calibrated ranges;
@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
@@ -208,7 +209,7 @@ class QuantizePass(Pass):
             # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
             codes, scales = _quantize_int8_weight(
                 np.concatenate([lin.weight_array() for lin in group], axis=1),
-                st.gram if st is not None else None,
+                _hessian(st),
                 qmax,
                 cfg,
             )
@@ -320,6 +321,7 @@ class QuantizePass(Pass):
             if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)
         }
         done, applied, self._alphas = {}, {}, {}
+        editor = GraphEditor(model)
         qtype = cfg.activation_type if cfg.mode == "static" else "uint8"
         method = "mse" if cfg.mode == "static" else "minmax"
         for name, group in groups.items():
@@ -334,7 +336,7 @@ class QuantizePass(Pass):
             if alpha is None:
                 continue
             s = smooth_scales(st.absmax, weights, alpha)
-            done[name] = f"{apply_smoothing(model.graph, group[0].input, group, s)} (alpha {alpha})"
+            done[name] = f"{apply_smoothing(editor, group[0].input, group, s)} (alpha {alpha})"
             applied[name] = s
             for lin in group:
                 lin.node.meta["onnxpress_smoothed_input"] = name
@@ -353,7 +355,7 @@ class QuantizePass(Pass):
             reference_nll = next_token_nll(reference, batches)[0]
 
         def error(chosen) -> float:
-            trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            trial = model.clone()
             build(trial, chosen)
             trial_outputs = ctx.run(trial, batches, outputs)
             if cfg.budget_metric == "perplexity":
@@ -431,7 +433,7 @@ class QuantizePass(Pass):
                 bits,
                 cfg.block_size,
                 symmetric=cfg.symmetric,
-                hessian=st.gram if st is not None else None,
+                hessian=_hessian(st),
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
             )
@@ -525,6 +527,11 @@ def _method_for(group: list[QLinear], cfg: QuantizeConfig) -> str:
         if any(lin.role == key or lin.name == key for lin in group):
             return method
     return cfg.calibration_method
+
+
+def _hessian(st) -> np.ndarray | None:
+    """GPTQ's Hessian X^T X of a group's input, when its statistics hold one."""
+    return None if st is None or st.gram is None else st.gram.xtx
 
 
 def _quantize_int8_weight(w: np.ndarray, gram, qmax: int, cfg: QuantizeConfig):

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.editing import add_initializer, drop_unused_initializers
+from onnxpress.analysis.graph_utils import stored_array
+from onnxpress.editing import GraphEditor, drop_unused_initializers, editor_of
 
 NORM_OPS = {
     "LayerNormalization",
@@ -56,17 +57,8 @@ class QLinear:
         return self.node.name or self.weight.name or "matmul"
 
     def weight_array(self) -> np.ndarray:
-        return _const(self.weight).astype(np.float32)
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-        attr = value.producer().attributes.get("value")
-        tensor = attr.value if attr is not None else None
-    return None if tensor is None else tensor.numpy()
+        """The stored weight as float32."""
+        return stored_array(self.weight).astype(np.float32)
 
 
 def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, str]]:
@@ -86,13 +78,13 @@ def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, s
     linears: list[QLinear] = []
     skipped: dict[str, str] = {}
     for node in model.graph:
-        if node.op_type == "Gemm" and _const(node.inputs[1]) is not None:
+        if node.op_type == "Gemm" and stored_array(node.inputs[1]) is not None:
             skipped[node.name] = "op type (Gemm)"
             continue
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        w = _const(node.inputs[1])
-        if w is None or _const(node.inputs[0]) is not None:
+        w = stored_array(node.inputs[1])
+        if w is None or stored_array(node.inputs[0]) is not None:
             continue  # activation x activation (attention scores) stays float
         if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
             skipped[node.name] = f"op type (weight rank {w.ndim} / {w.dtype})"
@@ -108,6 +100,10 @@ def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, s
     return linears, skipped
 
 
+def _stem(name: str) -> str:
+    return name.replace("/", "_").strip("_")
+
+
 def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
     node.replace_input_with(index, value)
 
@@ -118,6 +114,7 @@ class QuantRewriter:
     def __init__(self, model: ir.Model):
         self.model = model
         self.graph = model.graph
+        self.editor = GraphEditor(model)
         self._static_q: dict[str, ir.Value] = {}
         self._dynamic_q: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
@@ -136,15 +133,15 @@ class QuantRewriter:
     ) -> None:
         if emit == "contrib" and x_type == "uint8":
             return self._static_contrib(lin, w_codes, w_scale, x_scale, x_zp)
-        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        base = _stem(lin.name)
         xq, xs, xz, new = self._quantized_input(lin, base, x_scale, x_zp, x_type)
         dq_x = ir.node("DequantizeLinear", [xq, xs, xz], name=f"{base}_DequantizeInput")
-        wq = add_initializer(g, f"{base}_weight_int8", w_codes.astype(np.int8))
-        ws = add_initializer(g, f"{base}_weight_scale", w_scale.astype(np.float32))
-        wz = add_initializer(g, f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
+        wq = self.editor.add_initializer(f"{base}_weight_int8", w_codes.astype(np.int8))
+        ws = self.editor.add_initializer(f"{base}_weight_scale", w_scale.astype(np.float32))
+        wz = self.editor.add_initializer(f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
         dq_w = ir.node("DequantizeLinear", [wq, ws, wz], {"axis": 1}, name=f"{base}_DequantizeWeight")
-        dq_x.outputs[0].name = f"{base}_input_dq"
-        dq_w.outputs[0].name = f"{base}_weight_dq"
+        dq_x.outputs[0].name = self.editor.fresh_name(f"{base}_input_dq")
+        dq_w.outputs[0].name = self.editor.fresh_name(f"{base}_weight_dq")
         new += [dq_x, dq_w]
         self._insert(lin.node, new)
         _set_input(lin.node, 0, dq_x.outputs[0])
@@ -153,16 +150,17 @@ class QuantRewriter:
     def _quantized_input(self, lin: QLinear, base: str, x_scale: float, x_zp: int, x_type: str):
         """(quantized input, its scale, its zero point, new nodes): one QuantizeLinear per
         input tensor and range, shared by the MatMuls that read it (q/k/v, gate/up)."""
-        g, x = self.graph, lin.input
-        xs = add_initializer(g, f"{base}_x_scale", np.array(x_scale, np.float32))
-        xz = add_initializer(g, f"{base}_x_zero_point", np.array(x_zp, np.uint8 if x_type == "uint8" else np.int8))
+        x = lin.input
+        xs = self.editor.add_initializer(f"{base}_x_scale", np.array(x_scale, np.float32))
+        zp_type = np.uint8 if x_type == "uint8" else np.int8
+        xz = self.editor.add_initializer(f"{base}_x_zero_point", np.array(x_zp, zp_type))
         key = f"{x.name}|{x_scale}|{x_zp}|{x_type}"
         xq = self._static_q.get(key)
         if xq is not None:
             return xq, xs, xz, []
         q = ir.node("QuantizeLinear", [x, xs, xz], name=f"{base}_QuantizeInput")
         xq = q.outputs[0]
-        xq.name = f"{x.name}_quantized_{len(self._static_q)}"
+        xq.name = self.editor.fresh_name(f"{x.name}_quantized_{len(self._static_q)}")
         self._static_q[key] = xq
         return xq, xs, xz, [q]
 
@@ -170,15 +168,15 @@ class QuantRewriter:
         """``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` with the bias inside: the node
         ORT's QDQ fusion makes of our pattern, plus the bias Add that fusion leaves outside
         (one elementwise pass over the output per MatMul, measured on MiniLM at batch 8)."""
-        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        base = _stem(lin.name)
         xq, xs, xz, new = self._quantized_input(lin, base, x_scale, x_zp, "uint8")
         inputs = [
             xq,
-            add_initializer(g, f"{base}_weight_int8", w_codes.astype(np.int8)),
+            self.editor.add_initializer(f"{base}_weight_int8", w_codes.astype(np.int8)),
             xs,
-            add_initializer(g, f"{base}_weight_scale", w_scale.astype(np.float32)),
+            self.editor.add_initializer(f"{base}_weight_scale", w_scale.astype(np.float32)),
             xz,
-            add_initializer(g, f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8)),
+            self.editor.add_initializer(f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8)),
         ]
         add, bias = _bias_add(lin.node, w_codes.shape[1])
         if bias is not None:
@@ -195,39 +193,39 @@ class QuantRewriter:
             self.model.opset_imports["com.microsoft"] = 1
 
     def dynamic(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray) -> None:
-        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        base = _stem(lin.name)
         x = lin.input
         new: list[ir.Node] = []
         if x.name not in self._dynamic_q:
             dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}_DynamicQuantize")
             for out, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point"), strict=True):
-                out.name = f"{x.name}_{suffix}_{len(self._dynamic_q)}"
+                out.name = self.editor.fresh_name(f"{x.name}_{suffix}_{len(self._dynamic_q)}")
             self._dynamic_q[x.name] = tuple(dql.outputs)
             new.append(dql)
         xq, xs, xz = self._dynamic_q[x.name]
-        wq = add_initializer(g, f"{base}_weight_int8", w_codes.astype(np.int8))
-        ws = add_initializer(g, f"{base}_weight_scale", w_scale.astype(np.float32))
-        wz = add_initializer(g, f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
+        wq = self.editor.add_initializer(f"{base}_weight_int8", w_codes.astype(np.int8))
+        ws = self.editor.add_initializer(f"{base}_weight_scale", w_scale.astype(np.float32))
+        wz = self.editor.add_initializer(f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8))
         scale = ir.node("Mul", [xs, ws], name=f"{base}_ScaleProduct")
         mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{base}_MatMulInteger")
         cast = ir.node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
         out = lin.node.outputs[0]
         mul = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{base}_Rescale")
         for n, suffix in ((scale, "scale_product"), (mmi, "int32"), (cast, "float")):
-            n.outputs[0].name = f"{base}_{suffix}"
+            n.outputs[0].name = self.editor.fresh_name(f"{base}_{suffix}")
         new += [scale, mmi, cast, mul]
         self._insert(lin.node, new)
         self._replace_node_output(lin.node, mul)
 
     def nbits(self, lin: QLinear, nw) -> None:
-        g, base = self.graph, lin.name.replace("/", "_").strip("_")
+        base = _stem(lin.name)
         inputs = [
             lin.input,
-            add_initializer(g, f"{base}_weight_q{nw.bits}", nw.packed),
-            add_initializer(g, f"{base}_weight_scales", nw.scales),
+            self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed),
+            self.editor.add_initializer(f"{base}_weight_scales", nw.scales),
         ]
         if nw.zero_points is not None:
-            inputs.append(add_initializer(g, f"{base}_weight_zero_points", nw.zero_points))
+            inputs.append(self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points))
         node = ir.node(
             "MatMulNBits",
             inputs,
@@ -244,29 +242,30 @@ class QuantRewriter:
         """Store a Gather's embedding table as int8 with one scale per row (weight-only: the
         gathered rows are dequantised exactly, LayerNorm and everything after stay float).
         Tables shared with a MatMul (tied LM heads) are left alone: the MatMul needs the floats."""
-        table = _const(node.inputs[0])
+        table = stored_array(node.inputs[0])
         if table is None or table.ndim != 2 or table.dtype != np.float32:
             return False
         if any(n is not node for n, _ in node.inputs[0].uses()):
             return False
-        g, base = self.graph, (node.name or node.inputs[0].name).replace("/", "_").strip("_")
+        base = _stem(node.name or node.inputs[0].name)
         scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127
         codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
         axis = node.attributes.get_int("axis", 0)
         if axis != 0:
             return False
         rows = ir.node(
-            "Gather", [add_initializer(g, f"{base}_table_int8", codes), node.inputs[1]], name=f"{base}_GatherInt8"
+            "Gather", [self.editor.add_initializer(f"{base}_table_int8", codes), node.inputs[1]],
+            name=f"{base}_GatherInt8",
         )
         cast = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
         scales = ir.node(
             "Gather",
-            [add_initializer(g, f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
+            [self.editor.add_initializer(f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
             name=f"{base}_GatherScale",
         )
         mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{base}_Dequantize")
         for n, suffix in ((rows, "rows_int8"), (cast, "rows_float"), (scales, "row_scales_gathered")):
-            n.outputs[0].name = f"{base}_{suffix}"
+            n.outputs[0].name = self.editor.fresh_name(f"{base}_{suffix}")
         self._insert(node, [rows, cast, scales, mul])
         self._replace_node_output(node, mul)
         return True
@@ -299,7 +298,7 @@ def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None, None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    bias = _const(other)
+    bias = stored_array(other)
     if bias is None or bias.dtype != np.float32 or bias.shape != (n,):
         return None, None
     if other.const_value is None:  # a Constant node: MatMulIntegerToFloat wants an initializer
@@ -314,23 +313,25 @@ def _only_consumers(value: ir.Value, nodes: set[int]) -> bool:
     return all(id(node) in nodes for node, _ in value.uses()) and not value.is_graph_output()
 
 
-def _scale_const_input(graph: ir.Graph, node: ir.Node, index: int, factor: np.ndarray, axis_len: int) -> bool:
+def _scale_const_input(editor: GraphEditor, node: ir.Node, index: int, factor: np.ndarray,
+                       axis_len: int) -> bool:
     """Multiply ``node``'s constant input ``index`` (a per-channel vector or scalar) by ``factor``."""
-    c = _const(node.inputs[index])
+    c = stored_array(node.inputs[index])
     if c is None or c.size not in (1, axis_len) or (c.ndim and c.shape[-1] != c.size):
         return False
     scaled = (np.broadcast_to(c.reshape(-1), (axis_len,)) * factor).astype(c.dtype)
-    value = add_initializer(graph, f"{node.inputs[index].name}_smoothed", scaled)
+    value = editor.add_initializer(f"{node.inputs[index].name}_smoothed", scaled)
     node.replace_input_with(index, value)
     return True
 
 
 def fold_channel_scale(
-    graph: ir.Graph, value: ir.Value, factor: np.ndarray, consumers: set[int]
+    graph: ir.Graph | GraphEditor, value: ir.Value, factor: np.ndarray, consumers: set[int]
 ) -> str | None:
     """Make ``value`` (channels last) come out multiplied by ``factor`` by editing its producer
     exactly; returns where it was folded, or None when no exact fold applies. Only values
     consumed by ``consumers`` alone are edited (others would see the change)."""
+    editor = editor_of(graph)
     if not _only_consumers(value, consumers):
         return None
     node = value.producer()
@@ -343,55 +344,58 @@ def fold_channel_scale(
         gamma_idx = 2 if op.startswith("Skip") else 1
         beta_idx = {"LayerNormalization": 2, "SkipLayerNormalization": 3}.get(op)
         has_beta = beta_idx is not None and len(node.inputs) > beta_idx and node.inputs[beta_idx] is not None
-        if _const(node.inputs[gamma_idx]) is None or (has_beta and _const(node.inputs[beta_idx]) is None):
+        if stored_array(node.inputs[gamma_idx]) is None or (
+            has_beta and stored_array(node.inputs[beta_idx]) is None
+        ):
             return None
-        if not _scale_const_input(graph, node, gamma_idx, factor, k):
+        if not _scale_const_input(editor, node, gamma_idx, factor, k):
             return None
         if has_beta:
-            _scale_const_input(graph, node, beta_idx, factor, k)
+            _scale_const_input(editor, node, beta_idx, factor, k)
         return op
     if op in ("Mul", "Add"):
         # only per-channel vector constants (gamma, beta, biases): folding into a scalar
         # (GELU's 0.5) would be exact but break ORT's Gelu/LayerNorm fusions
-        consts = [
-            i for i in (0, 1) if _const(node.inputs[i]) is not None and _const(node.inputs[i]).size == k
-        ]
+        consts = [i for i in (0, 1) if getattr(stored_array(node.inputs[i]), "size", None) == k]
         if op == "Mul" and consts:
-            return "Mul constant" if _scale_const_input(graph, node, consts[0], factor, k) else None
+            return "Mul constant" if _scale_const_input(editor, node, consts[0], factor, k) else None
         if op == "Add" and consts:
             other = node.inputs[1 - consts[0]]
             # (x + b) * f = x * f + b * f: fold into b and recurse into x
-            where = fold_channel_scale(graph, other, factor, {id(node)})
+            where = fold_channel_scale(editor, other, factor, {id(node)})
             if where is None:
                 return None
-            _scale_const_input(graph, node, consts[0], factor, k)
+            _scale_const_input(editor, node, consts[0], factor, k)
             return where
         if op == "Mul" and not consts:
             # gated FFN: act(gate) * up -> scale the up branch (a linear, exact)
             for i in (1, 0):
-                where = fold_channel_scale(graph, node.inputs[i], factor, {id(node)})
+                where = fold_channel_scale(editor, node.inputs[i], factor, {id(node)})
                 if where is not None:
                     return where
         return None
     if op == "MatMul":
-        w = _const(node.inputs[1])
+        w = stored_array(node.inputs[1])
         if w is None or w.ndim != 2 or w.shape[1] != k:
             return None
         scaled = (w * factor[None, :]).astype(w.dtype)
-        node.replace_input_with(1, add_initializer(graph, f"{node.inputs[1].name}_smoothed", scaled))
+        node.replace_input_with(1, editor.add_initializer(f"{node.inputs[1].name}_smoothed", scaled))
         return "MatMul weight"
     return None
 
 
-def apply_smoothing(graph: ir.Graph, x: ir.Value, linears: list[QLinear], s: np.ndarray) -> str:
+def apply_smoothing(graph: ir.Graph | GraphEditor, x: ir.Value, linears: list[QLinear], s: np.ndarray) -> str:
     """Divide input ``x`` by ``s`` (folded upstream if exact, else a Mul on this branch) and
-    multiply the rows of every consumer's weight by ``s``. Returns where the division went."""
+    multiply the rows of every consumer's weight by ``s``. Returns where the division went.
+    ``graph`` may be an editor of it (one for a pass smoothing many inputs)."""
+    editor = editor_of(graph)
+    graph = editor.graph
     consumers = {id(lin.node) for lin in linears}
-    where = fold_channel_scale(graph, x, (1.0 / s).astype(np.float32), consumers)
+    where = fold_channel_scale(editor, x, (1.0 / s).astype(np.float32), consumers)
     if where is None:
-        inv = add_initializer(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
+        inv = editor.add_initializer(f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [x, inv], name=f"{x.name}_Smooth")
-        mul.outputs[0].name = f"{x.name}_smoothed"
+        mul.outputs[0].name = editor.fresh_name(f"{x.name}_smoothed")
         mul.outputs[0].type = x.type
         mul.outputs[0].shape = x.shape
         graph.insert_before(linears[0].node, [mul])
@@ -401,5 +405,5 @@ def apply_smoothing(graph: ir.Graph, x: ir.Value, linears: list[QLinear], s: np.
     for lin in linears:
         w = lin.weight_array()
         scaled = (w * s[:, None]).astype(w.dtype)
-        lin.node.replace_input_with(1, add_initializer(graph, f"{lin.weight.name}_smoothed", scaled))
+        lin.node.replace_input_with(1, editor.add_initializer(f"{lin.weight.name}_smoothed", scaled))
     return where

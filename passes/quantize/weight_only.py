@@ -9,7 +9,7 @@ transposed and blocked along K:
   two blocks per byte, low nibble first); absent means the mid code (8 for 4-bit);
 
 exactly what ORT's ``MatMulNBitsQuantizer`` (QOperator format) writes, so ORT's CPU
-kernels and ours agree; ``tests/passes/test_quantize_numerics.py`` checks the layout by
+kernels and ours agree; ``tests/passes/quantize/test_quantize_numerics.py`` checks the layout by
 running the op in ORT against the numpy dequantisation.
 """
 

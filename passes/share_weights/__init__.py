@@ -29,9 +29,15 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
 from onnxpress import factorization as fz
-from onnxpress.activations import Gram, capture
+from onnxpress.activations import Gram, capture_grams
 from onnxpress.analysis.matrices import ROLES, Matrix, select_matrices
-from onnxpress.editing import add_initializer, drop_unused_initializers, remove_dead_nodes, split_matrix
+from onnxpress.editing import (
+    GraphEditor,
+    drop_unused_initializers,
+    editor_of,
+    remove_dead_nodes,
+    split_matrix,
+)
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.share_weights import fit as sfit
 
@@ -123,9 +129,7 @@ def _similar_groups(role, ms, size, side, stats, eps) -> list[Group]:
 
 def _input_stats(model: ir.Model, names: list[str], batches, threads) -> dict[str, Gram]:
     """The Gram of each input on calibration tokens (one-shot fitting: no reference terms)."""
-    accs = [Gram(n) for n in names]
-    capture(model, names, batches, accs, threads=threads, desc="share_weights: input statistics")
-    return {a.name: a for a in accs}
+    return capture_grams(model, batches, names, threads=threads, desc="share_weights: input statistics").grams
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -137,39 +141,45 @@ def _weight_input(x: ir.Value, stem: str, second: bool) -> ir.Node:
     return next(n for n, _ in first.outputs[0].uses()) if second else first
 
 
-def emit_basis(graph: ir.Graph, group: Group, shared: np.ndarray, parts: list[np.ndarray],
+def emit_basis(graph: ir.Graph | GraphEditor, group: Group, shared: np.ndarray, parts: list[np.ndarray],
                biases: list[np.ndarray | None]) -> str:
     """Split every member with split_matrix, then point all of them at ONE copy of the
-    shared factor (the others are dropped): that is what makes the file and ORT hold it once."""
+    shared factor (the others are dropped): that is what makes the file and ORT hold it once.
+    ``graph`` may be an editor of it (one for a pass rewriting many groups)."""
+    editor = editor_of(graph)
     shared_value = None
     for m, part, bias in zip(group.members, parts, biases, strict=True):
         a, b = (shared, part) if group.side == "input" else (part, shared)
-        split_matrix(graph, m, a, b, bias)
+        split_matrix(editor, m, a, b, bias)
         node = _weight_input(m.input, m.node.name or m.key, second=group.side == "output")
         if shared_value is None:
             shared_value = node.inputs[1]
             name = f"{m.node.name or m.key}.shared_basis"
-            if len(group.members) > 1 and name not in graph.initializers:
+            if len(group.members) > 1 and name not in editor.names:
+                editor.names.add(name)
                 shared_value.name = name  # onnx_ir renames the initializer entry too
         else:
             duplicate = node.inputs[1]
             node.replace_input_with(1, shared_value)
-            drop_unused_initializers(graph, [duplicate])
+            drop_unused_initializers(editor.graph, [duplicate])
     return shared_value.name
 
 
-def emit_tie(graph: ir.Graph, group: Group, base: np.ndarray, residuals, biases) -> str:
+def emit_tie(graph: ir.Graph | GraphEditor, group: Group, base: np.ndarray, residuals, biases) -> str:
     """y_i = (x_i @ A_i) @ B_i + x_i @ base (+ bias): the residual path is split_matrix's, the
-    base one initializer read by one extra MatMul per layer, added right after the residual."""
+    base one initializer read by one extra MatMul per layer, added right after the residual.
+    ``graph`` may be an editor of it."""
+    editor = editor_of(graph)
+    graph = editor.graph
     np_dtype = group.members[0].dtype.numpy()
     stem = group.members[0].node.name or group.members[0].key
-    base_value = add_initializer(graph, f"{stem}.shared_base", base.astype(np_dtype))
+    base_value = editor.add_initializer(f"{stem}.shared_base", base.astype(np_dtype))
     for m, (a, b), bias in zip(group.members, residuals, biases, strict=True):
-        split_matrix(graph, m, a, b, bias)
+        split_matrix(editor, m, a, b, bias)
         second = _weight_input(m.input, m.node.name or m.key, second=True)
         low = second.outputs[0]
         base_mm = ir.node("MatMul", [m.input, base_value], name=f"{m.node.name or m.key}/shared_base")
-        total = ir.Value(name=f"{low.name}_tied", type=low.type, shape=low.shape)
+        total = ir.Value(name=editor.fresh_name(f"{low.name}_tied"), type=low.type, shape=low.shape)
         ir.convenience.replace_all_uses_with(low, total, replace_graph_outputs=True)
         add = ir.node("Add", [low, base_mm.outputs[0]], outputs=[total], name=f"{m.node.name or m.key}/shared_add")
         base_mm.outputs[0].dtype = m.dtype
@@ -210,10 +220,11 @@ class ShareWeightsPass(Pass):
         else:
             ranks = fz.global_ranks(candidates, cfg.fraction * total)
         report, saved, shared_count = [], 0, 0
+        editor = GraphEditor(model)
         for g, rank in zip(groups, ranks, strict=True):
             if rank is None:
                 continue
-            info = self._fit_group(model.graph, g, rank, stats, cfg)
+            info = self._fit_group(editor, g, rank, stats, cfg)
             saved += info["params_saved"]
             shared_count += len(g.members) > 1
             report.append(info)
@@ -229,7 +240,7 @@ class ShareWeightsPass(Pass):
         return sfit.decompose_group([m.weight for m in g.members], [stats[m.input.name].xtx for m in g.members],
                                     g.side, cfg.eps)
 
-    def _fit_group(self, graph: ir.Graph, g: Group, rank: int, stats, cfg: ShareWeightsConfig) -> dict:
+    def _fit_group(self, editor: GraphEditor, g: Group, rank: int, stats, cfg: ShareWeightsConfig) -> dict:
         """Fit the group at ``rank`` (basis), or tied at no more parameters when that is better;
         rewrite it and return its report row."""
         g.dec = self._decompose(g, stats, cfg)
@@ -256,9 +267,9 @@ class ShareWeightsPass(Pass):
         errs, biases, cost = scored[kind]
         if kind == "basis":
             shared, parts = g.dec.factors(rank)
-            name = emit_basis(graph, g, shared, parts, biases)
+            name = emit_basis(editor, g, shared, parts, biases)
         else:
-            name = emit_tie(graph, g, tie[0], tie[1], biases)
+            name = emit_tie(editor, g, tie[0], tie[1], biases)
         g.dec = None  # free the factors before the next group
         return {"role": g.role, "layers": g.layers, "mode": kind, "side": g.side if kind == "basis" else None,
                 "rank": int(rank if kind == "basis" else r_tie), "shape": [d_in, d_out],

@@ -173,10 +173,10 @@ inline float ExpAgainstReference(float* s, int64_t lds, int rows, int n16, const
 }
 
 // QK^T, then the exponentials in a second pass over the scores while they are still in L1
-// (6 rows x 128 keys, 3 KB). Folding exp2 into the QK^T tile's registers instead, as an earlier
-// version did, timed the same (A/B of the two libraries in one process, sequence 512) for
-// twice the code: with all 16 ymm registers holding accumulators, its polynomial constants
-// were re-read from the stack for every vector.
+// (6 rows x 128 keys, 3 KB). Folding exp2 into the QK^T tile's registers instead times the same
+// (A/B of the two libraries in one process, sequence 512) for twice the code: with all 16 ymm
+// registers holding accumulators, its polynomial constants are re-read from the stack for
+// every vector.
 bool QkExpAvx2(const float* q, int64_t ldq, int rows, const float* k_panels, int n, int head_size, float* ref_max,
                float* p, int64_t lds, float* row_sum) {
   const int panels = (n + kPanelWidth - 1) / kPanelWidth, n16 = panels * kPanelWidth;

@@ -38,9 +38,9 @@ def _need_library(target: str) -> None:
         pytest.skip("onnxpress op library not built: run `python -m onnxpress.runtime_ops build`")
 
 
-def _load(arch, past=False, exporter="optimum"):
+def _load(arch, past=False, exporter="optimum", attn="sdpa"):
     try:
-        path = tiny_model(arch, exporter, with_past=past)
+        path = tiny_model(arch, exporter, with_past=past, attn=attn)
     except Exception as exc:  # noqa: BLE001 - an exporter gap is not what these tests check
         pytest.skip(f"no tiny {exporter} export of {arch}: {type(exc).__name__}")
     model = load_model(path)

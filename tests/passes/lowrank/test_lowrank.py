@@ -336,3 +336,34 @@ def test_budget_beyond_the_selected_matrices_is_a_one_line_error():
     assert "\n" not in str(info.value)
     outcome = LowRankPass({"fraction": 0.2, "scope": "selected", "sequential": False, "include": ffn}).apply(model, ctx)
     assert outcome.details["fraction_saved"] == outcome.details["fraction_saved_of_selected"] >= 0.2
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_residual_add_found_for_pruning_and_lowrank(arch):
+    """One search finds where attention O / FFN down join the residual stream: pruning reads the
+    Add's output, the low-rank fit its other input (only when the Add reads the projection itself,
+    so not through GPT-2's Reshape); in ORT the Add's output is that stream plus the projection's."""
+    from onnxpress.activations import capture
+    from onnxpress.analysis.matrices import residual_add
+    from onnxpress.passes.lowrank.fit import residual_of
+    from onnxpress.passes.prune.scoring import residual_output
+
+    _, model = _tiny(arch, False)
+    ctx = random_token_context(model)
+    tmap = ctx.analysis(model)
+    matrices = {m.node.name: m for m in select_matrices(model, ["attn.o", "ffn.down"], tmap)}
+    triples = []
+    for layer in tmap.layers:
+        for lin in (layer.attention.o, layer.ffn.down):
+            join = residual_add(lin.output, layer.residual_adds)
+            assert join is not None and join.stream is not None
+            assert residual_output(lin, layer) is join.add.outputs[0]
+            direct = join.add in [node for node, _ in lin.output.uses()]
+            assert residual_of(matrices[lin.node.name]) is (join.stream if direct else None)
+            assert direct == (arch != "gpt2")
+            triples.append((lin.output.name, join.stream.name, join.add.outputs[0].name))
+    got = {}
+    names = sorted({n for t in triples for n in t})
+    capture(model, names, ctx.calibration.batches[:1], lambda name, array, feeds: got.__setitem__(name, array))
+    for out, stream, total in triples:
+        np.testing.assert_allclose(got[total], got[stream] + got[out].reshape(got[total].shape), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from onnxpress.passes.quantize.calibrate import (
     expected_mse,
     qparams_from_range,
 )
-from onnxpress.passes.quantize.capture import StatsCollector
+from onnxpress.passes.quantize.capture import TensorStats
 from onnxpress.passes.quantize.gptq import (
     BlockQuantizer,
     ChannelQuantizer,
@@ -163,12 +163,13 @@ def test_smoothed_stats_follow_from_the_raw_ones():
     rng = np.random.default_rng(10)
     x = _correlated_inputs(rng, 300, 16)
     s = rng.uniform(0.2, 5, 16).astype(np.float32)
-    raw, direct = StatsCollector(["x"], ["x"], 0), StatsCollector(["x"], ["x"], 0)
+    raw, direct = (TensorStats("x", gram=True, sample_rows=0) for _ in range(2))
     for chunk in np.array_split(x, 3):
-        raw.update("x", chunk, None)
-        direct.update("x", chunk / s, None)
-    derived, want = raw.stats["x"].scaled(s), direct.stats["x"]
-    np.testing.assert_allclose(derived.gram, want.gram, rtol=1e-5, atol=1e-6 * np.abs(want.gram).max())
+        raw.add(chunk)
+        direct.add(chunk / s)
+    derived, want = raw.scaled(s), direct
+    np.testing.assert_allclose(derived.gram.xtx, want.gram.xtx, rtol=1e-5, atol=1e-6 * np.abs(want.gram.xtx).max())
+    np.testing.assert_allclose(derived.gram.mean, want.gram.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(derived.absmax, want.absmax, rtol=1e-6)
     assert derived.hist.min == pytest.approx(want.hist.min, rel=1e-6)
     assert derived.hist.max == pytest.approx(want.hist.max, rel=1e-6)

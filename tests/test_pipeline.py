@@ -1,0 +1,272 @@
+"""The pass manager's promise: every stage is re-measured, and a stage that breaks it is refused.
+
+Test-only passes stand in for buggy ones (they rewrite a small MLP); each refusal must be
+one line naming the pass, through ``compile_model`` and through the command line, with no
+model and no report left behind. The end-to-end fidelity each stage reports against the
+input model is checked against a direct computation.
+"""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnxpress.pipeline
+from onnxpress.calibration import CalibrationSet
+from onnxpress.cli import main
+from onnxpress.compile import VERIFY_FRACTION, compile_model, report_path
+from onnxpress.datasets import sotu_files
+from onnxpress.errors import OnnxpressError
+from onnxpress.fidelity import FidelityMeter
+from onnxpress.model_io import load_model
+from onnxpress.pass_infra import Outcome, Pass, register_pass
+from onnxpress.pipeline import CompileContext, Pipeline, VerificationError
+from onnxpress.runtime import make_session, run_batches
+
+from graphs import mlp_model, save
+from tiny_models import tiny_model
+
+
+def _set_w2(model: ir.Model, change) -> None:
+    """Replace the MLP's second weight by ``change(w2)``."""
+    value = model.graph.initializers["w2"]
+    value.const_value = ir.tensor(change(value.const_value.numpy()).astype(np.float32), name="w2")
+
+
+def _noise(scale: float):
+    return lambda w: w + scale * np.abs(w).mean() * np.random.default_rng(0).standard_normal(w.shape)
+
+
+@register_pass
+class UnderReportingPass(Pass):
+    """Moves the outputs by about 5% and reports a tenth of that."""
+
+    name = "test_under_reports"
+
+    def apply(self, model, ctx):
+        _set_w2(model, _noise(0.05))
+        return Outcome(changes={"weights_changed": 1})
+
+    def run(self, model, ctx):
+        result = super().run(model, ctx)
+        result.error /= 10
+        return result
+
+
+@register_pass
+class UnsortedGraphPass(Pass):
+    """Moves a node after its consumers: ONNX Runtime sorts and runs it, the ONNX checker refuses it."""
+
+    name = "test_unsorted_graph"
+
+    def apply(self, model, ctx):
+        node = model.graph[1]  # MatMul x w1, read by the Add after it
+        model.graph.remove(node)
+        model.graph.append(node)
+        return Outcome(changes={"nodes_moved": 1})
+
+
+@register_pass
+class WrongInputTypePass(Pass):
+    """Feeds an int64 tensor to a float Add: ONNX Runtime cannot load the model."""
+
+    name = "test_wrong_input_type"
+
+    def apply(self, model, ctx):
+        add = next(n for n in model.graph if n.op_type == "Add")
+        cast = ir.node("Cast", [add.inputs[1]], attributes={"to": ir.DataType.INT64}, name="bad_cast")
+        model.graph.insert_before(add, cast)
+        add.replace_input_with(1, cast.outputs[0])
+        return Outcome(changes={"casts_added": 1})
+
+
+@register_pass
+class RuntimeFailurePass(Pass):
+    """Reshapes [batch, 8] to rows of 7: loads, then fails when run on any batch but a multiple of 7."""
+
+    name = "test_runtime_failure"
+
+    def apply(self, model, ctx):
+        div = next(n for n in model.graph if n.op_type == "Div")
+        sevens = ir.Value(name="sevens", const_value=ir.tensor(np.array([-1, 7], np.int64), name="sevens"))
+        eights = ir.Value(name="eights", const_value=ir.tensor(np.array([-1, 8], np.int64), name="eights"))
+        for value in (sevens, eights):
+            model.graph.register_initializer(value)
+        first = ir.node("Reshape", [div.inputs[0], sevens], name="to_sevens")
+        back = ir.node("Reshape", [first.outputs[0], eights], name="to_eights")
+        model.graph.insert_before(div, [first, back])
+        div.replace_input_with(0, back.outputs[0])
+        return Outcome(changes={"reshapes_added": 2})
+
+
+@register_pass
+class AlmostLosslessPass(Pass):
+    """Declares itself lossless but moves the outputs by 1e-4 (and reports it honestly)."""
+
+    name = "test_almost_lossless"
+    lossless = True
+
+    def apply(self, model, ctx):
+        _set_w2(model, lambda w: w * (1 + 1e-4))
+        return Outcome(changes={"weights_scaled": 1})
+
+
+@register_pass
+class HonestLossyPass(Pass):
+    """Moves the outputs by about 5% and reports it: accepted."""
+
+    name = "test_honest_lossy"
+
+    def apply(self, model, ctx):
+        _set_w2(model, _noise(0.05))
+        return Outcome(changes={"weights_changed": 1})
+
+
+# pass -> what its one-line refusal must say (besides the pass's name)
+REFUSALS = {
+    "test_under_reports": "reported an error of",
+    "test_unsorted_graph": "invalid ONNX model (Nodes in a graph must be topologically sorted",
+    "test_wrong_input_type": "ONNX Runtime cannot load (",
+    "test_runtime_failure": "ONNX Runtime cannot run (",
+    "test_almost_lossless": "is lossless, but the saved model is 0.0001 (relative L2)",
+}
+# the first line of ONNX Runtime's own message, quoted in the refusal
+ORT_WORDS = {"test_wrong_input_type": "Type Error", "test_runtime_failure": "Reshape"}
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    return save(mlp_model(), tmp_path / "mlp.onnx")
+
+
+def assert_nothing_written(out_dir):
+    assert sorted(p.name for p in out_dir.iterdir()) == [], "a refused compile must leave nothing behind"
+
+
+@pytest.mark.parametrize("bad", sorted(REFUSALS))
+def test_refused_through_compile_model(tmp_path, mlp, bad):
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "o.onnx"
+    with pytest.raises(VerificationError) as info:
+        compile_model(mlp, out, passes=["cleanup", bad], progress=False)
+    message = str(info.value)
+    assert message.startswith(f"pass {bad} ") and "\n" not in message, message
+    assert REFUSALS[bad] in message and ORT_WORDS.get(bad, "") in message, message
+    assert message.endswith("please report this bug; run without this pass meanwhile")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("bad", sorted(REFUSALS))
+def test_refused_through_the_command_line(capfd, tmp_path, mlp, bad):
+    (tmp_path / "out").mkdir()
+    code = main(["compile", str(mlp), "-o", str(tmp_path / "out" / "o.onnx"), "--passes", "cleanup", bad])
+    err = capfd.readouterr().err  # file-descriptor level: ONNX Runtime's own log lines would show here
+    assert code == 2
+    assert err.startswith(f"onnxpress: error: pass {bad} ") and err.count("\n") == 1, err
+    assert REFUSALS[bad] in err and "Traceback" not in err
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_an_honest_lossy_pass_is_accepted_and_measured_against_the_input(tmp_path, mlp):
+    out = tmp_path / "o.onnx"
+    report = compile_model(mlp, out, passes=["cleanup", "test_honest_lossy"], progress=False)
+    cleanup, lossy = report.passes
+    assert 0.01 < lossy.error and lossy.measured_error == pytest.approx(lossy.error, rel=0.02, abs=1e-6)
+    # no attention mask: the row cosine of the outputs, on the same synthetic batches
+    batches = CalibrationSet.synthetic(load_model(mlp), seed=0, model_dir=tmp_path).batches
+    meter = FidelityMeter.of_model(load_model(mlp), batches)
+    direct = meter.measure(run_batches(make_session(out), batches, meter.outputs))
+    assert lossy.vs_input["metric"] == "output cosine"
+    assert lossy.vs_input["cosine_mean"] == pytest.approx(direct.cosine_mean, abs=1e-6)
+    assert lossy.vs_input["cosine_mean"] < 0.9999
+    assert cleanup.vs_input["cosine_min"] == pytest.approx(1.0, abs=1e-6)  # cleanup is exact
+    assert report.fidelity == lossy.vs_input
+    saved = json.loads(report_path(out).read_text())
+    assert saved["fidelity"] == lossy.vs_input and saved["passes"][1]["vs_previous"]["rel_l2"] == lossy.error
+
+
+def test_each_stage_is_run_once_by_the_pass_and_once_by_the_manager(tmp_path, mlp, monkeypatch):
+    """The end-to-end fidelity comes from the outputs verification already has: no extra runs."""
+    sessions = []
+    real = onnxpress.pipeline.make_session
+    monkeypatch.setattr(onnxpress.pipeline, "make_session", lambda *a, **k: sessions.append(1) or real(*a, **k))
+    report = compile_model(mlp, tmp_path / "o.onnx", passes=["cleanup", "test_honest_lossy", "cleanup"],
+                           progress=False)
+    modified = sum(p.modified for p in report.passes)
+    assert modified == 2  # the second cleanup finds nothing and carries the stage before it
+    assert len(sessions) == 1 + 2 * modified  # the input's reference run, then measure + verify per stage
+    assert report.passes[2].vs_input == report.passes[1].vs_input
+
+
+def test_without_verification_each_stage_is_still_measured_against_the_previous_one(tmp_path, mlp):
+    passes = ["test_honest_lossy", "test_almost_lossless"]
+    checked = compile_model(mlp, tmp_path / "a.onnx", passes=passes[:1], progress=False)
+    unchecked = compile_model(mlp, tmp_path / "b.onnx", passes=passes, verify=False, progress=False)
+    assert all(p.measured_error is None for p in unchecked.passes)
+    assert unchecked.passes[0].vs_input == checked.passes[0].vs_input
+    # the second pass is compared with the first one's model, not with the input
+    assert unchecked.passes[1].error == pytest.approx(1e-4, rel=0.05)
+    assert "no " in unchecked.format_table().splitlines()[-1]
+
+
+def test_a_pass_that_fails_for_a_user_reason_is_not_called_a_bug(tmp_path, mlp):
+    with pytest.raises(OnnxpressError, match="need calibration data") as info:
+        compile_model(mlp, tmp_path / "o.onnx", passes=["cleanup", "lowrank"], progress=False)
+    assert not isinstance(info.value, VerificationError)
+
+
+def test_compile_analyses_the_input_model_once(tmp_path, monkeypatch):
+    import onnxpress.analysis
+
+    analysed = []
+    real = onnxpress.analysis.analyze
+    monkeypatch.setattr(onnxpress.analysis, "analyze", lambda model: analysed.append(id(model)) or real(model))
+    src = tiny_model("bert")
+    compile_model(src, tmp_path / "o.onnx", passes=["attention"], progress=False)  # check_applicable
+    assert len(analysed) == 1
+    # select_passes (optional attention) and check_applicable (the attention pass needs it): one map
+    compile_model(src, tmp_path / "o.onnx", recipe="lossless", progress=False)
+    assert len(analysed) == 2
+
+
+def _held_out(src):
+    """The held-out batches compile_model verifies on with CALIB below, rebuilt the same way."""
+    calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=32,
+                                      batch_size=8, max_samples=48, seed=0)
+    return calib.split(VERIFY_FRACTION)[1].batches
+
+
+CALIB = dict(calib=["sotu"], max_samples=48, max_length=32, threads=1, progress=False)
+
+
+@pytest.mark.parametrize("arch, metric", [("bert", "embedding cosine"), ("llama", "perplexity")])
+def test_report_fidelity_is_the_models_own_measure_on_the_held_out_samples(tmp_path, arch, metric):
+    src = tiny_model(arch, with_past=arch == "llama")
+    out = tmp_path / "o.onnx"
+    report = compile_model(src, out, recipe="balanced", **CALIB)
+    batches = _held_out(src)
+    meter = FidelityMeter.of_model(load_model(src), batches, threads=1)
+    direct = meter.measure(run_batches(make_session(out, threads=1), batches, meter.outputs))
+    fid = report.fidelity
+    assert fid["metric"] == metric and fid["samples"] == meter.samples == 7
+    assert report.verified_on == "7 held-out calibration samples"
+    assert fid["loss"] == pytest.approx(direct.loss, rel=1e-3, abs=1e-7) and fid["loss"] > 0
+    table = report.format_table()
+    assert "rel L2" not in table and "vs input" in table
+    if metric == "perplexity":
+        assert fid["perplexity_change"] == fid["loss"]
+        assert f"perplexity {100 * fid['perplexity_change']:+.2f}%" in table
+    else:
+        assert fid["cosine_mean"] == pytest.approx(1 - fid["loss"])
+        assert f"embedding cosine {fid['cosine_mean']:.4f} mean / {fid['cosine_min']:.4f} min" in table
+    # exact stages report the input's own measure
+    assert report.passes[0].vs_input["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_check_applicable_uses_the_contexts_analysis(mlp):
+    model = load_model(mlp)
+    ctx = CompileContext(verification=[])
+    pipeline = Pipeline([UnderReportingPass()], progress=False)
+    pipeline.check_applicable(model, ctx)  # no pass needs attention: nothing analysed
+    assert ctx._analysis is None
