@@ -1,11 +1,13 @@
 """Accuracy-budgeted automatic compression: ``onnxpress compile MODEL --budget 0.01``.
 
-**Fidelity loss** (what ``budget`` bounds) is measured on the held-out split of the
-calibration data (``compile.VERIFY_FRACTION`` of it, never used to fit anything)
-against the uncompressed model, and a candidate **fits** when the upper end of the loss's
-confidence interval (mean + ``CONFIDENCE_Z`` standard errors over the held-out samples)
-is within the budget: the split is a few dozen samples, and a mean just under the budget
-there lands over it on other text as often as not:
+**Fidelity loss** (what ``budget`` bounds) is measured against the uncompressed model on
+the held-out split of the calibration data (``compile.VERIFY_FRACTION`` of it, never used
+to fit anything) and, with named calibration data, on as many held-out samples of the
+corpus the calibration never drew from: structured compression fitted on one domain loses
+more on another, so a candidate is judged by the worse of the two. A candidate **fits**
+when the upper end of that loss's confidence interval (mean + ``CONFIDENCE_Z`` standard
+errors over the samples) is within the budget: a split is a few dozen samples, and a mean
+just under the budget there lands over it on other text as often as not:
 
 - encoders: ``1 - mean cosine`` of the sentence embeddings (first output, mean-pooled
   over the attention mask), the measure the packaged recipes are described by; a model
@@ -18,25 +20,27 @@ there lands over it on other text as often as not:
 **Search** (greedy; every step starts from the model the previous accepted step left,
 so statistics already paid for are not recomputed from the original):
 
-1. exact base: ``cleanup`` and, where attention is recognised, exact attention substitution;
+1. base: ``cleanup``; every candidate is measured with exact attention substitution
+   applied last (where attention is recognised), as distillation needs the decomposed graph;
 2. the last-stage family (``quantize``) alone on the base gives its loss ``L_q``; when
    ``L_q`` exceeds the budget the quantize pass's own sensitivity search keeps the
    most sensitive MatMuls in float (the "layers left untouched");
 3. each structural family in turn (latency: ``prune_ffn``, ``prune_heads``; size:
-   ``lowrank``, ``prune_ffn``) gets a few probes of its strength: the first at a low
-   strength, the next ones interpolated on a power-law fit of loss against strength
-   (a secant search, not a grid); a probe fits when its loss bound plus ``L_q`` is
-   within the budget, and the strongest fitting probe becomes the new current model;
-4. the structural model plus quantize is measured; if it is over budget the last
+   ``lowrank``, ``prune_ffn``) gets a few probes of its strength, each probe the structural
+   step followed by ``distill`` (when the calibration is text: one candidate, recovered
+   towards the original): the first at a low strength, the next ones interpolated on a
+   power-law fit of loss against strength (a secant search, not a grid); a probe fits when
+   its loss bound plus ``L_q`` is within the budget, and the strongest fitting probe
+   becomes the stage the next family starts from;
+4. the structural stage plus quantize is measured; if it is over budget the last
    structural step is halved and measured again.
 
 Every measured candidate goes into the trace. Of those within the budget, the one returned
 is the most faithful (lowest loss) among those within ``MIN_GAIN`` (5%) of the best by the
 objective (``latency``: median wall time of the held-out batches, the candidates that fit
 re-timed round-robin at the end; ``size``: serialised bytes): a structural step that buys
-only noise-level speed is not worth its fidelity. On MiniLM (budget 0.01, 2 ORT threads) one
-search took 166 s of wall time with nothing else running; the ``max_seconds`` guard stops
-probing early and keeps the final measurement.
+only noise-level speed is not worth its fidelity. The ``max_seconds`` guard stops probing
+early and keeps the final measurement.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ QUANTIZE = {
     ("decoder", "size"): {"mode": "weight_only", "bits": 4, "block_size": 32},
 }
 PROBES_PER_FAMILY = 3
+# Distillation after each structural probe: shorter than the pass's default, as every probe pays it.
+PROBE_DISTILL = {"steps": 300, "max_minutes": 4.0}
 # Calibration batches a structural probe uses (statistics on fewer batches: faster probes).
 PROBE_BATCHES = 8
 FIRST_PROBE = 0.25  # of the family's largest strength
@@ -89,9 +95,10 @@ MIN_GAIN = 0.05
 class SearchSettings:
     budget: float
     objective: str = "latency"
-    max_seconds: float = 540.0  # stop probing after this; the final measurement still runs
+    max_seconds: float = 1800.0  # stop probing after this; the final measurement still runs
     families: list[str] | None = None  # structural families to try (default: by objective)
     probes_per_family: int = PROBES_PER_FAMILY
+    distill: bool = True  # each structural probe is recovered by distillation (when there is text)
 
     def __post_init__(self) -> None:
         check_budget(self.budget, self.objective)
@@ -121,13 +128,15 @@ class Candidate:
 
     label: str
     steps: list[dict[str, Any]]  # [{"pass": name, "settings": {...}}] applied to the original model
-    loss: float
-    loss_bound: float  # mean + CONFIDENCE_Z standard errors over the held-out samples
+    loss: float  # the larger of the domains' mean losses
+    loss_bound: float  # the larger of the domains' mean + CONFIDENCE_Z standard errors
     latency_ms: float
     size_bytes: int
     fits: bool
     seconds: float
     compressed: bool  # smaller than the exact base (a lossy pass that kept everything float is not)
+    # per measured domain ("calibration": its held-out split; "unseen": a domain it never saw): (loss, bound)
+    domains: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +161,7 @@ class SearchResult:
             "chosen": self.chosen.label,
             "chosen_loss": self.chosen.loss,
             "chosen_loss_bound": self.chosen.loss_bound,
+            "chosen_domains": self.chosen.domains,
             "fits": f"mean + {CONFIDENCE_Z:g} standard errors of the loss within the budget",
             "seconds": round(self.seconds, 1),
             "notes": self.notes,
@@ -182,6 +192,7 @@ class _Search:
         self.ctx, self.settings, self.kind, self.progress = ctx, settings, kind, progress
         self.start = time.perf_counter()
         self.meter = FidelityMeter.of_model(model, ctx.verification, kind=kind, threads=ctx.threads)
+        self.unseen = FidelityMeter.of_model(model, ctx.unseen, kind=kind, threads=ctx.threads) if ctx.unseen else None
         self.trace: list[Candidate] = []
         self.models: dict[int, tuple[ir.Model, list[PassReport]]] = {}
         self.notes: list[str] = []
@@ -195,21 +206,27 @@ class _Search:
         """A copy of ``model`` with ``steps`` run on it (verified by the pass manager)."""
         model = copy_model(model)
         passes = [build_pass(name, settings) for name, settings in steps]
+        c = self.ctx
         ctx = CompileContext(
-            verification=self.ctx.verification, calibration=self.ctx.calibration,
-            tokenizer_dir=self.ctx.tokenizer_dir, seed=self.ctx.seed, threads=self.ctx.threads,
-            input_fidelity=self.meter,
+            verification=c.verification, calibration=c.calibration, tokenizer_dir=c.tokenizer_dir, seed=c.seed,
+            threads=c.threads, input_fidelity=self.meter, original=c.original, named_text=c.named_text,
+            text_files=c.text_files, unseen=c.unseen, unseen_fidelity=self.unseen,
         )
         t0 = time.perf_counter()
         new = Pipeline(passes, verify=True, progress=False).run(model, ctx)
-        self.last_apply_seconds = time.perf_counter() - t0
+        self.last_apply_seconds += time.perf_counter() - t0
         return model, results + new
 
     def evaluate(self, label: str, model: ir.Model, results: list[PassReport]) -> Candidate:
         t0 = time.perf_counter()
         outputs, ms = timed_outputs(model, self.meter, self.ctx.threads)
-        fid = self.meter.measure(outputs)
-        loss, bound = fid.loss, fid.loss_bound
+        domains = {"calibration": self.meter.measure(outputs)}
+        if self.unseen is not None:
+            unseen_outputs = run_batches(make_session(model, threads=self.ctx.threads), self.unseen.batches,
+                                         self.unseen.outputs)
+            domains["unseen"] = self.unseen.measure(unseen_outputs)
+        loss = max(f.loss for f in domains.values())
+        bound = max(f.loss_bound for f in domains.values())
         cand = Candidate(
             label=label,
             steps=[{"pass": r.name, "settings": _changed_settings(r)} for r in results],
@@ -220,7 +237,9 @@ class _Search:
             fits=bound <= self.settings.budget,
             seconds=round(time.perf_counter() - t0 + self.last_apply_seconds, 1),
             compressed=False,
+            domains={k: [f.loss, f.loss_bound] for k, f in domains.items()},
         )
+        self.last_apply_seconds = 0.0
         cand.compressed = self.base_size is not None and cand.size_bytes < COMPRESSED * self.base_size
         self.base_size = self.base_size or cand.size_bytes
         self.trace.append(cand)
@@ -234,6 +253,16 @@ class _Search:
         return cand.latency_ms if self.settings.objective == "latency" else cand.size_bytes
 
 
+@dataclass
+class _Stage:
+    """A model the structural steps build on: decomposed attention (distillation runs on it),
+    its pass rows, and the (family, strength) steps taken to reach it."""
+
+    model: ir.Model
+    results: list[PassReport]
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+
 def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, kind: str = "encoder",
            progress: bool = False) -> SearchResult:
     """The best model within ``settings.budget``; see the module docstring."""
@@ -242,51 +271,53 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
     s = _Search(model, ctx, settings, kind, progress)
     budget = settings.budget
     has_attention = ctx.analysis(model).has_attention
-    base_steps = [("cleanup", {})] + ([("attention", {"target": "onnxruntime"})] if has_attention else [])
-    base_model, base_results = s.apply(model, [], base_steps)
-    base = s.evaluate("exact base (" + " + ".join(n for n, _ in base_steps) + ")", base_model, base_results)
+    finish = [("attention", {"target": "onnxruntime"})] if has_attention else []  # exact, applied last
+    if ctx.original is None:
+        ctx.original = model.clone()  # distillation's teacher
+    base = _Stage(*s.apply(model, [], [("cleanup", {})]))
+    exact = s.evaluate("exact base (" + " + ".join(["cleanup", *(n for n, _ in finish)]) + ")",
+                       *s.apply(base.model, base.results, finish))
 
     # 2. the last stage alone: its loss is what the structural families must leave room for.
     q_settings = dict(QUANTIZE[(kind, settings.objective)])
-    quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
+    quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base.model, base.results, [*finish, ("quantize", q_settings)]))
     if not quant.fits and q_settings.get("mode") != "weight_only":
         metric = "perplexity" if kind == "decoder" else "cosine"  # the search's own loss, where it can
         q_settings = {**q_settings, "budget": budget / 2, "budget_metric": metric}
-        quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base_model, base_results, [("quantize", q_settings)]))
+        quant = s.evaluate("quantize " + _fmt(q_settings),
+                           *s.apply(base.model, base.results, [*finish, ("quantize", q_settings)]))
     quant_loss = quant.loss if quant.fits else 0.0
-    use_quant = quant.fits
 
-    # 3. structural families, each from the model the previous one accepted.
+    # 3. structural families (each recovered by distillation), from the stage the previous one accepted.
+    distill = _distill_settings(s)
+    stages = [base]
     families = [(f, hi) for f, hi in STRUCTURAL[settings.objective] if settings.families is None or f in settings.families]
-    current, current_results, steps_taken = base_model, base_results, []
-    analysis = ctx.analysis(base_model)
     for family, top in families:
-        if family.startswith("prune_") and not analysis.has_attention:
+        if family.startswith("prune_") and not has_attention:
             s.notes.append(f"{family}: skipped, no transformer layers recognised")
             continue
-        accepted = _probe_family(s, family, top, current, current_results, budget - quant_loss)
+        accepted = _probe_family(s, family, top, stages[-1], budget - quant_loss, distill, finish)
         if accepted is not None:
-            cand, strength = accepted
-            current, current_results = s.models[id(cand)]
-            steps_taken.append((family, strength))
+            stages.append(accepted)
 
     # 4. structural + quantize, backing off the last structural step while over budget.
-    if use_quant and steps_taken:
+    if quant.fits and len(stages) > 1:
         for _ in range(2):
-            label = " + ".join(f"{f} {v:g}" for f, v in steps_taken) + " + quantize"
-            combo = s.evaluate(label, *s.apply(current, current_results, [("quantize", q_settings)]))
+            stage = stages[-1]
+            label = " + ".join(f"{f} {v:g}" for f, v in stage.steps) + (" + distill" if distill else "") + " + quantize"
+            combo = s.evaluate(label, *s.apply(stage.model, stage.results, [*finish, ("quantize", q_settings)]))
             if combo.fits or s.elapsed() > settings.max_seconds:
                 break
-            family, strength = steps_taken.pop()
-            strength = round(strength / 2, 3)
-            prev = current_results[:-1]
-            prev_model = _model_before_last(s, base_model, prev)
-            current, current_results = s.apply(prev_model, prev, [(family, _strength_settings(family, strength))])
-            steps_taken.append((family, strength))
+            family, strength = stage.steps[-1]
+            stages.pop()
+            prev = stages[-1]
+            halved = round(strength / 2, 3)
+            stages.append(_Stage(*s.apply(prev.model, prev.results, _structural_steps(family, halved, distill)),
+                                 [*prev.steps, (family, halved)]))
 
     fitting = [c for c in s.trace if c.fits and c.compressed]
     if not fitting:
-        mildest = min((c for c in s.trace if c.compressed), key=lambda c: c.loss_bound, default=base)
+        mildest = min((c for c in s.trace if c.compressed), key=lambda c: c.loss_bound, default=exact)
         raise OnnxpressError(
             f"no compression fits --budget {budget:g}: the mildest candidate ({mildest.label}) lost {mildest.loss:.3g} "
             f"(bound {mildest.loss_bound:.3g}); raise --budget to at least {mildest.loss_bound:.2g} or use --recipe lossless"
@@ -295,8 +326,25 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
         _time_together(s, fitting)
     chosen = _most_faithful_near_best(fitting, s.cost)
     chosen_model, chosen_results = s.models[id(chosen)]
+    where = "the held-out calibration split" + (" and held-out samples of a domain the calibration never saw"
+                                                 if s.unseen is not None else "")
     return SearchResult(chosen_model, chosen_results, chosen, s.trace, settings,
-                        f"{s.meter.definition} on the held-out calibration split", s.elapsed(), s.notes)
+                        f"{s.meter.definition} on {where} (the larger of the two)" if s.unseen else
+                        f"{s.meter.definition} on {where}", s.elapsed(), s.notes)
+
+
+def _distill_settings(s: _Search) -> dict[str, Any] | None:
+    """Distillation after each structural probe, or None (switched off, or no text to train on)."""
+    if not s.settings.distill:
+        return None
+    if s.ctx.named_text is None and not s.ctx.text_files:
+        s.notes.append("structural probes are not distilled: the calibration data holds no text to train on")
+        return None
+    return dict(PROBE_DISTILL)
+
+
+def _structural_steps(family: str, strength: float, distill: dict | None) -> list[tuple[str, dict]]:
+    return [(family, _strength_settings(family, strength)), *([("distill", distill)] if distill else [])]
 
 
 def _most_faithful_near_best(candidates: list[Candidate], cost) -> Candidate:
@@ -319,8 +367,10 @@ def _time_together(s: _Search, candidates: list[Candidate]) -> None:
     s.notes.append(f"latency_ms of the {len(candidates)} candidates within the budget: timed round-robin at the end")
 
 
-def _probe_family(s: _Search, family: str, top: float, model, results, room: float):
-    """Secant search of ``family``'s strength on ``model``: the strongest probe whose loss bound fits ``room``."""
+def _probe_family(s: _Search, family: str, top: float, stage: _Stage, room: float, distill: dict | None,
+                  finish: list[tuple[str, dict]]) -> _Stage | None:
+    """Secant search of ``family``'s strength on ``stage``: the stage the strongest probe whose loss
+    bound fits ``room`` reaches (each probe measured with ``finish`` applied), or None."""
     lo, lo_loss = 0.0, 0.0  # strongest strength that fits (0: nothing yet) and its loss
     hi, hi_loss = None, None  # weakest strength that does not fit
     best = None
@@ -329,19 +379,20 @@ def _probe_family(s: _Search, family: str, top: float, model, results, room: flo
         if s.elapsed() > s.settings.max_seconds:
             s.notes.append(f"{family}: probing stopped at the {s.settings.max_seconds:.0f}s limit")
             break
-        settings = _strength_settings(family, strength)
+        steps = _structural_steps(family, strength, distill)
         try:
-            m, r = s.apply(model, results, [(family, settings)])
+            probe = _Stage(*s.apply(stage.model, stage.results, steps), [*stage.steps, (family, strength)])
+            cand = s.evaluate(f"{family} {_fmt(steps[0][1])}" + (" + distill" if distill else ""),
+                              *s.apply(probe.model, probe.results, finish))
         except OnnxpressError as exc:
-            s.notes.append(f"{family} {_fmt(settings)}: {exc}")
+            s.notes.append(f"{family} {_fmt(steps[0][1])}: {exc}")
             break
-        cand = s.evaluate(f"{family} {_fmt(settings)}", m, r)
         if cand.loss_bound <= room:
-            lo, lo_loss, best = strength, cand.loss_bound, (cand, strength)
+            lo, lo_loss, best = strength, cand.loss_bound, probe
         else:
             hi, hi_loss = strength, cand.loss_bound
         nxt = _next_strength(lo, lo_loss, hi, hi_loss, room, top)
-        if nxt is None or abs(nxt - strength) < 0.01 or (best and abs(nxt - best[1]) < 0.01):
+        if nxt is None or abs(nxt - strength) < 0.01 or (best and abs(nxt - lo) < 0.01):
             break
         strength = nxt
     return best
@@ -369,14 +420,6 @@ def _strength_settings(family: str, strength: float) -> dict[str, Any]:
     if family == "lowrank":
         return {"fraction": strength, "max_batches": PROBE_BATCHES}
     raise OnnxpressError(f"the search has no strength for pass {family!r}: use prune_ffn, prune_heads or lowrank")
-
-
-def _model_before_last(s: _Search, base_model, results_prefix):
-    """The measured model whose pass results are exactly ``results_prefix`` (or the base)."""
-    for model, results in s.models.values():
-        if len(results) == len(results_prefix) and all(a is b for a, b in zip(results, results_prefix, strict=True)):
-            return model
-    return base_model
 
 
 def _changed_settings(result: PassReport) -> dict[str, Any]:

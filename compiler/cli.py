@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        "calibration data (1 - cosine for encoders, relative perplexity increase for decoders), e.g. 0.01")
     p.add_argument("--objective", choices=["latency", "size"], default="latency",
                    help="what --budget minimises (default: latency)")
-    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration data: text/JSONL files or folders, one .npz, or 'sotu' (the shared SOTU calibration split)")
+    p.add_argument("--calib", nargs="+", metavar="PATH",
+                   help="calibration data: text/JSONL files or folders, one .npz, or shared data by name: sotu, bbc, "
+                   "default (both; every compile is also measured on the corpus its calibration did not use)")
     p.add_argument("--tokenizer", help="tokenizer folder for text calibration (default: the model's folder)")
     p.add_argument("--max-samples", type=int, help="calibration samples to use")
     p.add_argument("--seq-len", type=int, help="calibration sequence length (tokens)")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxpress.datasets import TOKENIZER_FILES, describe_split, find_tokenizer_dir, sotu_files
+from onnxpress import datasets
+from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
 from onnxpress.model_io import load_model, save_model
@@ -28,8 +29,6 @@ from onnxpress.report import CompileReport
 DEFAULT_RECIPE = "balanced"
 # What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
 NO_CALIBRATION_RECIPE = "lossless"
-# `--calib sotu`: the calibration split of the shared SOTU speeches (disjoint from evaluation).
-NAMED_CALIBRATION = "sotu"
 DEFAULT_MAX_SAMPLES = 256
 # Samples held back from the calibration data to verify each stage.
 VERIFY_FRACTION = 0.15
@@ -84,6 +83,8 @@ def load_calibration(
     batch_size: int,
     seed: int,
 ):
+    """The calibration set ``--calib`` names: one .npz, text files or folders, or named data
+    (``sotu``, ``bbc``, ``default``: the calibration splits of the shared corpora)."""
     from onnxpress.calibration import CalibrationSet
 
     if not calib:
@@ -91,15 +92,37 @@ def load_calibration(
     paths = [Path(p) for p in calib]
     if len(paths) == 1 and paths[0].suffix == ".npz":
         return CalibrationSet.from_npz(paths[0], model)
-    source = None
-    if [str(p) for p in paths] == [NAMED_CALIBRATION] and not paths[0].exists():
-        paths, source = sotu_files("calibration"), describe_split("calibration")
     if tokenizer_dir is None:
         raise OnnxpressError("text calibration needs a tokenizer: pass --tokenizer DIR (the exported model's folder)")
-    return CalibrationSet.from_files(
-        paths, tokenizer_dir, model, max_length=max_length, batch_size=batch_size, max_samples=max_samples,
-        seed=seed, **({"source": source} if source else {}),
-    )
+    options = dict(max_length=max_length, batch_size=batch_size, max_samples=max_samples, seed=seed)
+    named = named_data(calib)
+    if named is not None:
+        texts, source = datasets.named_texts(named, "calibration", 4 * max_length)
+        return CalibrationSet.from_texts(texts, tokenizer_dir, model, source=source, **options)
+    return CalibrationSet.from_files(paths, tokenizer_dir, model, **options)
+
+
+def named_data(calib: Sequence[str | os.PathLike] | None) -> str | None:
+    """The name of the shared data ``--calib`` asks for (a name that is not a path), else None."""
+    if calib and len(calib) == 1 and str(calib[0]) in datasets.NAMED_CALIBRATIONS and not Path(calib[0]).exists():
+        return str(calib[0])
+    return None
+
+
+def unseen_domain_batches(named: str | None, model, tokenizer_dir: Path | None, samples: int, *, max_length: int,
+                          batch_size: int, seed: int):
+    """Held-out samples of the corpus a named calibration never drew from (its calibration split,
+    disjoint from every evaluation split), or None: every stage is also measured on them."""
+    from onnxpress.calibration import CalibrationSet
+
+    corpus = datasets.unseen_corpus(named) if named is not None else None
+    if corpus is None or tokenizer_dir is None or samples < 1:
+        return None
+    texts, source = datasets.named_texts(corpus, "calibration", 4 * max_length)
+    unseen = CalibrationSet.from_texts(texts, tokenizer_dir, model, max_length=max_length, batch_size=batch_size,
+                                       max_samples=samples, seed=seed, source=source)
+    unseen.source = f"{unseen.num_samples} samples of the {source}"
+    return unseen
 
 
 def compile_model(
@@ -120,7 +143,7 @@ def compile_model(
     progress: bool = True,
     budget: float | None = None,
     objective: str = "latency",
-    search_seconds: float = 540.0,
+    search_seconds: float = 1800.0,
 ) -> CompileReport:
     """Compile ``model`` with a recipe, a pass list, or (``budget``) the automatic search.
 
@@ -143,6 +166,8 @@ def compile_model(
         max_length=max_length or plan.calibration.get("max_length", 128),
     )
     verified_on = _split_calibration(ctx, calibration, ir_model, src)
+    _set_text_sources(ctx, calib, ir_model, batch_size=batch_size, seed=seed,
+                      max_length=max_length or plan.calibration.get("max_length", 128))
     if budget is None:
         results, extra = pipeline.run(ir_model, ctx), {}
     else:
@@ -152,7 +177,8 @@ def compile_model(
     report = CompileReport(
         model=str(src), output=str(out), recipe=plan.name,
         calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
-        passes=results, size_before=_file_size(src), verified_on=verified_on, extra=extra,
+        passes=results, size_before=_file_size(src), verified_on=verified_on, unseen_on=ctx.unseen_source,
+        extra=extra,
     )
     _save_with_report(ir_model, out, report, external_data=external_data, start=start)
     return report
@@ -211,6 +237,20 @@ def _split_calibration(ctx: CompileContext, calibration, model: ir.Model, src: P
     synthetic = CalibrationSet.synthetic(model, seed=ctx.seed, model_dir=src.parent)
     ctx.verification = synthetic.batches
     return f"{synthetic.num_samples} synthetic samples"
+
+
+def _set_text_sources(ctx: CompileContext, calib, model: ir.Model, *, max_length: int, batch_size: int,
+                      seed: int) -> None:
+    """Where the calibration text came from (distillation trains on more of it) and, for named
+    data, held-out samples of the domain it never saw, as many as the verification samples."""
+    ctx.named_text = named_data(calib)
+    if ctx.named_text is None and calib and not (len(calib) == 1 and Path(calib[0]).suffix == ".npz"):
+        ctx.text_files = [Path(p) for p in calib]
+    samples = sum(next(iter(b.values())).shape[0] for b in ctx.verification) if ctx.calibration else 0
+    unseen = unseen_domain_batches(ctx.named_text, model, ctx.tokenizer_dir, samples, max_length=max_length,
+                                   batch_size=batch_size, seed=seed)
+    if unseen is not None:
+        ctx.unseen, ctx.unseen_source = unseen.batches, unseen.source
 
 
 def _search(model: ir.Model, ctx: CompileContext, budget: float, objective: str, seconds: float, progress: bool):

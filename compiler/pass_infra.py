@@ -98,24 +98,16 @@ def _coerce(pass_name: str, key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, bool):
             bad("true or false")
         return value
-    if annotation is int:
+    if annotation in (int, float):
+        expected = "an integer" if annotation is int else "a number"
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = annotation(value)
             except ValueError:
-                bad("an integer")
-        if isinstance(value, bool) or not isinstance(value, int):
-            bad("an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                bad("a number")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            bad("a number")
-        return float(value)
+                bad(expected)
+        if isinstance(value, bool) or not isinstance(value, int if annotation is int else int | float):
+            bad(expected)
+        return annotation(value)
     if annotation is str:
         if not isinstance(value, str):
             bad("a string")
@@ -163,6 +155,7 @@ class PassReport:
     measured_error: float | None = None  # the same, re-measured by the pass manager on the saved model
     vs_previous: dict[str, float] = field(default_factory=dict)
     vs_input: dict[str, Any] = field(default_factory=dict)
+    vs_unseen: dict[str, Any] = field(default_factory=dict)  # the same on a domain the calibration never saw
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)

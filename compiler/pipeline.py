@@ -66,8 +66,14 @@ class CompileContext:
     output_names: list[str] = field(default_factory=list)
     # the compile's input model, as it was before the first pass (distillation's teacher)
     original: ir.Model | None = None
-    # the text files the calibration data was read from (None: an .npz or synthetic data)
+    # the text the calibration data was read from: named shared data ("sotu", "bbc", "default"),
+    # or the user's text files (both None: an .npz or synthetic data)
+    named_text: str | None = None
     text_files: list[Path] | None = None
+    # held-out samples of a domain the calibration never saw, measured like the verification ones
+    unseen: list[dict[str, np.ndarray]] = field(default_factory=list)
+    unseen_source: str = ""
+    unseen_fidelity: FidelityMeter | None = None
     # measures a stage's outputs against the compile's input model; set by the first Pipeline.run
     input_fidelity: FidelityMeter | None = None
     _analysis: tuple[ir.Model, TransformerMap] | None = field(default=None, repr=False)
@@ -176,10 +182,12 @@ class Pipeline:
             ctx.reference = ctx.run(model)
         if ctx.input_fidelity is None:
             ctx.input_fidelity = FidelityMeter(ctx.reference, ctx.verification, model_kind(model), ctx.output_names)
+        if ctx.unseen and ctx.unseen_fidelity is None:
+            ctx.unseen_fidelity = FidelityMeter.of_model(model, ctx.unseen, threads=ctx.threads)
         if ctx.original is None and any(p.needs_original for p in self.passes):
             ctx.original = model.clone()
         results = []
-        vs_input = None  # the current stage's fidelity against the input model
+        vs_input = vs_unseen = None  # the current stage's fidelity against the input model
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
             bar.set_postfix_str(p.name)
@@ -190,7 +198,8 @@ class Pipeline:
                 vs_input = None
             if vs_input is None:
                 vs_input = self._vs_input(ctx, p.name)
-            result.vs_input = vs_input
+                vs_unseen = self._vs_unseen(model, ctx)
+            result.vs_input, result.vs_unseen = vs_input, vs_unseen
             results.append(result)
         return results
 
@@ -203,6 +212,14 @@ class Pipeline:
             raise VerificationError(
                 f"pass {pass_name} changed the shape of the outputs compared with the input model: {REPORT_BUG}"
             ) from None
+
+    @staticmethod
+    def _vs_unseen(model: ir.Model, ctx: CompileContext) -> dict:
+        """The current stage against the input model on the unseen domain's samples ({}: none)."""
+        meter = ctx.unseen_fidelity
+        if meter is None:
+            return {}
+        return meter.measure(ctx.run(model, meter.batches, meter.outputs)).to_dict()
 
     def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassReport, *, lossless: bool):
         """The checker, a fresh ORT session of the saved model, and its error against the

@@ -31,6 +31,7 @@ class CompileReport:
     size_after: int = 0
     seconds: float = 0.0
     verified_on: str = ""  # the samples every stage was verified and measured on
+    unseen_on: str = ""  # held-out samples of a domain the calibration never saw (named data only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -46,11 +47,16 @@ class CompileReport:
         """The output model against the input model (``TaskFidelity.to_dict``), or {} when not measured."""
         return self.passes[-1].vs_input if self.passes else {}
 
+    @property
+    def fidelity_unseen(self) -> dict[str, Any]:
+        """The same on the unseen domain's samples ({} without them)."""
+        return self.passes[-1].vs_unseen if self.passes else {}
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passes"] = [p.to_dict() for p in self.passes]
         data["params_before"], data["params_after"] = self.params_before, self.params_after
-        data["fidelity"] = self.fidelity
+        data["fidelity"], data["fidelity_unseen"] = self.fidelity, self.fidelity_unseen
         return data
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -68,7 +74,9 @@ class CompileReport:
         return path
 
     def format_table(self) -> str:
-        header = ["pass", "weights", "params", "MACs/token", "vs input", "verified", "time", "changed"]
+        unseen = bool(self.fidelity_unseen)
+        header = ["pass", "weights", "params", "MACs/token", "vs input", *(["unseen domain"] if unseen else []),
+                  "verified", "time", "changed"]
         rows = [header]
         for p in self.passes:
             changes = ", ".join(f"{k} {v}" for k, v in p.changes.items() if v) or "nothing"
@@ -79,6 +87,7 @@ class CompileReport:
                 f"{_si(p.params_before)} -> {_si(p.params_after)}",
                 f"{_si(p.macs_before)} -> {_si(p.macs_after)}",
                 describe_fidelity(p.vs_input),
+                *([describe_fidelity(p.vs_unseen)] if unseen else []),
                 verified,
                 f"{p.seconds:.1f}s",
                 changes,
@@ -96,17 +105,17 @@ class CompileReport:
         return summary + "\n" + "\n".join(lines) + notes + self._format_search()
 
     def _format_fidelity(self) -> str:
-        """The whole compile's fidelity line, e.g. 'fidelity vs input: embedding cosine 0.9958 mean / ...'."""
+        """The whole compile's fidelity lines, e.g. 'fidelity vs input on ...: embedding cosine 0.9958 mean / ...',
+        and the same on the unseen domain when it was measured."""
         fid = self.fidelity
         if not fid:
             return "fidelity vs input: not measured"
         where = f" on {self.verified_on}" if self.verified_on else f" on {fid['samples']} samples"
-        if "perplexity_change" in fid:
-            value = (f"perplexity {_percent(fid['perplexity_change'])} "
-                     f"({fid['perplexity_reference']:.4g} -> {fid['perplexity']:.4g})")
-        else:
-            value = f"{fid['metric']} {fid['cosine_mean']:.4f} mean / {fid['cosine_min']:.4f} min"
-        return f"fidelity vs input{where}: {value}"
+        line = f"fidelity vs input{where}: {_fidelity_value(fid)}"
+        if self.fidelity_unseen:
+            line += (f"\nfidelity vs input on {self.unseen_on} (a domain the calibration never saw): "
+                     f"{_fidelity_value(self.fidelity_unseen)}")
+        return line
 
     def _format_search(self) -> str:
         """The automatic search's trace: one line per measured candidate."""
@@ -126,6 +135,13 @@ class CompileReport:
             )
         lines += [f"   note: {n}" for n in found.get("notes", [])]
         return "\n".join(lines)
+
+
+def _fidelity_value(fid: dict[str, Any]) -> str:
+    if "perplexity_change" in fid:
+        return (f"perplexity {_percent(fid['perplexity_change'])} "
+                f"({fid['perplexity_reference']:.4g} -> {fid['perplexity']:.4g})")
+    return f"{fid['metric']} {fid['cosine_mean']:.4f} mean / {fid['cosine_min']:.4f} min"
 
 
 def describe_fidelity(fid: dict[str, Any]) -> str:

@@ -80,18 +80,21 @@ class AttentionPass(Pass):
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: AttentionConfig = self.config
+        # the onnx target may version-convert the graph first: the map must be of the converted one
+        tmap = ctx.analysis(model) if cfg.target != "onnx" else None
         return substitute_attention(model, cfg.target, window=cfg.window, layers=cfg.layers,
-                                    chunked_decoding=cfg.chunked_decoding)
+                                    chunked_decoding=cfg.chunked_decoding, tmap=tmap)
 
 
 def substitute_attention(
     model: ir.Model, target: str = "onnxruntime", *, window: int = 0, layers: list[int] | None = None,
-    chunked_decoding: bool = False,
+    chunked_decoding: bool = False, tmap=None,
 ) -> Outcome:
-    """Rewrite ``model`` in place; the pass's work, callable without a compile context."""
+    """Rewrite ``model`` in place; the pass's work, callable without a compile context
+    (``tmap``: the model's analysis map when the caller has it)."""
     if target == "onnx":
         _ensure_opset(model, ONNX_ATTENTION_OPSET)
-    tmap = analyze(model)
+    tmap = tmap or analyze(model)
     wanted = set(layers) if layers is not None else None
     sites: list[tuple[int, Site]] = []
     per_layer: list[dict] = []

@@ -228,22 +228,9 @@ def _rewrite(editor: GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray, b_
 
 
 def _score_bias_inputs(att) -> list[tuple[ir.Node, int, ir.Value]]:
-    """(node, input index, value) of every tensor added to the attention scores between
-    the scores MatMul and the Softmax, other than the scores themselves."""
-    if att.scores_matmul is None or att.softmax is None:
-        return []
-    members = {id(n) for n in att.nodes}
-    out, cur = [], att.scores_matmul.outputs[0]
-    for _ in range(12):
-        nxt = [n for n in cur.consumers() if id(n) in members and n.op_type != "Shape"]
-        if len(nxt) != 1 or nxt[0] is att.softmax:
-            break
-        node = nxt[0]
-        if node.op_type in ("Add", "Sub", "Where"):
-            out += [(node, i, v) for i, v in enumerate(node.inputs) if v is not None and v is not cur
-                    and (node.op_type != "Where" or i > 0)]
-        cur = node.outputs[0]
-    return out
+    """(node, input index, value) of every tensor added to the attention scores (the analysis'
+    additive mask terms: padding and causal masks, position biases, ALiBi)."""
+    return [(t.node, list(t.node.inputs).index(t.value), t.value) for t in att.mask_terms if not t.condition]
 
 
 def _gather_score_biases(editor, u: _Unit, keep: list[int], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -278,17 +265,17 @@ def _slice_outputs(editor: GraphEditor, lin, cols: np.ndarray) -> None:
 
 
 def _slice_fused_bias(editor, att, q_cols, kv_cols) -> None:
-    """MultiHeadAttention / GroupQueryAttention may carry the packed Q|K|V bias as an
-    input of the fused node rather than after the projections."""
+    """A fused attention node may carry the packed Q|K|V bias as an input (MultiHeadAttention's
+    ``bias``) rather than after the projections."""
     node = att.fused_node
-    if node is None or node.op_type not in ("MultiHeadAttention",) or len(node.inputs) < 4:
-        return
-    bias = stored_array(node.inputs[3])
+    spec = spec_for(node) if node is not None else None
+    bias_input = spec.input(node, "bias") if spec is not None and "query" in spec.inputs else None
+    bias = stored_array(bias_input)
     h, kv, d = att.num_heads, att.num_kv_heads, att.head_size
     if bias is None or bias.size != (h + 2 * kv) * d:
         return
     cols = np.concatenate([q_cols, h * d + kv_cols, (h + kv) * d + kv_cols])
-    editor.set_constant(node.inputs[3], bias.reshape(-1)[cols], [node])
+    editor.set_constant(bias_input, bias.reshape(-1)[cols], [node])
 
 
 def _new_dims(dims: list[int | None], geometry, expand: bool) -> list[int | None]:

@@ -163,71 +163,16 @@ class QuantizePass(Pass):
     # -- int8: static and dynamic --------------------------------------------------------------
 
     def _int8(self, model, ctx, linears, reasons, batches) -> Outcome:
+        """Static or dynamic int8: smoothing and statistics, int8 weights, activation ranges
+        (static), the budget's choice of MatMuls kept float, then the rewrite."""
         cfg: QuantizeConfig = self.config
-        outputs = ctx.output_names or primary_outputs(model)
-        sens_batches = (batches or ctx.verification)[: cfg.sensitivity_batches]
-        reference = None
-        if cfg.budget is not None and cfg.budget_metric == "perplexity":
-            # Held-out text: GPTQ and smoothing fit the calibration batches, where the perplexity
-            # cost reads low (SmolLM2: +1.2% there, +2.2% on held-out windows).
-            sens_batches = ctx.verification[: cfg.sensitivity_batches]
-            if "logits" not in outputs or not all("input_ids" in b for b in sens_batches):
-                raise OnnxpressError(
-                    "quantize: budget_metric perplexity needs a decoder with a 'logits' output and text "
-                    "calibration (input_ids); use budget_metric rel_l2 or cosine for this model"
-                )
-            outputs = ["logits"]
-        if cfg.budget is not None:
-            # smoothing is exact in float, so the reference can come from the model as given
-            reference = ctx.run(model, sens_batches, outputs)
-
-        smoothed: dict[str, str] = {}
-        stats = {}
-        need_gram = cfg.gptq and batches is not None
-        if batches and cfg.mode == "static" and cfg.smooth:
-            # static ranges need histograms of the smoothed inputs: capture again after smoothing
-            smoothed, _ = self._smooth(model, linears, self._capture(model, ctx, linears, batches, False))
-            stats = self._capture(model, ctx, linears, batches, need_gram)
-        elif batches:
-            # one pass over the data: the smoothed inputs' statistics follow from x / s
-            raw = self._capture(model, ctx, linears, batches, need_gram)
-            scales = {}
-            if cfg.smooth:
-                smoothed, scales = self._smooth(model, linears, raw)
-            for lin in linears:
-                src = _orig_input(lin) or lin.input.name
-                if src in raw:
-                    st = raw[src]
-                    stats[lin.input.name] = st.scaled(scales[src]) if src in scales else st
+        budget = self._budget_target(model, ctx, batches)
+        smoothed, stats = self._smooth_and_capture(model, ctx, linears, batches)
         groups = _by_input(linears)
-
         reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not cpu_has_vnni()
         qmax = INT8_QMAX[reduce_range]
-        weights: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for name, group in groups.items():
-            st = stats.get(name)
-            # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
-            codes, scales = _quantize_int8_weight(
-                np.concatenate([lin.weight_array() for lin in group], axis=1),
-                _hessian(st),
-                qmax,
-                cfg,
-            )
-            for lin, cols in zip(group, _column_splits(group), strict=True):
-                weights[id(lin)] = (codes[:, cols], scales[cols])
-        act: dict[str, tuple[QParams, str]] = {}
-        if cfg.mode == "static":
-            for name, group in groups.items():
-                method = _method_for(group, cfg)
-                st = stats[name]
-                act[name] = choose_range_for_linear(
-                    st.hist,
-                    st.sample,
-                    [g.weight_array() for g in group],
-                    method,
-                    cfg.activation_type,
-                    cfg.percentile,
-                )
+        weights = self._int8_weights(groups, stats, qmax)
+        act = self._activation_ranges(groups, stats) if cfg.mode == "static" else {}
 
         def build(target: ir.Model, chosen: list[QLinear]) -> int:
             """Quantise ``chosen`` and the embedding tables in ``target``; returns the tables' count.
@@ -246,16 +191,14 @@ class QuantizePass(Pass):
             return self._embeddings(target)
 
         chosen, sensitivity, trials = list(linears), {}, []
-        if cfg.budget is not None:
+        if budget is not None:
+            reference, sens_batches, outputs = budget
             chosen, sensitivity, trials = self._budget_search(
                 model, ctx, linears, build, reference, sens_batches, outputs, stats, weights, act
             )
-            for lin in linears:
-                if lin not in chosen:
-                    reasons[lin.name] = "sensitivity"
+            reasons.update({lin.name: "sensitivity" for lin in linears if lin not in chosen})
         in_names = {id(lin): lin.input.name for lin in linears}  # the rewrite detaches some nodes
         embeddings = build(model, chosen)
-
         details = {
             "mode": cfg.mode,
             "activation_type": cfg.activation_type if cfg.mode == "static" else "uint8 (dynamic)",
@@ -273,13 +216,74 @@ class QuantizePass(Pass):
             "matmuls_kept_float": len(reasons),
             "kept_float_sensitivity": sum(1 for r in reasons.values() if r == "sensitivity"),
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
-            "matmuls_smoothed": sum(
-                1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed
-            ),
+            "matmuls_smoothed": sum(1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed),
             "matmuls_gptq": len(chosen) if cfg.gptq and batches else 0,
             "embeddings_int8": embeddings,
         }
         return self._finish(model, changes, details)
+
+    def _budget_target(self, model, ctx, batches):
+        """(reference outputs, batches, output names) the budget is measured on, or None without
+        a budget. Perplexity budgets use the held-out batches: GPTQ and smoothing fit the
+        calibration ones, where the cost reads low (SmolLM2: +1.2% there, +2.2% on held-out windows)."""
+        cfg: QuantizeConfig = self.config
+        if cfg.budget is None:
+            return None
+        outputs = ctx.output_names or primary_outputs(model)
+        sens_batches = (batches or ctx.verification)[: cfg.sensitivity_batches]
+        if cfg.budget_metric == "perplexity":
+            sens_batches = ctx.verification[: cfg.sensitivity_batches]
+            if "logits" not in outputs or not all("input_ids" in b for b in sens_batches):
+                raise OnnxpressError(
+                    "quantize: budget_metric perplexity needs a decoder with a 'logits' output and text "
+                    "calibration (input_ids); use budget_metric rel_l2 or cosine for this model"
+                )
+            outputs = ["logits"]
+        # smoothing is exact in float, so the reference can come from the model as given
+        return ctx.run(model, sens_batches, outputs), sens_batches, outputs
+
+    def _smooth_and_capture(self, model, ctx, linears, batches) -> tuple[dict[str, str], dict]:
+        """SmoothQuant (where configured) and the statistics of the MatMul inputs it leaves:
+        {input: where smoothing was folded}, {input name: TensorStats}."""
+        cfg: QuantizeConfig = self.config
+        if not batches:
+            return {}, {}
+        need_gram = cfg.gptq
+        if cfg.mode == "static" and cfg.smooth:
+            # static ranges need histograms of the smoothed inputs: capture again after smoothing
+            smoothed, _ = self._smooth(model, linears, self._capture(model, ctx, linears, batches, False))
+            return smoothed, self._capture(model, ctx, linears, batches, need_gram)
+        # one pass over the data: the smoothed inputs' statistics follow from x / s
+        raw = self._capture(model, ctx, linears, batches, need_gram)
+        smoothed, scales = self._smooth(model, linears, raw) if cfg.smooth else ({}, {})
+        stats = {}
+        for lin in linears:
+            src = _orig_input(lin) or lin.input.name
+            if src in raw:
+                stats[lin.input.name] = raw[src].scaled(scales[src]) if src in scales else raw[src]
+        return smoothed, stats
+
+    def _int8_weights(self, groups, stats, qmax: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per MatMul (by id): int8 codes and per-channel scales; one GPTQ run per input (q/k/v,
+        gate/up share one Hessian factorisation, their columns are independent)."""
+        weights = {}
+        for name, group in groups.items():
+            codes, scales = _quantize_int8_weight(
+                np.concatenate([lin.weight_array() for lin in group], axis=1), _hessian(stats.get(name)), qmax,
+                self.config,
+            )
+            for lin, cols in zip(group, _column_splits(group), strict=True):
+                weights[id(lin)] = (codes[:, cols], scales[cols])
+        return weights
+
+    def _activation_ranges(self, groups, stats) -> dict[str, tuple[QParams, str]]:
+        """Static activation quantisation per input: (QParams, the range method chosen)."""
+        cfg: QuantizeConfig = self.config
+        return {
+            name: choose_range_for_linear(stats[name].hist, stats[name].sample, [g.weight_array() for g in group],
+                                          _method_for(group, cfg), cfg.activation_type, cfg.percentile)
+            for name, group in groups.items()
+        }
 
     def _embeddings(self, model) -> int:
         cfg: QuantizeConfig = self.config
