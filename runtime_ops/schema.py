@@ -1,7 +1,7 @@
 """The ``onnxpress.Attention`` node: constants and a builder (schema in runtime_ops/README.md).
 
 ``ATTENTION_INPUTS`` / ``ATTENTION_OUTPUTS`` are the op's slots in order: the fused-op table
-(``onnxpress.analysis.fused_attention``) takes the input positions from them."""
+(``onnxpress.analysis.attention.fused_ops``) takes the input positions from them."""
 
 import onnx
 from onnx import helper

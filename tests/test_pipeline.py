@@ -270,3 +270,21 @@ def test_check_applicable_uses_the_contexts_analysis(mlp):
     pipeline = Pipeline([UnderReportingPass()], progress=False)
     pipeline.check_applicable(model, ctx)  # no pass needs attention: nothing analysed
     assert ctx._analysis is None
+
+
+def test_named_data_is_also_measured_on_the_corpus_it_never_drew_from(tmp_path):
+    from onnxpress.compile import unseen_domain_batches
+
+    src = tiny_model("bert")
+    report = compile_model(src, tmp_path / "o.onnx", passes=["cleanup", "prune_ffn:fraction=0.5"], **CALIB)
+    assert "SOTU calibration split" in report.calibration and "BBC News calibration split" in report.unseen_on
+    unseen = unseen_domain_batches("sotu", load_model(src), src.parent, 7, max_length=32, batch_size=8, seed=0)
+    meter = FidelityMeter.of_model(load_model(src), unseen.batches, threads=1)
+    direct = meter.measure(run_batches(make_session(tmp_path / "o.onnx", threads=1), unseen.batches, meter.outputs))
+    assert report.fidelity_unseen["loss"] == pytest.approx(direct.loss, rel=1e-3, abs=1e-7)
+    assert report.fidelity_unseen["loss"] != pytest.approx(report.fidelity["loss"])  # other text
+    assert "a domain the calibration never saw" in report.format_table()
+    # drawing from both corpora leaves no unseen domain; the report says nothing of one
+    both = compile_model(src, tmp_path / "b.onnx", passes=["cleanup"], **{**CALIB, "calib": ["default"]})
+    assert "SOTU" in both.calibration and "BBC" in both.calibration
+    assert not both.fidelity_unseen and "never saw" not in both.format_table()

@@ -14,8 +14,8 @@ to the projections), ``attention_scores`` (scores chain, scale), ``attention_ope
 (the Q/K/V a fused op reads), ``attention_heads`` (head geometry) and ``attention_masks``.
 """
 
+from onnxpress.analysis.attention.fused_ops import FusedAttentionSpec, spec_for
 from onnxpress.analysis.cost import attention_macs, count_macs, count_params, linear_macs
-from onnxpress.analysis.fused_attention import FusedAttentionSpec, spec_for
 from onnxpress.analysis.linear import LinearIndex, as_linear
 from onnxpress.analysis.norms import Norm, find_norms
 from onnxpress.analysis.structures import (

@@ -39,7 +39,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxpress.analysis import analyze
-from onnxpress.analysis.fused_attention import ONNX_ATTENTION
+from onnxpress.analysis.attention.fused_ops import ONNX_ATTENTION
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.attention.build import AttentionTape, build_fused, replace_shape_reads, wire
 from onnxpress.passes.attention.match import Site, match_site

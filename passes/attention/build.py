@@ -14,7 +14,7 @@ The ORT and ONNX ops receive the model's own additive mask (padding, causal, and
 whatever else the exporter folded in) as their bias, which keeps them exact for any
 mask; ``onnxpress.Attention`` has no bias input, so it only takes cores whose mask
 is a padding mask built from a 2-D graph input, plus causality. Input positions and
-attribute names come from the fused-op table (:mod:`onnxpress.analysis.fused_attention`).
+attribute names come from the fused-op table (:mod:`onnxpress.analysis.attention.fused_ops`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from onnxpress.analysis import MaskTerm, OperandPath
-from onnxpress.analysis.fused_attention import (
+from onnxpress.analysis.attention.fused_ops import (
     GROUP_QUERY_ATTENTION,
     MULTI_HEAD_ATTENTION,
     ONNX_ATTENTION,

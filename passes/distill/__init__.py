@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.activations import progress_enabled
 from onnxpress.analysis import analyze
 from onnxpress.calibration import vocab_size
 from onnxpress.datasets import load_tokenizer
@@ -29,10 +30,10 @@ from onnxpress.passes.distill.data import batches_from_calibration, read_texts, 
 
 @dataclass
 class DistillConfig(PassConfig):
-    steps: int = 600  # optimizer steps at most
-    max_minutes: float = 10.0  # wall-time limit of the training loop
+    steps: int = 1000  # optimizer steps at most
+    max_minutes: float = 12.0  # wall-time limit of the training loop
     lr: float = 1e-4  # peak learning rate (AdamW), after a linear warm-up, cosine decay to 0
-    warmup: float = 0.05  # share of the steps spent warming up
+    warmup: float = 0.1  # share of the steps spent warming up (early stopping waits for its end)
     batch_size: int = 16
     seed: int | None = None  # None: the compile's seed
     # rewritten: the initializers the earlier passes created or changed; all: every float weight
@@ -48,7 +49,7 @@ class DistillConfig(PassConfig):
     temperature: float = 2.0  # decoders: KL temperature
     # share of the training tokens replaced by random vocabulary tokens (text data only): the
     # student then also matches the teacher on words the training text does not contain
-    augment: float = 0.0
+    augment: float = 0.15
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "texts", "max_length", "eval_every", "patience"):
@@ -108,7 +109,7 @@ class DistillPass(Pass):
                                 cfg.augment)
             params = student.trainable_parameters()
             trainer = Trainer(student, model, teacher_model, teacher, loss, params, schedule,
-                              progress=os.environ.get("ONNXPRESS_PROGRESS", "1") != "0")
+                              progress=progress_enabled())
             history = trainer.run(data, seed)
             written = student.write_back(model)
         finally:

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from onnxpress.passes.distill.data import TextBatches, feeds_for, replace_tokens
 
+CLIP_NORM = 1.0  # gradient norm clipping, the usual guard for transformer training
+
 
 @dataclass
 class Targets:
@@ -149,6 +151,7 @@ class Trainer:
                 group["lr"] = self._lr(step)
             self.optimizer.zero_grad(set_to_none=True)
             self.batch_loss(ids, mask).backward()
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), CLIP_NORM)
             self.optimizer.step()
             history.steps = step + 1
             last = step + 1 == s.steps
@@ -160,7 +163,7 @@ class Trainer:
                 if loss < best:
                     best, waited, history.best_step = loss, 0, step + 1
                     best_state = {k: p.detach().clone() for k, p in self.params.items()}
-                else:
+                elif step + 1 > s.warmup * s.steps:  # Adam's first steps raise the loss before it falls
                     waited += 1
                 if waited >= s.patience:
                     history.stopped = f"held-out loss did not improve for {s.patience} evaluations"

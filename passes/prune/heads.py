@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.activations import probe_shapes
-from onnxpress.analysis.fused_attention import spec_for
+from onnxpress.analysis.attention.fused_ops import spec_for
 from onnxpress.analysis.graph_utils import const_array, shape_elements, stored_array
 from onnxpress.calibration import is_past_input
 from onnxpress.editing import GraphEditor

@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from onnxpress.analysis.fused_attention import (
+from onnxpress.analysis.attention.fused_ops import (
     GROUP_QUERY_ATTENTION,
     MULTI_HEAD_ATTENTION,
     ONNX_ATTENTION,

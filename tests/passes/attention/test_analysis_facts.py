@@ -19,13 +19,13 @@ import pytest
 from test_attention import _feeds, _load, _max_diff, _need_library
 
 from onnxpress.analysis import analyze, spec_for
-from onnxpress.analysis.attention_scores import combined_scale
-from onnxpress.analysis.fused_attention import (
+from onnxpress.analysis.attention.fused_ops import (
     GROUP_QUERY_ATTENTION,
     MULTI_HEAD_ATTENTION,
     ONNX_ATTENTION,
     ONNXPRESS_ATTENTION,
 )
+from onnxpress.analysis.attention.scores import combined_scale
 from onnxpress.model_io import load_model
 from onnxpress.passes.attention import substitute_attention
 

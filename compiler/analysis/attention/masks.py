@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.attention_paths import has_ancestor
+from onnxpress.analysis.attention.paths import has_ancestor
 from onnxpress.analysis.graph_utils import const_array, is_constant, producer, walk_up
 
 _CAUSAL_COMPARE = frozenset({"Less", "LessOrEqual", "Greater", "GreaterOrEqual"})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.attention_scores import scalar_factor
+from onnxpress.analysis.attention.scores import scalar_factor
 from onnxpress.analysis.graph_utils import const_array, is_constant, producer, shape_elements
 from onnxpress.analysis.structures import PACKED, OperandPath, ScaleFactor
 

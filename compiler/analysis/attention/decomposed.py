@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.attention_heads import HeadGeometry, head_geometry
-from onnxpress.analysis.attention_masks import mask_is_causal
-from onnxpress.analysis.attention_operands import walk_operand
-from onnxpress.analysis.attention_paths import (
+from onnxpress.analysis.attention.heads import HeadGeometry, head_geometry
+from onnxpress.analysis.attention.masks import mask_is_causal
+from onnxpress.analysis.attention.operands import walk_operand
+from onnxpress.analysis.attention.paths import (
     Trace,
     find_output_projection,
     first_past,
@@ -29,7 +29,7 @@ from onnxpress.analysis.attention_paths import (
     present,
     trace_up,
 )
-from onnxpress.analysis.attention_scores import (
+from onnxpress.analysis.attention.scores import (
     ScoresChain,
     combined_scale,
     find_context,

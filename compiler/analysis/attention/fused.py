@@ -1,6 +1,6 @@
 """Fused attention nodes (com.microsoft Attention / MultiHeadAttention / GroupQueryAttention,
 ONNX ``Attention`` (opset 23), ``onnxpress.Attention``), read through their
-:class:`~onnxpress.analysis.fused_attention.FusedAttentionSpec`: heads, scale and causality
+:class:`~onnxpress.analysis.attention.fused_ops.FusedAttentionSpec`: heads, scale and causality
 from the attributes, mask and KV cache from the inputs, and the projections traced up
 from the Q/K/V inputs as for a decomposed core.
 """
@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from onnxpress.analysis.attention_heads import reshape_heads, static_last_dim
-from onnxpress.analysis.attention_masks import mask_is_causal
-from onnxpress.analysis.attention_paths import (
+from onnxpress.analysis.attention.fused_ops import FusedAttentionSpec
+from onnxpress.analysis.attention.heads import reshape_heads, static_last_dim
+from onnxpress.analysis.attention.masks import mask_is_causal
+from onnxpress.analysis.attention.paths import (
     find_output_projection,
     first_past,
     is_rotary,
     path_nodes,
     trace_up,
 )
-from onnxpress.analysis.fused_attention import FusedAttentionSpec
 from onnxpress.analysis.graph_utils import is_constant, tensor_shape
 from onnxpress.analysis.structures import Attention, Linear
 

@@ -1,22 +1,22 @@
 """Find attention blocks by dataflow.
 
-Decomposed attention is anchored on each ``Softmax`` (:mod:`.attention_decomposed`);
-fused attention nodes are read through the table of fused ops (:mod:`.attention_fused`,
-:mod:`.fused_attention`). Both find the projections the same way (:mod:`.attention_paths`)
+Decomposed attention is anchored on each ``Softmax`` (:mod:`.decomposed`);
+fused attention nodes are read through the table of fused ops (:mod:`.fused`,
+:mod:`.fused_ops`). Both find the projections the same way (:mod:`.paths`)
 and end the same way here: the core's nodes, and the constants that encode its head
-counts (:mod:`.attention_heads`).
+counts (:mod:`.heads`).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxpress.analysis.attention_decomposed import match_decomposed
-from onnxpress.analysis.attention_fused import match_fused
-from onnxpress.analysis.attention_heads import head_shape_nodes
-from onnxpress.analysis.attention_masks import padding_source
-from onnxpress.analysis.attention_paths import core_nodes
-from onnxpress.analysis.fused_attention import spec_for
+from onnxpress.analysis.attention.decomposed import match_decomposed
+from onnxpress.analysis.attention.fused import match_fused
+from onnxpress.analysis.attention.fused_ops import spec_for
+from onnxpress.analysis.attention.heads import head_shape_nodes
+from onnxpress.analysis.attention.masks import padding_source
+from onnxpress.analysis.attention.paths import core_nodes
 from onnxpress.analysis.linear import LinearIndex
 from onnxpress.analysis.structures import Attention, Linear
 
