@@ -71,7 +71,7 @@ DECODER_PASSES = [
 ]
 RECIPES = {"encoder": ["lossless", "balanced", "small"], "decoder": ["lossless", "balanced", "small", "edge-int4"]}
 # The automatic mode (``onnxpress compile --budget``), measured beside the recipes.
-AUTO = {"encoder": [0.01], "decoder": []}  # decoders: not benched here (every probe re-quantises the whole model)
+AUTO = {"encoder": [0.01, 0.02], "decoder": []}  # decoders: not benched here (every probe re-quantises the whole model)
 
 
 def resolve_model(name: str) -> Path:

@@ -12,7 +12,7 @@ written into a temporary folder and renamed into place, so an interrupted export
 never leaves a half-written model and concurrent test workers cannot collide.
 
 The signature of :func:`tiny_model` and the ``*_ARCHS`` lists are a stable API
-used by the pass tests of other engineers.
+the pass tests build on.
 
 Exported graph inputs: encoders ``input_ids``, ``attention_mask`` (+ ``token_type_ids``
 for optimum BERT/ELECTRA, values must be 0/1); decoders ``input_ids``,

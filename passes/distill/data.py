@@ -56,12 +56,11 @@ def replaceable_ids(tokenizer, vocab: int) -> np.ndarray:
 
 def read_texts(ctx, *, sentences: bool, max_chars: int) -> tuple[list[str], str] | None:
     """The training texts for this compile and a description; None without text (npz data)."""
-    named = getattr(ctx, "named_text", None)
-    if named is not None:
-        corpora = datasets.NAMED_CALIBRATIONS[named]
+    if ctx.named_text is not None:
+        corpora = datasets.NAMED_CALIBRATIONS[ctx.named_text]
         files = [f for corpus in corpora for f in datasets.corpus_files(corpus, "training")]
         source = " + ".join(datasets.describe_split("training", c) for c in corpora)
-    elif getattr(ctx, "text_files", None):
+    elif ctx.text_files:
         files = datasets.expand_text_paths(ctx.text_files)
         source = f"{len(files)} text file(s) of the calibration"
     else:
