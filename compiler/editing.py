@@ -79,9 +79,12 @@ class GraphEditor:
                 for key in [k for k in producer.attributes if k.startswith("value")]:
                     del producer.attributes[key]
                 producer.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
+                if value.const_value is not None:  # folded earlier (onnx-ir): it would shadow the new data
+                    value.const_value = ir.tensor(array)
             else:
                 value.const_value = ir.tensor(array, name=value.name)
             value.shape = ir.Shape(array.shape)
+            value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
             return value
         new = self.add_initializer(value.name or "const", array)
         for use in mine:

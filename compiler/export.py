@@ -25,8 +25,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ROOT = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
 
 # Architectures onnxpress is built and tested for; optimum may export more.
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "vit")
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "granite")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "modernbert", "vit")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gpt2", "gpt_neox", "granite")
 DEFAULT_TASK = {
     **dict.fromkeys(ENCODER_TYPES, "feature-extraction"),
     **dict.fromkeys(DECODER_TYPES, "text-generation-with-past"),

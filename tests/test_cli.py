@@ -148,3 +148,17 @@ def test_help_shows_examples(capsys, command):
         main([command, "--help"])
     assert info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma", "phi3", "granite", "modernbert"])
+def test_inspect_reports_the_configured_geometry(capsys, arch):
+    from tiny_models import tiny_config_values, tiny_model
+
+    code, out, _ = run_cli(capsys, "inspect", tiny_model(arch), "--json")
+    assert code == 0
+    cfg = tiny_config_values(arch)
+    layers = json.loads(out)["layers"]
+    assert len(layers) == cfg["num_layers"]
+    for layer in layers:
+        assert (layer["num_heads"], layer["num_kv_heads"], layer["head_size"], layer["ffn_size"]) == (
+            cfg["num_heads"], cfg["num_kv_heads"], cfg["head_size"], cfg["ffn_size"])

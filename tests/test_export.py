@@ -225,6 +225,27 @@ def test_tiny_encoder_export_matches_torch():
     )
 
 
+def test_modernbert_folder_exports_and_matches_torch(tmp_path):
+    """ModernBERT (packed Wqkv, GeGLU, local attention every other layer) as an encoder type."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel
+
+    from tiny_models import save_tiny_hf
+
+    hf_dir = save_tiny_hf("modernbert", tmp_path / "hf")
+    path = export_model(hf_dir, tmp_path / "onnx")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 900, (2, 40))  # longer than the local attention window (16)
+    mask = (np.arange(40) < np.array([[40], [29]])).astype(np.int64)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(hf_dir)(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], ref.last_hidden_state.numpy()[keep], atol=1e-4)
+
+
 def test_tiny_decoder_export_has_kv_cache_and_greedy_matches_torch():
     import onnx_ir as ir
     import torch

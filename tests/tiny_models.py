@@ -42,21 +42,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ENCODER_ARCHS = ["bert", "roberta", "distilbert", "electra", "mpnet", "xlm-roberta"]
-DECODER_ARCHS = ["gpt2", "llama", "qwen2", "mistral", "phi", "gpt-neox"]
+ENCODER_ARCHS = ["bert", "roberta", "distilbert", "electra", "mpnet", "xlm-roberta", "modernbert"]
+DECODER_ARCHS = ["gpt2", "llama", "qwen2", "mistral", "phi", "gpt-neox", "qwen3", "gemma", "phi3", "granite"]
 VISION_ARCHS = ["vit"]
 ALL_ARCHS = ENCODER_ARCHS + DECODER_ARCHS + VISION_ARCHS
 EXPORTERS = ["optimum", "torchscript", "dynamo"]
-# archs whose config uses grouped-query attention (num_kv_heads < num_heads)
-GQA_ARCHS = ["qwen2", "mistral"]
-ROTARY_ARCHS = ["llama", "qwen2", "mistral", "phi", "gpt-neox"]
+# archs whose config uses grouped-query attention (num_kv_heads < num_heads): arch -> KV heads
+KV_HEADS = {"qwen2": 2, "mistral": 2, "qwen3": 2, "gemma": 1, "phi3": 2, "granite": 2}
+GQA_ARCHS = list(KV_HEADS)
+ROTARY_ARCHS = ["llama", "qwen2", "mistral", "phi", "gpt-neox", "qwen3", "gemma", "phi3", "granite", "modernbert"]
 
 HIDDEN = 64
 HEADS = 4
 HEAD_SIZE = HIDDEN // HEADS
 FFN = 128
 LAYERS = 2
-KV_HEADS_GQA = 2
 VOCAB = 1000
 MAX_POS = 128
 SEED = 0
@@ -79,10 +79,21 @@ _CONFIGS = {
     "gpt2": ("GPT2Config", dict(hidden="n_embd", layers="n_layer", heads="n_head", ffn="n_inner",
                                 positions="n_positions"), {}),
     "llama": ("LlamaConfig", _LAYOUT, {"num_key_value_heads": HEADS}),
-    "qwen2": ("Qwen2Config", _LAYOUT, {"num_key_value_heads": KV_HEADS_GQA}),
-    "mistral": ("MistralConfig", _LAYOUT, {"num_key_value_heads": KV_HEADS_GQA, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", _LAYOUT, {"num_key_value_heads": KV_HEADS["qwen2"]}),
+    "mistral": ("MistralConfig", _LAYOUT, {"num_key_value_heads": KV_HEADS["mistral"], "sliding_window": None}),
     "phi": ("PhiConfig", _LAYOUT, {}),
     "gpt-neox": ("GPTNeoXConfig", _LAYOUT, {}),
+    # head_dim given: these configs default to their large models' head size
+    "qwen3": ("Qwen3Config", _LAYOUT, {"num_key_value_heads": KV_HEADS["qwen3"], "head_dim": HEAD_SIZE}),
+    "gemma": ("GemmaConfig", _LAYOUT, {"num_key_value_heads": KV_HEADS["gemma"], "head_dim": HEAD_SIZE}),
+    # packed qkv_proj and gate_up_proj
+    "phi3": ("Phi3Config", _LAYOUT, {"num_key_value_heads": KV_HEADS["phi3"], "pad_token_id": 0}),
+    # scores scaled by a configured multiplier instead of 1/sqrt(head size)
+    "granite": ("GraniteConfig", _LAYOUT, {"num_key_value_heads": KV_HEADS["granite"], "attention_multiplier": 1.0}),
+    # packed Wqkv, GeGLU, local (windowed) attention in every other layer
+    "modernbert": ("ModernBertConfig", _LAYOUT, {"global_attn_every_n_layers": 2, "local_attention": 16,
+                                                 "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
+                                                 "cls_token_id": 2, "sep_token_id": 3}),
     "vit": ("ViTConfig", {k: v for k, v in _LAYOUT.items() if k != "positions"},
             {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}),
 }
@@ -111,7 +122,7 @@ def tiny_config_values(arch: str) -> dict:
     return {
         "num_layers": LAYERS,
         "num_heads": HEADS,
-        "num_kv_heads": KV_HEADS_GQA if arch in GQA_ARCHS else HEADS,
+        "num_kv_heads": KV_HEADS.get(arch, HEADS),
         "head_size": HEAD_SIZE,
         "ffn_size": FFN,
         "hidden_size": HIDDEN,
@@ -245,11 +256,18 @@ def _ensure_side_files(arch: str, attn: str, entry: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tiny_hf(arch: str, out: Path, model=None) -> Path:
+    """The tiny random-weight Hugging Face model of ``arch`` (``model``, or built) with its
+    tokenizer, saved into the folder ``out`` as ``save_pretrained`` does."""
+    (model if model is not None else _build_hf_model(arch, "sdpa")).save_pretrained(out)
+    _save_tokenizer(arch, out)
+    return out
+
+
 def _export_optimum(model, arch: str, with_past: bool, hf_dir: Path, out_dir: Path) -> None:
     from optimum.exporters.onnx import main_export
 
-    model.save_pretrained(hf_dir)
-    _save_tokenizer(arch, hf_dir)
+    save_tiny_hf(arch, hf_dir, model)
     if arch in DECODER_ARCHS:
         task = "text-generation-with-past" if with_past else "text-generation"
     else:
@@ -513,3 +531,31 @@ def random_token_context(model, seed: int = 0):
     ctx.output_names = primary_outputs(model)
     ctx.reference = ctx.run(model)
     return ctx
+
+
+def greedy_tokens(session, model, prompt, steps: int, use_cache: bool) -> list[int]:
+    """Greedy tokens of a decoder ``session`` (``model``: its graph, for the feeds) after
+    ``prompt`` ([1, n] ids); with ``use_cache`` one token per step through the KV cache."""
+    import numpy as np
+
+    from onnxpress.calibration import make_feeds
+
+    ids = prompt.copy()
+    feeds = make_feeds(model, ids, np.ones_like(ids))
+    out = []
+    past = None
+    for _ in range(steps):
+        if use_cache and past is not None:
+            step_ids = ids[:, -1:]
+            feeds = {"input_ids": step_ids, "attention_mask": np.ones((1, ids.shape[1]), np.int64),
+                     "position_ids": np.array([[ids.shape[1] - 1]], np.int64), **past}
+        elif not use_cache:
+            feeds = make_feeds(model, ids, np.ones_like(ids))
+        names = [o.name for o in session.get_outputs()]
+        wanted = {i.name for i in session.get_inputs()}
+        results = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+        token = int(results["logits"][0, -1].argmax())
+        out.append(token)
+        ids = np.concatenate([ids, [[token]]], axis=1)
+        past = {n.replace("present", "past_key_values"): v for n, v in results.items() if n.startswith("present")}
+    return out

@@ -479,6 +479,11 @@ def const_scalar(value: ir.Value | None) -> float | None:
         return None
 
 
+def is_scalar_scale(node: ir.Node) -> bool:
+    """A Mul by a constant scalar (a configured multiplier, as Granite's residual one)."""
+    return node.op_type == "Mul" and any(const_scalar(v) is not None for v in node.inputs)
+
+
 def shape_elements(value: ir.Value | None, _depth: int = 0) -> list[int | None] | None:
     """Elements of a 1-D shape tensor, with None where an element is dynamic.
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import const_array, consumers, is_constant
+from onnxpress.analysis.graph_utils import const_array, consumers, is_constant, is_scalar_scale
 from onnxpress.analysis.linear import as_linear
 
 ROLES = ("ffn.up", "ffn.gate", "ffn.down", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
@@ -141,7 +141,7 @@ def residual_add(output: ir.Value, residual_adds: Iterable[ir.Node] = (), *, dep
                     stream = next((v for v in node.inputs if v is not None and v is not value
                                    and not is_constant(v)), None)
                     return ResidualJoin(node, stream)
-                if node.op_type in RESIDUAL_PATH_OPS:
+                if node.op_type in RESIDUAL_PATH_OPS or is_scalar_scale(node):
                     nxt.append(node.outputs[0])
         frontier = nxt
     return None

@@ -30,6 +30,7 @@ from onnxpress.analysis.graph_utils import (
     consumers,
     data_consumers,
     is_constant,
+    is_scalar_scale,
     memoized,
     numel,
     tensor_shape,
@@ -228,8 +229,13 @@ def _place_norms(norms: list[Norm], layers: list[Layer], attentions, ffns, masks
             linear_layer[id(lin.node)] = layer.index
         if layer.attention is not None and layer.attention.fused_node is not None:
             linear_layer[id(layer.attention.fused_node)] = layer.index
+    # norms inside an attention block (Qwen3's q_norm / k_norm) belong to its layer
+    inside = {id(node): layer.index for layer in layers if layer.attention is not None
+              for node in layer.attention.nodes}
     for norm in norms:
-        if post or norm.skip:
+        if id(norm.node) in inside:
+            target = inside[id(norm.node)]
+        elif post or norm.skip:
             target = _latest_block(masks.get(id(norm.node), 0), n, ffns)
         else:
             target = _first_fed_layer(norm, linear_layer)
@@ -280,7 +286,8 @@ def _residual_adds(layer: Layer) -> list[ir.Node]:
         value = start
         for _ in range(4):
             users = data_consumers(value)
-            while len(users) == 1 and users[0].op_type in LAYOUT_OPS:  # GPT-2 Conv1D reshapes back
+            # through GPT-2's Conv1D reshapes back and a residual multiplier (Granite)
+            while len(users) == 1 and (users[0].op_type in LAYOUT_OPS or is_scalar_scale(users[0])):
                 value = users[0].outputs[0]
                 users = data_consumers(value)
             add = next(
@@ -311,7 +318,8 @@ def _layer_params(layer: Layer, norms: list[Norm]) -> int:
             continue
         for w in nm.weights:
             shape = tensor_shape(w)
-            if shape is not None:
+            from_constant_node = w.producer() is not None and w.producer().op_type == "Constant"
+            if shape is not None and not from_constant_node:  # as count_params: initializers only
                 total += numel(shape)
     return total
 

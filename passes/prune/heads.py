@@ -81,7 +81,12 @@ class PruneHeadsPass(Pass):
         details: dict = {"skipped": skipped, "layers": []}
         if not units:
             raise OnnxpressError(f"prune_heads: no attention block can be pruned ({'; '.join(skipped) or 'none found'})")
-        if cfg.fraction == 0:
+        # whole KV groups go: a layer left with min_groups_per_layer groups has none to give
+        units, single = ([u for u in units if u.att.num_kv_heads > cfg.min_groups_per_layer],
+                         [u for u in units if u.att.num_kv_heads <= cfg.min_groups_per_layer])
+        skipped += [f"layer {u.layer.index}: {u.att.num_kv_heads} KV group(s), "
+                    f"min_groups_per_layer {cfg.min_groups_per_layer}" for u in single]
+        if cfg.fraction == 0 or not units:
             return Outcome(changes={"heads_removed": 0}, details=details)
         _check_empty_past(model, ctx)
 
@@ -218,6 +223,8 @@ def _rewrite(editor: GraphEditor, u: _Unit, keep: list[int], w_o: np.ndarray, b_
             _patch_shape(editor, node, geometry, expand=node.op_type == "Expand")
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             _patch_split(editor, node, geometry)
+        elif node.op_type == "Slice" and att.qkv is not None and node.inputs[0] is att.qkv.output:
+            _patch_packed_slice(editor, node, geometry)
     _patch_attributes(att, geometry)
     _patch_cache_shapes(att, kv2)
 
@@ -291,6 +298,9 @@ def _new_dims(dims: list[int | None], geometry, expand: bool) -> list[int | None
     if r >= 2 and new[-1] is not None and new[-1] in widths and new[-1] != d:
         new[-1] = widths[new[-1]]
         return new
+    if r == 5 and new[2:] == [3, h, d] and h == kv:  # packed [B, S, 3, H, D] (ModernBERT's Wqkv)
+        new[3] = h2
+        return new
     if r == 5:  # [B, KV, n_rep, S, D]: position 2 is n_rep even when it equals the KV count
         if new[1] is not None and new[1] == kv:
             new[1] = kv2
@@ -321,6 +331,23 @@ def _patch_split(editor, node: ir.Node, geometry) -> None:
     widths = {h * d: h2 * d, kv * d: kv2 * d}
     if len(sizes) == 3 and all(int(s) in widths for s in sizes):
         editor.set_constant(node.inputs[1], np.asarray([widths[int(s)] for s in sizes], sizes.dtype), [node])
+
+
+def _patch_packed_slice(editor, node: ir.Node, geometry) -> None:
+    """A packed [Q|K|V] output cut by Slices on its last axis (Phi-3's qkv_proj): starts and
+    ends are the blocks' offsets."""
+    h, kv, d, h2, kv2 = geometry
+    offsets = {0: 0, h * d: h2 * d, (h + kv) * d: (h2 + kv2) * d, (h + 2 * kv) * d: (h2 + 2 * kv2) * d}
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 3
+    if axes is None or axes.shape != (1,) or int(axes[0]) not in (-1, rank - 1):
+        return
+    bounds = [const_array(node.inputs[i]) for i in (1, 2)]
+    if any(b is None or b.shape != (1,) for b in bounds):
+        return
+    for value, b in zip(node.inputs[1:3], bounds, strict=True):
+        if int(b[0]) in offsets and offsets[int(b[0])] != int(b[0]):
+            editor.set_constant(value, np.asarray([offsets[int(b[0])]], b.dtype), [node])
 
 
 def _patch_attributes(att, geometry) -> None:

@@ -42,6 +42,14 @@ def map_of(path) -> tuple[TransformerMap, object]:
     return analyze(model), model
 
 
+# what the configs say beyond the shared sizes
+SEPARATE_GATE = ("llama", "qwen2", "mistral", "qwen3", "gemma", "granite")
+PACKED_GATE_UP = ("phi3", "modernbert")  # one MatMul for gate and up
+ACTIVATIONS = {"gpt2": "gelu_new", "phi": "gelu_new", "gemma": "gelu_new",  # tanh-approximated GELU
+               **dict.fromkeys(("llama", "qwen2", "mistral", "qwen3", "phi3", "granite"), "silu")}
+SCALES = {"granite": 1.0}  # attention_multiplier, not 1/sqrt(head size)
+
+
 def check_map(tmap: TransformerMap, arch: str) -> None:
     """Everything the config determines, for every layer."""
     cfg = tiny_config_values(arch)
@@ -59,10 +67,12 @@ def check_map(tmap: TransformerMap, arch: str) -> None:
             cfg["head_size"],
         ), tmap.format_table()
         assert ffn.ffn_size == cfg["ffn_size"]
-        assert ffn.up.d_out == cfg["ffn_size"] and ffn.down.d_out == cfg["hidden_size"]
+        assert ffn.packed_gate_up == (arch in PACKED_GATE_UP)
+        assert ffn.up.d_out == cfg["ffn_size"] * (2 if ffn.packed_gate_up else 1)
+        assert ffn.down.d_out == cfg["hidden_size"]
         assert att.causal == cfg["causal"]
         assert att.rotary == cfg["rotary"]
-        assert math.isclose(att.scale, 1 / math.sqrt(cfg["head_size"]), rel_tol=1e-4)
+        assert math.isclose(att.scale, SCALES.get(arch, 1 / math.sqrt(cfg["head_size"])), rel_tol=1e-4)
         assert att.o is not None and att.o.d_in == cfg["num_heads"] * cfg["head_size"]
         assert att.o.d_out == cfg["hidden_size"]
         if att.qkv is not None:
@@ -80,16 +90,17 @@ def check_map(tmap: TransformerMap, arch: str) -> None:
                 and att.scores_matmul in att.nodes
                 and att.context_matmul in att.nodes
             )
-        gated = arch in ("llama", "qwen2", "mistral")
-        assert (ffn.gate is not None) == gated
-        assert ffn.activation == ("silu" if gated else "gelu_new" if arch in ("gpt2", "phi") else "gelu")
+        assert (ffn.gate is not None) == (arch in SEPARATE_GATE)
+        assert ffn.activation == ACTIVATIONS.get(arch, "gelu")
         assert layer.norms, f"layer {i}: no norms"
-        assert len(layer.norms) == (1 if arch == "phi" else 2)
+        assert len(layer.norms) == (1 if arch == "phi" else 4 if arch == "qwen3" else 2)  # Qwen3: + q/k norms
         assert len(layer.residual_adds) == 2
     if cfg["kind"] == "decoder":
         assert [e.role for e in tmap.extras].count("lm_head") == 1
     # per-layer costs
     hf_params = hf_layer_params(arch)
+    if arch == "modernbert":  # its layer 0 has no attention norm: the embedding norm it reads counts there
+        hf_params += cfg["hidden_size"]
     for layer in tmap.layers:
         assert layer.params == hf_params, (layer.index, layer.params, hf_params)
         att = layer.attention

@@ -47,13 +47,17 @@ def head_geometry(q: Linear, k: Linear, q_nodes: list[ir.Node], k_nodes: list[ir
         total = None
         q_size, k_size = q.d_out, k.d_out
     ref = q_size or total
-    candidates = []
-    if d_scale and d_r and d_r % d_scale == 0:
-        candidates.append(d_scale)
-    candidates += [d_static, d_r, d_scale]
+    # The shapes the graph reshapes to decide the head size, not the scale: some models scale
+    # scores by a configured multiplier (Granite) rather than 1/sqrt(head size). The scale
+    # decides one case: a packed per-head [q|k|v] reshape ([b, s, heads, 3 * head]).
+    interleaved = packed and d_scale and d_r == 3 * d_scale and d_static in (None, d_scale)
+    candidates = [d_scale] if interleaved else [d_static, d_r, d_scale]
     head_size = next((c for c in candidates if c and c > 0 and (ref is None or ref % c == 0)), None)
     if head_size is None:
         notes.append(f"{where}: cannot determine the head size (scale {scale:g}, reshape {d_r})")
+        return None
+    if d_static and d_r and d_static != d_r and not packed:
+        notes.append(f"{where}: the head-split Reshape says head size {d_r}, the static shapes {d_static}")
         return None
     layout = None
     if not packed:
