@@ -314,6 +314,7 @@ def main(argv=None) -> int:
         print(f"# {model} ({kind}): building variants", flush=True)
         variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only)
         notes[f"{model}_calibration"] = info["calibration"]
+        notes[f"{model}_machine"] = machine()  # the host of these rows (int8 speed-ups depend on its ISA)
         notes[f"{model}_jobs"] = args.jobs
         windows = args.windows or (8 if args.quick else 32)
         if kind == "decoder":
@@ -339,6 +340,8 @@ def main(argv=None) -> int:
         kept = [r for r in earlier["rows"] if r["model"] not in ran]
         prefixes = tuple(f"{r['model']}_" for r in kept)
         notes = {**{k: v for k, v in earlier["notes"].items() if prefixes and k.startswith(prefixes)}, **notes}
+        for kept_model in {r["model"] for r in kept}:  # files written before rows named their host
+            notes.setdefault(f"{kept_model}_machine", earlier["machine"])
         rows = kept + rows
     write_results("compare", rows, command=command, notes=notes, columns=columns)
     return 0

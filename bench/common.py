@@ -10,12 +10,31 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+CACHE = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
+
+
+def peer_python(name: str, requirements: Sequence[str]) -> Path:
+    """The interpreter of a throwaway virtual environment for a peer tool whose dependencies
+    stay out of the project's: made on first use under the cache (inheriting this
+    environment's packages, so the peer runs on the same onnx and ONNX Runtime) and refilled
+    when ``requirements`` change."""
+    env = CACHE / "bench-venvs" / name
+    python, marker = env / "bin" / "python", env / ".requirements"
+    if marker.exists() and marker.read_text() == " ".join(requirements):
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(env)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+                   check=True)
+    marker.write_text(" ".join(requirements))
+    return python
 
 
 def cpu_flags() -> list[str]:

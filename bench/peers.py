@@ -8,6 +8,7 @@ for transformers on an AVX2 CPU.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 Build = Callable[[Path, Path, list], Path]
+NNCF = "nncf==3.4.0"
 
 
 def _shape(src: Path) -> tuple[int, int]:
@@ -80,6 +82,23 @@ def onnxsim_head_pruning(src: Path, out: Path, calib, sparsity: float = 4 / 12) 
     return path
 
 
+def nncf_int8(src: Path, out: Path, calib) -> Path:
+    """NNCF's post-training int8 with its transformer preset (SmoothQuant, min-max ranges, fast
+    bias correction), the same samples as ORT's static quantizer, in NNCF's own environment."""
+    from common import peer_python
+
+    feeds = out / "nncf_calib.npz"
+    length = max(b["input_ids"].shape[1] for b in calib)
+    items = CalibReader(calib, length).items
+    np.savez(feeds, **{f"{i}:{name}": v for i, item in enumerate(items) for name, v in item.items()})
+    path = out / "nncf_int8.onnx"
+    done = subprocess.run([str(peer_python("nncf", [NNCF])), str(Path(__file__).with_name("nncf_quantize.py")),
+                           str(src), str(feeds), str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "NNCF failed")
+    return path
+
+
 class CalibReader:
     """ORT CalibrationDataReader over our batches, padded to a fixed length (ORT's
     calibrators concatenate batches and fail on variable lengths)."""
@@ -131,6 +150,7 @@ ENCODER_PEERS: dict[str, Build] = {
     "ORT quantize_dynamic per-channel s8": ort_quantize_dynamic,
     "ORT quantize_static QDQ u8/s8": ort_quantize_static,
     "Optimum ORTQuantizer avx2": optimum_avx2,
+    f"NNCF {NNCF.split('==')[1]} int8 (transformer preset)": nncf_int8,
     "onnxsim 0.8.1 head pruning 33%": onnxsim_head_pruning,
 }
 DECODER_PEERS: dict[str, Build] = {

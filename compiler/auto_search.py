@@ -113,9 +113,11 @@ def check_budget(budget: Any, objective: Any) -> None:
         raise OnnxpressError(f"--objective {objective!r}: use latency or size")
 
 
-def check_search_args(budget, objective, recipe, passes, calib) -> None:
+def check_search_args(budget, objective, recipe, passes, calib, seconds: float = 1800.0) -> None:
     """Cheap checks before any model is loaded."""
     check_budget(budget, objective)
+    if not seconds > 0:
+        raise OnnxpressError(f"--search-seconds must be positive, not {seconds:g}: e.g. 1800")
     if recipe is not None or passes:
         raise OnnxpressError("--budget chooses the passes itself: drop --recipe / --passes")
     if not calib:

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                        "calibration data (1 - cosine for encoders, relative perplexity increase for decoders), e.g. 0.01")
     p.add_argument("--objective", choices=["latency", "size"], default="latency",
                    help="what --budget minimises (default: latency)")
+    p.add_argument("--search-seconds", type=float, default=1800.0, metavar="S",
+                   help="--budget: stop probing after this wall time and keep the best found (default: 1800)")
     p.add_argument("--calib", nargs="+", metavar="PATH",
                    help="calibration data: text/JSONL files or folders, one .npz, or shared data by name: sotu, bbc, "
                    "default (both; every compile is also measured on the corpus its calibration did not use)")
@@ -125,6 +127,7 @@ def _cmd_compile(args) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         budget=args.budget,
         objective=args.objective,
+        search_seconds=args.search_seconds,
     )
     print(report.format_table())
     print(f"report: {report_path(args.output)}")

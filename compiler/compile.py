@@ -154,7 +154,7 @@ def compile_model(
     """
     start = time.perf_counter()
     src, out = Path(model), Path(output)
-    plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective)
+    plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
     ir_model = load_model(src)
     ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), seed=seed,
                          threads=threads)
@@ -184,8 +184,8 @@ def compile_model(
     return report
 
 
-def _check_arguments(out: Path, recipe, passes, calib, budget: float | None, objective: str
-                     ) -> tuple[Recipe, list[str]]:
+def _check_arguments(out: Path, recipe, passes, calib, budget: float | None, objective: str,
+                     search_seconds: float) -> tuple[Recipe, list[str]]:
     """Everything that needs no model: the output name, the recipe and every pass setting;
     returns the recipe (an empty one for the search) and a note when the default was replaced."""
     if out.suffix != ".onnx":
@@ -193,7 +193,7 @@ def _check_arguments(out: Path, recipe, passes, calib, budget: float | None, obj
     if budget is not None:
         from onnxpress.auto_search import check_search_args
 
-        check_search_args(budget, objective, recipe, passes, calib)
+        check_search_args(budget, objective, recipe, passes, calib, search_seconds)
         return Recipe(name=f"auto (budget {budget:g}, objective {objective})", passes=[]), []
     plan = resolve_recipe(recipe, passes, has_calibration=bool(calib))
     for spec in plan.passes:

@@ -153,6 +153,7 @@ def test_impossible_budget_is_one_line(capsys, tmp_path):
         (dict(budget=0.01, objective="speed"), "use latency or size"),
         (dict(budget=0.01, recipe="small"), "drop --recipe"),
         (dict(budget=0.01, calib=None), "needs calibration data"),
+        (dict(budget=0.01, search_seconds=0), "--search-seconds must be positive"),
     ],
 )
 def test_bad_search_arguments_fail_before_any_work(tmp_path, kwargs, message):

@@ -271,6 +271,13 @@ def _first_fed_layer(norm: Norm, linear_layer: dict[int, int]) -> int | None:
     return None
 
 
+def _second_factor(node: ir.Node, value: ir.Value) -> bool:
+    """``value`` @ a constant weight, or + a constant bias: the B of a projection split into A @ B."""
+    if node.op_type == "MatMul":
+        return node.inputs[0] is value and is_constant(node.inputs[1])
+    return node.op_type == "Add" and any(is_constant(v) for v in node.inputs)
+
+
 def _residual_adds(layer: Layer) -> list[ir.Node]:
     """The Adds that merge this block's attention / FFN output into the residual stream."""
     starts: list[ir.Value] = []
@@ -286,8 +293,10 @@ def _residual_adds(layer: Layer) -> list[ir.Node]:
         value = start
         for _ in range(4):
             users = data_consumers(value)
-            # through GPT-2's Conv1D reshapes back and a residual multiplier (Granite)
-            while len(users) == 1 and (users[0].op_type in LAYOUT_OPS or is_scalar_scale(users[0])):
+            # through GPT-2's Conv1D reshapes back, a residual multiplier (Granite) and the
+            # second factor of a low-rank split projection with its bias
+            while len(users) == 1 and (users[0].op_type in LAYOUT_OPS or is_scalar_scale(users[0])
+                                       or _second_factor(users[0], value)):
                 value = users[0].outputs[0]
                 users = data_consumers(value)
             add = next(

@@ -116,8 +116,9 @@ def test_composes_with_every_structural_family(structural, tmp_path):
     _compile(model, [structural], ctx)
     shared = {n for n, v in model.graph.initializers.items() if len({id(u.node) for u in v.uses()}) > 1}
     compressed = _distance_to_original(model, original, ctx)
-    _compile(model, [("distill", FAST)], ctx)
+    (distill,) = _compile(model, [("distill", FAST)], ctx)
     assert _distance_to_original(model, original, ctx) < compressed
+    assert distill.details["layers_matched"] == 2, distill.details["notes"]  # each block's residual stream
     still_shared = {n for n, v in model.graph.initializers.items() if len({id(u.node) for u in v.uses()}) > 1}
     assert shared <= still_shared
     out = save_model(model, tmp_path / "m.onnx")  # loads and runs in ORT: the pipeline verified it too
