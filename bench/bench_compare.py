@@ -40,12 +40,13 @@ sys.path.insert(0, str(HERE))
 from common import RESULTS, machine, peak_rss_mb, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 
+from onnxpress.export import CACHE_ROOT  # noqa: E402
 from onnxpress.runtime import time_alternating  # noqa: E402
 
 THREADS = 2
 # evaluation corpora and their column prefixes: SOTU (the calibration's domain), BBC News (unseen)
 CORPORA = {"sotu": "", "bbc": "bbc_"}
-WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-compare"
+WORK = CACHE_ROOT / "bench-compare"
 # Each pass alone at two strengths (the second the stronger).
 ENCODER_PASSES = [
     ("attention (exact, ORT fused op)", ["cleanup", "attention:target=onnxruntime"]),

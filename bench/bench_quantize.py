@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 import peers  # noqa: E402
 from common import write_results  # noqa: E402
 
-from onnxpress.export import cached_export  # noqa: E402
+from onnxpress.export import CACHE_ROOT, cached_export  # noqa: E402
 from onnxpress.runtime import time_alternating  # noqa: E402
 
 RESULTS = ROOT / "results" / "quantize.json"
-WORK = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress")) / "bench-quantize"
+WORK = CACHE_ROOT / "bench-quantize"
 
 
 def _size_mb(path: Path) -> float:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-CACHE = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
 
 
 def peer_python(name: str, requirements: Sequence[str]) -> Path:
@@ -26,7 +25,9 @@ def peer_python(name: str, requirements: Sequence[str]) -> Path:
     stay out of the project's: made on first use under the cache (inheriting this
     environment's packages, so the peer runs on the same onnx and ONNX Runtime) and refilled
     when ``requirements`` change."""
-    env = CACHE / "bench-venvs" / name
+    from onnxpress.export import CACHE_ROOT
+
+    env = CACHE_ROOT / "bench-venvs" / name
     python, marker = env / "bin" / "python", env / ".requirements"
     if marker.exists() and marker.read_text() == " ".join(requirements):
         return python
