@@ -10,7 +10,7 @@ import pytest
 from onnxpress.calibration import make_feeds
 from onnxpress.compile import compile_model
 from onnxpress.model_io import load_model
-from onnxpress.runtime import make_session
+from onnxpress.runtime import make_session, run_batches
 
 from tiny_models import DECODER_ARCHS, ENCODER_ARCHS, VOCAB, greedy_tokens, tiny_config_values, tiny_model
 
@@ -47,7 +47,7 @@ def test_every_family_compiles_and_verifies(arch, past, tmp_path):
         session, model = make_session(out, threads=1), load_model(out)
         ids = np.random.default_rng(3).integers(5, VOCAB, size=(1, 7), dtype=np.int64)
         cached = _last_logits_through_cache(session, model, ids)
-        full = _outputs(session, make_feeds(model, ids, np.ones_like(ids)))["logits"][0, -1]
+        full = run_batches(session, [make_feeds(model, ids, np.ones_like(ids))])[0]["logits"][0, -1]
         # dynamic int8 scales follow each input, so the two paths differ by quantization noise
         assert np.linalg.norm(cached - full) <= 0.05 * np.linalg.norm(full)
         assert len(greedy_tokens(session, model, ids, 8, use_cache=True)) == 8
@@ -62,16 +62,10 @@ def test_lossless_fuses_every_attention_without_data(arch, past, tmp_path):
     assert fused.measured_error is not None and fused.measured_error <= 1e-5
 
 
-def _outputs(session, feeds) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
-
-
 def _last_logits_through_cache(session, model, ids) -> np.ndarray:
     """Logits of the last token of ``ids`` fed alone after the others filled the cache."""
-    first = _outputs(session, make_feeds(model, ids[:, :-1], np.ones_like(ids[:, :-1])))
+    first = run_batches(session, [make_feeds(model, ids[:, :-1], np.ones_like(ids[:, :-1]))])[0]
     past = {n.replace("present", "past_key_values"): v for n, v in first.items() if n.startswith("present")}
     step = {"input_ids": ids[:, -1:], "attention_mask": np.ones_like(ids),
             "position_ids": np.array([[ids.shape[1] - 1]], np.int64), **past}
-    wanted = {i.name for i in session.get_inputs()}
-    return _outputs(session, {k: v for k, v in step.items() if k in wanted})["logits"][0, -1]
+    return run_batches(session, [step])[0]["logits"][0, -1]  # feeds the session lacks are dropped
