@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import PROTOBUF_LIMIT, model_bytes, model_nbytes, model_proto
+from onnxpress.model_io import SessionModel, session_model
 from onnxpress.runtime import make_session, session_feeds
 
 RawConsumer = Callable[[str, np.ndarray, Feeds], None]
@@ -123,10 +123,10 @@ class Tap:
     already serialised with them as outputs (``SegmentStream``'s segments, the low-rank
     probe model). Callers running the same tensors many times keep one tap."""
 
-    def __init__(self, model: ir.Model | bytes, names: Sequence[str], *, prune: bool = False,
+    def __init__(self, model: ir.Model | SessionModel | bytes, names: Sequence[str], *, prune: bool = False,
                  threads: int | None = None):
         self.names = list(dict.fromkeys(names))
-        source = model if isinstance(model, bytes) else with_outputs(model, self.names, prune=prune)
+        source = with_outputs(model, self.names, prune=prune) if isinstance(model, ir.Model) else model
         self.session = make_session(source, threads=threads)
 
     def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
@@ -169,11 +169,9 @@ class Tap:
             del arrays
 
 
-def with_outputs(model: ir.Model, names: Sequence[str], *, prune: bool = False) -> bytes:
-    """Serialised copy of ``model`` whose outputs are its own plus ``names`` (with ``prune``:
-    ``names`` only, and only the nodes they need); the caller's model is untouched."""
-    if model_nbytes(model) > PROTOBUF_LIMIT:
-        raise OnnxpressError("model is over 2 GB: activation capture needs a model below the protobuf limit")
+def with_outputs(model: ir.Model, names: Sequence[str], *, prune: bool = False) -> SessionModel:
+    """A copy of ``model`` for a session, whose outputs are its own plus ``names`` (with
+    ``prune``: ``names`` only, and only the nodes they need); the caller's model is untouched."""
     copy = model.clone()  # weights shared, not copied
     values = _values_by_name(copy)
     for name in names:
@@ -192,7 +190,7 @@ def with_outputs(model: ir.Model, names: Sequence[str], *, prune: bool = False) 
         copy.graph.outputs.append(value)
     if prune:
         remove_dead_nodes(copy)
-    return model_bytes(copy)
+    return session_model(copy)
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -502,7 +500,8 @@ def value_types(model: ir.Model) -> dict[str, int]:
     types = {v.name: int(v.dtype) for v in model.graph.inputs if v.dtype is not None}
     missing = [v for node in model.graph for v in node.outputs if v.dtype is None]
     if missing:
-        inferred = onnx.shape_inference.infer_shapes(model_proto(model)).graph
+        # the session protobuf: a model over the protobuf limit keeps its weights out of it
+        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(session_model(model).proto)).graph
         for info in list(inferred.value_info) + list(inferred.output):
             if info.type.tensor_type.elem_type:
                 types[info.name] = info.type.tensor_type.elem_type

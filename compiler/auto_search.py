@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import CONFIDENCE_Z, FidelityMeter
-from onnxpress.model_io import model_bytes
+from onnxpress.model_io import session_model
 from onnxpress.pass_infra import PassReport, build_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches, time_alternating
@@ -212,7 +212,7 @@ class _Search:
         ctx = CompileContext(
             verification=c.verification, calibration=c.calibration, tokenizer_dir=c.tokenizer_dir, seed=c.seed,
             threads=c.threads, input_fidelity=self.meter, original=c.original, named_text=c.named_text,
-            text_files=c.text_files, unseen=c.unseen, unseen_fidelity=self.unseen,
+            text_files=c.text_files, unseen=c.unseen, unseen_fidelity=self.unseen, precision=c.precision,
         )
         t0 = time.perf_counter()
         new = Pipeline(passes, verify=True, progress=False).run(model, ctx)
@@ -235,7 +235,7 @@ class _Search:
             loss=loss,
             loss_bound=bound,
             latency_ms=round(ms, 2),
-            size_bytes=len(model_bytes(model)),
+            size_bytes=session_model(model).nbytes,
             fits=bound <= self.settings.budget,
             seconds=round(time.perf_counter() - t0 + self.last_apply_seconds, 1),
             compressed=False,

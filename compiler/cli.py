@@ -17,6 +17,7 @@ EXPORT_EXAMPLES = """examples:
   onnxpress export minilm -o build/minilm/           # the packaged all-MiniLM-L6-v2
   onnxpress export smollm2 -o build/smollm2/         # the packaged SmolLM2-135M (GGUF -> HF -> ONNX, with KV cache)
   onnxpress export path/to/hf_model_dir -o out/
+  onnxpress export smollm2 -o build/smollm2-fp16/ --dtype fp16   # half precision, KV cache included
 """
 INSPECT_EXAMPLES = """examples:
   onnxpress inspect build/minilm/model.onnx
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--task", help="optimum task (default: feature-extraction for encoders, text-generation-with-past for decoders)")
     p.add_argument("--opset", type=int)
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: a half-precision model (weights, activations, inputs and outputs)")
 
     p = sub.add_parser("inspect", help="print the transformer map of an ONNX model", epilog=INSPECT_EXAMPLES, formatter_class=fmt)
     p.add_argument("model", help=".onnx file")
@@ -94,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_export(args) -> int:
     from onnxpress.export import export_model, resolve_model_source
 
-    path = export_model(resolve_model_source(args.source), args.output, task=args.task, opset=args.opset)
+    path = export_model(resolve_model_source(args.source), args.output, task=args.task, opset=args.opset,
+                        dtype=args.dtype)
     print(f"exported {args.source} -> {path}")
     return 0
 

@@ -23,6 +23,7 @@ from onnxpress.fidelity import model_kind
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
+from onnxpress.precision import model_precision
 from onnxpress.recipe import PassSpec, Recipe, load_recipe, parse_pass_args
 from onnxpress.report import CompileReport
 
@@ -157,7 +158,7 @@ def compile_model(
     plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
     ir_model = load_model(src)
     ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), seed=seed,
-                         threads=threads)
+                         threads=threads, precision=model_precision(ir_model))
     pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
                             verify=verify, progress=progress)
     calibration = load_calibration(
@@ -178,7 +179,7 @@ def compile_model(
         model=str(src), output=str(out), recipe=plan.name,
         calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
         passes=results, size_before=_file_size(src), verified_on=verified_on, unseen_on=ctx.unseen_source,
-        extra=extra,
+        precision=ctx.precision.to_dict(), extra=extra,
     )
     _save_with_report(ir_model, out, report, external_data=external_data, start=start)
     return report

@@ -19,7 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import PROTOBUF_LIMIT
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ROOT = Path(os.environ.get("ONNXPRESS_CACHE", Path.home() / ".cache" / "onnxpress"))
@@ -32,6 +35,7 @@ DEFAULT_TASK = {
     **dict.fromkeys(DECODER_TYPES, "text-generation-with-past"),
 }
 SHORTCUTS = ("minilm", "smollm2")
+EXPORT_DTYPES = ("fp32", "fp16")
 EXPORT_HINT = "pip install onnxpress[export]"
 
 
@@ -176,8 +180,14 @@ def export_model(
     *,
     task: str | None = None,
     opset: int | None = None,
+    dtype: str = "fp32",
 ) -> Path:
-    """Export an HF model (folder or shortcut) to ``out_dir/model.onnx``; returns that path."""
+    """Export an HF model (folder or shortcut) to ``out_dir/model.onnx``; returns that path.
+    ``dtype`` "fp16": the float32 export converted to float16, inputs and outputs included
+    (the KV cache too, so it takes half the memory)."""
+    if dtype not in EXPORT_DTYPES:
+        raise OnnxpressError(f"dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}: "
+                             "ONNX Runtime's CPU provider runs float32 and float16 models")
     hf_dir = resolve_model_source(src)
     model_type = model_type_of(hf_dir)
     task = task or default_task(model_type)
@@ -202,9 +212,24 @@ def export_model(
         )
         if not (tmp / "model.onnx").exists():
             raise OnnxpressError(f"optimum wrote no model.onnx for task {task!r}: choose a single-model task")
+        if dtype == "fp16":
+            to_float16(tmp / "model.onnx")
 
     _write_atomically(out_dir, write)
     return out_dir / "model.onnx"
+
+
+def to_float16(path: Path) -> None:
+    """Convert the float32 model at ``path`` to float16 in place, with ONNX Runtime's converter
+    (which keeps the ops that have no float16 kernel, and the values that overflow it, in float32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(path)
+    for data in {t.external_data[0].value for t in model.graph.initializer if t.external_data}:
+        (path.parent / data).unlink()
+    half = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+    external = sum(len(t.raw_data) for t in half.graph.initializer) > PROTOBUF_LIMIT
+    onnx.save_model(half, path, save_as_external_data=external, location=f"{path.name}_data")
 
 
 def cached_export(name: str) -> Path:

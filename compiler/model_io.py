@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -20,6 +22,10 @@ from onnxpress.errors import OnnxpressError
 
 # Models above this size cannot be serialised into one protobuf (2 GiB limit).
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
+# Over the limit, initializers this large are kept out of the protobuf of an in-memory session.
+EXTERNAL_MIN_BYTES = 1024
+# The external data location those initializers are marked with (never written: the session gets the arrays).
+IN_MEMORY_WEIGHTS = "onnxpress-in-memory-weights.bin"
 
 # onnxruntime 1.31 (the newest we target) loads IR version 13 at most; onnx 1.23
 # writes 14 by default. We write the lowest IR version the model's opsets need.
@@ -124,8 +130,70 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def model_bytes(model: ir.Model) -> bytes:
-    """Serialised model, for ONNX Runtime sessions of models below the protobuf limit."""
-    if model_nbytes(model) > PROTOBUF_LIMIT:
-        raise OnnxpressError("model is over 2 GB: save it with external data and load it from the file")
-    return model_proto(model).SerializeToString()
+@dataclass(frozen=True)
+class SessionModel:
+    """A model as ONNX Runtime takes it from memory: the serialised protobuf and, for a model
+    over the protobuf limit, the weights kept out of it (``proto`` marks them external, at
+    offsets of a file that is never written), handed to the session as OrtValues over the
+    same memory (``onnxpress.runtime.make_session``)."""
+
+    proto: bytes
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    over_limit: bool = False  # the weights alone pass the protobuf limit
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.proto) + sum(a.nbytes for a in self.weights.values())
+
+    def check(self) -> None:
+        """The ONNX checker (``onnx.checker.ValidationError`` if it fails). The checker wants the
+        external weights' file to exist: a sparse file of the right size stands in for it."""
+        if not self.weights:
+            onnx.checker.check_model(self.proto)
+            return
+        with tempfile.TemporaryDirectory(prefix="onnxpress-check-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(self.proto)
+            os.truncate(_touch(Path(tmp) / IN_MEMORY_WEIGHTS), sum(a.nbytes for a in self.weights.values()))
+            onnx.checker.check_model(str(path))
+
+
+def session_model(model: ir.Model) -> SessionModel:
+    """``model`` for an ONNX Runtime session without writing it anywhere. Weights read from an
+    external data file stay out of the protobuf (memory-mapped, not copied; ORT could not find
+    the file from bytes), and so does, over the protobuf limit, every initializer of
+    ``EXTERNAL_MIN_BYTES`` or more."""
+    over_limit = model_nbytes(model) > PROTOBUF_LIMIT
+    external = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if not over_limit and not external and not _external_attributes(model):
+        return SessionModel(model_proto(model).SerializeToString())
+    copy = model.clone()  # tensors shared, not copied
+    graph = copy.graph
+    for node, key in _external_attributes(copy):  # Constant nodes' tensors: small, read in
+        node.attributes[key] = ir.AttrTensor(key, ir.tensor(node.attributes[key].value.numpy()))
+    weights, offset = {}, 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]  # ORT drops unused initializers, and then cannot be handed them
+            continue
+        if tensor is None or not (isinstance(tensor, ir.ExternalTensor)
+                                  or (over_limit and tensor.nbytes >= EXTERNAL_MIN_BYTES)):
+            continue
+        weights[name] = np.ascontiguousarray(tensor.numpy())
+        value.const_value = ir.ExternalTensor(IN_MEMORY_WEIGHTS, offset=offset, length=tensor.nbytes,
+                                              dtype=tensor.dtype, shape=tensor.shape, name=name, base_dir="")
+        offset += tensor.nbytes
+    return SessionModel(model_proto(copy).SerializeToString(), weights, over_limit)
+
+
+def _external_attributes(model: ir.Model) -> list[tuple[ir.Node, str]]:
+    """(node, attribute name) of every tensor attribute stored in an external data file."""
+    return [(node, key) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            for key, attr in node.attributes.items()
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor)]
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path

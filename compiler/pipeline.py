@@ -3,8 +3,9 @@
 After each pass that changed the model, the manager serialises it, runs the ONNX
 checker, loads it in a fresh ONNX Runtime session and re-measures its outputs
 against the previous stage on the verification batches. The stage is accepted only
-if that measured error is within what the pass reported (lossless passes: within
-``LOSSLESS_TOLERANCE``); anything else, an ONNX Runtime failure included, is a
+if that measured error is within what the pass reported plus the rounding of the model's
+precision (lossless passes: within the precision's tolerance, ``onnxpress.precision``;
+float32: 1e-5); anything else, an ONNX Runtime failure included, is a
 one-line ``VerificationError`` that names the pass. Each stage is also measured
 end to end against the compile's input model (``onnxpress.fidelity.FidelityMeter``)
 from the same outputs, for the report.
@@ -24,18 +25,17 @@ from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
-from onnxpress.model_io import model_proto
+from onnxpress.model_io import SessionModel, session_model
 from onnxpress.pass_infra import Pass, PassReport
+from onnxpress.precision import Precision, model_precision
 from onnxpress.runtime import make_session, run_batches, session_options
 
 if TYPE_CHECKING:
     from onnxpress.analysis import TransformerMap
     from onnxpress.calibration import CalibrationSet
 
-# Lossless passes must reproduce the previous stage to this relative error.
-LOSSLESS_TOLERANCE = 1e-5
-# Re-measured error may exceed the reported one by this relative slack (thread
-# scheduling can reorder float reductions between two sessions).
+# Re-measured error may exceed the reported one by this relative slack, plus the
+# precision's rounding (thread scheduling can reorder float reductions between two sessions).
 REPORT_SLACK = 0.02
 # What every verification failure tells the user to do: it is a bug in the pass, not in their input.
 REPORT_BUG = "please report this bug; run without this pass meanwhile"
@@ -62,6 +62,9 @@ class CompileContext:
     tokenizer_dir: Path | None = None
     seed: int = 0
     threads: int | None = None
+    # the compile input's compute precision: the size of the rounding the checks allow (None: the
+    # precision of the model the first Pipeline.run gets)
+    precision: Precision | None = None
     reference: list[dict[str, np.ndarray]] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     # the compile's input model, as it was before the first pass (distillation's teacher)
@@ -94,7 +97,7 @@ class CompileContext:
         self.stage_outputs = self.run_stage(model, pass_name)
         return self.compare_stage(self.stage_outputs, pass_name)
 
-    def run_stage(self, model: ir.Model | bytes, pass_name: str) -> list[dict[str, np.ndarray]]:
+    def run_stage(self, model: ir.Model | SessionModel, pass_name: str) -> list[dict[str, np.ndarray]]:
         """The verification outputs of the model ``pass_name`` wrote, in a fresh session."""
         options = session_options(self.threads)
         options.log_severity_level = 4  # ORT's own error log would add lines to the one-line error below
@@ -178,6 +181,8 @@ class Pipeline:
         measured against the compile's input model (a pass that changed nothing carries the
         stage before it)."""
         ctx.output_names = ctx.output_names or primary_outputs(model)
+        if ctx.precision is None:
+            ctx.precision = model_precision(model)
         if not ctx.reference:
             ctx.reference = ctx.run(model)
         if ctx.input_fidelity is None:
@@ -224,22 +229,24 @@ class Pipeline:
     def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassReport, *, lossless: bool):
         """The checker, a fresh ORT session of the saved model, and its error against the
         reported one; returns the stage's verification outputs."""
-        proto = model_proto(model)
+        source = session_model(model)
         try:
-            onnx.checker.check_model(proto)
+            source.check()
         except onnx.checker.ValidationError as exc:
             raise VerificationError(
                 f"pass {result.name} wrote an invalid ONNX model ({_first_line(exc)}): {REPORT_BUG}"
             ) from None
-        outputs = ctx.run_stage(proto.SerializeToString(), result.name)
+        outputs = ctx.run_stage(source, result.name)
         measured = ctx.compare_stage(outputs, result.name).rel_l2
         result.measured_error = measured
-        if lossless and measured > LOSSLESS_TOLERANCE:
+        precision = ctx.precision
+        if lossless and measured > precision.lossless_tolerance:
             raise VerificationError(
                 f"pass {result.name} is lossless, but the saved model is {measured:.3g} (relative L2) from the "
-                f"previous stage, more than the {LOSSLESS_TOLERANCE:g} allowed: {REPORT_BUG}"
+                f"previous stage, more than the {precision.lossless_tolerance:g} allowed in {precision.name}: "
+                f"{REPORT_BUG}"
             )
-        allowed = result.error * (1 + REPORT_SLACK) + 1e-6
+        allowed = result.error * (1 + REPORT_SLACK) + precision.rounding_slack
         if not lossless and measured > allowed:
             raise VerificationError(
                 f"pass {result.name} reported an error of {result.error:.3g} (relative L2), but the saved model is "

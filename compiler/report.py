@@ -32,6 +32,8 @@ class CompileReport:
     seconds: float = 0.0
     verified_on: str = ""  # the samples every stage was verified and measured on
     unseen_on: str = ""  # held-out samples of a domain the calibration never saw (named data only)
+    # the input's compute precision and the rounding its checks allowed (``onnxpress.precision``)
+    precision: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,8 +103,15 @@ class CompileReport:
             f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s\n"
             f"{self._format_fidelity()}"
         )
-        notes = "".join(f"\nnote: {n}" for n in self.extra.get("notes", []))
+        notes = "".join(f"\nnote: {n}" for n in [*self._precision_notes(), *self.extra.get("notes", [])])
         return summary + "\n" + "\n".join(lines) + notes + self._format_search()
+
+    def _precision_notes(self) -> list[str]:
+        if not self.precision or self.precision.get("name") == "float32":
+            return []
+        p = self.precision
+        return [f"a {p['name']} model: lossless passes are verified to {p['lossless_tolerance']:g} relative L2, "
+                f"the others to their reported error + {p['rounding_slack']:g} ({p['name']} rounding)"]
 
     def _format_fidelity(self) -> str:
         """The whole compile's fidelity lines, e.g. 'fidelity vs input on ...: embedding cosine 0.9958 mean / ...',

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import model_bytes
+from onnxpress.model_io import SessionModel, session_model
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -35,33 +35,48 @@ def session_options(threads: int | None = None, *, optimize: bool = True) -> ort
 
 
 def make_session(
-    model: ir.Model | str | os.PathLike | bytes,
+    model: ir.Model | SessionModel | str | os.PathLike | bytes,
     *,
     threads: int | None = None,
     optimize: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """A session for an in-memory model, serialised bytes or a file; registers
-    onnxpress's operator library when the model uses the ``onnxpress`` domain."""
-    source: bytes | str = (
-        model_bytes(model) if isinstance(model, ir.Model) else model if isinstance(model, bytes) else str(model)
-    )
+    """A session for an in-memory model (of any size), serialised bytes or a file; registers
+    onnxpress's operator library when the model uses the ``onnxpress`` domain. ``options``
+    are changed in place when the model has weights kept out of its protobuf."""
+    uses_ops = _uses_onnxpress_ops(model)
+    if isinstance(model, ir.Model):
+        model = session_model(model)
+    weights, large = {}, False
+    if isinstance(model, SessionModel):
+        model, weights, large = model.proto, model.weights, model.over_limit
+    source: bytes | str = model if isinstance(model, bytes) else str(model)
     opts = options or session_options(threads, optimize=optimize)
-    if _uses_onnxpress_ops(model):
+    if large:  # MatMul kernels would keep a repacked copy of every weight: a second model in memory
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    # OrtValues over the arrays' memory, not copies: the session keeps both alive
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+    if weights:
+        opts.add_external_initializers(list(weights), values)
+    if uses_ops:
         from onnxpress import runtime_ops
 
         opts = runtime_ops.session_options_for(source, opts)
     try:
-        return ort.InferenceSession(source, sess_options=opts, providers=list(providers))
+        session = ort.InferenceSession(source, sess_options=opts, providers=list(providers))
     except Exception as exc:  # ORT raises several types; make it one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxpressError(f"ONNX Runtime cannot load the model: {first}") from None
+    session.onnxpress_weights = (weights, values)
+    return session
 
 
-def _uses_onnxpress_ops(model: ir.Model | str | os.PathLike | bytes) -> bool:
+def _uses_onnxpress_ops(model: ir.Model | SessionModel | str | os.PathLike | bytes) -> bool:
     if isinstance(model, ir.Model):
         return any(node.domain == "onnxpress" for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    if isinstance(model, SessionModel):
+        model = model.proto
     if isinstance(model, str | os.PathLike) and not Path(model).exists():
         return False
     from onnxpress import runtime_ops

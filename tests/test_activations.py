@@ -27,7 +27,7 @@ from onnxpress.activations import (  # noqa: E402
 )
 from onnxpress.calibration import CalibrationSet  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
-from onnxpress.model_io import model_bytes  # noqa: E402
+from onnxpress.model_io import session_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,14 @@ def test_histogram_range_doubles_exactly():
 
 def test_capture_keeps_no_activations_and_leaves_model_alone(setup):
     model, calib, x_name, y_name = setup
-    before = model_bytes(model)
+    before = session_model(model).proto
     outputs = [v.name for v in model.graph.outputs]
     refs = []
     capture(model, [x_name, y_name], calib, lambda name, array, feeds: refs.append(weakref.ref(array)))
     assert len(refs) == 2 * len(calib)
     assert all(r() is None for r in refs)  # every captured array was released: memory is one batch
     assert [v.name for v in model.graph.outputs] == outputs
-    assert model_bytes(model) == before
+    assert session_model(model).proto == before
 
 
 def test_token_rows_drops_padding():
@@ -184,7 +184,7 @@ def test_pruned_copy_gives_the_same_tensors(setup):
     for n in names:
         for a, b in zip(full[n], pruned[n], strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
-    cut = onnx.load_from_string(with_outputs(model, names, prune=True))
+    cut = onnx.load_from_string(with_outputs(model, names, prune=True).proto)
     assert [o.name for o in cut.graph.output] == names
     assert len(cut.graph.node) < len(model.graph) / 2  # only the first layer's projection runs
     cut_gram, full_gram = (capture_grams(model, calib, [y_name], prune=p).grams[y_name] for p in (True, False))

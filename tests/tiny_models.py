@@ -493,6 +493,28 @@ def tiny_model(
     return path
 
 
+def tiny_model_fp16(arch: str, *, with_past: bool = False) -> Path:
+    """The optimum export of ``arch`` converted to float16 as ``onnxpress export --dtype fp16``
+    converts it (inputs, outputs and the KV cache included), cached beside it."""
+    from onnxpress.export import to_float16
+
+    src = tiny_model(arch, with_past=with_past)
+    entry = src.parent.with_name(src.parent.name + "-fp16")
+    if not (entry / "model.onnx").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        try:
+            shutil.copytree(src.parent, tmp / "onnx")
+            to_float16(tmp / "onnx" / "model.onnx")
+            try:
+                os.replace(tmp / "onnx", entry)
+            except OSError:
+                if not (entry / "model.onnx").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry / "model.onnx"
+
+
 def hf_layer_params(arch: str, layer: int = 0) -> int:
     """Parameters of one transformer block of the tiny HF model (weights, biases and
     norms of ``layer``), to check the analysis' per-layer count against."""

@@ -91,12 +91,15 @@ def mask_bias(tape: AttentionTape, terms: list[MaskTerm], query: ir.Value) -> ir
     if key in tape.shared:
         return tape.shared[key]
     total = None
+    dtype = np.dtype((query.dtype or ir.DataType.FLOAT).numpy())  # the bias is added to scores of this type
     for term in terms:
         value = term.value
         if term.condition:
-            zero = tape.constant("onnxpress_attn_zero", np.array(0.0, np.float32))
-            fill = tape.constant(f"onnxpress_attn_fill_{term.fill:g}".replace("-", "m"),
-                                 np.array(term.fill, np.float32))
+            # a float32 fill (-3.4e38) would be -inf in float16, and a row of -inf softmaxes to NaN
+            fill_value = max(term.fill, float(np.finfo(dtype).min)) if np.isfinite(term.fill) else term.fill
+            zero = tape.constant(f"onnxpress_attn_zero_{dtype}", np.array(0.0, dtype))
+            fill = tape.constant(f"onnxpress_attn_fill_{fill_value:g}_{dtype}".replace("-", "m"),
+                                 np.array(fill_value, dtype))
             value = tape.op("Where", [value, zero, fill])
         total = value if total is None else tape.op("Add", [total, value])
     ones = tape.constant("onnxpress_attn_ones2", np.array([1, 1], np.int64))
@@ -232,6 +235,8 @@ def wire(graph: ir.Graph, tape: AttentionTape, site: Site, fused: ir.Node) -> No
         out = tape.op("Transpose", [tape.op("Reshape", [out, shape])], {"perm": [0, 2, 1, 3]})
         target = site.context_out
     graph.insert_after(site.anchor, tape.nodes)
+    if out.dtype is None and target.dtype is not None:  # what the passes after read the activations' type from
+        out.dtype = target.dtype
     _take_over(graph, target, out, uses=True)
     if site.k.present is not None:
         # only the graph outputs: nodes still reading the old cache Concat (a mask sized from

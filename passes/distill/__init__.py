@@ -81,7 +81,7 @@ class DistillPass(Pass):
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         # torch is imported here: onnxpress runs without it until a pipeline distills
-        from onnxpress.passes.distill.engine import TorchGraph, check_supported
+        from onnxpress.passes.distill.engine import TorchGraph, check_supported, float32_copy
         from onnxpress.passes.distill.train import Loss, Schedule, Trainer
 
         torch = _torch()
@@ -102,13 +102,14 @@ class DistillPass(Pass):
         torch.set_num_threads(ctx.threads or os.cpu_count() or 1)
         torch.manual_seed(seed)
         try:
-            student = TorchGraph(model, trainable)
+            student_model = float32_copy(model)
+            student = TorchGraph(student_model, trainable)
             teacher = _teacher_runner(teacher_model, targets, ctx.threads)
             loss = Loss(targets, cfg.hidden_weight, cfg.cosine_weight, cfg.layer_weight, cfg.temperature)
             schedule = Schedule(cfg.steps, cfg.lr, cfg.warmup, 60.0 * cfg.max_minutes, cfg.eval_every, cfg.patience,
                                 cfg.augment)
             params = student.trainable_parameters()
-            trainer = Trainer(student, model, teacher_model, teacher, loss, params, schedule,
+            trainer = Trainer(student, student_model, teacher_model, teacher, loss, params, schedule,
                               progress=progress_enabled())
             history = trainer.run(data, seed)
             written = student.write_back(model)

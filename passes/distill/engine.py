@@ -591,6 +591,42 @@ def check_supported(graph: ir.Graph) -> None:
         )
 
 
+def float32_copy(model: ir.Model) -> ir.Model:
+    """A half-precision model as float32 (the model itself when it has no float16 tensors):
+    initializers, constants, Casts and typed inputs. Training runs on this copy: CPU matmuls
+    in float16 are slow, and Adam's small updates vanish in float16 weights; ``write_back``
+    rounds the trained values to the model's own type."""
+    half = ir.DataType.FLOAT16
+    graph = model.graph
+    if not any(v.const_value is not None and v.const_value.dtype == half for v in graph.initializers.values()) \
+            and not any(v.dtype == half for v in graph.inputs):
+        return model
+    copy = model.clone()
+    for value in copy.graph.initializers.values():
+        if value.const_value is not None and value.const_value.dtype == half:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+    for node in ir.traversal.RecursiveGraphIterator(copy.graph):
+        for key in ("value", "to"):
+            attr = node.attributes.get(key)
+            if attr is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == half:
+                node.attributes[key] = ir.AttrTensor(key, ir.tensor(attr.value.numpy().astype(np.float32)))
+            elif key == "to" and attr.type == ir.AttributeType.INT and attr.value == half:
+                node.attributes[key] = ir.AttrInt64(key, ir.DataType.FLOAT)
+        for value in node.outputs:
+            _to_float32_type(value)
+    for value in copy.graph.inputs:
+        _to_float32_type(value)
+    return copy
+
+
+def _to_float32_type(value: ir.Value) -> None:
+    # a new type object: a clone shares its source's, and setting ``dtype`` would change both
+    if value.dtype == ir.DataType.FLOAT16:
+        value.type = ir.TensorType(ir.DataType.FLOAT)
+
+
 def _as_predicate(trainable, graph: ir.Graph) -> Callable[[ir.Value], bool]:
     if trainable is None:
         return lambda value: False

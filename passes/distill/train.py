@@ -124,7 +124,9 @@ class Trainer:
     def batch_loss(self, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         teacher = self.teacher(feeds_for(self.teacher_model, ids, mask))
         student = self.student(feeds_for(self.student_model, ids, mask), self.student_names)
-        return self.loss(student, {k: torch.from_numpy(v) for k, v in teacher.items()}, torch.from_numpy(mask))
+        # a half-precision teacher's targets, compared in the student's float32
+        targets = {k: torch.from_numpy(v).to(torch.float32) for k, v in teacher.items()}
+        return self.loss(student, targets, torch.from_numpy(mask))
 
     @torch.no_grad()
     def holdout_loss(self, data: TextBatches) -> float:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxpress import factorization as fz
 from onnxpress.activations import Tap
 from onnxpress.editing import GraphEditor, split_matrix
-from onnxpress.model_io import model_bytes
+from onnxpress.model_io import SessionModel, session_model
 
 # every probe is a forward pass, so (units x layers) bounds the probes' cost: MiniLM's 6 layers get a
 # unit per (layer, role); SmolLM2's 30 layers one per role over all layers (its probes take ~5x longer)
@@ -57,9 +57,9 @@ def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str
     return out
 
 
-def probe_model(model: ir.Model, matrices: list) -> tuple[bytes, list[tuple[str, str, str]]]:
+def probe_model(model: ir.Model, matrices: list) -> tuple[SessionModel, list[tuple[str, str, str]]]:
     """A copy of ``model`` in which matrix i computes ``x @ A_i @ B_i + b_i`` from graph inputs;
-    returns the serialised model and the (A, B, b) input names of each matrix."""
+    returns that model for a session and the (A, B, b) input names of each matrix."""
     copy = model.clone()
     nodes = {id(a): b for a, b in zip(model.graph, copy.graph, strict=True)}
     values = {v.name: v for node in copy.graph for v in node.outputs}
@@ -76,7 +76,7 @@ def probe_model(model: ir.Model, matrices: list) -> tuple[bytes, list[tuple[str,
             bias_value=values[m.bias_value.name] if m.bias_value is not None else None)
         split_matrix(editor, moved, *trio)
         names.append(tuple(v.name for v in trio))
-    return model_bytes(copy), names
+    return session_model(copy), names
 
 
 class _SquaredError:

@@ -10,6 +10,10 @@ kernels, never kernels of our own:
   (what ``quantize_dynamic`` writes) -> ``DynamicQuantizeMatMul``;
 - weight-only: the MatMul becomes ``com.microsoft.MatMulNBits``.
 
+Half-precision models: MatMulNBits and the int8 embedding rows take the model's float
+type; the int8 MatMul kernels (and DynamicQuantizeLinear) take float32 only, so a float16
+MatMul is first cast to float32 around it (``float32_island``) and then rewritten.
+
 Also: finding the MatMuls to quantise (from the analysis when it recognises the model,
 else every MatMul with a constant 2-D weight) and SmoothQuant's per-channel scaling,
 folded into the producer of the input where that is exact and cheap.
@@ -59,6 +63,11 @@ class QLinear:
     def weight_array(self) -> np.ndarray:
         """The stored weight as float32."""
         return stored_array(self.weight).astype(np.float32)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The float type the MatMul computes in (its weight's: MatMul's inputs share one type)."""
+        return stored_array(self.weight).dtype
 
 
 def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, str]]:
@@ -117,9 +126,39 @@ class QuantRewriter:
         self.editor = GraphEditor(model)
         self._static_q: dict[str, ir.Value] = {}
         self._dynamic_q: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._float32_inputs: dict[str, ir.Value] = {}  # half-precision input -> its float32 cast
 
     def _insert(self, before: ir.Node, nodes: Iterable[ir.Node]) -> None:
         self.graph.insert_before(before, list(nodes))
+
+    def float32_island(self, lin: QLinear) -> None:
+        """A MatMul on half-precision activations reads a float32 cast of its input (one per
+        input tensor, shared by q/k/v) and its output is cast back, so the int8 rewrite that
+        follows sees a float32 MatMul."""
+        x, y = lin.input, lin.node.outputs[0]
+        if lin.dtype == np.float32:
+            return
+        x32 = self._float32_inputs.get(x.name)
+        if x32 is None:
+            cast_in = ir.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{_stem(x.name)}_CastFloat32")
+            x32 = cast_in.outputs[0]
+            x32.name = self.editor.fresh_name(f"{x.name}_float32")
+            x32.type, x32.shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+            self._insert(lin.node, [cast_in])
+            self._float32_inputs[x.name] = x32
+        _set_input(lin.node, 0, x32)
+        cast_out = ir.node("Cast", [], {"to": ir.DataType.from_numpy(lin.dtype)}, num_outputs=1,
+                           name=f"{_stem(lin.name)}_CastBack")
+        back = cast_out.outputs[0]
+        back.type, back.shape = y.type, y.shape
+        ir.convenience.replace_all_uses_with(y, back, replace_graph_outputs=True)
+        cast_out.resize_inputs(1)
+        cast_out.replace_input_with(0, y)
+        name = y.name
+        y.name = self.editor.fresh_name(f"{name}_float32")
+        y.type = ir.TensorType(ir.DataType.FLOAT)
+        back.name = name
+        self.graph.insert_after(lin.node, [cast_out])
 
     def static(
         self,
@@ -131,6 +170,7 @@ class QuantRewriter:
         x_type: str,
         emit: str = "qdq",
     ) -> None:
+        self.float32_island(lin)
         if emit == "contrib" and x_type == "uint8":
             return self._static_contrib(lin, w_codes, w_scale, x_scale, x_zp)
         base = _stem(lin.name)
@@ -178,7 +218,7 @@ class QuantRewriter:
             xz,
             self.editor.add_initializer(f"{base}_weight_zero_point", np.zeros(w_scale.shape, np.int8)),
         ]
-        add, bias = _bias_add(lin.node, w_codes.shape[1])
+        add, bias = bias_add(lin.node, w_codes.shape[1])
         if bias is not None:
             inputs.append(bias)
         mm = ir.node(
@@ -192,7 +232,17 @@ class QuantRewriter:
         if "com.microsoft" not in self.model.opset_imports:
             self.model.opset_imports["com.microsoft"] = 1
 
+    def shift_bias(self, lin: QLinear, shift: np.ndarray) -> None:
+        """Subtract ``shift`` from the bias the MatMul's output is added to (bias correction)."""
+        add, bias = bias_add(lin.node, shift.size)
+        if add is None:
+            return
+        value = stored_array(bias)
+        corrected = self.editor.add_initializer(f"{bias.name}_corrected", (value - shift).astype(value.dtype))
+        add.replace_input_with(list(add.inputs).index(bias), corrected)
+
     def dynamic(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray) -> None:
+        self.float32_island(lin)
         base = _stem(lin.name)
         x = lin.input
         new: list[ir.Node] = []
@@ -218,11 +268,12 @@ class QuantRewriter:
         self._replace_node_output(lin.node, mul)
 
     def nbits(self, lin: QLinear, nw) -> None:
+        """MatMulNBits in the activations' float type (its scales too)."""
         base = _stem(lin.name)
         inputs = [
             lin.input,
             self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed),
-            self.editor.add_initializer(f"{base}_weight_scales", nw.scales),
+            self.editor.add_initializer(f"{base}_weight_scales", nw.scales.astype(lin.dtype)),
         ]
         if nw.zero_points is not None:
             inputs.append(self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points))
@@ -243,12 +294,13 @@ class QuantRewriter:
         gathered rows are dequantised exactly, LayerNorm and everything after stay float).
         Tables shared with a MatMul (tied LM heads) are left alone: the MatMul needs the floats."""
         table = stored_array(node.inputs[0])
-        if table is None or table.ndim != 2 or table.dtype != np.float32:
+        if table is None or table.ndim != 2 or table.dtype not in (np.float32, np.float16):
             return False
         if any(n is not node for n, _ in node.inputs[0].uses()):
             return False
         base = _stem(node.name or node.inputs[0].name)
-        scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127
+        scale = (np.maximum(np.abs(table.astype(np.float32)).max(axis=1, keepdims=True), 1e-12) / 127)
+        scale = scale.astype(table.dtype).astype(np.float32)  # the codes are rounded against the stored scale
         codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
         axis = node.attributes.get_int("axis", 0)
         if axis != 0:
@@ -257,10 +309,10 @@ class QuantRewriter:
             "Gather", [self.editor.add_initializer(f"{base}_table_int8", codes), node.inputs[1]],
             name=f"{base}_GatherInt8",
         )
-        cast = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
+        cast = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.from_numpy(table.dtype)}, name=f"{base}_Cast")
         scales = ir.node(
             "Gather",
-            [self.editor.add_initializer(f"{base}_row_scales", scale.astype(np.float32)), node.inputs[1]],
+            [self.editor.add_initializer(f"{base}_row_scales", scale.astype(table.dtype)), node.inputs[1]],
             name=f"{base}_GatherScale",
         )
         mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{base}_Dequantize")
@@ -288,7 +340,7 @@ class QuantRewriter:
             self.model.opset_imports[""] = 13
 
 
-def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
+def bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
     """The ``Add(MatMul, bias[n])`` right after ``node`` (its only consumer), if there is one."""
     out = node.outputs[0]
     uses = list(out.uses())
@@ -299,7 +351,7 @@ def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
         return None, None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     bias = stored_array(other)
-    if bias is None or bias.dtype != np.float32 or bias.shape != (n,):
+    if bias is None or bias.dtype not in (np.float32, np.float16) or bias.shape != (n,):
         return None, None
     if other.const_value is None:  # a Constant node: MatMulIntegerToFloat wants an initializer
         return None, None
@@ -393,7 +445,7 @@ def apply_smoothing(graph: ir.Graph | GraphEditor, x: ir.Value, linears: list[QL
     consumers = {id(lin.node) for lin in linears}
     where = fold_channel_scale(editor, x, (1.0 / s).astype(np.float32), consumers)
     if where is None:
-        inv = editor.add_initializer(f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
+        inv = editor.add_initializer(f"{x.name}_smooth_inv", (1.0 / s).astype(linears[0].dtype))
         mul = ir.node("Mul", [x, inv], name=f"{x.name}_Smooth")
         mul.outputs[0].name = editor.fresh_name(f"{x.name}_smoothed")
         mul.outputs[0].type = x.type
@@ -403,7 +455,7 @@ def apply_smoothing(graph: ir.Graph | GraphEditor, x: ir.Value, linears: list[QL
             lin.node.replace_input_with(0, mul.outputs[0])
         where = "inserted Mul"
     for lin in linears:
-        w = lin.weight_array()
-        scaled = (w * s[:, None]).astype(w.dtype)
+        w = stored_array(lin.weight)
+        scaled = (w.astype(np.float32) * s[:, None]).astype(w.dtype)
         lin.node.replace_input_with(1, editor.add_initializer(f"{lin.weight.name}_smoothed", scaled))
     return where

@@ -20,7 +20,7 @@ from onnx import helper
 from onnxpress.calibration import CalibrationSet, input_specs, is_past_input, make_feeds
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs
-from onnxpress.model_io import load_model, model_bytes
+from onnxpress.model_io import load_model, session_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.passes.distill.engine import OPS, TorchGraph
 from onnxpress.pipeline import CompileContext, Pipeline
@@ -407,7 +407,7 @@ def test_sgd_trains_exactly_the_chosen_initializers(shared_llama, two_threads):
             assert array.tobytes() == before[name].tobytes(), f"{name} was not trainable but changed"
 
     # the written-back model is valid, loads in ORT and computes what the trained module computes
-    proto = onnx.load_from_string(model_bytes(student))
+    proto = onnx.load_from_string(session_model(student).proto)
     onnx.checker.check_model(proto)
     fresh = [_feeds(student, seed) for seed in (12, 13)]
     ort_out = run_batches(make_session(proto.SerializeToString(), threads=1), fresh)
@@ -458,7 +458,7 @@ def test_shared_initializer_is_one_parameter_and_stays_shared(shared_llama):
     assert _shared_initializers(student) == shared  # still one initializer, read by the same nodes
     after = _snapshot(student)
     assert all(not np.array_equal(after[n], before[n]) for n in shared)
-    proto = onnx.load_from_string(model_bytes(student))
+    proto = onnx.load_from_string(session_model(student).proto)
     assert sorted(t.name for t in proto.graph.initializer) == sorted(before)  # nothing duplicated
     batches = [_feeds(student, 21)]
     _assert_matches_ort(run_batches(make_session(proto.SerializeToString(), threads=1), batches),

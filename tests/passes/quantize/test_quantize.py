@@ -4,6 +4,7 @@ reports the error the saved model really has."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
@@ -255,3 +256,41 @@ def test_quantize_after_attention_on_the_onnxpress_op(tmp_path):
     out = save_model(model, tmp_path / "q.onnx")
     saved = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
     assert compare_outputs(original, saved).rel_l2 == pytest.approx(quant.measured_error, rel=0.02, abs=1e-5)
+
+
+def _linear_with_bias(k: int = 32, n: int = 16, seed: int = 0) -> ir.Model:
+    """y = x W + b: one MatMul with a bias, for checking what static quantization does to its mean."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")],
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_bias_correction_removes_the_mean_error_clipped_ranges_add(correct):
+    """Heavy-tailed inputs whose range is clipped (percentile) shift the int8 output's mean;
+    bias correction subtracts that shift from the bias, measured in ORT on the calibration rows."""
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.exponential(1.0, (64, 32)).astype(np.float32)} for _ in range(8)]
+    model = _linear_with_bias()
+    ctx = CompileContext(verification=batches[:2], calibration=SimpleNamespace(batches=batches), threads=1)
+    ctx.output_names = ["y"]
+    ctx.reference, reference = ctx.run(model), ctx.run(model, batches)
+    settings = {"mode": "static", "calibration_method": "percentile", "percentile": 99.0, "smooth": False,
+                "gptq": False, "bias_correction": correct}
+    result = build_pass("quantize", settings).run(model, ctx)
+    quantized = ctx.run(model, batches)
+    mean_error = np.mean([q["y"] - r["y"] for q, r in zip(quantized, reference, strict=True)], axis=(0, 1))
+    assert result.changes.get("biases_corrected", 0) == (1 if correct else 0)
+    scale = np.abs(np.concatenate([r["y"] for r in reference])).mean()
+    if correct:
+        assert np.abs(mean_error).max() < 0.002 * scale
+    else:  # what there is to correct: the clipped tail pulls every output channel's mean
+        assert np.abs(mean_error).max() > 0.01 * scale

@@ -1,0 +1,100 @@
+"""A decoder over the protobuf limit: a random-weight Llama of 0.74 B parameters (hidden 2048,
+12 layers, 32 heads / 8 KV heads, FFN 5632; SmolLM2's tokenizer and vocabulary), built from a
+transformers config (no download), exported with ``onnxpress export`` (2.9 GB of float32
+weights in external data) and compiled with each of ``--recipes``, each step in a fresh
+process whose peak RSS (with its children's) is polled with psutil. Each compiled model must load in ONNX Runtime and generate greedily
+through its KV cache.
+
+    OPENBLAS_NUM_THREADS=1 nice python bench/bench_large.py [--recipes lossless edge-int4 balanced]
+
+Writes ``bench/results/large.json``: per step wall time, peak RSS, peak RSS / fp32 model size,
+output size, and the generated tokens' count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from onnxpress.export import CACHE_ROOT  # noqa: E402
+
+WORK = CACHE_ROOT / "bench-large"
+CONFIG = dict(hidden_size=2048, num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=8,
+              intermediate_size=5632, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
+
+_BUILD = """
+import sys, torch, transformers
+from onnxpress.export import smollm2_hf_dir
+torch.manual_seed(0)
+config = transformers.LlamaConfig(**{config})
+model = transformers.LlamaForCausalLM(config)
+model.save_pretrained(sys.argv[1])
+transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir()).save_pretrained(sys.argv[1])
+"""
+_GENERATE = """
+import sys
+from onnxpress.evaluation import generate_greedy
+print(len(generate_greedy(sys.argv[1], sys.argv[2], "The state of the union is", max_new_tokens=8)))
+"""
+
+
+def run(label: str, cmd: list[str]) -> dict:
+    """Run ``cmd``; its wall time and the peak RSS of the process tree, polled every 0.2 s."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    row = {"step": label, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 1e9, 2),
+           "ok": proc.returncode == 0}
+    if proc.returncode:
+        row["error"] = out.strip().splitlines()[-1] if out.strip() else f"exit {proc.returncode}"
+    print(label, row, flush=True)
+    return row, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["lossless", "edge-int4", "balanced"])
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    hf, onnx_dir = WORK / "hf", WORK / "onnx"
+    rows = []
+    if not (hf / "config.json").exists():
+        rows.append(run("build HF model", [sys.executable, "-c", _BUILD.format(config=CONFIG), str(hf)])[0])
+    if not (onnx_dir / "model.onnx").exists():
+        rows.append(run("onnxpress export", ["onnxpress", "export", str(hf), "-o", str(onnx_dir)])[0])
+    fp32 = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith("model.onnx"))
+    for recipe in args.recipes:
+        out = WORK / f"{recipe}.onnx"
+        calib = [] if recipe == "lossless" else ["--calib", "sotu"]
+        row, _ = run(f"compile {recipe}", ["onnxpress", "compile", str(onnx_dir / "model.onnx"), "-o", str(out),
+                                           "--recipe", recipe, *calib, "--quiet"])
+        if row["ok"]:
+            row["output_gb"] = round(sum(f.stat().st_size for f in WORK.glob(f"{recipe}.onnx*")) / 1e9, 2)
+            gen, text = run(f"generate {recipe}", [sys.executable, "-c", _GENERATE, str(out), str(onnx_dir)])
+            row["generated_tokens"] = int(text.strip().splitlines()[-1]) if gen["ok"] else gen.get("error")
+            row["generate_peak_rss_gb"] = gen["peak_rss_gb"]
+        row["rss_over_fp32"] = round(row["peak_rss_gb"] * 1e9 / fp32, 2)
+        rows.append(row)
+    write_results("large", rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
+                  notes={"model": {"parameters": "0.74 B", **CONFIG}, "fp32_bytes": fp32})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Models over the protobuf limit (2 GB).
+
+ONNX Runtime sessions of such a model are built from a protobuf without its weights, which
+are handed over as OrtValues (``model_io.session_model``); the checker sees a stand-in for the
+external file. The same code runs for a model of any size once it is over the limit, so the
+tests lower the limit to a few kilobytes and compile a tiny model through it: every stage,
+activation capture, the low-rank probes and the output (saved with external data) take the
+large-model path, and give what the ordinary path gives.
+"""
+
+import numpy as np
+import pytest
+
+from onnxpress import model_io
+from onnxpress.calibration import make_feeds
+from onnxpress.compile import compile_model
+from onnxpress.model_io import load_model, session_model
+from onnxpress.runtime import make_session, run_batches
+
+from tiny_models import VOCAB, tiny_model
+
+LIMIT = 64 * 1024
+
+
+def _feeds(model):
+    ids = np.random.default_rng(0).integers(5, VOCAB, size=(2, 9), dtype=np.int64)
+    return [make_feeds(model, ids, np.ones_like(ids))]
+
+
+def test_a_session_over_the_limit_keeps_the_weights_out_of_the_protobuf(monkeypatch):
+    model = load_model(tiny_model("llama", with_past=True))
+    expected = run_batches(make_session(session_model(model)), _feeds(model))
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", LIMIT)
+
+    source = session_model(model)
+    kept_out = sum(a.nbytes for a in source.weights.values())
+    assert kept_out > 0.9 * model_io.model_nbytes(model) and len(source.proto) < kept_out / 4
+    source.check()
+    outputs = run_batches(make_session(source), _feeds(model))
+    for got, want in zip(outputs, expected, strict=True):
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_compiling_over_the_limit_gives_what_compiling_under_it_gives(monkeypatch, tmp_path):
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(5, VOCAB, (16, 32)))
+    passes = ["cleanup", "prune_ffn:fraction=0.25", "lowrank:fraction=0.1", "attention:optional=true",
+              "quantize:mode=dynamic"]
+    src = tiny_model("llama", with_past=True)
+    small = compile_model(src, tmp_path / "small.onnx", passes=passes, calib=[calib], progress=False, threads=1)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", LIMIT)
+    large = compile_model(src, tmp_path / "large.onnx", passes=passes, calib=[calib], progress=False, threads=1)
+
+    assert (tmp_path / "large.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
+    for a, b in zip(small.passes, large.passes, strict=True):
+        assert a.changes == b.changes, a.name
+        assert b.measured_error == pytest.approx(a.measured_error, rel=1e-3, abs=1e-7), a.name
+    model = load_model(tmp_path / "large.onnx")
+    got = run_batches(make_session(tmp_path / "large.onnx"), _feeds(model))
+    want = run_batches(make_session(tmp_path / "small.onnx"), _feeds(model))
+    np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-4, atol=1e-4)
