@@ -8,7 +8,7 @@ News, a domain it never saw), so the float16 compile's cost reads beside the flo
 Columns: file size; encoders, mean / min sentence-embedding cosine vs the float32 export;
 decoders, perplexity change vs it; ``d_*``: the float16 row minus the float32 row of the same
 recipe. Compiles keep their outputs under the cache (``--reuse`` re-measures them). Writes
-``bench/results/precision.json``. Nothing is timed: speed is ``bench_compare.py``'s.
+``bench/results/precision.json`` (rows of other models and recipes kept). Nothing is timed: speed is ``bench_compare.py``'s.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="re-measure compiles an earlier run kept")
     args = parser.parse_args()
     path = RESULTS / "precision.json"
-    kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in args.models] if path.exists() else []
+    done = {(m, r) for m in args.models for r in ("(export)", *args.recipes)}
+    kept = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["recipe"]) not in done] \
+        if path.exists() else []
     rows = kept + [row for name in args.models for row in measure(name, args.recipes, args.reuse)]
     write_results("precision", rows, command="python bench/bench_precision.py " + " ".join(sys.argv[1:]),
                   notes={"reference": "every row against the float32 export; d_*: float16 row minus float32 row"})

@@ -157,6 +157,7 @@ class PassReport:
     vs_input: dict[str, Any] = field(default_factory=dict)
     vs_unseen: dict[str, Any] = field(default_factory=dict)  # the same on a domain the calibration never saw
     seconds: float = 0.0
+    peak_rss_mb: float | None = None  # the process's peak memory during the pass and its verification
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 

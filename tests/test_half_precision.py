@@ -82,6 +82,16 @@ def test_every_family_compiles_a_float16_model(arch, past, mode, tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "past"), CASES, ids=[a for a, _ in CASES])
+def test_structural_passes_keep_every_weight_float16(arch, past, tmp_path):
+    src, out = tiny_model_fp16(arch, with_past=past), tmp_path / "out.onnx"
+    compile_model(src, out, passes=STRUCTURAL, calib=[_calibration(tmp_path)], progress=False, threads=1)
+    floats = [t for t in onnx.load(out).graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)
+    assert out.stat().st_size < src.stat().st_size
+
+
+@pytest.mark.parametrize(("arch", "past"), CASES, ids=[a for a, _ in CASES])
 def test_lossless_on_float16_is_held_to_float16_rounding(arch, past, tmp_path):
     report = compile_model(tiny_model_fp16(arch, with_past=past), tmp_path / "out.onnx", recipe="lossless",
                            progress=False, threads=1)

@@ -7,6 +7,7 @@ input model is checked against a direct computation.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -123,6 +124,18 @@ class HonestLossyPass(Pass):
         return Outcome(changes={"weights_changed": 1})
 
 
+@register_pass
+class AllocatingPass(Pass):
+    """Holds 400 MB for a moment and changes nothing: its peak memory shows it, the next pass's does not."""
+
+    name = "test_allocates"
+
+    def apply(self, model, ctx):
+        block = np.ones(50_000_000)  # 400 MB, written so that every page is resident
+        del block
+        return Outcome()
+
+
 # pass -> what its one-line refusal must say (besides the pass's name)
 REFUSALS = {
     "test_under_reports": "reported an error of",
@@ -184,6 +197,15 @@ def test_an_honest_lossy_pass_is_accepted_and_measured_against_the_input(tmp_pat
     assert report.fidelity == lossy.vs_input
     saved = json.loads(report_path(out).read_text())
     assert saved["fidelity"] == lossy.vs_input and saved["passes"][1]["vs_previous"]["rel_l2"] == lossy.error
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-pass peak memory needs Linux /proc")
+def test_each_pass_reports_its_own_peak_memory(tmp_path, mlp):
+    report = compile_model(mlp, tmp_path / "o.onnx", passes=["cleanup", "test_allocates", "cleanup"],
+                           progress=False)
+    first, allocating, last = (p.peak_rss_mb for p in report.passes)
+    assert allocating > max(first, last) + 350
+    assert json.loads(report_path(tmp_path / "o.onnx").read_text())["passes"][1]["peak_rss_mb"] == allocating
 
 
 def test_each_stage_is_run_once_by_the_pass_and_once_by_the_manager(tmp_path, mlp, monkeypatch):
