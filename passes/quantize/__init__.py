@@ -92,6 +92,9 @@ class QuantizeConfig(PassConfig):
     block_size: int = 32
     symmetric: bool = False
     lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
+    # MatMulNBits' compute type: 0 float (the activations' type), 4 int8 activations (MLAS's
+    # integer kernels: faster, and it rounds the activations, which some models do not bear)
+    accuracy_level: int = 0
     check_fusion: bool = True
 
     def validate(self) -> None:
@@ -109,6 +112,8 @@ class QuantizeConfig(PassConfig):
             self.fail("embedding_bits", "must be 8 (int8 rows) or 0 (keep embedding tables float)")
         if self.bits not in (4, 8):
             self.fail("bits", "must be 4 or 8")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            self.fail("accuracy_level", "must be 0 (float compute) to 4 (int8 activations)")
         if self.lm_head_bits not in (0, 4, 8, -1):
             self.fail("lm_head_bits", "must be 0 (same as bits), 4, 8 or -1 (keep float)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -456,7 +461,7 @@ class QuantizePass(Pass):
                 act_order=cfg.gptq_act_order,
             )
             for lin, cols in zip(group, _column_splits(group), strict=True):
-                rw.nbits(lin, split_columns(nw, cols))
+                rw.nbits(lin, split_columns(nw, cols), cfg.accuracy_level)
                 done.append(lin)
                 per_bits[bits] += 1
         rw.finish()
@@ -472,6 +477,7 @@ class QuantizePass(Pass):
             "bits": cfg.bits,
             "block_size": cfg.block_size,
             "symmetric": cfg.symmetric,
+            "accuracy_level": cfg.accuracy_level,
             "kept_float": reasons,
         }
         return self._finish(model, changes, details)

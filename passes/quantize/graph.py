@@ -267,7 +267,7 @@ class QuantRewriter:
         self._insert(lin.node, new)
         self._replace_node_output(lin.node, mul)
 
-    def nbits(self, lin: QLinear, nw) -> None:
+    def nbits(self, lin: QLinear, nw, accuracy_level: int = 0) -> None:
         """MatMulNBits in the activations' float type (its scales too)."""
         base = _stem(lin.name)
         inputs = [
@@ -280,7 +280,7 @@ class QuantRewriter:
         node = ir.node(
             "MatMulNBits",
             inputs,
-            {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": 0},
+            {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": accuracy_level},
             domain="com.microsoft",
             name=f"{base}_MatMulNBits",
         )

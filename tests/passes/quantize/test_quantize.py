@@ -70,6 +70,7 @@ def _run_pass(arch: str, settings: dict, tmp_path, **tiny):
         ("llama", {"mode": "dynamic"}, None),
         ("llama", {"mode": "static", "calibration_method": "entropy"}, "MatMulIntegerToFloat"),
         ("llama", {"mode": "weight_only", "bits": 4, "block_size": 32}, "MatMulNBits"),
+        ("llama", {"mode": "weight_only", "bits": 4, "accuracy_level": 4}, "MatMulNBits"),
         ("gpt2", {"mode": "weight_only", "bits": 8, "block_size": 16, "gptq": False}, None),
     ],
 )
@@ -185,6 +186,7 @@ def test_smoothing_is_exact_before_quantization(arch):
         ({"block_size": 48}, "'block_size'"),
         ({"method_overrides": ["down:percentile"]}, "'method_overrides'"),
         ({"budget": -1}, "'budget'"),
+        ({"accuracy_level": 5}, "'accuracy_level'"),
         ({"nonsense": 1}, "unknown setting 'nonsense'"),
     ],
 )
@@ -294,3 +296,9 @@ def test_bias_correction_removes_the_mean_error_clipped_ranges_add(correct):
         assert np.abs(mean_error).max() < 0.002 * scale
     else:  # what there is to correct: the clipped tail pulls every output channel's mean
         assert np.abs(mean_error).max() > 0.01 * scale
+
+
+def test_accuracy_level_is_written_to_every_matmul_nbits(tmp_path):
+    result, out, _ = _run_pass("llama", {"mode": "weight_only", "bits": 4, "accuracy_level": 4}, tmp_path)
+    levels = {n.attributes.get_int("accuracy_level") for n in load_model(out).graph if n.op_type == "MatMulNBits"}
+    assert levels == {4} and result.details["accuracy_level"] == 4
