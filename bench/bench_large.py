@@ -7,13 +7,14 @@ through its KV cache.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_large.py [--recipes lossless edge-int4 balanced]
 
-Writes ``bench/results/large.json``: per step wall time, peak RSS, peak RSS / fp32 model size,
+Writes ``bench/results/large.json`` (rows of steps not run this time kept): per step wall time, peak RSS, peak RSS / fp32 model size,
 output size, and the generated tokens' count.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
@@ -92,7 +93,10 @@ def main() -> None:
             row["generate_peak_rss_gb"] = gen["peak_rss_gb"]
         row["rss_over_fp32"] = round(row["peak_rss_gb"] * 1e9 / fp32, 2)
         rows.append(row)
-    write_results("large", rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
+    path = RESULTS / "large.json"  # rows of steps not run this time are kept
+    ran = {r["step"] for r in rows}
+    kept = [r for r in json.loads(path.read_text())["rows"] if r["step"] not in ran] if path.exists() else []
+    write_results("large", kept + rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
                   notes={"model": {"parameters": "0.74 B", **CONFIG}, "fp32_bytes": fp32})
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from onnxpress.model_io import model_proto
+from onnxpress.model_io import SessionModel, session_model
 from onnxpress.runtime import make_session, session_options
 
 INTEGER_KERNELS = (
@@ -34,11 +34,9 @@ INTEGER_KERNELS = (
 def fusion_report(model, level: str = "extended") -> dict:
     """Op counts of ORT's optimised graph: integer kernels, and Q/DQ nodes left standing
     in front of float ops (unfused pairs), by the op they feed."""
-    proto = model_proto(model) if not isinstance(model, onnx.ModelProto) else model
+    source = SessionModel(model.SerializeToString()) if isinstance(model, onnx.ModelProto) else session_model(model)
     with tempfile.TemporaryDirectory(prefix="onnxpress-fusion-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
-        large = proto.ByteSize() > 1_800_000_000
-        onnx.save_model(proto, str(src), save_as_external_data=large, location="in.onnx.data")
+        dst = Path(tmp) / "optimized.onnx"
         opts = session_options(int(os.environ.get("ONNXPRESS_THREADS", "1") or 1))
         opts.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -46,11 +44,9 @@ def fusion_report(model, level: str = "extended") -> dict:
             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         )
         opts.optimized_model_filepath = str(dst)
-        if large:
-            opts.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
-            )
-        make_session(src, options=opts)  # registers onnxpress's ops library when the model uses it
+        # the weights in a file beside it: a model over the protobuf limit could not be written otherwise
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        make_session(source, options=opts)  # registers onnxpress's ops library when the model uses it
         optimized = onnx.load(str(dst), load_external_data=False)
     ops = Counter(n.op_type for n in optimized.graph.node)
     consumers: dict[str, list[str]] = {}
