@@ -60,3 +60,16 @@ def test_compiling_over_the_limit_gives_what_compiling_under_it_gives(monkeypatc
     got = run_batches(make_session(tmp_path / "large.onnx"), _feeds(model))
     want = run_batches(make_session(tmp_path / "small.onnx"), _feeds(model))
     np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_external_data_compiles_through_every_session(tmp_path):
+    """Weights memory-mapped from an external data file: sessions get them as OrtValues (ORT could
+    not find the file from bytes), the quantizer's fusion check writes its optimised copy beside
+    its own weights file."""
+    src = model_io.save_model(load_model(tiny_model("llama", with_past=True)), tmp_path / "src" / "model.onnx",
+                              external_data=True)
+    assert (tmp_path / "src" / "model.onnx.data").exists()
+    report = compile_model(src, tmp_path / "out.onnx", passes=["cleanup", "quantize:mode=weight_only,bits=4,gptq=false"],
+                           progress=False, threads=1)
+    quantize = report.passes[-1]
+    assert quantize.measured_error is not None and quantize.changes["fused_integer_kernels"] > 0
