@@ -1,7 +1,8 @@
 """A decoder over the protobuf limit: a random-weight Llama of 0.74 B parameters (hidden 2048,
 12 layers, 32 heads / 8 KV heads, FFN 5632; SmolLM2's tokenizer and vocabulary), built from a
 transformers config (no download), exported with ``onnxpress export`` (2.9 GB of float32
-weights in external data) and compiled with each of ``--recipes``, each step in a fresh
+weights in external data) and compiled with each of ``--recipes`` (packaged recipes, or ``int4-rtn``: edge-int4's passes
+with round-to-nearest int4), each step in a fresh
 process whose peak RSS (with its children's) is polled with psutil. Each compiled model must load in ONNX Runtime and generate greedily
 through its KV cache.
 
@@ -28,6 +29,9 @@ from common import RESULTS, write_results  # noqa: E402
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
 WORK = CACHE_ROOT / "bench-large"
+# compiles besides the packaged recipes: edge-int4's passes with round-to-nearest int4 (no calibration, no GPTQ)
+PASS_LISTS = {"int4-rtn": ["cleanup", "attention:target=onnxruntime,optional=true",
+                           "quantize:mode=weight_only,bits=4,block_size=32,gptq=false"]}
 CONFIG = dict(hidden_size=2048, num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=8,
               intermediate_size=5632, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
 
@@ -83,9 +87,12 @@ def main() -> None:
     fp32 = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith("model.onnx"))
     for recipe in args.recipes:
         out = WORK / f"{recipe}.onnx"
-        calib = [] if recipe == "lossless" else ["--calib", "sotu"]
+        if recipe in PASS_LISTS:
+            how = ["--passes", *PASS_LISTS[recipe]]
+        else:
+            how = ["--recipe", recipe] + ([] if recipe == "lossless" else ["--calib", "sotu"])
         row, _ = run(f"compile {recipe}", ["onnxpress", "compile", str(onnx_dir / "model.onnx"), "-o", str(out),
-                                           "--recipe", recipe, *calib, "--quiet"])
+                                           *how, "--quiet"])
         if row["ok"]:
             row["output_gb"] = round(sum(f.stat().st_size for f in WORK.glob(f"{recipe}.onnx*")) / 1e9, 2)
             gen, text = run(f"generate {recipe}", [sys.executable, "-c", _GENERATE, str(out), str(onnx_dir)])

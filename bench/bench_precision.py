@@ -4,6 +4,7 @@ export on the evaluation splits of both corpora (SOTU, the calibration's domain,
 News, a domain it never saw), so the float16 compile's cost reads beside the float32 one's.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_precision.py --models minilm smollm2 [--recipes ...]
+        [--distill-steps N]   # distillation by steps, not wall time: the two precisions train alike
 
 Columns: file size; encoders, mean / min sentence-embedding cosine vs the float32 export;
 decoders, perplexity change vs it; ``d_*``: the float16 row minus the float32 row of the same
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +34,7 @@ from onnxpress.evaluation import evaluate  # noqa: E402
 from onnxpress.export import CACHE_ROOT, cached_export, export_model  # noqa: E402
 from onnxpress.fidelity import model_kind  # noqa: E402
 from onnxpress.model_io import load_model  # noqa: E402
+from onnxpress.recipe import RECIPE_DIR  # noqa: E402
 
 WORK = CACHE_ROOT / "bench-precision"
 RECIPES = ("lossless", "balanced", "small", "edge-int4")
@@ -64,7 +68,23 @@ def fidelity(model: Path, reference: Path, kind: str) -> dict:
     return row
 
 
-def measure(name: str, recipes, reuse: bool) -> list[dict]:
+def recipe_source(recipe: str, distill_steps: int | None) -> tuple[str, str | Path]:
+    """(row label, what ``compile_model`` takes): the packaged recipe, or with ``distill_steps`` a
+    copy whose ``distill`` runs exactly that many steps (no wall-time limit), so that both
+    precisions train alike however loaded the machine is."""
+    data = yaml.safe_load((RECIPE_DIR / f"{recipe}.yaml").read_text())
+    distills = [e for e in data["passes"] if isinstance(e, dict) and "distill" in e]
+    if not distill_steps or not distills:
+        return recipe, recipe
+    for entry in distills:
+        entry["distill"] = {**(entry["distill"] or {}), "steps": distill_steps, "max_minutes": 600}
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"{recipe}-distill-{distill_steps}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return f"{recipe} (distill {distill_steps} steps)", path
+
+
+def measure(name: str, recipes, reuse: bool, distill_steps: int | None = None) -> list[dict]:
     sources = exports(name)
     reference = sources["fp32"]
     kind = model_kind(load_model(reference))
@@ -75,12 +95,13 @@ def measure(name: str, recipes, reuse: bool) -> list[dict]:
         rows.append({"model": name, "recipe": "(export)", "dtype": dtype,
                      "MB": round(src.stat().st_size / 1e6, 1), **fidelity(src, reference, kind)})
     for recipe in recipes:
+        label, source = recipe_source(recipe, distill_steps)
         for dtype, src in sources.items():
-            out = work / f"{recipe}.{dtype}.onnx"
-            row = {"model": name, "recipe": recipe, "dtype": dtype}
+            out = work / f"{label.replace(' ', '_')}.{dtype}.onnx"
+            row = {"model": name, "recipe": label, "dtype": dtype}
             if not (reuse and out.exists()):
                 start = time.perf_counter()
-                compile_model(src, out, recipe=recipe, calib=None if recipe == "lossless" else ["sotu"],
+                compile_model(src, out, recipe=source, calib=None if recipe == "lossless" else ["sotu"],
                               tokenizer_dir=reference.parent, threads=2, progress=False)
                 row["compile_s"] = round(time.perf_counter() - start, 1)
             report = json.loads(out.with_suffix(".report.json").read_text())
@@ -102,12 +123,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--reuse", action="store_true", help="re-measure compiles an earlier run kept")
+    parser.add_argument("--distill-steps", type=int, metavar="N",
+                        help="recipes with distillation: exactly N steps (no time limit), the same for both precisions")
     args = parser.parse_args()
     path = RESULTS / "precision.json"
-    done = {(m, r) for m in args.models for r in ("(export)", *args.recipes)}
+    labels = [recipe_source(r, args.distill_steps)[0] for r in args.recipes]
+    done = {(m, r) for m in args.models for r in ("(export)", *labels)}
     kept = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["recipe"]) not in done] \
         if path.exists() else []
-    rows = kept + [row for name in args.models for row in measure(name, args.recipes, args.reuse)]
+    rows = kept + [row for name in args.models
+                    for row in measure(name, args.recipes, args.reuse, args.distill_steps)]
     write_results("precision", rows, command="python bench/bench_precision.py " + " ".join(sys.argv[1:]),
                   notes={"reference": "every row against the float32 export; d_*: float16 row minus float32 row"})
 

@@ -114,7 +114,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name
-        ir.save(model, tmp_model, external_data=data_name if external_data else None)
+        # without external data, weights still read from the input's external data file are written inline
+        ir.save(model if external_data else _inlined(model), tmp_model,
+                external_data=data_name if external_data else None)
         if external_data:
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
@@ -164,13 +166,11 @@ def session_model(model: ir.Model) -> SessionModel:
     the file from bytes), and so does, over the protobuf limit, every initializer of
     ``EXTERNAL_MIN_BYTES`` or more."""
     over_limit = model_nbytes(model) > PROTOBUF_LIMIT
-    external = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
-    if not over_limit and not external and not _external_attributes(model):
+    if not over_limit and not _reads_external_data(model):
         return SessionModel(model_proto(model).SerializeToString())
     copy = model.clone()  # tensors shared, not copied
     graph = copy.graph
-    for node, key in _external_attributes(copy):  # Constant nodes' tensors: small, read in
-        node.attributes[key] = ir.AttrTensor(key, ir.tensor(node.attributes[key].value.numpy()))
+    _read_external_attributes(copy)
     weights, offset = {}, 0
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
@@ -185,6 +185,27 @@ def session_model(model: ir.Model) -> SessionModel:
                                               dtype=tensor.dtype, shape=tensor.shape, name=name, base_dir="")
         offset += tensor.nbytes
     return SessionModel(model_proto(copy).SerializeToString(), weights, over_limit)
+
+
+def _inlined(model: ir.Model) -> ir.Model:
+    """``model``, or a copy holding in memory the tensors it reads from external data files."""
+    if not _reads_external_data(model):
+        return model
+    copy = model.clone()  # tensors shared, not copied
+    ir.external_data.load_to_model(copy)
+    _read_external_attributes(copy)
+    return copy
+
+
+def _reads_external_data(model: ir.Model) -> bool:
+    return bool(_external_attributes(model)) or any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _read_external_attributes(model: ir.Model) -> None:
+    """Read into memory the tensor attributes (Constant nodes') stored in external data: small ones."""
+    for node, key in _external_attributes(model):
+        node.attributes[key] = ir.AttrTensor(key, ir.tensor(node.attributes[key].value.numpy()))
 
 
 def _external_attributes(model: ir.Model) -> list[tuple[ir.Node, str]]:

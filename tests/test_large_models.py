@@ -73,3 +73,18 @@ def test_a_model_with_external_data_compiles_through_every_session(tmp_path):
                            progress=False, threads=1)
     quantize = report.passes[-1]
     assert quantize.measured_error is not None and quantize.changes["fused_integer_kernels"] > 0
+
+
+def test_an_output_without_external_data_holds_the_weights_it_kept_from_the_input(tmp_path):
+    """Weights the compile did not rewrite are still read from the input's external data file;
+    an output saved without external data must hold them itself (and load with the input gone)."""
+    src = model_io.save_model(load_model(tiny_model("llama", with_past=True)), tmp_path / "src" / "model.onnx",
+                              external_data=True)
+    out = tmp_path / "out" / "model.onnx"
+    compile_model(src, out, passes=["cleanup", "quantize:mode=weight_only,bits=4,gptq=false"], progress=False,
+                  threads=1)
+    for path in (tmp_path / "src").iterdir():
+        path.unlink()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.report.json"]
+    model = load_model(out)
+    assert run_batches(make_session(out), _feeds(model))[0]["logits"].shape[-1] == VOCAB
