@@ -134,10 +134,10 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
 
 @dataclass(frozen=True)
 class SessionModel:
-    """A model as ONNX Runtime takes it from memory: the serialised protobuf and, for a model
-    over the protobuf limit, the weights kept out of it (``proto`` marks them external, at
-    offsets of a file that is never written), handed to the session as OrtValues over the
-    same memory (``onnxpress.runtime.make_session``)."""
+    """A model as ONNX Runtime takes it from memory: the serialised protobuf and the weights
+    kept out of it (``session_model`` says which; ``proto`` marks them external, at offsets of
+    a file that is never written), handed to the session as OrtValues over the same memory
+    (``onnxpress.runtime.make_session``)."""
 
     proto: bytes
     weights: dict[str, np.ndarray] = field(default_factory=dict)
@@ -156,7 +156,9 @@ class SessionModel:
         with tempfile.TemporaryDirectory(prefix="onnxpress-check-") as tmp:
             path = Path(tmp) / "model.onnx"
             path.write_bytes(self.proto)
-            os.truncate(_touch(Path(tmp) / IN_MEMORY_WEIGHTS), sum(a.nbytes for a in self.weights.values()))
+            stand_in = Path(tmp) / IN_MEMORY_WEIGHTS
+            stand_in.touch()
+            os.truncate(stand_in, sum(a.nbytes for a in self.weights.values()))
             onnx.checker.check_model(str(path))
 
 
@@ -214,7 +216,3 @@ def _external_attributes(model: ir.Model) -> list[tuple[ir.Node, str]]:
             for key, attr in node.attributes.items()
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor)]
 
-
-def _touch(path: Path) -> Path:
-    path.touch()
-    return path
