@@ -246,6 +246,35 @@ def test_modernbert_folder_exports_and_matches_torch(tmp_path):
     np.testing.assert_allclose(got[keep], ref.last_hidden_state.numpy()[keep], atol=1e-4)
 
 
+def test_fp16_export_is_half_precision_through_and_through(tmp_path):
+    """--dtype fp16: float16 weights, inputs, outputs and KV cache, close to the float32 export."""
+    import onnx
+
+    from onnxpress.calibration import make_feeds
+    from onnxpress.model_io import load_model
+    from onnxpress.runtime import make_session, run_batches
+
+    from tiny_models import save_tiny_hf
+
+    hf_dir = save_tiny_hf("llama", tmp_path / "hf")
+    fp32, fp16 = export_model(hf_dir, tmp_path / "fp32"), export_model(hf_dir, tmp_path / "fp16", dtype="fp16")
+    proto = onnx.load(fp16)
+    floats = {t.data_type for t in proto.graph.initializer if len(t.dims) >= 2 and t.data_type != onnx.TensorProto.INT64}
+    assert floats == {onnx.TensorProto.FLOAT16}
+    float_io = [v for v in [*proto.graph.input, *proto.graph.output] if v.type.tensor_type.elem_type not in (6, 7)]
+    assert float_io and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in float_io)
+    ids = np.random.default_rng(0).integers(5, 900, (1, 10))
+    ref, half = (run_batches(make_session(p), [make_feeds(load_model(p), ids, np.ones_like(ids))])[0]["logits"]
+                 for p in (fp32, fp16))
+    assert np.linalg.norm(half.astype(np.float32) - ref) <= 5e-3 * np.linalg.norm(ref)
+
+
+def test_unknown_export_dtype_is_a_one_line_error(tmp_path):
+    with pytest.raises(OnnxpressError, match="'bf16' is not one of fp32, fp16") as err:
+        export_model("minilm", tmp_path / "out", dtype="bf16")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_tiny_decoder_export_has_kv_cache_and_greedy_matches_torch():
     import onnx_ir as ir
     import torch
