@@ -1,24 +1,70 @@
-"""The process's peak memory (RSS high-water mark), resettable so each pass reports its own."""
+"""The process's peak memory (RSS) over a block of work, so that each pass reports its own."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import psutil
 
-def reset_peak_rss() -> None:
-    """Start a new high-water mark at the current RSS (Linux: ``/proc/self/clear_refs``); elsewhere a no-op."""
+_MIB = 2**20
+
+
+def _status_kib(*fields: str) -> list[int] | None:
+    """Fields of /proc/self/status in KiB (None where there is no such file)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    values = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.startswith(fields)}
+    return [values[f] for f in fields] if all(f in values for f in fields) else None
+
+
+def _reset_high_water_mark() -> bool:
+    """Restart the kernel's RSS high-water mark at the current RSS; False where it cannot be done.
+
+    Linux does this on writing 5 to /proc/self/clear_refs; some sandboxes accept the write and ignore it,
+    so the reset counts only once the high-water mark reads back as the current RSS."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    marks = _status_kib("VmHWM", "VmRSS")
+    return marks is not None and marks[0] - marks[1] <= 1024
 
 
-def peak_rss_mb() -> float | None:
-    """The RSS high-water mark since the last reset, in MiB (None where the OS does not say)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+class PeakRss:
+    """``with PeakRss() as peak: ...`` then ``peak.mb``: the peak RSS during the block, in MiB.
+
+    Exact from the kernel's high-water mark where it can be reset; elsewhere sampled by a thread every
+    ``interval_s`` (which misses only spikes shorter than that)."""
+
+    interval_s = 0.005
+
+    def __init__(self) -> None:
+        self.mb: float | None = None
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._peak_bytes = 0
+
+    def __enter__(self) -> PeakRss:
+        if not _reset_high_water_mark():
+            self._sampler = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self._peak_bytes = max(self._peak_bytes, process.memory_info().rss)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is None:
+            self.mb = round(_status_kib("VmHWM")[0] / 1024, 1)
+            return
+        self._stop.set()
+        self._sampler.join()
+        self._peak_bytes = max(self._peak_bytes, psutil.Process().memory_info().rss)
+        self.mb = round(self._peak_bytes / _MIB, 1)

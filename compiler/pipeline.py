@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
-from onnxpress.memory import peak_rss_mb, reset_peak_rss
+from onnxpress.memory import PeakRss
 from onnxpress.model_io import SessionModel, session_model
 from onnxpress.pass_infra import Pass, PassReport
 from onnxpress.precision import Precision, model_precision
@@ -197,13 +197,13 @@ class Pipeline:
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
             bar.set_postfix_str(p.name)
-            reset_peak_rss()
-            result = p.run(model, ctx)
-            if result.modified:
-                verified = self._check_stage(model, ctx, result, lossless=p.lossless) if self.verify else None
-                ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
-                vs_input = None
-            result.peak_rss_mb = peak_rss_mb()
+            with PeakRss() as peak:
+                result = p.run(model, ctx)
+                if result.modified:
+                    verified = self._check_stage(model, ctx, result, lossless=p.lossless) if self.verify else None
+                    ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
+                    vs_input = None
+            result.peak_rss_mb = peak.mb
             if vs_input is None:
                 vs_input = self._vs_input(ctx, p.name)
                 vs_unseen = self._vs_unseen(model, ctx)

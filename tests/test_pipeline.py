@@ -7,7 +7,7 @@ input model is checked against a direct computation.
 """
 
 import json
-from pathlib import Path
+import time
 
 import numpy as np
 import onnx_ir as ir
@@ -132,6 +132,7 @@ class AllocatingPass(Pass):
 
     def apply(self, model, ctx):
         block = np.ones(50_000_000)  # 400 MB, written so that every page is resident
+        time.sleep(0.1)  # long enough for the sampling monitor, where the kernel's high-water mark cannot be reset
         del block
         return Outcome()
 
@@ -199,7 +200,6 @@ def test_an_honest_lossy_pass_is_accepted_and_measured_against_the_input(tmp_pat
     assert saved["fidelity"] == lossy.vs_input and saved["passes"][1]["vs_previous"]["rel_l2"] == lossy.error
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-pass peak memory needs Linux /proc")
 def test_each_pass_reports_its_own_peak_memory(tmp_path, mlp):
     report = compile_model(mlp, tmp_path / "o.onnx", passes=["cleanup", "test_allocates", "cleanup"],
                            progress=False)
