@@ -56,7 +56,10 @@ class QuantizeConfig(PassConfig):
     # bias inside (what ORT's CPU fusion makes of QDQ, minus the bias Add it leaves standing);
     # "qdq": the portable QuantizeLinear/DequantizeLinear pattern for any runtime to fuse
     static_format: Literal["contrib", "qdq"] = "contrib"
-    calibration_method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "auto"
+    # minmax by default: clipping an encoder's rare outlier activations (percentile, mse, or auto's choice
+    # by the error on sampled rows, which seldom hold them) costs far more end to end than the
+    # resolution it buys (MiniLM, bench/results/compare.json)
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "minmax"
     percentile: float = 99.99
     # per-tensor method overrides, "ROLE_OR_NODE_NAME=METHOD", e.g. ["down=percentile"]
     method_overrides: list[str] = field(default_factory=list)
@@ -150,7 +153,8 @@ class QuantizePass(Pass):
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: QuantizeConfig = self.config
         tmap = _try_analysis(ctx, model)
-        linears, skipped = find_linears(model, tmap)
+        # MatMulNBits stores a weight of its own, so weight-only also takes a tied LM head
+        linears, skipped = find_linears(model, tmap, transposed=cfg.mode == "weight_only")
         for i, lin in enumerate(linears):  # trial models find the MatMuls again by name
             lin.node.name = lin.node.name or f"quantize_matmul_{i}"
         linears, excluded = _split_excluded(linears, cfg.exclude)
@@ -346,7 +350,6 @@ class QuantizePass(Pass):
         done, applied, self._alphas = {}, {}, {}
         editor = GraphEditor(model)
         qtype = cfg.activation_type if cfg.mode == "static" else "uint8"
-        method = "mse" if cfg.mode == "static" else "minmax"
         for name, group in groups.items():
             st = stats.get(name)
             if st is None or st.absmax is None:
@@ -354,7 +357,11 @@ class QuantizePass(Pass):
             weights = [lin.weight_array() for lin in group]
             alpha = cfg.smooth_alpha
             if alpha is None:
-                alpha, _, _ = choose_alpha(st.absmax, st.sample, weights, qtype, method)
+                # scored with the range the input will get (dynamic: each row's min/max; "auto" chooses
+                # after smoothing, so the outlier-keeping min/max stands in for it)
+                method = _method_for(group, cfg) if cfg.mode == "static" else "minmax"
+                alpha, _, _ = choose_alpha(st.absmax, st.sample, weights, qtype,
+                                           "minmax" if method == "auto" else method)
             self._alphas[name] = alpha
             if alpha is None:
                 continue
@@ -448,6 +455,7 @@ class QuantizePass(Pass):
                     continue
                 bits = cfg.lm_head_bits
             by_bits.setdefault((lin.input.name, bits), []).append(lin)
+        tied_heads = sum(1 for group in by_bits.values() for lin in group if lin.role == "lm_head" and lin.transposed)
         for (name, bits), group in by_bits.items():
             st = stats.get(name)
             # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
@@ -471,6 +479,8 @@ class QuantizePass(Pass):
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
             "matmuls_gptq": len(done) if stats else 0,
             **{f"matmuls_int{b}": n for b, n in per_bits.items()},
+            "lm_head_from_tied_table": tied_heads,
+            "embeddings_int8": self._embeddings(model),
         }
         details = {
             "mode": "weight_only",

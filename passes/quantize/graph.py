@@ -62,16 +62,36 @@ class QLinear:
 
     def weight_array(self) -> np.ndarray:
         """The stored weight as float32."""
-        return stored_array(self.weight).astype(np.float32)
+        return weight_source(self.weight).astype(np.float32)
 
     @property
     def dtype(self) -> np.dtype:
         """The float type the MatMul computes in (its weight's: MatMul's inputs share one type)."""
-        return stored_array(self.weight).dtype
+        return weight_source(self.weight).dtype
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is read through a Transpose of a stored table (a tied LM head)."""
+        return stored_array(self.weight) is None
 
 
-def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, str]]:
-    """The MatMuls to quantise and, for other weight-bearing nodes, why they stay float."""
+def weight_source(value: ir.Value) -> np.ndarray | None:
+    """The ``[K, N]`` array a MatMul weight holds: stored, or a stored ``[N, K]`` table read through
+    ``Transpose`` (an LM head tied to the embedding table reads it so); else None."""
+    stored = stored_array(value)
+    if stored is not None:
+        return stored
+    node = value.producer()
+    if node is None or node.op_type != "Transpose" or tuple(node.attributes.get_ints("perm", (1, 0))) != (1, 0):
+        return None
+    table = stored_array(node.inputs[0])
+    return table.T if table is not None and table.ndim == 2 else None
+
+
+def find_linears(model: ir.Model, tmap=None, *, transposed: bool = False) -> tuple[list[QLinear], dict[str, str]]:
+    """The MatMuls to quantise and, for other weight-bearing nodes, why they stay float.
+    ``transposed``: also those whose weight is a transposed stored table (rewrites that store a
+    new weight of their own can take those; rewrites that edit the weight in place cannot)."""
     roles: dict[int, tuple[str, int | None]] = {}
     if tmap is not None:
         for layer in getattr(tmap, "layers", []):
@@ -92,7 +112,7 @@ def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, s
             continue
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        w = stored_array(node.inputs[1])
+        w = weight_source(node.inputs[1]) if transposed else stored_array(node.inputs[1])
         if w is None or stored_array(node.inputs[0]) is not None:
             continue  # activation x activation (attention scores) stays float
         if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
@@ -104,7 +124,7 @@ def find_linears(model: ir.Model, tmap=None) -> tuple[list[QLinear], dict[str, s
         # the LM head is the widest non-layer MatMul of a decoder
         others = [lin for lin in linears if lin.role == "other"]
         if others:
-            head = max(others, key=lambda lin: lin.weight.shape[1] if lin.weight.shape else 0)
+            head = max(others, key=lambda lin: weight_source(lin.weight).shape[1])
             head.role = "lm_head"
     return linears, skipped
 
@@ -268,8 +288,10 @@ class QuantRewriter:
         self._replace_node_output(lin.node, mul)
 
     def nbits(self, lin: QLinear, nw, accuracy_level: int = 0) -> None:
-        """MatMulNBits in the activations' float type (its scales too)."""
+        """MatMulNBits in the activations' float type (its scales too). A transposed table it read
+        its weight from goes once nothing else reads it (the embedding Gather may still)."""
         base = _stem(lin.name)
+        transpose = lin.weight.producer() if lin.transposed else None
         inputs = [
             lin.input,
             self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed),
@@ -286,6 +308,8 @@ class QuantRewriter:
         )
         self._insert(lin.node, [node])
         self._replace_node_output(lin.node, node)
+        if transpose is not None and not list(transpose.outputs[0].uses()):
+            self.graph.remove(transpose, safe=True)
         if "com.microsoft" not in self.model.opset_imports:
             self.model.opset_imports["com.microsoft"] = 1
 

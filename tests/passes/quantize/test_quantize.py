@@ -302,3 +302,55 @@ def test_accuracy_level_is_written_to_every_matmul_nbits(tmp_path):
     result, out, _ = _run_pass("llama", {"mode": "weight_only", "bits": 4, "accuracy_level": 4}, tmp_path)
     levels = {n.attributes.get_int("accuracy_level") for n in load_model(out).graph if n.op_type == "MatMulNBits"}
     assert levels == {4} and result.details["accuracy_level"] == 4
+
+
+@pytest.mark.parametrize("settings,scored_with", [
+    ({"mode": "static"}, "minmax"),  # the default keeps encoders' rare outlier activations in range
+    ({"mode": "static", "calibration_method": "percentile"}, "percentile"),
+    ({"mode": "static", "calibration_method": "auto"}, "minmax"),
+    ({"mode": "dynamic"}, "minmax"),  # ORT quantises each row between its own min and max
+])
+def test_smoothing_strength_is_scored_with_the_range_the_input_will_get(settings, scored_with, tmp_path, monkeypatch):
+    import onnxpress.passes.quantize as quantize
+
+    methods = []
+    real = quantize.choose_alpha
+    monkeypatch.setattr(quantize, "choose_alpha", lambda *a: methods.append(a[4]) or real(*a))
+    result, _, _ = _run_pass("bert", settings, tmp_path)
+    assert result.changes["matmuls_smoothed"] > 0
+    assert set(methods) == {scored_with}
+
+
+def _tie_lm_head(src, out):
+    """The tiny Llama with its LM head reading Transpose(embedding table), as exports of models with
+    tied embeddings (SmolLM2) write it."""
+    model = load_model(src)
+    gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None
+                  and n.inputs[0].const_value.numpy().ndim == 2)
+    head = next(lin.node for lin in find_linears(model)[0] if lin.node.inputs[1].shape[1] == gather.inputs[0].shape[0])
+    transpose = ir.node("Transpose", [gather.inputs[0]], {"perm": [1, 0]}, name="tied_lm_head_Transpose")
+    model.graph.insert_before(head, transpose)
+    head.replace_input_with(1, transpose.outputs[0])
+    return save_model(model, out)
+
+
+@pytest.mark.parametrize("lm_head_bits", [0, 8, -1])
+def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, lm_head_bits):
+    tied = _tie_lm_head(tiny_model("llama"), tmp_path / "tied.onnx")
+    model = load_model(tied)
+    ctx = _context(model)
+    settings = {"mode": "weight_only", "bits": 4, "lm_head_bits": lm_head_bits, "min_embedding_size": 1000}
+    result = build_pass("quantize", settings).run(model, ctx)
+    out = save_model(model, tmp_path / "q.onnx")
+    saved = load_model(out)
+    heads = [n for n in saved.graph if n.op_type == "MatMulNBits" and n.attributes.get_int("N") == 1000]
+    transposes = [n for n in saved.graph if n.op_type == "Transpose" and n.name == "tied_lm_head_Transpose"]
+    if lm_head_bits < 0:
+        assert not heads and transposes and result.changes["lm_head_from_tied_table"] == 0
+        assert result.changes["embeddings_int8"] == 0  # the float head still reads the table
+    else:
+        assert [n.attributes.get_int("bits") for n in heads] == [lm_head_bits or 4]
+        assert not transposes and result.changes["lm_head_from_tied_table"] == 1
+        assert result.changes["embeddings_int8"] == 1  # the table now serves the Gather alone
+    ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
+    assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
