@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, machine, peak_rss_mb, write_results  # noqa: E402
+from common import RESULTS, compile_cached, machine, peak_rss_mb, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
@@ -144,33 +144,10 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
     if reuse_only:  # measure what an earlier (interrupted) run built; report the rest as missing
         tasks = [t for t in tasks if t[2].exists() and report_path(t[2]).exists()]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {label: pool.submit(_compile, src, o, kw) for label, _, o, kw in tasks}
+        futures = {label: pool.submit(compile_cached, src, o, kw, THREADS) for label, _, o, kw in tasks}
         for label, group, _, _ in tasks:
             record(label, group, futures[label].result)
     return variants, {"calibration": calib.source}
-
-
-def _compile(src: Path, out: Path, kwargs: dict) -> tuple[Path, float]:
-    """compile_model, or the earlier result when its report shows the same passes or recipe."""
-    from onnxpress.compile import compile_model, report_path
-
-    report = report_path(out)
-    if out.exists() and report.exists():
-        old = json.loads(report.read_text())
-        if "recipe" in kwargs:
-            same = old["recipe"] == kwargs["recipe"]
-        elif "budget" in kwargs:
-            same = old["recipe"].startswith(f"auto (budget {kwargs['budget']:g}, objective {kwargs['objective']}")
-        else:
-            same = old["recipe"] == "command-line" and old.get("extra", {}).get("bench_passes") == kwargs["passes"]
-        if same and old["model"] == str(src) and old.get("extra", {}).get("bench_max_samples", "?") == kwargs["max_samples"]:
-            return out, old["seconds"]
-    r = compile_model(src, out, calib=["sotu"], threads=THREADS, progress=False, **kwargs)
-    r.extra["bench_max_samples"] = kwargs["max_samples"]  # remember what was asked, for the reuse check above
-    if "passes" in kwargs:
-        r.extra["bench_passes"] = kwargs["passes"]
-    r.write_json(report)
-    return out, r.seconds
 
 
 def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeats: int, windows: int) -> list[dict]:

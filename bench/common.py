@@ -95,6 +95,31 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
     return path
 
 
+def compile_cached(src: Path, out: Path, kwargs: dict, threads: int = 2) -> tuple[Path, float]:
+    """(output, compile seconds) of ``compile_model(src, out, calib=["sotu"], **kwargs)``, or of the
+    earlier compile when ``out``'s report shows the same model, passes or recipe and sample count
+    (``kwargs`` holds ``recipe``, ``budget`` + ``objective`` or ``passes``, and ``max_samples``)."""
+    from onnxpress.compile import compile_model, report_path
+
+    report = report_path(out)
+    if out.exists() and report.exists():
+        old = json.loads(report.read_text())
+        if "recipe" in kwargs:
+            same = old["recipe"] == kwargs["recipe"]
+        elif "budget" in kwargs:
+            same = old["recipe"].startswith(f"auto (budget {kwargs['budget']:g}, objective {kwargs['objective']}")
+        else:
+            same = old["recipe"] == "command-line" and old.get("extra", {}).get("bench_passes") == kwargs["passes"]
+        if same and old["model"] == str(src) and old.get("extra", {}).get("bench_max_samples", "?") == kwargs["max_samples"]:
+            return out, old["seconds"]
+    r = compile_model(src, out, calib=["sotu"], threads=threads, progress=False, **kwargs)
+    r.extra["bench_max_samples"] = kwargs["max_samples"]  # remember what was asked, for the reuse check above
+    if "passes" in kwargs:
+        r.extra["bench_passes"] = kwargs["passes"]
+    r.write_json(report)
+    return out, r.seconds
+
+
 def run_pass(path: Path, pass_name: str, settings: dict, calib, out: Path, *, threads: int = 2):
     """Run a pass through its public ``run`` (which also verifies it) and save the result."""
     from types import SimpleNamespace

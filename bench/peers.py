@@ -82,21 +82,37 @@ def onnxsim_head_pruning(src: Path, out: Path, calib, sparsity: float = 4 / 12) 
     return path
 
 
-def nncf_int8(src: Path, out: Path, calib) -> Path:
-    """NNCF's post-training int8 with its transformer preset (SmoothQuant, min-max ranges, fast
-    bias correction), the same samples as ORT's static quantizer, in NNCF's own environment."""
+def _nncf(mode: str, src: Path, out: Path, calib) -> Path:
+    """``nncf_quantize.py MODE`` on ``calib``'s samples, in NNCF's own environment; its last error line
+    becomes the row's error where NNCF fails on the model."""
     from common import peer_python
 
-    feeds = out / "nncf_calib.npz"
+    feeds = out / f"nncf_{mode}_calib.npz"
     length = max(b["input_ids"].shape[1] for b in calib)
     items = CalibReader(calib, length).items
     np.savez(feeds, **{f"{i}:{name}": v for i, item in enumerate(items) for name, v in item.items()})
-    path = out / "nncf_int8.onnx"
+    path = out / f"nncf_{mode}.onnx"
     done = subprocess.run([str(peer_python("nncf", [NNCF])), str(Path(__file__).with_name("nncf_quantize.py")),
-                           str(src), str(feeds), str(path)], capture_output=True, text=True)
+                           mode, str(src), str(feeds), str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "NNCF failed")
     return path
+
+
+def nncf_int8(src: Path, out: Path, calib) -> Path:
+    """NNCF's post-training int8 with its transformer preset (SmoothQuant, min-max ranges, fast
+    bias correction), the same samples as ORT's static quantizer (decoders: 32 of them)."""
+    return _nncf("int8", src, out, calib[:4] if _is_decoder(src) else calib)
+
+
+def nncf_int4(src: Path, out: Path, calib) -> Path:
+    """NNCF's int4 weight compression (asymmetric, groups of 32, every MatMul), data-free."""
+    return _nncf("int4", src, out, calib[:1])
+
+
+def nncf_int4_awq(src: Path, out: Path, calib) -> Path:
+    """NNCF's int4 weight compression with AWQ and scale estimation on 32 calibration samples."""
+    return _nncf("int4-awq", src, out, calib[:4])
 
 
 class CalibReader:
@@ -161,4 +177,7 @@ DECODER_PEERS: dict[str, Build] = {
     "ORT quantize_static QDQ u8/s8 (8 samples)": partial(ort_quantize_static, batches=1),
     "Optimum ORTQuantizer avx2": optimum_avx2,
     "ORT MatMulNBitsQuantizer int4 b32": ort_matmul_nbits,
+    f"NNCF {NNCF.split('==')[1]} int8 (transformer preset)": nncf_int8,
+    f"NNCF {NNCF.split('==')[1]} int4 weights g32 (data-free)": nncf_int4,
+    f"NNCF {NNCF.split('==')[1]} int4 weights g32 (AWQ + scale estimation)": nncf_int4_awq,
 }
