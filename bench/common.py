@@ -95,17 +95,28 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
     return path
 
 
+def _recipe_passes(name: str) -> list:
+    """A packaged recipe's passes: what makes two compiles with it the same (not its description)."""
+    import yaml
+
+    from onnxpress.recipe import RECIPE_DIR
+
+    return yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())["passes"]
+
+
 def compile_cached(src: Path, out: Path, kwargs: dict, threads: int = 2) -> tuple[Path, float]:
     """(output, compile seconds) of ``compile_model(src, out, calib=["sotu"], **kwargs)``, or of the
-    earlier compile when ``out``'s report shows the same model, passes or recipe and sample count
-    (``kwargs`` holds ``recipe``, ``budget`` + ``objective`` or ``passes``, and ``max_samples``)."""
+    earlier compile when ``out``'s report shows the same model, passes or recipe (and its passes)
+    and sample count (``kwargs`` holds ``recipe``, ``budget`` + ``objective`` or ``passes``, and
+    ``max_samples``)."""
     from onnxpress.compile import compile_model, report_path
 
     report = report_path(out)
     if out.exists() and report.exists():
         old = json.loads(report.read_text())
         if "recipe" in kwargs:
-            same = old["recipe"] == kwargs["recipe"]
+            same = (old["recipe"] == kwargs["recipe"]
+                    and old.get("extra", {}).get("bench_recipe_passes") == _recipe_passes(kwargs["recipe"]))
         elif "budget" in kwargs:
             same = old["recipe"].startswith(f"auto (budget {kwargs['budget']:g}, objective {kwargs['objective']}")
         else:
@@ -116,6 +127,8 @@ def compile_cached(src: Path, out: Path, kwargs: dict, threads: int = 2) -> tupl
     r.extra["bench_max_samples"] = kwargs["max_samples"]  # remember what was asked, for the reuse check above
     if "passes" in kwargs:
         r.extra["bench_passes"] = kwargs["passes"]
+    if "recipe" in kwargs:
+        r.extra["bench_recipe_passes"] = _recipe_passes(kwargs["recipe"])
     r.write_json(report)
     return out, r.seconds
 
