@@ -1,5 +1,7 @@
 """Peak memory over a block: the kernel's resettable high-water mark, or sampling where it cannot be reset."""
 
+import contextlib
+import mmap
 import time
 
 import numpy as np
@@ -7,6 +9,21 @@ import pytest
 
 import onnxpress.memory
 from onnxpress.memory import PeakRss
+
+
+@contextlib.contextmanager
+def fresh_pages(mib: int):
+    """``mib`` MiB of newly mapped pages, all written, unmapped on exit: an array from malloc may
+    reuse memory freed earlier in the process and never raise its RSS."""
+    block = mmap.mmap(-1, mib << 20)
+    view = np.frombuffer(block, np.uint8)
+    view.fill(1)
+    del view
+    try:
+        time.sleep(0.05)  # several sampling intervals
+        yield
+    finally:
+        block.close()
 
 
 def test_a_reset_the_kernel_ignores_is_noticed(monkeypatch):
@@ -19,10 +36,8 @@ def test_a_reset_the_kernel_ignores_is_noticed(monkeypatch):
 def test_the_peak_covers_an_allocation_inside_the_block_only(monkeypatch, resettable):
     if not resettable:
         monkeypatch.setattr(onnxpress.memory, "_reset_high_water_mark", lambda: False)
-    with PeakRss() as inside:
-        block = np.ones(25_000_000)  # 200 MB, every page written
-        time.sleep(0.05)  # several sampling intervals
-        del block
+    with PeakRss() as inside, fresh_pages(200):
+        pass
     with PeakRss() as after:
         pass
     assert inside.mb > after.mb + 150

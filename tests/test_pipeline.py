@@ -7,11 +7,11 @@ input model is checked against a direct computation.
 """
 
 import json
-import time
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+from test_memory import fresh_pages
 
 import onnxpress.pipeline
 from onnxpress.calibration import CalibrationSet
@@ -131,10 +131,8 @@ class AllocatingPass(Pass):
     name = "test_allocates"
 
     def apply(self, model, ctx):
-        block = np.ones(50_000_000)  # 400 MB, written so that every page is resident
-        time.sleep(0.1)  # long enough for the sampling monitor, where the kernel's high-water mark cannot be reset
-        del block
-        return Outcome()
+        with fresh_pages(400):
+            return Outcome()
 
 
 # pass -> what its one-line refusal must say (besides the pass's name)
