@@ -23,12 +23,12 @@ BBC News on the right).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, compile_cached, machine, peak_rss_mb, write_results  # noqa: E402
+from common import RESULTS, compile_cached, machine, peak_rss_mb, record_build, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
@@ -118,16 +118,7 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
                                       batch_size=8, max_samples=samples, seed=0)
     variants: dict[str, dict] = {"ORT fp32": {"path": src, "group": "peer", "compile_s": 0.0}}
 
-    def record(label: str, group: str, fn):
-        t0 = time.perf_counter()
-        try:
-            path, seconds = fn()
-            variants[label] = {"path": path, "group": group,
-                               "compile_s": round(seconds if seconds is not None else time.perf_counter() - t0, 1)}
-        except Exception as exc:  # a tool failing on a model is a result too
-            variants[label] = {"group": group, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-            traceback.print_exc()
-        print(f"  built {label}: {variants[label].get('error', 'ok')}", flush=True)
+    record = functools.partial(record_build, variants)
 
     for label, build in (ENCODER_PEERS if kind == "encoder" else DECODER_PEERS).items():
         record(label, "peer", lambda b=build: (b(src, out, calib.batches), None))

@@ -22,6 +22,7 @@ int4 speed differ several-fold between AVX2-only and AVX-512 VNNI hosts) and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compile_cached, machine, peer_python, write_results  # noqa: E402
+from common import RESULTS, compile_cached, machine, peer_python, record_build, write_results  # noqa: E402
 from peers import DECODER_PEERS  # noqa: E402
 
 from onnxpress.calibration import CalibrationSet  # noqa: E402
@@ -136,15 +137,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def build_variants(src: Path, hf_dir: Path) -> dict[str, dict]:
     variants: dict[str, dict] = {"ORT fp32 (optimum export)": {"path": src, "group": "peer", "compile_s": 0.0}}
 
-    def record(label: str, group: str, build) -> None:
-        t0 = time.perf_counter()
-        try:
-            path, seconds = build()
-            variants[label] = {"path": path, "group": group,
-                               "compile_s": round(seconds if seconds is not None else time.perf_counter() - t0, 1)}
-        except Exception as exc:  # a tool failing on a model is a result too
-            variants[label] = {"group": group, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-        print(f"  built {label}: {variants[label].get('error', 'ok')}", flush=True)
+    record = functools.partial(record_build, variants)
 
     for precision in ("fp32", "int4"):
         record(f"GenAI builder {precision}", "peer", lambda p=precision: (genai_build(hf_dir, p), None))

@@ -95,6 +95,23 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
     return path
 
 
+def record_build(variants: dict[str, dict], label: str, group: str, build) -> None:
+    """``variants[label]``: ``build()``'s (path, seconds or None: timed here) as {"path", "group",
+    "compile_s"}, or {"group", "error"} with the first line of what it raised: a tool failing on a
+    model is a result too."""
+    import traceback
+
+    t0 = time.perf_counter()
+    try:
+        path, seconds = build()
+        variants[label] = {"path": path, "group": group,
+                           "compile_s": round(seconds if seconds is not None else time.perf_counter() - t0, 1)}
+    except Exception as exc:
+        variants[label] = {"group": group, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        traceback.print_exc()
+    print(f"  built {label}: {variants[label].get('error', 'ok')}", flush=True)
+
+
 def _recipe_passes(name: str) -> list:
     """A packaged recipe's passes: what makes two compiles with it the same (not its description)."""
     import yaml
