@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, compile_cached, machine, peak_rss_mb, record_build, write_results  # noqa: E402
+from common import RESULTS, compile_cached, machine, model_size_mb, peak_rss_mb, record_build, write_results  # noqa: E402
 from peers import DECODER_PEERS, ENCODER_PEERS  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
@@ -79,11 +79,6 @@ def resolve_model(name: str) -> Path:
     from onnxpress.export import cached_export
 
     return Path(name) if name.endswith(".onnx") else Path(cached_export(name))
-
-
-def size_mb(path: Path) -> float:
-    data = path.with_name(path.name + ".data")
-    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
 
 
 def token_range(src: Path) -> tuple[int, int]:
@@ -165,11 +160,11 @@ def measure(src: Path, kind: str, variants: dict[str, dict], quick: bool, repeat
             rows.append({**row, "error": v["error"]})
             continue
         s = sessions[label]
-        row.update(size_mb=round(size_mb(v["path"]), 1), compile_s=v["compile_s"],
+        row.update(size_mb=round(model_size_mb(v["path"]), 1), compile_s=v["compile_s"],
                    b1_ms=round(latency[1][label] * 1e3, 2), b8_ms=round(latency[8][label] * 1e3, 2))
         row["b1_ratio"] = round(latency[1][label] / latency[1]["ORT fp32"], 3)
         row["b8_ratio"] = round(latency[8][label] / latency[8]["ORT fp32"], 3)
-        row["size_ratio"] = round(row["size_mb"] / size_mb(src), 3)
+        row["size_ratio"] = round(row["size_mb"] / model_size_mb(src), 3)
         try:
             ids = np.random.default_rng(0).integers(*tokens, (8, 128)).astype(np.int64)
             row["peak_rss_mb"] = round(peak_rss_mb(v["path"], make_feeds(s, ids, np.ones_like(ids)), THREADS), 0)

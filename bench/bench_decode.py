@@ -37,7 +37,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compile_cached, machine, peer_python, record_build, write_results  # noqa: E402
+from common import RESULTS, compile_cached, machine, model_size_mb, peer_python, record_build, write_results  # noqa: E402
 from peers import DECODER_PEERS  # noqa: E402
 
 from onnxpress.calibration import CalibrationSet  # noqa: E402
@@ -59,10 +59,6 @@ PASSES = {  # weight-only options beside the recipes: what each costs and buys a
         "cleanup", "attention:target=onnxruntime",
         "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4"],
 }
-
-
-def size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
 
 
 def genai_build(hf_dir: Path, precision: str) -> Path:
@@ -182,7 +178,7 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
             continue
         prefill = statistics.median(s[0] for s in samples[label])
         decode = statistics.median(s[1] for s in samples[label])
-        row.update(size_mb=round(size_mb(v["path"]), 1), compile_s=v["compile_s"], prefill_ms=round(prefill * 1e3, 1),
+        row.update(size_mb=round(model_size_mb(v["path"]), 1), compile_s=v["compile_s"], prefill_ms=round(prefill * 1e3, 1),
                    decode_tokens_per_s=round(new / decode, 1),
                    greedy_prefix_as_fp32=common_prefix(tokens[label], tokens[reference]))
         for corpus, prefix in CORPORA.items():

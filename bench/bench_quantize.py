@@ -28,18 +28,13 @@ SMOLLM2_INT8_BUDGET = 0.095
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import peers  # noqa: E402
-from common import write_results  # noqa: E402
+from common import model_size_mb, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT, cached_export  # noqa: E402
 from onnxpress.runtime import time_alternating  # noqa: E402
 
 RESULTS = ROOT / "results" / "quantize.json"
 WORK = CACHE_ROOT / "bench-quantize"
-
-
-def _size_mb(path: Path) -> float:
-    data = path.with_name(path.name + ".data")
-    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
 
 
 def _session(path: Path):
@@ -141,7 +136,7 @@ def minilm_rows(quick: bool) -> list[dict]:
             "variant": name,
             "cosine_mean": round(fid["embedding_cosine_mean"], 5),
             "cosine_min": round(fid["embedding_cosine_min"], 5),
-            "size_mb": round(_size_mb(path), 1),
+            "size_mb": round(model_size_mb(path), 1),
             **(extra or {}),
         }
         print(json.dumps(r), flush=True)
@@ -242,7 +237,7 @@ def smollm2_rows(quick: bool, wanted=SMOLLM2_ROWS, save=None) -> list[dict]:
             "perplexity": round(ppl, 3),
             "ppl_vs_fp32_pct": round(100 * (ppl / fp32 - 1), 2),
             "prefill_tokens_per_s": round(_tokens_per_s(path), 1),
-            "size_mb": round(_size_mb(path), 1),
+            "size_mb": round(model_size_mb(path), 1),
             "ppl_windows": windows,
             **(extra or {}),
         }

@@ -95,6 +95,12 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
     return path
 
 
+def model_size_mb(path: Path) -> float:
+    """The model file and its external data (``.data`` as onnxpress writes it, ``.onnx.data`` or
+    ``.onnx_data`` as the exporters do), MB."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
+
+
 def record_build(variants: dict[str, dict], label: str, group: str, build) -> None:
     """``variants[label]``: ``build()``'s (path, seconds or None: timed here) as {"path", "group",
     "compile_s"}, or {"group", "error"} with the first line of what it raised: a tool failing on a
