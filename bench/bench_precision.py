@@ -132,9 +132,11 @@ def main() -> None:
     done = {(m, r) for m in args.models for r in ("(export)", *labels)}
     kept = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["recipe"]) not in done] \
         if path.exists() else []
-    rows = kept + [row for name in args.models
-                    for row in measure(name, args.recipes, args.reuse, args.distill_steps)]
-    write_results("precision", rows, command="python bench/bench_precision.py " + " ".join(sys.argv[1:]),
+    command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_precision.py " + " ".join(sys.argv[1:])
+    # rows of other models and recipes are kept, each with the command that measured it
+    rows = kept + [{**row, "command": command} for name in args.models
+                   for row in measure(name, args.recipes, args.reuse, args.distill_steps)]
+    write_results("precision", rows, command=command,
                   notes={"reference": "every row against the float32 export; d_*: float16 row minus float32 row"})
 
 
