@@ -116,11 +116,13 @@ class Decoder:
         return tokens, t1 - t0, time.perf_counter() - t1
 
     def perplexity(self, windows: np.ndarray) -> float:
+        """onnxpress.evaluation's perplexity, through this feed builder (GenAI-builder models leave
+        the cache's head size symbolic, which evaluation's feeds refuse)."""
+        from onnxpress.evaluation import _log_softmax
+
         total, count = 0.0, 0
         for window in windows:
-            logits = self.run(window[None], 0, None)[0][0, :-1].astype(np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            log_p = _log_softmax(self.run(window[None], 0, None)[0][0, :-1])
             total -= float(log_p[np.arange(len(window) - 1), window[1:]].sum())
             count += len(window) - 1
         return float(np.exp(total / count))
@@ -134,7 +136,6 @@ def build_variants(src: Path, hf_dir: Path) -> dict[str, dict]:
     variants: dict[str, dict] = {"ORT fp32 (optimum export)": {"path": src, "group": "peer", "compile_s": 0.0}}
 
     record = functools.partial(record_build, variants)
-
     for precision in ("fp32", "int4"):
         record(f"GenAI builder {precision}", "peer", lambda p=precision: (genai_build(hf_dir, p), None))
     calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=128,
