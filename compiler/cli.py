@@ -1,4 +1,4 @@
-"""The ``onnxpress`` command: export | inspect | compile | eval.
+"""The ``onnxpress`` command: export | inspect | compile | eval | generate.
 
 Every user error is printed as one line (``onnxpress: error: ...``) with exit code
 2; no traceback, and no output file unless the command succeeded.
@@ -36,6 +36,14 @@ EVAL_EXAMPLES = """examples:
   onnxpress eval out/minilm.onnx --reference build/minilm/model.onnx --probe
   onnxpress eval out/smollm2.onnx --reference build/smollm2/model.onnx --json
 """
+
+GENERATE_EXAMPLES = """examples:
+  onnxpress generate out/smollm2.onnx --prompt "The state of the Union is"
+  onnxpress generate out/smollm2.onnx --prompt "Once upon a time" --max-new-tokens 100 --sample --temperature 0.8 --top-p 0.95 --seed 1
+  onnxpress generate model.onnx --prompt "Hello" --tokenizer hf_dir/ --threads 2
+Prints the new text, then the prompt and new token counts, prefill ms and decode tokens/s.
+"""
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "seed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="evaluation text files (default: the held-out SOTU split)")
     p.add_argument("--probe", action="store_true", help="also run the BBC-news classification probe (encoders)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("generate", help="generate text with a decoder (greedy, or sampled)", epilog=GENERATE_EXAMPLES,
+                       formatter_class=fmt)
+    p.add_argument("model", help=".onnx decoder (with or without a KV cache)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default: 64)")
+    p.add_argument("--sample", action="store_true", help="sample the tokens instead of taking the most likely")
+    p.add_argument("--temperature", type=float, metavar="T", help="--sample: divide the logits by T (default: 1)")
+    p.add_argument("--top-k", type=int, metavar="K", help="--sample: draw from the K most likely tokens only")
+    p.add_argument("--top-p", type=float, metavar="P", help="--sample: draw from the fewest tokens whose probability sums to P")
+    p.add_argument("--seed", type=int, metavar="S", help="--sample: random seed, for reproducible samples")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
     return parser
 
 
@@ -151,7 +172,27 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"export": _cmd_export, "inspect": _cmd_inspect, "compile": _cmd_compile, "eval": _cmd_eval}
+def _cmd_generate(args) -> int:
+    from onnxpress.generation import Sampling, generate
+
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_OPTIONS if getattr(args, name) is not None]
+    if given and not args.sample:
+        raise OnnxpressError(f"{', '.join(given)} only shape sampled tokens: add --sample")
+    sampling = None
+    if args.sample:
+        sampling = Sampling(**{name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None})
+    text, result = generate(args.model, args.prompt, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
+                            sampling=sampling, threads=args.threads)
+    rate = result.decode_tokens_per_s
+    print(text)
+    print(f"prompt tokens {result.prompt_tokens}, new tokens {len(result.tokens)}, "
+          f"prefill {1e3 * result.prefill_seconds:.1f} ms, "
+          f"decode {f'{rate:.1f} tokens/s' if rate is not None else '- (one new token)'}")
+    return 0
+
+
+COMMANDS = {"export": _cmd_export, "inspect": _cmd_inspect, "compile": _cmd_compile, "eval": _cmd_eval,
+            "generate": _cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

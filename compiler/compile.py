@@ -20,12 +20,13 @@ from onnxpress import datasets
 from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
-from onnxpress.model_io import load_model, save_model
+from onnxpress.model_io import load_model, move_into_place, save_model
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.precision import model_precision
 from onnxpress.recipe import PassSpec, Recipe, load_recipe, parse_pass_args
 from onnxpress.report import CompileReport
+from onnxpress.runtime_files import RuntimeFiles, plan_runtime_files, save_files
 
 DEFAULT_RECIPE = "balanced"
 # What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
@@ -181,7 +182,12 @@ def compile_model(
         passes=results, size_before=_file_size(src), verified_on=verified_on, unseen_on=ctx.unseen_source,
         precision=ctx.precision.to_dict(), extra=extra,
     )
-    _save_with_report(ir_model, out, report, external_data=external_data, start=start)
+    runtime = plan_runtime_files(ir_model, out, source_dir=src.parent, tokenizer_dir=ctx.tokenizer_dir)
+    if runtime.files:
+        report.extra["runtime_files"] = sorted(runtime.files)
+    if runtime.notes:
+        report.extra["notes"] = [*report.extra.get("notes", []), *runtime.notes]
+    _save_with_report(ir_model, out, report, runtime, external_data=external_data, start=start)
     return report
 
 
@@ -263,27 +269,21 @@ def _search(model: ir.Model, ctx: CompileContext, budget: float, objective: str,
     return found.model, found.results, {"search": found.to_dict()}
 
 
-def _save_with_report(model: ir.Model, out: Path, report: CompileReport, *, external_data: bool | None,
-                      start: float) -> None:
-    """Write the model (and its external data) and ``report`` beside it, all or nothing: every
-    file is written in a temporary folder first and renamed into place at the end."""
+def _save_with_report(model: ir.Model, out: Path, report: CompileReport, runtime: RuntimeFiles, *,
+                      external_data: bool | None, start: float) -> None:
+    """Write the model (and its external data), ``report`` and the ``runtime`` files beside it, all
+    or nothing: every file is written in a temporary folder first and renamed into place at the end."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
-    placed: list[Path] = []
     try:
+        side = save_files(runtime, tmp)
         saved = save_model(model, tmp / out.name, external_data=external_data)
         report.size_after = _file_size(saved)
         report.seconds = time.perf_counter() - start
         report.write_json(tmp / report_path(out).name)
         data = saved.with_name(saved.name + ".data")
-        for f in [data, tmp / report_path(out).name, saved]:  # the model last: it appears only when complete
-            if f.exists():
-                os.replace(f, out.parent / f.name)
-                placed.append(out.parent / f.name)
-    except BaseException:
-        for f in placed:
-            f.unlink(missing_ok=True)
-        raise
+        # the model last: it appears only when complete
+        move_into_place([*side, *[f for f in (data, tmp / report_path(out).name) if f.exists()], saved], out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

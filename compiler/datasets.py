@@ -255,3 +255,8 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
         raise OnnxpressError(
             f"cannot load the tokenizer in {path} ({type(exc).__name__}): re-export the model"
         ) from None
+
+
+def as_tokenizer(tokenizer_or_dir):
+    """A loaded tokenizer passes through; a folder is loaded (``load_tokenizer``)."""
+    return load_tokenizer(tokenizer_or_dir) if isinstance(tokenizer_or_dir, str | os.PathLike) else tokenizer_or_dir

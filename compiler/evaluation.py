@@ -10,23 +10,20 @@ always also measured on a domain its calibration did not see; see ``onnxpress.da
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxpress import datasets
-from onnxpress.calibration import input_specs, is_past_input, make_feeds, pad_right
+from onnxpress.calibration import make_feeds, pad_right
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import mean_pool, row_cosines
-from onnxpress.runtime import make_session
-
-ModelLike = str | os.PathLike | ir.Model | ort.InferenceSession
+from onnxpress.generation import DecoderRunner, generate
+from onnxpress.runtime import ModelLike, as_session
 
 # Defaults, kept small enough for a 2-core CPU; every result names what it used.
 EMBED_SENTENCES = 256
@@ -36,22 +33,9 @@ PPL_MAX_WINDOWS = 64
 PROBE_TRAIN, PROBE_TEST, PROBE_TOKENS = 400, 200, 128
 
 
-def as_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSession:
-    return model if isinstance(model, ort.InferenceSession) else make_session(model, threads=threads)
-
-
 def model_kind(session: ort.InferenceSession) -> str:
     """'decoder' when the model emits logits, else 'encoder'."""
     return "decoder" if any(o.name == "logits" for o in session.get_outputs()) else "encoder"
-
-
-def _tokenizer(tokenizer_dir):
-    """A loaded tokenizer passes through; a folder is loaded."""
-    return (
-        datasets.load_tokenizer(tokenizer_dir)
-        if isinstance(tokenizer_dir, str | os.PathLike)
-        else tokenizer_dir
-    )
 
 
 def _batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int):
@@ -77,7 +61,7 @@ def sentence_embeddings(
     model: ModelLike, tokenizer_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
 ) -> np.ndarray:
     """[n, hidden] mean-pooled embeddings of the model's first output (last_hidden_state)."""
-    session, tokenizer = as_session(model), _tokenizer(tokenizer_dir)
+    session, tokenizer = as_session(model), datasets.as_tokenizer(tokenizer_dir)
     output = session.get_outputs()[0].name
     parts = [
         mean_pool(_run(session, output, ids, mask), mask)
@@ -96,7 +80,7 @@ def embedding_fidelity(
     max_length: int = 128,
 ) -> dict[str, float]:
     """Cosine (mean, min) between the model's and the reference's sentence embeddings."""
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = datasets.as_tokenizer(tokenizer_dir)
     new = sentence_embeddings(model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
     ref = sentence_embeddings(reference, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
     cos = row_cosines(ref, new)
@@ -122,7 +106,7 @@ def bbc_probe_accuracy(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    session, tokenizer = as_session(model), _tokenizer(tokenizer_dir)
+    session, tokenizer = as_session(model), datasets.as_tokenizer(tokenizer_dir)
     if model_kind(session) != "encoder":
         raise OnnxpressError(
             "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
@@ -154,7 +138,7 @@ def logits_fidelity(
     max_length: int = 128,
 ) -> dict[str, float]:
     """Max |logit error| and mean KL(ref || new) of next-token distributions over real tokens."""
-    session, ref_session, tokenizer = as_session(model), as_session(reference), _tokenizer(tokenizer_dir)
+    session, ref_session, tokenizer = as_session(model), as_session(reference), datasets.as_tokenizer(tokenizer_dir)
     max_err, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
         new = _run(session, "logits", ids, mask)
@@ -186,7 +170,7 @@ def perplexity_windows(
     by blank lines, tokenized without special tokens, cut into non-overlapping windows;
     ``max_windows`` evenly spaced ones are kept."""
     files = datasets.expand_text_paths(text_files) if text_files else datasets.corpus_files(corpus, "evaluation")
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = datasets.as_tokenizer(tokenizer_dir)
     text = "\n\n".join(datasets.read_text(f).strip() for f in files)
     ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
     n = len(ids) // window
@@ -200,13 +184,13 @@ def perplexity_windows(
     return windows
 
 
-def window_nll(model: ModelLike, windows: np.ndarray, *, batch_size: int = 4) -> tuple[float, int]:
+def window_nll(model: ModelLike | DecoderRunner, windows: np.ndarray, *, batch_size: int = 4) -> tuple[float, int]:
     """(summed negative log-likelihood, predicted tokens): token t+1 given tokens <= t, per window."""
-    session = as_session(model)
+    runner = model if isinstance(model, DecoderRunner) else DecoderRunner(as_session(model))
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size]
-        logits = _run(session, "logits", ids, np.ones_like(ids))
+        logits = runner.run(ids)[0]
         for row_logits, row_ids in zip(logits, ids, strict=True):
             log_p = _log_softmax(row_logits[:-1])
             total -= float(log_p[np.arange(len(row_ids) - 1), row_ids[1:]].sum())
@@ -230,52 +214,10 @@ def perplexity(
     return float(np.exp(total / count))
 
 
-def _eos_ids(tokenizer, tokenizer_dir) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    config = (
-        Path(tokenizer_dir) / "generation_config.json"
-        if isinstance(tokenizer_dir, str | os.PathLike)
-        else None
-    )
-    if config is not None and config.exists():  # HF generate stops on these
-        eos = json.loads(config.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
-
-
 def generate_greedy(model: ModelLike, tokenizer_dir, prompt: str, max_new_tokens: int = 20) -> list[int]:
-    """Greedy new tokens for ``prompt``; with KV inputs, feeds past_key_values.* from present.*."""
-    session, tokenizer = as_session(model), _tokenizer(tokenizer_dir)
-    eos = _eos_ids(tokenizer, tokenizer_dir)
-    tokens = list(tokenizer(prompt)["input_ids"])
-    past_names = [s.name for s in input_specs(session) if is_past_input(s.name)]
-    past = None  # None: first step (empty past from make_feeds)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        step = tokens if past is None or not past_names else tokens[-1:]
-        ids = np.asarray([step], dtype=np.int64)
-        mask = np.ones((1, len(tokens)), dtype=np.int64)
-        feeds = make_feeds(session, ids, mask)
-        if "position_ids" in feeds:
-            feeds["position_ids"] = np.arange(len(tokens) - len(step), len(tokens), dtype=np.int64)[None]
-        if past is not None and past_names:
-            feeds.update(past)
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
-        next_id = int(outputs["logits"][0, -1].argmax())
-        past = {name: outputs[_present_name(name)] for name in past_names}
-        tokens.append(next_id)
-        new.append(next_id)
-        if next_id in eos:
-            break
-    return new
-
-
-def _present_name(past_name: str) -> str:
-    return (
-        past_name.replace("past_key_values", "present", 1)
-        if past_name.startswith("past_key_values")
-        else past_name.replace("past", "present", 1)
-    )
+    """Greedy new tokens for ``prompt`` (``onnxpress.generation``: through the KV cache when the
+    model has one), up to and including the first end-of-sequence token."""
+    return generate(model, prompt, tokenizer=tokenizer_dir, max_new_tokens=max_new_tokens)[1].tokens
 
 
 # ---- the CLI's entry point --------------------------------------------------------------

@@ -125,6 +125,20 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     return path
 
 
+def move_into_place(files: list[Path], folder: Path) -> None:
+    """Rename ``files`` (written in a temporary folder on the same disk) into ``folder`` in order,
+    all or nothing: when one fails, those already moved are removed again."""
+    placed: list[Path] = []
+    try:
+        for f in files:
+            os.replace(f, folder / f.name)
+            placed.append(folder / f.name)
+    except BaseException:
+        for f in placed:
+            f.unlink(missing_ok=True)
+        raise
+
+
 def model_proto(model: ir.Model) -> onnx.ModelProto:
     """A ModelProto of ``model`` with the target IR version (weights loaded into memory)."""
     proto = ir.serde.serialize_model(model)

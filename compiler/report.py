@@ -104,7 +104,9 @@ class CompileReport:
             f"{self._format_fidelity()}"
         )
         notes = "".join(f"\nnote: {n}" for n in [*self._precision_notes(), *self.extra.get("notes", [])])
-        return summary + "\n" + "\n".join(lines) + notes + self._format_search()
+        files = self.extra.get("runtime_files")
+        written = f"\nruntime files written beside the model: {', '.join(files)}" if files else ""
+        return summary + "\n" + "\n".join(lines) + notes + written + self._format_search()
 
     def _precision_notes(self) -> list[str]:
         if not self.precision or self.precision.get("name") == "float32":

@@ -18,6 +18,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import SessionModel, session_model
 
 Feeds = Mapping[str, np.ndarray]
+ModelLike = str | os.PathLike | ir.Model | ort.InferenceSession
 
 
 def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
@@ -70,6 +71,11 @@ def make_session(
         raise OnnxpressError(f"ONNX Runtime cannot load the model: {first}") from None
     session.onnxpress_weights = (weights, values)
     return session
+
+
+def as_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSession:
+    """A session passes through; anything else gets one from ``make_session``."""
+    return model if isinstance(model, ort.InferenceSession) else make_session(model, threads=threads)
 
 
 def _uses_onnxpress_ops(model: ir.Model | SessionModel | str | os.PathLike | bytes) -> bool:

@@ -1,6 +1,7 @@
 """The command line: success paths, and every bad input as one line with no output left behind."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -142,7 +143,7 @@ def test_no_traceback_from_a_real_process(tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
-@pytest.mark.parametrize("command", ["export", "inspect", "compile", "eval"])
+@pytest.mark.parametrize("command", ["export", "inspect", "compile", "eval", "generate"])
 def test_help_shows_examples(capsys, command):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -162,3 +163,46 @@ def test_inspect_reports_the_configured_geometry(capsys, arch):
     for layer in layers:
         assert (layer["num_heads"], layer["num_kv_heads"], layer["head_size"], layer["ffn_size"]) == (
             cfg["num_heads"], cfg["num_kv_heads"], cfg["head_size"], cfg["ffn_size"])
+
+
+def test_generate_prints_the_text_and_the_speed(capsys):
+    from onnxpress.datasets import load_tokenizer
+    from onnxpress.model_io import load_model
+
+    from tiny_models import greedy_tokens, tiny_model
+
+    path = tiny_model("llama", with_past=True)
+    code, out, err = run_cli(capsys, "generate", path, "--prompt", "the quick brown fox", "--max-new-tokens", 6,
+                             "--threads", 1)
+    assert code == 0, err
+    text, stats = out.rstrip("\n").rsplit("\n", 1)
+    tokenizer = load_tokenizer(path.parent)
+    prompt = tokenizer("the quick brown fox")["input_ids"]
+    expected = greedy_tokens(ort.InferenceSession(str(path)), load_model(path), np.array([prompt]), 6, True)
+    assert 3 not in expected[:-1] and 2 not in expected[:-1]  # no end-of-sequence token before the last
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert re.fullmatch(rf"prompt tokens {len(prompt)}, new tokens 6, prefill [0-9.]+ ms, decode [0-9.]+ tokens/s", stats)
+    sampled = [run_cli(capsys, "generate", path, "--prompt", "the quick brown fox", "--sample", "--temperature", 3,
+                       "--top-p", 0.9, "--seed", seed)[1].splitlines()[0] for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_generate_bad_inputs_are_one_line_errors(capsys, tmp_path):
+    import shutil
+
+    from tiny_models import tiny_model
+
+    decoder = tiny_model("llama", with_past=True)
+    shutil.copy(decoder, tmp_path / "alone.onnx")
+    cases = [
+        ([tmp_path / "missing.onnx"], "missing.onnx does not exist"),
+        ([tiny_model("bert")], "no 'logits' output, so it is not a decoder"),
+        ([tmp_path / "alone.onnx"], "no tokenizer next to"),
+        ([decoder, "--tokenizer", tmp_path], "holds no tokenizer files"),
+        ([decoder, "--temperature", 0.5], "--temperature only shape sampled tokens: add --sample"),
+        ([decoder, "--sample", "--top-p", 1.5], "top-p 1.5 must be in (0, 1]"),
+        ([decoder, "--max-new-tokens", 0], "max new tokens 0 must be at least 1"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, "generate", *args, "--prompt", "the nation")
+        assert_one_line_error(code, err, message)
