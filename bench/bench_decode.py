@@ -10,9 +10,13 @@ in a new random order: prefill of a ``--prompt``-token prompt taken from held-ou
 then ``--new`` greedy steps, each one token with the cache. Columns: prefill ms and decode
 tokens/s (medians over rounds; ratios against the fp32 export in the same run), how many
 greedy tokens agree with the fp32 export's before the first that differs, perplexity over
-held-out windows of both corpora (the same windows for every row), file size.
+held-out windows of both corpora (the same windows for every row), file size. For each recipe
+row, whether the runtimes users run decoders on load it from a folder with the files
+``onnxpress.runtime_files`` writes (onnxruntime-genai, optimum's ORTModelForCausalLM) and
+whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_tokens``).
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_decode.py [--model smollm2] [--rounds 5] [--windows 16]
+    python bench/bench_decode.py --runtimes-only   # only the runtime check, from the cached compiles
 
 Prints the table, writes ``bench/results/decode.json`` (with the host's ISA flags: int8 and
 int4 speed differ several-fold between AVX2-only and AVX-512 VNNI hosts) and
@@ -26,10 +30,10 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +41,24 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, compile_cached, machine, model_size_mb, peer_python, record_build, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    compile_cached,
+    format_table,
+    machine,
+    model_size_mb,
+    peer_python,
+    record_build,
+    write_results,
+)
 from peers import DECODER_PEERS  # noqa: E402
 
 from onnxpress.calibration import CalibrationSet  # noqa: E402
 from onnxpress.datasets import sotu_files  # noqa: E402
-from onnxpress.export import CACHE_ROOT, cached_export, resolve_model_source  # noqa: E402
+from onnxpress.export import CACHE_ROOT, _version, cached_export, resolve_model_source  # noqa: E402
+from onnxpress.generation import DecoderRunner, eos_token_ids  # noqa: E402
 from onnxpress.model_io import load_model  # noqa: E402
+from onnxpress.runtime_files import genai_runner, optimum_runner, write_runtime_files  # noqa: E402
 
 THREADS = 2
 WORK = CACHE_ROOT / "bench-decode"
@@ -75,61 +90,87 @@ def genai_build(hf_dir: Path, precision: str) -> Path:
     return model
 
 
-class Decoder:
-    """Greedy generation with the KV cache through a plain ORT session, for optimum exports and
-    GenAI-builder models alike (inputs: input_ids, attention_mask, [position_ids], past_key_values.*)."""
-
-    def __init__(self, path: Path, head_dim: int):
-        from onnxpress.calibration import is_past_input
-        from onnxpress.evaluation import _present_name
-        from onnxpress.runtime import make_session
-
-        self.session = make_session(path, threads=THREADS)
-        inputs = self.session.get_inputs()
-        self.names = {i.name for i in inputs}
-        self.past = {i.name: (i.shape[1], head_dim if not isinstance(i.shape[3], int) else i.shape[3],
-                              np.float16 if "float16" in i.type else np.float32)
-                     for i in inputs if is_past_input(i.name)}
-        self.present = {name: _present_name(name) for name in self.past}
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def run(self, ids: np.ndarray, start: int, cache: dict | None) -> tuple[np.ndarray, dict]:
-        """Logits of ``ids`` [batch, n] at positions ``start``.., and the cache after them."""
-        batch, n = ids.shape
-        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, start + n), np.int64)}
-        if "position_ids" in self.names:
-            feeds["position_ids"] = np.broadcast_to(np.arange(start, start + n, dtype=np.int64), (batch, n)).copy()
-        for name, (heads, dim, dtype) in self.past.items():
-            feeds[name] = cache[name] if cache else np.zeros((batch, heads, 0, dim), dtype)
-        out = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
-        return out["logits"], {name: out[present] for name, present in self.present.items()}
-
-    def generate(self, prompt: np.ndarray, new: int) -> tuple[list[int], float, float]:
-        """(tokens, prefill seconds, seconds of the ``new`` one-token steps after it)."""
-        t0 = time.perf_counter()
-        logits, cache = self.run(prompt[None], 0, None)
-        tokens = [int(logits[0, -1].argmax())]
-        t1 = time.perf_counter()
-        for _ in range(new):
-            logits, cache = self.run(np.asarray([[tokens[-1]]], np.int64), len(prompt) + len(tokens) - 1, cache)
-            tokens.append(int(logits[0, -1].argmax()))
-        return tokens, t1 - t0, time.perf_counter() - t1
-
-    def perplexity(self, windows: np.ndarray) -> float:
-        """onnxpress.evaluation's perplexity, through this feed builder (GenAI-builder models leave
-        the cache's head size symbolic, which evaluation's feeds refuse)."""
-        from onnxpress.evaluation import _log_softmax
-
-        total, count = 0.0, 0
-        for window in windows:
-            log_p = _log_softmax(self.run(window[None], 0, None)[0][0, :-1])
-            total -= float(log_p[np.arange(len(window) - 1), window[1:]].sum())
-            count += len(window) - 1
-        return float(np.exp(total / count))
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def bench_prompt(tokenizer_dir: Path, prompt_len: int) -> np.ndarray:
+    """The prompt every row decodes after: the first ``prompt_len`` tokens of held-out SOTU text."""
+    from onnxpress.evaluation import perplexity_windows
+
+    return perplexity_windows(tokenizer_dir, window=prompt_len, max_windows=1)[0]
+
+
+def runtime_folder(compiled: Path) -> Path:
+    """``compiled`` (and its external data) hard-linked into a folder of its own under WORK/runtimes,
+    where its runtime files can go (the compile cache holds several models in one folder)."""
+    folder = WORK / "runtimes" / compiled.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in compiled.parent.glob(compiled.name + "*"):
+        target = folder / f.name
+        if target.exists() and os.path.samefile(target, f):
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:  # another file system
+            shutil.copy2(f, target)
+    return folder / compiled.name
+
+
+def check_runtimes(compiled: Path, src_dir: Path, prompt: np.ndarray, new: int) -> dict:
+    """Whether onnxruntime-genai and optimum load ``compiled`` from a folder with its runtime files, and
+    whether their greedy tokens after ``prompt`` (new + 1 at most, stopping on the same eos ids) equal
+    onnxpress's own loop's."""
+    model = runtime_folder(compiled)
+    write_runtime_files(model, source_dir=src_dir)
+    eos = sorted(eos_token_ids(model.parent))
+    ours = DecoderRunner(model, threads=THREADS).generate(prompt, new + 1, eos_ids=eos).tokens
+    row: dict = {}
+    for name, load in (("genai", lambda: genai_runner(model.parent)), ("optimum", lambda: optimum_runner(model, eos))):
+        try:
+            run = load()
+            row[f"{name}_loads"] = True
+            theirs = run(prompt.tolist(), new + 1)
+            row[f"{name}_same_tokens"] = theirs == ours
+            row[f"{name}_greedy_prefix"] = common_prefix(theirs, ours)
+        except Exception as exc:  # a runtime failing on the folder is a result
+            row.setdefault(f"{name}_loads", False)
+            row[f"{name}_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        print(f"  {compiled.name} in {name}: {row.get(f'{name}_same_tokens', row.get(f'{name}_error'))}", flush=True)
+    row["genai_tokenizer_same_ids"] = genai_tokenizer_agrees(model.parent, prompt)
+    return row
+
+
+def genai_tokenizer_agrees(folder: Path, prompt: np.ndarray) -> bool | str:
+    """Whether onnxruntime-genai's tokenizer, loaded from ``folder``, encodes the prompt's text to the ids the
+    Hugging Face tokenizer of the same files gives (or its error)."""
+    from onnxpress.datasets import load_tokenizer
+
+    try:
+        import onnxruntime_genai as og
+
+        genai = og.Tokenizer(og.Model(str(folder)))
+        hf = load_tokenizer(folder)
+        text = hf.decode(prompt.tolist())
+        return [int(i) for i in genai.encode(text)] == hf(text)["input_ids"]
+    except Exception as exc:
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+
+
+def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int) -> list[dict]:
+    """``rows`` with each recipe row's ``check_runtimes`` columns, from its cached compile."""
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if not k.startswith(("genai_", "optimum_", "runtime_"))}
+        if row["group"] == "recipe" and "error" not in row:
+            compiled = WORK / f"recipe_{row['variant'].removeprefix('onnxpress ')}.onnx"
+            if compiled.exists():
+                row.update(check_runtimes(compiled, src_dir, prompt, new))
+            else:
+                row["runtime_error"] = f"no cached compile {compiled}: run the bench without --runtimes-only"
+        out.append(row)
+    return out
 
 
 def build_variants(src: Path, hf_dir: Path) -> dict[str, dict]:
@@ -155,20 +196,22 @@ def build_variants(src: Path, hf_dir: Path) -> dict[str, dict]:
 
 def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, prompt_len: int, new: int,
             rounds: int, windows: int) -> list[dict]:
-    from onnxpress.evaluation import perplexity_windows
+    from onnxpress.evaluation import perplexity_windows, window_nll
 
     ok = {label: v for label, v in variants.items() if "path" in v}
-    decoders = {label: Decoder(v["path"], head_dim) for label, v in ok.items()}
-    prompt = perplexity_windows(tokenizer_dir, window=prompt_len, max_windows=1)[0]
+    # head_size: GenAI-builder models leave the cache's head size symbolic
+    decoders = {label: DecoderRunner(v["path"], threads=THREADS, head_size=head_dim) for label, v in ok.items()}
+    prompt = bench_prompt(tokenizer_dir, prompt_len)
     samples: dict[str, list[tuple[float, float]]] = {label: [] for label in decoders}
     tokens = {}
     for label, d in decoders.items():  # warm-up, and the greedy tokens
-        tokens[label] = d.generate(prompt, new)[0]
+        tokens[label] = d.generate(prompt, new + 1).tokens
     rng, order = random.Random(0), list(decoders)
     for _ in range(rounds):
         rng.shuffle(order)
         for label in order:
-            samples[label].append(decoders[label].generate(prompt, new)[1:])
+            done = decoders[label].generate(prompt, new + 1)
+            samples[label].append((done.prefill_seconds, done.decode_seconds))
     held_out = {corpus: perplexity_windows(tokenizer_dir, max_windows=windows, corpus=corpus) for corpus in CORPORA}
     reference = "ORT fp32 (optimum export)"
     rows = []
@@ -183,7 +226,8 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
                    decode_tokens_per_s=round(new / decode, 1),
                    greedy_prefix_as_fp32=common_prefix(tokens[label], tokens[reference]))
         for corpus, prefix in CORPORA.items():
-            row[prefix + "perplexity"] = round(decoders[label].perplexity(held_out[corpus]), 3)
+            total, count = window_nll(decoders[label], held_out[corpus], batch_size=1)
+            row[prefix + "perplexity"] = round(float(np.exp(total / count)), 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
     base = next(r for r in rows if r["variant"] == reference)
@@ -222,6 +266,41 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+COLUMNS = ["variant", "size_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
+           "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
+           "genai_same_tokens", "optimum_same_tokens", "compile_s", "error"]
+
+
+def runtimes_note(new: int) -> str:
+    return (f"recipe rows: the cached compile hard-linked into {WORK / 'runtimes'}/NAME/ with the files "
+            "onnxpress.runtime_files writes; genai_* / optimum_*: onnxruntime-genai "
+            f"{_version('onnxruntime-genai')} and optimum-onnx {_version('optimum-onnx')} loaded that folder "
+            f"and greedy-decoded at most {new + 1} tokens after the prompt, stopping on the eos ids; "
+            "same_tokens: equal to onnxpress.generation's loop on the same file; genai_tokenizer_same_ids: "
+            "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids (SmolLM2's "
+            "tokenizer.json, from the GGUF conversion, has a SentencePiece-style decoder over a byte-level "
+            "BPE; GenAI's tokenizer then returns -1 for most pieces, in the GenAI builder's folder too)")
+
+
+def merge_runtimes(src: Path, command: str) -> int:
+    """--runtimes-only: the runtime columns of the recipe rows in decode.json, re-checked from the cached
+    compiles; the rest of the file (rows, timings, the command that timed them) stays as it was."""
+    path = RESULTS / "decode.json"
+    data = json.loads(path.read_text())
+    new = data["notes"]["new_tokens"]
+    data["rows"] = runtime_rows(data["rows"], src.parent, bench_prompt(src.parent, data["notes"]["prompt_tokens"]), new)
+    data["notes"]["runtimes"] = runtimes_note(new)
+    data["notes"]["runtimes_command"] = command
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    print(format_table([r for r in data["rows"] if r["group"] == "recipe"],
+                       ["variant", "genai_loads", "genai_same_tokens", "genai_greedy_prefix", "optimum_loads",
+                        "optimum_same_tokens", "optimum_greedy_prefix", "genai_tokenizer_same_ids", "genai_error",
+                        "optimum_error", "runtime_error"]))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="a packaged decoder (default smollm2)")
@@ -229,6 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=64, help="greedy one-token decode steps after the prefill")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--windows", type=int, default=16, help="held-out perplexity windows per corpus")
+    parser.add_argument("--runtimes-only", action="store_true",
+                        help="only check that onnxruntime-genai and optimum load each cached recipe compile and decode "
+                        "its greedy tokens; merged into the existing results without timing anything")
     args = parser.parse_args(argv)
     command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_decode.py " + " ".join(argv or sys.argv[1:])
     from onnxpress.datasets import describe_split
@@ -236,13 +318,16 @@ def main(argv=None) -> int:
 
     WORK.mkdir(parents=True, exist_ok=True)
     src, hf_dir = Path(cached_export(args.model)), resolve_model_source(args.model)
+    if args.runtimes_only:
+        return merge_runtimes(src, command)
     config = json.loads((hf_dir / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     variants = build_variants(src, hf_dir)
     load_start = os.getloadavg()
     rows = measure(variants, src.parent, head_dim, prompt_len=args.prompt, new=args.new, rounds=args.rounds,
                    windows=args.windows)
-    rows = [{"model": args.model, **r} for r in rows]
+    rows = runtime_rows([{"model": args.model, **r} for r in rows], src.parent, bench_prompt(src.parent, args.prompt),
+                        args.new)
     notes = {
         "threads": THREADS, "batch": 1, "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
         "timing": "medians over round-robin rounds in one process; prefill: the prompt in one call; decode: the "
@@ -252,11 +337,9 @@ def main(argv=None) -> int:
         "calibration": "onnxpress variants: --calib sotu",
         "genai_builder": " ".join(GENAI) + f", -p fp32|int4 -e cpu, in {WORK.parent / 'bench-venvs' / 'genai'}",
         "load_average_start_end": [load_start, os.getloadavg()],
+        "runtimes": runtimes_note(args.new),
     }
-    columns = ["variant", "size_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
-               "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
-               "compile_s", "error"]
-    write_results("decode", rows, command=command, notes=notes, columns=columns)
+    write_results("decode", rows, command=command, notes=notes, columns=COLUMNS)
     plot(rows, f"{args.model} on {machine()['cpu']}, {THREADS} threads, batch 1", RESULTS / "decode.png")
     return 0
 

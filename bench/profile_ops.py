@@ -29,9 +29,9 @@ def profile(path: str, batch: int, runs: int, decode: bool = False, head_dim: in
     session = make_session(path, options=options)
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, 128)).astype(np.int64)
     if decode:
-        from bench_decode import Decoder
+        from onnxpress.generation import DecoderRunner
 
-        decoder = Decoder(Path(path), head_dim)
+        decoder = DecoderRunner(path, threads=2, head_size=head_dim)
         _, cache = decoder.run(ids[:1], 0, None)  # the prompt's cache, unprofiled
         decoder.session = session
         for step in range(3 + runs):
