@@ -277,9 +277,7 @@ def runtimes_note(new: int) -> str:
             f"{_version('onnxruntime-genai')} and optimum-onnx {_version('optimum-onnx')} loaded that folder "
             f"and greedy-decoded at most {new + 1} tokens after the prompt, stopping on the eos ids; "
             "same_tokens: equal to onnxpress.generation's loop on the same file; genai_tokenizer_same_ids: "
-            "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids (SmolLM2's "
-            "tokenizer.json, from the GGUF conversion, has a SentencePiece-style decoder over a byte-level "
-            "BPE; GenAI's tokenizer then returns -1 for most pieces, in the GenAI builder's folder too)")
+            "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids")
 
 
 def merge_runtimes(src: Path, command: str) -> int:

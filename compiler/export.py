@@ -88,6 +88,7 @@ def smollm2_hf_dir(cache: str | os.PathLike | None = None) -> Path:
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     _apply_gguf_special_tokens(tokenizer, gguf)
+    _byte_level_decoder(tokenizer)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -98,6 +99,18 @@ def smollm2_hf_dir(cache: str | os.PathLike | None = None) -> Path:
 
     _write_atomically(target, write)
     return target
+
+
+def _byte_level_decoder(tokenizer) -> None:
+    """transformers' GGUF conversion puts SentencePiece decoders (ByteFallback, Replace "▁") before
+    the ByteLevel one of a byte-level BPE; Hugging Face decodes through that chain, but
+    onnxruntime-genai's tokenizer reads the first decoders as a SentencePiece model's and maps
+    most text to unknown ids. The original SmolLM2 tokenizer has the ByteLevel decoder alone."""
+    from tokenizers import decoders, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        backend.decoder = decoders.ByteLevel()
 
 
 def _apply_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:

@@ -215,3 +215,19 @@ def test_top_k_and_top_p_draw_from_the_likeliest_tokens():
     for bad, message in [(dict(temperature=0), "temperature"), (dict(top_k=-1), "top-k"), (dict(top_p=0), "top-p")]:
         with pytest.raises(OnnxpressError, match=message):
             Sampling(**bad)
+
+
+@pytest.mark.real_model
+def test_smollm2_export_generates_in_onnxruntime_genai_with_its_own_tokenizer(tmp_path):
+    import onnxruntime_genai as og
+
+    from onnxpress.datasets import load_tokenizer
+    from onnxpress.export import cached_export
+
+    src = cached_export("smollm2")
+    (tmp_path / "model.onnx").symlink_to(src)
+    write_runtime_files(tmp_path / "model.onnx", source_dir=src.parent)
+    prompt = "The state of the Union is strong, and the budget"
+    ids = load_tokenizer(src.parent)(prompt)["input_ids"]
+    assert og.Tokenizer(og.Model(str(tmp_path))).encode(prompt).tolist() == ids
+    assert genai_runner(tmp_path)(ids, 16) == our_tokens(tmp_path / "model.onnx", ids, 16)
