@@ -30,14 +30,18 @@ from onnxpress.passes.distill.data import batches_from_calibration, read_texts, 
 
 @dataclass
 class DistillConfig(PassConfig):
-    steps: int = 1000  # optimizer steps at most
+    steps: int = 3000  # optimizer steps at most
     max_minutes: float = 12.0  # wall-time limit of the training loop
-    lr: float = 1e-4  # peak learning rate (AdamW), after a linear warm-up, cosine decay to 0
+    # peak learning rate (AdamW), after a linear warm-up; cosine decay to 0 at the last step or the
+    # time limit, whichever comes first
+    lr: float = 1e-4
     warmup: float = 0.1  # share of the steps spent warming up (early stopping waits for its end)
     batch_size: int = 16
     seed: int | None = None  # None: the compile's seed
-    # rewritten: the initializers the earlier passes created or changed; all: every float weight
-    scope: Literal["rewritten", "all"] = "rewritten"
+    # all: every float weight but embedding tables; rewritten: only the initializers the earlier
+    # passes created or changed (at equal steps, MiniLM with a third of its heads pruned recovered
+    # less that way: 0.953 against 0.959 off-domain cosine after 300 steps)
+    scope: Literal["rewritten", "all"] = "all"
     texts: int = 8000  # training texts at most (sentences for encoders, chunks for decoders)
     max_length: int = 128  # tokens per text
     holdout: float = 0.05  # share of the texts kept aside for the held-out loss

@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 from onnxpress.passes.distill.data import TextBatches, feeds_for, replace_tokens
 
 CLIP_NORM = 1.0  # gradient norm clipping, the usual guard for transformer training
+# the teacher's held-out targets are computed once and kept when they take at most this much
+# (an encoder's hidden states); a decoder's logits over its vocabulary are recomputed instead
+HOLDOUT_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -46,6 +49,18 @@ class Schedule:
     eval_every: int
     patience: int
     augment: float = 0.0  # share of training tokens replaced by random ones
+
+    def fraction_done(self, step: int, seconds: float) -> float:
+        """How far training is, 0 to 1: by steps, or by wall time where the time limit comes first,
+        so that the learning rate has decayed by the time either ends training (a run the time
+        limit ends therefore depends on the machine's speed; one that ``steps`` ends does not)."""
+        return min(1.0, max(step / self.steps, seconds / self.max_seconds))
+
+    def lr_at(self, done: float) -> float:
+        """Linear warm-up over the first ``warmup`` share, then cosine decay to zero at the end."""
+        if done < self.warmup:
+            return self.lr * max(done, 1.0 / self.steps) / self.warmup
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (done - self.warmup) / (1 - self.warmup)))
 
 
 @dataclass
@@ -112,17 +127,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=0.0)
         targets = loss.targets
         self.student_names = [targets.output, *(s for _, s in targets.layers)]
+        self._holdout_targets: list[dict[str, np.ndarray]] | None = None
+        self._cache_holdout = True  # until the first evaluation finds the targets too large
 
-    def _lr(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to zero at the last step."""
-        s = self.schedule
-        warm = max(1, int(s.warmup * s.steps))
-        if step < warm:
-            return s.lr * (step + 1) / warm
-        return s.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, s.steps - warm)))
-
-    def batch_loss(self, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-        teacher = self.teacher(feeds_for(self.teacher_model, ids, mask))
+    def batch_loss(self, ids: np.ndarray, mask: np.ndarray, teacher: dict[str, np.ndarray] | None = None
+                   ) -> torch.Tensor:
+        if teacher is None:
+            teacher = self.teacher(feeds_for(self.teacher_model, ids, mask))
         student = self.student(feeds_for(self.student_model, ids, mask), self.student_names)
         # a half-precision teacher's targets, compared in the student's float32
         targets = {k: torch.from_numpy(v).to(torch.float32) for k, v in teacher.items()}
@@ -130,7 +141,19 @@ class Trainer:
 
     @torch.no_grad()
     def holdout_loss(self, data: TextBatches) -> float:
-        losses = [float(self.batch_loss(ids, mask)) * len(ids) for ids, mask in data.holdout]
+        """The loss over the held-out batches (evaluated every ``eval_every`` steps): the teacher's
+        targets are kept from the first evaluation where they fit in ``HOLDOUT_CACHE_BYTES``."""
+        cached, fresh, size = self._holdout_targets, [], 0
+        losses = []
+        for i, (ids, mask) in enumerate(data.holdout):
+            teacher = cached[i] if cached is not None else self.teacher(feeds_for(self.teacher_model, ids, mask))
+            if cached is None and self._cache_holdout and size <= HOLDOUT_CACHE_BYTES:
+                size += sum(v.nbytes for v in teacher.values())
+                fresh.append(teacher)
+            losses.append(float(self.batch_loss(ids, mask, teacher)) * len(ids))
+        if cached is None and self._cache_holdout:
+            self._cache_holdout = size <= HOLDOUT_CACHE_BYTES
+            self._holdout_targets = fresh if self._cache_holdout else None
         return sum(losses) / sum(len(ids) for ids, _ in data.holdout)
 
     def run(self, data: TextBatches, seed: int) -> History:
@@ -149,8 +172,9 @@ class Trainer:
             ids, mask = data.train[order.pop()]
             if s.augment and data.replaceable is not None:
                 ids = replace_tokens(ids, mask, s.augment, data.replaceable, rng)
+            done = s.fraction_done(step, time.perf_counter() - start)
             for group in self.optimizer.param_groups:
-                group["lr"] = self._lr(step)
+                group["lr"] = s.lr_at(done)
             self.optimizer.zero_grad(set_to_none=True)
             self.batch_loss(ids, mask).backward()
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), CLIP_NORM)
@@ -165,7 +189,7 @@ class Trainer:
                 if loss < best:
                     best, waited, history.best_step = loss, 0, step + 1
                     best_state = {k: p.detach().clone() for k, p in self.params.items()}
-                elif step + 1 > s.warmup * s.steps:  # Adam's first steps raise the loss before it falls
+                elif done > s.warmup:  # Adam's first steps raise the loss before it falls
                     waited += 1
                 if waited >= s.patience:
                     history.stopped = f"held-out loss did not improve for {s.patience} evaluations"

@@ -63,7 +63,8 @@ def test_distillation_brings_a_pruned_model_back_towards_the_original(arch, with
     _compile(pruned_only, [("prune_ffn", {"fraction": 0.5})], _context(pruned_only))
     before = _snapshot(pruned_only)
 
-    prune, distill = _compile(model, [("prune_ffn", {"fraction": 0.5}), ("distill", FAST)], ctx)
+    prune, distill = _compile(model, [("prune_ffn", {"fraction": 0.5}), ("distill", {**FAST, "scope": "rewritten"})],
+                              ctx)
     assert distill.changes["steps"] > 0 and distill.changes["tensors_trained"] > 0
     d = distill.details
     assert d["holdout_loss_after"] < d["holdout_loss_before"]
@@ -78,6 +79,20 @@ def test_distillation_brings_a_pruned_model_back_towards_the_original(arch, with
     assert changed and changed <= rewritten
 
 
+def test_learning_rate_decays_to_zero_by_steps_or_by_the_time_limit_whichever_ends_first():
+    from onnxpress.passes.distill.train import Schedule
+
+    schedule = Schedule(steps=100, lr=1e-3, warmup=0.1, max_seconds=60.0, eval_every=10, patience=2)
+    assert schedule.fraction_done(50, 6.0) == 0.5  # steps lead
+    assert schedule.fraction_done(10, 54.0) == 0.9  # the clock leads
+    assert schedule.fraction_done(10, 90.0) == 1.0
+    assert schedule.lr_at(0.0) == pytest.approx(1e-4)  # one step's share of the warm-up
+    assert schedule.lr_at(0.05) == pytest.approx(5e-4)
+    assert schedule.lr_at(0.1) == pytest.approx(1e-3)
+    assert schedule.lr_at(0.55) == pytest.approx(5e-4)
+    assert schedule.lr_at(1.0) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_without_text_it_trains_on_the_calibration_batches_and_never_ends_worse():
     """Random tokens on random weights give little to learn: the held-out loss decides, and the
     weights kept are never worse on it than the compressed model's."""
@@ -88,6 +103,20 @@ def test_without_text_it_trains_on_the_calibration_batches_and_never_ends_worse(
     assert "calibration batches" in d["text"] and d["train_batches"] >= 1 and d["holdout_batches"] >= 1
     assert d["holdout_loss_after"] <= d["holdout_loss_before"]
     assert d["holdout_loss_after"] == min(loss for _, loss in d["holdout_curve"])
+
+
+def test_held_out_targets_kept_in_memory_give_the_same_run(monkeypatch):
+    import onnxpress.passes.distill.train as train
+
+    path = tiny_model("bert")
+    curves = []
+    for limit in (train.HOLDOUT_CACHE_BYTES, 0):  # kept after the first evaluation, or recomputed each time
+        monkeypatch.setattr(train, "HOLDOUT_CACHE_BYTES", limit)
+        model = load_model(path)
+        _, distill = _compile(model, [("prune_heads", {"fraction": 0.5}), ("distill", {**FAST, "steps": 20})],
+                              _context(model))
+        curves.append(distill.details["holdout_curve"])
+    assert curves[0] == curves[1] and len(curves[0]) == 3
 
 
 def test_same_seed_same_weights_and_scope_all_trains_more():
