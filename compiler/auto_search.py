@@ -210,7 +210,8 @@ class _Search:
         passes = [build_pass(name, settings) for name, settings in steps]
         c = self.ctx
         ctx = CompileContext(
-            verification=c.verification, calibration=c.calibration, tokenizer_dir=c.tokenizer_dir, seed=c.seed,
+            verification=c.verification, calibration=c.calibration, tokenizer_dir=c.tokenizer_dir,
+            model_dir=c.model_dir, seed=c.seed,
             threads=c.threads, input_fidelity=self.meter, original=c.original, named_text=c.named_text,
             text_files=c.text_files, unseen=c.unseen, unseen_fidelity=self.unseen, precision=c.precision,
         )

@@ -1,9 +1,10 @@
 """Calibration data: feed batches that match a model's inputs, deterministic given a seed.
 
 Feeds are built from the model's graph inputs by name (``make_feeds``): token ids and
-mask come from the text; ``token_type_ids`` are zeros, ``position_ids`` follow the mask,
-``past_key_values.*`` are empty (zero-length past), so decoder exports with a KV cache
-run as plain prefill. Texts are right-padded per batch (the mask marks padding).
+mask come from the text; ``token_type_ids`` are zeros, ``position_ids`` count from each text's
+first token (``counted_positions``), ``past_key_values.*`` are empty (zero-length past), so
+decoder exports with a KV cache run as plain prefill. Texts are right-padded per batch (the
+mask marks padding).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def make_feeds(
         elif spec.name == "token_type_ids":
             value = np.zeros_like(input_ids)
         elif spec.name == "position_ids":
-            value = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+            value = counted_positions(attention_mask)
         elif is_past_input(spec.name):
             value = np.zeros(_empty_past_shape(spec, batch), dtype=spec.dtype)
         elif spec.name == "pixel_values":
@@ -92,6 +93,14 @@ def make_feeds(
             )
         feeds[spec.name] = np.ascontiguousarray(value.astype(spec.dtype, copy=False))
     return feeds
+
+
+def counted_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """Each row's token positions counted from its first token (0 before it, for left padding),
+    on through right padding: the padding's positions continue the text's, as a graph that
+    takes positions from the cache length (rotary fused into the attention) counts them."""
+    first = np.argmax(np.asarray(attention_mask) != 0, axis=1)
+    return np.clip(np.arange(attention_mask.shape[1]) - first[:, None], 0, None)
 
 
 def _empty_past_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:
@@ -500,6 +509,9 @@ def _rebatch(samples: list[Feeds], size: int) -> list[Feeds]:
 def _stack(parts: list[np.ndarray], name: str) -> np.ndarray:
     if name in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
         length = max(p.shape[1] for p in parts)
+        if name == "position_ids":  # the padding's positions continue the text's (counted_positions)
+            parts = [np.concatenate([p, p[:, -1:] + np.arange(1, length - p.shape[1] + 1)], axis=1) if p.shape[1]
+                     else np.zeros((p.shape[0], length), p.dtype) for p in parts]
         parts = [np.pad(p, ((0, 0), (0, length - p.shape[1]))) for p in parts]
     return np.concatenate(parts, axis=0)
 

@@ -158,8 +158,8 @@ def compile_model(
     src, out = Path(model), Path(output)
     plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
     ir_model = load_model(src)
-    ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), seed=seed,
-                         threads=threads, precision=model_precision(ir_model))
+    ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), model_dir=src.parent,
+                         seed=seed, threads=threads, precision=model_precision(ir_model))
     pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
                             verify=verify, progress=progress)
     calibration = load_calibration(

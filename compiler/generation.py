@@ -233,6 +233,12 @@ def eos_token_ids(folder: str | os.PathLike | None, tokenizer=None) -> set[int]:
                         tokenizer_eos))
 
 
+def config_context_length(config: dict) -> int | None:
+    """The positions a Hugging Face config says the model was built for (max_position_embeddings)."""
+    context = config.get("max_position_embeddings", config.get("n_positions"))
+    return int(context) if context else None
+
+
 def config_head_size(config: dict) -> int | None:
     """Attention head size from a Hugging Face config."""
     if config.get("head_dim"):

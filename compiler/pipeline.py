@@ -61,6 +61,8 @@ class CompileContext:
     verification: list[dict[str, np.ndarray]]
     calibration: CalibrationSet | None = None
     tokenizer_dir: Path | None = None
+    # the input model's folder (its config.json: what the graph does not record, e.g. the context length)
+    model_dir: Path | None = None
     seed: int = 0
     threads: int | None = None
     # the compile input's compute precision: the size of the rounding the checks allow (None: the

@@ -33,7 +33,14 @@ import onnx_ir as ir
 
 from onnxpress.calibration import is_past_input
 from onnxpress.datasets import TOKENIZER_FILES
-from onnxpress.generation import config_head_size, present_name, read_json, stop_ids, tokenizer_eos_id
+from onnxpress.generation import (
+    config_context_length,
+    config_head_size,
+    present_name,
+    read_json,
+    stop_ids,
+    tokenizer_eos_id,
+)
 from onnxpress.model_io import load_model, move_into_place
 
 GENAI_CONFIG = "genai_config.json"
@@ -137,7 +144,7 @@ def genai_config(model: ir.Model, filename: str, config: dict, generation: dict,
     first = inputs[past[0]].shape
     kv_heads = _dim(first, 1) or config.get("num_key_value_heads", config.get("num_attention_heads"))
     head_size = _dim(first, 3) or config_head_size(config)
-    context = config.get("max_position_embeddings", config.get("n_positions"))
+    context = config_context_length(config)
     if not (kv_heads and head_size and context):
         return None, (f"no {GENAI_CONFIG} written: config.json gives no context length (max_position_embeddings) "
                       "or cache geometry")

@@ -4,6 +4,7 @@ from onnxpress.passes import (  # noqa: F401
     attention,
     cleanup,
     distill,
+    fuse,
     lowrank,
     prune,
     quantize,

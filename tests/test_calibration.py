@@ -14,7 +14,14 @@ import onnx_ir as ir  # noqa: E402
 import pytest  # noqa: E402
 from test_export import TINY_VOCAB, tiny_export  # noqa: E402
 
-from onnxpress.calibration import CalibrationSet, image_dims, input_specs, make_feeds, vocab_size  # noqa: E402
+from onnxpress.calibration import (  # noqa: E402
+    CalibrationSet,
+    counted_positions,
+    image_dims,
+    input_specs,
+    make_feeds,
+    vocab_size,
+)
 from onnxpress.compile import compile_model  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.runtime import make_session, run_batches  # noqa: E402
@@ -74,11 +81,29 @@ def test_decoder_feeds_have_positions_and_empty_past(llama):
     calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=4)
     batch = calib.batches[0]
     mask = batch["attention_mask"]
-    np.testing.assert_array_equal(batch["position_ids"], np.clip(mask.cumsum(1) - 1, 0, None))
+    # the text's positions as the mask counts them; the padding's continue them
+    np.testing.assert_array_equal(np.where(mask == 1, batch["position_ids"], 0), np.clip(mask.cumsum(1) - 1, 0, None) * mask)
+    np.testing.assert_array_equal(batch["position_ids"], np.broadcast_to(np.arange(mask.shape[1]), mask.shape))
     assert batch["past_key_values.0.key"].shape == (4, 2, 0, 16)
     assert batch["past_key_values.1.value"].dtype == np.float32
     out = run_batches(make_session(model), calib.take(1), ["logits"])
     assert out[0]["logits"].shape == (*batch["input_ids"].shape, TINY_VOCAB)
+
+
+def test_positions_count_from_the_first_token_on_through_right_padding():
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(counted_positions(mask), [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+
+def test_rebatched_decoder_samples_keep_counting_positions(llama):
+    """split() trims each sample's padding and pads again in its new batch: the positions of the
+    new padding continue the text's, as counted_positions numbers them."""
+    model, tok = llama
+    keep, hold = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=4).split(0.4)
+    batches = [*keep.batches, *hold.batches]
+    assert any((b["attention_mask"] == 0).any() for b in batches)  # some rows padded again
+    for batch in batches:
+        np.testing.assert_array_equal(batch["position_ids"], counted_positions(batch["attention_mask"]))
 
 
 def test_seed_makes_order_deterministic(bert):

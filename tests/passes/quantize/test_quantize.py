@@ -134,11 +134,14 @@ def test_perplexity_budget_bounds_the_held_out_perplexity():
     def increase(m: ir.Model) -> float:
         return math.exp(next_token_nll(ctx.run(m, batches, ["logits"]), batches)[0] - reference_nll) - 1.0
 
+    # round to nearest: on random weights GPTQ's and smoothing's gains are noise that can make
+    # int8 of everything look better than float, leaving nothing for a budget to bound
+    plain = {"mode": "dynamic", "gptq": False, "smooth": False}
     everything = load_model(tiny_model("llama"))
-    build_pass("quantize", {"mode": "dynamic", "check_fusion": False}).run(everything, _context(everything))
+    build_pass("quantize", {**plain, "check_fusion": False}).run(everything, _context(everything))
     budget = increase(everything) / 3
     assert budget > 0
-    settings = {"mode": "dynamic", "budget": budget, "budget_metric": "perplexity", "sensitivity": "measured"}
+    settings = {**plain, "budget": budget, "budget_metric": "perplexity", "sensitivity": "measured"}
     result = build_pass("quantize", settings).run(model, ctx)
     assert result.changes["kept_float_sensitivity"] > 0 and result.changes["matmuls_quantized"] > 0
     assert increase(model) <= budget
