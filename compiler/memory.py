@@ -68,3 +68,16 @@ class PeakRss:
         self._sampler.join()
         self._peak_bytes = max(self._peak_bytes, psutil.Process().memory_info().rss)
         self.mb = round(self._peak_bytes / _MIB, 1)
+
+
+def memory_shortfall(pass_name: str, weight_bytes: int, multiple: float) -> str | None:
+    """A warning when a pass's estimated need, ``multiple`` times the model's weight bytes beyond
+    what the process holds now, exceeds the machine's available memory; None when it fits."""
+    need = weight_bytes * multiple
+    free = psutil.virtual_memory().available
+    if need <= free:
+        return None
+    gib = 2**30
+    return (f"pass {pass_name} may need about {need / gib:.1f} GiB more memory ({multiple:g}x the model's "
+            f"{weight_bytes / gib:.1f} GiB of weights) but {free / gib:.1f} GiB is available: it may be killed "
+            "for memory; free memory, or compile on a machine with more")

@@ -13,6 +13,7 @@ from the same outputs, for the report.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
-from onnxpress.memory import PeakRss
-from onnxpress.model_io import SessionModel, session_model
+from onnxpress.memory import PeakRss, memory_shortfall
+from onnxpress.model_io import SessionModel, model_nbytes, session_model
 from onnxpress.pass_infra import Pass, PassReport
 from onnxpress.precision import Precision, model_precision
 from onnxpress.runtime import make_session, run_batches, session_options
@@ -199,6 +200,9 @@ class Pipeline:
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
             bar.set_postfix_str(p.name)
+            shortfall = memory_shortfall(p.name, model_nbytes(model), p.memory_multiple)
+            if shortfall:
+                print(f"onnxpress: warning: {shortfall}", file=sys.stderr, flush=True)
             with PeakRss() as peak:
                 result = p.run(model, ctx)
                 if result.modified:
@@ -206,6 +210,8 @@ class Pipeline:
                     ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
                     vs_input = None
             result.peak_rss_mb = peak.mb
+            if shortfall:
+                result.details["memory_warning"] = shortfall
             if vs_input is None:
                 vs_input = self._vs_input(ctx, p.name)
                 vs_unseen = self._vs_unseen(model, ctx)

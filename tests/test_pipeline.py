@@ -206,6 +206,22 @@ def test_each_pass_reports_its_own_peak_memory(tmp_path, mlp):
     assert json.loads(report_path(tmp_path / "o.onnx").read_text())["passes"][1]["peak_rss_mb"] == allocating
 
 
+def test_a_pass_that_would_not_fit_in_free_memory_is_warned_about_first(tmp_path, mlp, monkeypatch, capsys):
+    import onnxpress.memory
+
+    class Machine:  # what psutil.virtual_memory() returns, with little available
+        available = 0
+
+    monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: Machine)
+    report = compile_model(mlp, tmp_path / "o.onnx", passes=["cleanup", "test_honest_lossy"], progress=False)
+    err = capsys.readouterr().err
+    assert err.count("onnxpress: warning: pass") == 2 and "cleanup may need about" in err
+    assert "is available: it may be killed for memory" in report.passes[1].details["memory_warning"]
+    monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: type("Plenty", (), {"available": 2**40}))
+    report = compile_model(mlp, tmp_path / "p.onnx", passes=["cleanup"], progress=False)
+    assert "warning" not in capsys.readouterr().err and "memory_warning" not in report.passes[0].details
+
+
 def test_each_stage_is_run_once_by_the_pass_and_once_by_the_manager(tmp_path, mlp, monkeypatch):
     """The end-to-end fidelity comes from the outputs verification already has: no extra runs."""
     sessions = []

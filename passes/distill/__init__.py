@@ -82,6 +82,8 @@ class DistillPass(Pass):
     config_class = DistillConfig
     needs_calibration = True
     needs_original = True
+    # the float32 student, its gradients and AdamW's two moments, and the teacher's ORT session
+    memory_multiple = 5.0
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         # torch is imported here: onnxpress runs without it until a pipeline distills
