@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -91,8 +92,9 @@ def token_range(src: Path) -> tuple[int, int]:
 
 
 def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
-                   reuse_only: bool = False) -> tuple[dict[str, dict], dict]:
-    """label -> {"path", "group", "compile_s"[, "error"]}; every variant built from ``src``.
+                   reuse_only: bool = False, only: list[str] | None = None) -> tuple[dict[str, dict], dict]:
+    """label -> {"path", "group", "compile_s"[, "error"]}; every variant (or those in ``only``, and
+    ORT fp32) built from ``src``.
 
     A compiled variant whose report (OUT.report.json, same passes) is already in ``out`` is
     reused, so an interrupted run resumes; ``jobs`` > 1 compiles onnxpress variants in
@@ -116,7 +118,8 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
     record = functools.partial(record_build, variants)
 
     for label, build in (ENCODER_PEERS if kind == "encoder" else DECODER_PEERS).items():
-        record(label, "peer", lambda b=build: (b(src, out, calib.batches), None))
+        if only is None or label in only:
+            record(label, "peer", lambda b=build: (b(src, out, calib.batches), None))
     tasks = []  # (label, group, output, compile_model kwargs)
     for i, (label, passes) in enumerate(ENCODER_PASSES if kind == "encoder" else DECODER_PASSES):
         tasks.append((f"onnxpress {label}", "pass", out / f"pass_{i}.onnx",
@@ -127,6 +130,8 @@ def build_variants(src: Path, kind: str, out: Path, quick: bool, jobs: int,
     for budget in AUTO[kind]:
         tasks.append((f"onnxpress auto --budget {budget:g}", "recipe", out / f"auto_{budget:g}.onnx",
                       {"budget": budget, "objective": "latency", "max_samples": None}))
+    if only is not None:
+        tasks = [t for t in tasks if t[0] in only]
     if reuse_only:  # measure what an earlier (interrupted) run built; report the rest as missing
         tasks = [t for t in tasks if t[2].exists() and report_path(t[2]).exists()]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -258,10 +263,13 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, help="decoders: held-out perplexity windows (default 8 quick, else 32)")
     parser.add_argument("--repeats", type=int, default=7, help="round-robin timing rounds per batch size")
     parser.add_argument("--jobs", type=int, default=1, help="onnxpress variants compiled in parallel processes")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="build and measure only these variants (labels as in the table; ORT fp32 always, for the "
+                             "ratios), keeping the other rows of compare.json from the runs that measured them")
     parser.add_argument("--reuse-only", action="store_true",
                         help="compile nothing: measure the onnxpress variants an earlier run left in the work folder")
     args = parser.parse_args(argv)
-    command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py " + " ".join(argv or sys.argv[1:])
+    command = "OPENBLAS_NUM_THREADS=1 nice python bench/bench_compare.py " + shlex.join(argv or sys.argv[1:])
     from onnxpress.compile import model_kind
     from onnxpress.datasets import describe_split
     from onnxpress.model_io import load_model
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         load_start = os.getloadavg()
         print(f"# {model} ({kind}): building variants", flush=True)
-        variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only)
+        variants, info = build_variants(src, kind, out, args.quick, args.jobs, args.reuse_only, args.only)
         notes[f"{model}_calibration"] = info["calibration"]
         notes[f"{model}_machine"] = machine()  # the host of these rows (int8 speed-ups depend on its ISA)
         notes[f"{model}_jobs"] = args.jobs
@@ -290,23 +298,29 @@ def main(argv=None) -> int:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         rows += [{"model": model, "kind": kind, "run": stamp, "quick": args.quick, "command": command, **r}
                  for r in model_rows]
-        pareto_plot(model_rows, kind, f"{model} on {machine()['cpu']}, {THREADS} threads",
-                    RESULTS / f"compare.{model}.png")
     notes["reading"] = "latency: compare ratios (alternating runs); absolute ms depend on the load averages noted"
     columns = ["model", "variant", "size_mb", "b1_ms", "b8_ms", "b1_ratio", "b8_ratio", "tokens_per_s_b8",
                "peak_rss_mb", "cos_mean", "cos_min", "bbc_cos_mean", "bbc_cos_min", "perplexity", "ppl_vs_fp32_pct",
                "bbc_perplexity", "bbc_ppl_vs_fp32_pct", "bbc_probe", "compile_s", "error"]
     print(f"# threads {THREADS}")
-    # rows of models not run this time are kept (read now: another run may have written meanwhile)
+    # rows not measured this time are kept: other models', and with --only the model's other variants
+    # (read now: another run may have written meanwhile)
     if (RESULTS / "compare.json").exists():
-        ran = {r["model"] for r in rows}
+        ran = {(r["model"], r["variant"]) for r in rows}
         earlier = json.loads((RESULTS / "compare.json").read_text())
-        kept = [r for r in earlier["rows"] if r["model"] not in ran]
-        prefixes = tuple(f"{r['model']}_" for r in kept)
+        kept = [r for r in earlier["rows"] if (r["model"], r["variant"]) in ran
+                or args.only is not None or r["model"] not in {m for m, _ in ran}]
+        prefixes = tuple(f"{r['model']}_" for r in kept if (r["model"], r["variant"]) not in ran)
         notes = {**{k: v for k, v in earlier["notes"].items() if prefixes and k.startswith(prefixes)}, **notes}
-        for kept_model in {r["model"] for r in kept}:  # files written before rows named their host
+        for kept_model in {p[:-1] for p in prefixes}:  # files written before rows named their host
             notes.setdefault(f"{kept_model}_machine", earlier["machine"])
-        rows = kept + rows
+        measured = {(r["model"], r["variant"]): r for r in rows}
+        # in the earlier order, measured rows in place of their old ones, new variants after them
+        rows = [measured.pop((r["model"], r["variant"]), r) for r in kept] + list(measured.values())
+    for model in dict.fromkeys(r["model"] for r in rows if r["command"] == command):
+        model_rows = [r for r in rows if r["model"] == model]
+        pareto_plot(model_rows, model_rows[0]["kind"], f"{model} on {machine()['cpu']}, {THREADS} threads",
+                    RESULTS / f"compare.{model}.png")
     write_results("compare", rows, command=command, notes=notes, columns=columns)
     return 0
 
