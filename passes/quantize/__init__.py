@@ -141,7 +141,7 @@ class QuantizePass(Pass):
     name = "quantize"
     config_class = QuantizeConfig
     needs_calibration = True
-    # measured: GPTQ on a 0.74 B-parameter Llama (3 GB of fp32 weights) peaked at 5.4x the weights
+    # an estimate: GPTQ keeps a Hessian per MatMul input and the layer's activations beside the weights
     memory_multiple = 4.4
 
     def __init__(self, config=None):
