@@ -66,12 +66,13 @@ GENAI = ["onnxruntime-genai==0.18.0", "transformers>=4.58"]
 CORPORA = {"sotu": "", "bbc": "bbc_"}
 PEERS = [label for label in DECODER_PEERS if "int4" in label or "NNCF" in label]  # the edge user's other options
 RECIPES = ["balanced", "small", "edge-int4"]
-PASSES = {  # weight-only options beside the recipes: what each costs and buys at decode
-    "int4, LM head int8, int8 activations (accuracy_level 4)": [
-        "cleanup", "attention:target=onnxruntime",
-        "quantize:mode=weight_only,bits=4,block_size=32,lm_head_bits=8,accuracy_level=4"],
-    "int4 with the LM head, int8 activations (accuracy_level 4)": [
-        "cleanup", "attention:target=onnxruntime",
+PASSES = {  # edge-int4 with one choice changed: what each costs and buys at decode
+    "edge-int4 without zero points (symmetric int4)": [
+        "cleanup", "attention:target=onnxruntime", "fuse",
+        "quantize:mode=weight_only,bits=4,block_size=32,symmetric=true,lm_head_bits=8,lm_head_block_size=64,"
+        "accuracy_level=4"],
+    "edge-int4 with a 4-bit LM head (and embedding)": [
+        "cleanup", "attention:target=onnxruntime", "fuse",
         "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4"],
 }
 

@@ -16,9 +16,17 @@ from onnxpress.model_io import load_model
 from onnxpress.runtime import make_session
 from onnxpress.runtime_files import genai_runner, optimum_runner, plan_runtime_files, write_runtime_files
 
-from tiny_models import HEAD_SIZE, LAYERS, MAX_POS, greedy_tokens, tiny_model, tiny_model_fp16
+from tiny_models import (
+    HEAD_SIZE,
+    LAYERS,
+    MAX_POS,
+    greedy_tokens,
+    tiny_model,
+    tiny_model_fp16,
+    tiny_model_tied,
+)
 
-RECIPES = ["lossless", "balanced", "edge-int4"]
+RECIPES = ["lossless", "balanced", "small", "edge-int4"]
 CALIB = dict(calib=["sotu"], max_samples=48, max_length=32)
 PROMPT = [5, 17, 300, 42, 99, 7, 123, 456, 88, 12]
 NEW = 24
@@ -32,14 +40,14 @@ def compiled(tmp_path_factory):
     into a folder of its own (not the source's: the side files are copied)."""
     done = {}
 
-    def get(recipe: str):
-        if recipe not in done:
+    def get(recipe: str, tied: bool = False):
+        if (recipe, tied) not in done:
             out = tmp_path_factory.mktemp(recipe) / "llama.compressed.onnx"
             calib = {} if recipe == "lossless" else CALIB
-            report = compile_model(tiny_model("llama", with_past=True), out, recipe=recipe, threads=1,
-                                   progress=False, **calib)
-            done[recipe] = out, report
-        return done[recipe]
+            src = (tiny_model_tied if tied else tiny_model)("llama", with_past=True)
+            report = compile_model(src, out, recipe=recipe, threads=1, progress=False, **calib)
+            done[recipe, tied] = out, report
+        return done[recipe, tied]
 
     return get
 
@@ -85,6 +93,18 @@ def test_onnxruntime_genai_decodes_our_greedy_tokens(compiled, recipe):
 def test_optimum_decodes_our_greedy_tokens(compiled, recipe):
     out, _ = compiled(recipe)
     ours = our_tokens(out)
+    assert optimum_runner(out, sorted(eos_token_ids(out.parent)))(PROMPT, NEW) == ours
+
+
+@pytest.mark.parametrize("recipe", ["balanced", "edge-int4"])
+def test_a_tied_lm_head_quantized_with_the_embedding_decodes_our_tokens_in_genai_and_optimum(compiled, recipe):
+    out, report = compiled(recipe, tied=True)
+    quantize = next(p for p in report.passes if p.name == "quantize" and p.changes.get("matmuls_quantized"))
+    assert quantize.changes["lm_head_from_tied_table"] == 1
+    if recipe == "edge-int4":  # the embedding reads the head's int8 codes (GatherBlockQuantized)
+        assert quantize.changes["embeddings_from_lm_head_codes"] == 1
+    ours = our_tokens(out)
+    assert genai_runner(out.parent)(PROMPT, NEW) == ours
     assert optimum_runner(out, sorted(eos_token_ids(out.parent)))(PROMPT, NEW) == ours
 
 

@@ -288,7 +288,7 @@ def test_report_fidelity_is_the_models_own_measure_on_the_held_out_samples(tmp_p
     fid = report.fidelity
     assert fid["metric"] == metric and fid["samples"] == meter.samples == 7
     assert report.verified_on == "7 held-out calibration samples"
-    assert fid["loss"] == pytest.approx(direct.loss, rel=1e-3, abs=1e-7) and fid["loss"] > 0
+    assert fid["loss"] == pytest.approx(direct.loss, rel=1e-3, abs=1e-7) and fid["loss"] != 0  # int8 moved it
     table = report.format_table()
     assert "rel L2" not in table and "vs input" in table
     if metric == "perplexity":

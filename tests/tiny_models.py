@@ -515,6 +515,39 @@ def tiny_model_fp16(arch: str, *, with_past: bool = False) -> Path:
     return entry / "model.onnx"
 
 
+def tiny_model_tied(arch: str, *, with_past: bool = False) -> Path:
+    """The optimum export of decoder ``arch`` with its LM head reading ``Transpose(embedding
+    table)``, as exports of models with tied embeddings (SmolLM2) write it; cached beside it."""
+    import onnx_ir as ir
+
+    from onnxpress.model_io import load_model, save_model
+
+    src = tiny_model(arch, with_past=with_past)
+    entry = src.parent.with_name(src.parent.name + "-tied")
+    if not (entry / "model.onnx").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        try:
+            shutil.copytree(src.parent, tmp / "onnx")
+            model = load_model(src)
+            gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None
+                          and len(n.inputs[0].shape) == 2)
+            vocab = gather.inputs[0].shape[0]
+            head = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+                        and n.inputs[1].shape[1] == vocab)
+            transpose = ir.node("Transpose", [gather.inputs[0]], {"perm": [1, 0]}, name="tied_lm_head_Transpose")
+            model.graph.insert_before(head, transpose)
+            head.replace_input_with(1, transpose.outputs[0])
+            save_model(model, tmp / "onnx" / "model.onnx")
+            try:
+                os.replace(tmp / "onnx", entry)
+            except OSError:
+                if not (entry / "model.onnx").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry / "model.onnx"
+
+
 def hf_layer_params(arch: str, layer: int = 0) -> int:
     """Parameters of one transformer block of the tiny HF model (weights, biases and
     norms of ``layer``), to check the analysis' per-layer count against."""

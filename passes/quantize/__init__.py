@@ -13,7 +13,8 @@ folded into the producer where exact); GPTQ (error-compensated weight rounding w
 X^T X from calibration); per-tensor range choice (``auto`` scores minmax / percentile /
 entropy / MSE by the consumer's output error on real rows); and a sensitivity search that
 keeps the MatMuls that hurt the model output most in float until ``budget`` is met.
-LayerNorm, Softmax, residual adds, embeddings and attention-score MatMuls stay float.
+LayerNorm, Softmax, residual adds and attention-score MatMuls stay float; embedding tables are
+stored int8 by rows, or under weight-only read from the codes of the LM head tied to them.
 """
 
 from __future__ import annotations
@@ -95,9 +96,14 @@ class QuantizeConfig(PassConfig):
     block_size: int = 32
     symmetric: bool = False
     lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
+    lm_head_block_size: int = 0  # 0: same as block_size (int8 bears larger blocks: fewer scales to store)
     # MatMulNBits' compute type: 0 float (the activations' type), 4 int8 activations (MLAS's
     # integer kernels: faster, and it rounds the activations, which some models do not bear)
     accuracy_level: int = 0
+    # weight-only and dynamic: MatMuls reading one input (q/k/v, gate/up) become one kernel, split
+    # after it (q/k/v: GroupQueryAttention's packed query input): one kernel call and one
+    # activation quantisation per input instead of two or three
+    pack: bool = True
     check_fusion: bool = True
 
     def validate(self) -> None:
@@ -121,6 +127,9 @@ class QuantizeConfig(PassConfig):
             self.fail("lm_head_bits", "must be 0 (same as bits), 4, 8 or -1 (keep float)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             self.fail("block_size", "must be a power of two >= 16, e.g. 32, 64 or 128")
+        if self.lm_head_block_size and (self.lm_head_block_size < 16
+                                        or self.lm_head_block_size & (self.lm_head_block_size - 1)):
+            self.fail("lm_head_block_size", "must be 0 (same as block_size) or a power of two >= 16, e.g. 64")
         if self.sensitivity_batches < 1 or self.calibration_batches < 1:
             self.fail("sensitivity_batches", "and calibration_batches must be at least 1")
         for item in self.method_overrides:
@@ -155,8 +164,9 @@ class QuantizePass(Pass):
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: QuantizeConfig = self.config
         tmap = _try_analysis(ctx, model)
-        # MatMulNBits stores a weight of its own, so weight-only also takes a tied LM head
-        linears, skipped = find_linears(model, tmap, transposed=cfg.mode == "weight_only")
+        # every rewrite stores weights of its own, so a tied LM head is taken too (only smoothing
+        # edits weights in place, and it leaves such heads alone)
+        linears, skipped = find_linears(model, tmap, transposed=True)
         for i, lin in enumerate(linears):  # trial models find the MatMuls again by name
             lin.node.name = lin.node.name or f"quantize_matmul_{i}"
         linears, excluded = _split_excluded(linears, cfg.exclude)
@@ -194,16 +204,21 @@ class QuantizePass(Pass):
             The budget's trial models are built by this too, so they measure what is written."""
             rw = QuantRewriter(target)
             nodes = {n.name: n for n in target.graph} if target is not model else None
-            for lin in chosen:
-                node_lin = lin if nodes is None else QLinear(nodes[lin.node.name], lin.role, lin.layer)
+
+            def in_target(lin: QLinear) -> QLinear:
+                return lin if nodes is None else QLinear(nodes[lin.node.name], lin.role, lin.layer)
+
+            if cfg.mode == "dynamic":
+                for group in _dynamic_kernels(chosen, cfg.pack):
+                    codes = np.concatenate([weights[id(lin)][0] for lin in group], axis=1)
+                    scales = np.concatenate([weights[id(lin)][1] for lin in group])
+                    rw.dynamic([in_target(lin) for lin in group], codes, scales)
+            for lin in chosen if cfg.mode == "static" else ():
                 codes, scales = weights[id(lin)]
-                if cfg.mode == "static":
-                    qp, _ = act[lin.input.name]
-                    if id(lin) in shifts:
-                        rw.shift_bias(node_lin, shifts[id(lin)])
-                    rw.static(node_lin, codes, scales, qp.scale, qp.zero_point, qp.qtype, cfg.static_format)
-                else:
-                    rw.dynamic(node_lin, codes, scales)
+                qp, _ = act[lin.input.name]
+                if id(lin) in shifts:
+                    rw.shift_bias(in_target(lin), shifts[id(lin)])
+                rw.static(in_target(lin), codes, scales, qp.scale, qp.zero_point, qp.qtype, cfg.static_format)
             rw.finish()
             return self._embeddings(target)
 
@@ -216,6 +231,8 @@ class QuantizePass(Pass):
             reasons.update({lin.name: "sensitivity" for lin in linears if lin not in chosen})
         in_names = {id(lin): lin.input.name for lin in linears}  # the rewrite detaches some nodes
         half = sum(1 for lin in chosen if lin.dtype != np.float32)
+        tied_heads = sum(1 for lin in chosen if lin.transposed)
+        merged = sum(len(k) - 1 for k in _dynamic_kernels(chosen, cfg.pack)) if cfg.mode == "dynamic" else 0
         embeddings = build(model, chosen)
         details = {
             "mode": cfg.mode,
@@ -242,8 +259,10 @@ class QuantizePass(Pass):
             "matmuls_smoothed": sum(1 for lin in chosen if (_orig_input(lin) or in_names[id(lin)]) in smoothed),
             "matmuls_gptq": len(chosen) if cfg.gptq and batches else 0,
             "embeddings_int8": embeddings,
+            "lm_head_from_tied_table": tied_heads,
             "biases_corrected": sum(1 for lin in chosen if id(lin) in shifts),
             "matmuls_cast_to_float32": half,
+            "matmuls_merged": merged,  # into the kernel of another reading the same input
         }
         return self._finish(model, changes, details)
 
@@ -347,7 +366,8 @@ class QuantizePass(Pass):
         groups = {
             name: g
             for name, g in _by_input(linears).items()
-            if not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g)
+            if (not cfg.smooth_roles or any(lin.role in cfg.smooth_roles for lin in g))
+            and not any(lin.transposed for lin in g)  # a tied table's rows would change for the Gather too
         }
         done, applied, self._alphas = {}, {}, {}
         editor = GraphEditor(model)
@@ -448,32 +468,43 @@ class QuantizePass(Pass):
             )
         rw = QuantRewriter(model)
         done, per_bits = [], Counter()
-        by_bits: dict[tuple[str, int], list[QLinear]] = {}
+        by_bits: dict[tuple[str, int, int], list[QLinear]] = {}
         for lin in linears:
-            bits = cfg.bits
-            if lin.role == "lm_head" and cfg.lm_head_bits:
+            bits, block = cfg.bits, cfg.block_size
+            if lin.role == "lm_head":
                 if cfg.lm_head_bits < 0:
                     reasons[lin.name] = "lm_head kept float by config"
                     continue
-                bits = cfg.lm_head_bits
-            by_bits.setdefault((lin.input.name, bits), []).append(lin)
+                bits, block = cfg.lm_head_bits or bits, cfg.lm_head_block_size or block
+            by_bits.setdefault((lin.input.name, bits, block), []).append(lin)
         tied_heads = sum(1 for group in by_bits.values() for lin in group if lin.role == "lm_head" and lin.transposed)
-        for (name, bits), group in by_bits.items():
+        # embedding Gathers reading a tied head's table: they will read the head's codes instead
+        tables = [(lin, gather) for group in by_bits.values() for lin in group
+                  if lin.role == "lm_head" and lin.transposed and cfg.embedding_bits
+                  for gather in _table_gathers(lin)]
+        heads, merged = {}, 0
+        for (name, bits, block), group in by_bits.items():
             st = stats.get(name)
             # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
             nw = quantize_nbits(
                 np.concatenate([lin.weight_array() for lin in group], axis=1),
                 bits,
-                cfg.block_size,
+                block,
                 symmetric=cfg.symmetric,
                 hessian=_hessian(st),
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
             )
-            for lin, cols in zip(group, _column_splits(group), strict=True):
-                rw.nbits(lin, split_columns(nw, cols), cfg.accuracy_level)
-                done.append(lin)
-                per_bits[bits] += 1
+            if cfg.pack:
+                node = rw.nbits(group, nw, cfg.accuracy_level)
+                merged += len(group) - 1
+            else:
+                for lin, cols in zip(group, _column_splits(group), strict=True):
+                    node = rw.nbits([lin], split_columns(nw, cols), cfg.accuracy_level)
+            heads.update({id(lin): node for lin in group if lin.role == "lm_head" and lin.transposed})
+            done += group
+            per_bits[bits] += len(group)
+        tied_tables = sum(rw.tied_embedding(gather, heads[id(lin)]) for lin, gather in tables if id(lin) in heads)
         rw.finish()
         changes = {
             "matmuls_quantized": len(done),
@@ -481,7 +512,9 @@ class QuantizePass(Pass):
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
             "matmuls_gptq": len(done) if stats else 0,
             **{f"matmuls_int{b}": n for b, n in per_bits.items()},
+            "matmuls_merged": merged,  # into the kernel of another reading the same input
             "lm_head_from_tied_table": tied_heads,
+            "embeddings_from_lm_head_codes": tied_tables,
             "embeddings_int8": self._embeddings(model),
         }
         details = {
@@ -508,6 +541,26 @@ class QuantizePass(Pass):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _dynamic_kernels(chosen: list[QLinear], pack: bool) -> list[list[QLinear]]:
+    """The MatMuls each dynamic int8 kernel computes: those reading one float32 input together
+    when packing, else one each (a half-precision MatMul is cast to a float32 island of its own)."""
+    if not pack:
+        return [[lin] for lin in chosen]
+    kernels: dict[str, list[QLinear]] = {}
+    for lin in chosen:
+        key = lin.input.name if lin.dtype == np.float32 else lin.name
+        kernels.setdefault(key, []).append(lin)
+    return list(kernels.values())
+
+
+def _table_gathers(lin: QLinear) -> list[ir.Node]:
+    """The row Gathers (axis 0) of the table a tied LM head reads through its Transpose."""
+    table = lin.weight.producer().inputs[0]
+    return [node for node, index in table.uses()
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0
+            and node.attributes.get_int("axis", 0) == 0]
 
 
 def cpu_has_vnni() -> bool:

@@ -10,6 +10,11 @@ kernels, never kernels of our own:
   (what ``quantize_dynamic`` writes) -> ``DynamicQuantizeMatMul``;
 - weight-only: the MatMul becomes ``com.microsoft.MatMulNBits``.
 
+MatMuls reading one input (q/k/v, gate/up) may share one kernel (``pack``), split after it or
+read packed by GroupQueryAttention. An LM head tied to the embedding table (its weight is
+``Transpose(table)``) gets weights of its own; under weight-only, the embedding Gather then
+reads the head's codes (``GatherBlockQuantized``), so the table is stored once.
+
 Half-precision models: MatMulNBits and the int8 embedding rows take the model's float
 type; the int8 MatMul kernels (and DynamicQuantizeLinear) take float32 only, so a float16
 MatMul is first cast to float32 around it (``float32_island``) and then rewritten.
@@ -28,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.analysis.graph_utils import stored_array
-from onnxpress.editing import GraphEditor, drop_unused_initializers, editor_of
+from onnxpress.editing import GraphEditor, drop_unused_initializers, editor_of, remove_dead_nodes
 
 NORM_OPS = {
     "LayerNormalization",
@@ -261,10 +266,14 @@ class QuantRewriter:
         corrected = self.editor.add_initializer(f"{bias.name}_corrected", (value - shift).astype(value.dtype))
         add.replace_input_with(list(add.inputs).index(bias), corrected)
 
-    def dynamic(self, lin: QLinear, w_codes: np.ndarray, w_scale: np.ndarray) -> None:
-        self.float32_island(lin)
-        base = _stem(lin.name)
-        x = lin.input
+    def dynamic(self, linears: list[QLinear], w_codes: np.ndarray, w_scale: np.ndarray) -> None:
+        """``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` for MatMuls reading one input,
+        their weights side by side (several: one kernel, split after it; float32 models only)."""
+        first = linears[0]
+        if len(linears) == 1:
+            self.float32_island(first)
+        base = _stem(first.name) if len(linears) == 1 else f"{_stem(first.name)}_packed{len(linears)}"
+        x = first.input
         new: list[ir.Node] = []
         if x.name not in self._dynamic_q:
             dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}_DynamicQuantize")
@@ -279,23 +288,23 @@ class QuantRewriter:
         scale = ir.node("Mul", [xs, ws], name=f"{base}_ScaleProduct")
         mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{base}_MatMulInteger")
         cast = ir.node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
-        out = lin.node.outputs[0]
         mul = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{base}_Rescale")
         for n, suffix in ((scale, "scale_product"), (mmi, "int32"), (cast, "float")):
             n.outputs[0].name = self.editor.fresh_name(f"{base}_{suffix}")
         new += [scale, mmi, cast, mul]
-        self._insert(lin.node, new)
-        self._replace_node_output(lin.node, mul)
+        self._insert(first.node, new)
+        self._take_outputs(linears, mul, base)
 
-    def nbits(self, lin: QLinear, nw, accuracy_level: int = 0) -> None:
-        """MatMulNBits in the activations' float type (its scales too). A transposed table it read
-        its weight from goes once nothing else reads it (the embedding Gather may still)."""
-        base = _stem(lin.name)
-        transpose = lin.weight.producer() if lin.transposed else None
+    def nbits(self, linears: list[QLinear], nw, accuracy_level: int = 0) -> ir.Node:
+        """One MatMulNBits in the activations' float type (its scales too) for MatMuls that read one
+        input (q/k/v, gate/up), ``nw`` holding their weights side by side; several are split
+        after it (one kernel call and one activation quantisation instead of several)."""
+        first = linears[0]
+        base = _stem(first.name) if len(linears) == 1 else f"{_stem(first.name)}_packed{len(linears)}"
         inputs = [
-            lin.input,
+            first.input,
             self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed),
-            self.editor.add_initializer(f"{base}_weight_scales", nw.scales.astype(lin.dtype)),
+            self.editor.add_initializer(f"{base}_weight_scales", nw.scales.astype(first.dtype)),
         ]
         if nw.zero_points is not None:
             inputs.append(self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points))
@@ -306,12 +315,63 @@ class QuantRewriter:
             domain="com.microsoft",
             name=f"{base}_MatMulNBits",
         )
-        self._insert(lin.node, [node])
-        self._replace_node_output(lin.node, node)
-        if transpose is not None and not list(transpose.outputs[0].uses()):
-            self.graph.remove(transpose, safe=True)
         if "com.microsoft" not in self.model.opset_imports:
             self.model.opset_imports["com.microsoft"] = 1
+        self._insert(first.node, [node])
+        self._take_outputs(linears, node, base)
+        return node
+
+    def _take_outputs(self, linears: list[QLinear], node: ir.Node, base: str) -> None:
+        """``node`` (computing ``linears``' outputs side by side) replaces them: directly for one,
+        through a Split along the last axis for several."""
+        if len(linears) == 1:
+            self._replace_node_output(linears[0].node, node)
+            return
+        attention = _packed_qkv_reader(linears)
+        if attention is not None:  # GroupQueryAttention takes q, k and v packed in its query input
+            attention.replace_input_with(0, node.outputs[0])
+            for i in (1, 2):
+                attention.replace_input_with(i, None)
+            node.outputs[0].name = self.editor.fresh_name(f"{base}_qkv")
+            for lin in linears:
+                self.graph.remove(lin.node, safe=True)
+            return
+        widths = [weight_source(lin.weight).shape[1] for lin in linears]
+        node.outputs[0].name = self.editor.fresh_name(f"{base}_out")
+        split = ir.node(
+            "Split",
+            [node.outputs[0], self.editor.add_initializer(f"{base}_widths", np.array(widths, np.int64))],
+            {"axis": -1},
+            num_outputs=len(linears),
+            name=f"{base}_Split",
+        )
+        self._insert(linears[0].node, [split])
+        for lin, out in zip(linears, split.outputs, strict=True):
+            self._replace_output_with(lin.node, out)
+
+    def tied_embedding(self, gather: ir.Node, head: ir.Node) -> bool:
+        """The embedding ``gather`` reads its rows from the int8/int4 codes of the LM head tied to
+        its table (``head``, a MatMulNBits of that table transposed): ``GatherBlockQuantized`` over
+        the head's codes, scales and zero points, so the file stores the table once, quantised."""
+        bits, block, K, N = (head.attributes.get_int(a) for a in ("bits", "block_size", "K", "N"))
+        if K % block or gather.attributes.get_int("axis", 0) != 0:
+            return False
+        codes, scales = head.inputs[1], head.inputs[2]
+        zero_points = head.inputs[3] if len(head.inputs) > 3 else None
+        base = _stem(gather.name or "embedding")
+        shape = self.editor.add_initializer(f"{base}_code_rows", np.array([N, K * bits // 8], np.int64))
+        rows = ir.node("Reshape", [codes, shape], name=f"{base}_CodeRows")  # [N, blocks, blob] -> [N, K]
+        rows.outputs[0].name = self.editor.fresh_name(f"{base}_code_rows")
+        lookup = ir.node(
+            "GatherBlockQuantized",
+            [rows.outputs[0], gather.inputs[1], scales, *([zero_points] if zero_points is not None else [])],
+            {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+            domain="com.microsoft",
+            name=f"{base}_GatherBlockQuantized",
+        )
+        self._insert(gather, [rows, lookup])
+        self._replace_node_output(gather, lookup)
+        return True
 
     def embedding(self, node: ir.Node) -> bool:
         """Store a Gather's embedding table as int8 with one scale per row (weight-only: the
@@ -348,8 +408,10 @@ class QuantRewriter:
 
     def _replace_node_output(self, old: ir.Node, new: ir.Node) -> None:
         """``new`` takes over ``old``'s output value (name, type, consumers, graph output slot)."""
+        self._replace_output_with(old, new.outputs[0])
+
+    def _replace_output_with(self, old: ir.Node, replacement: ir.Value) -> None:
         out = old.outputs[0]
-        replacement = new.outputs[0]
         replacement.type, replacement.shape = out.type, out.shape
         ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
         name = out.name
@@ -357,11 +419,28 @@ class QuantRewriter:
         replacement.name = name
 
     def finish(self) -> None:
+        # a tied LM head's Transpose of the embedding table goes once its MatMul stores weights
+        # of its own (the table then serves the Gather alone and may be stored int8 too)
+        remove_dead_nodes(self.model)
         self.graph.sort()
         drop_unused_initializers(self.graph)
         opset = self.model.opset_imports.get("", 13)
         if opset < 13:  # per-axis DequantizeLinear needs opset 13
             self.model.opset_imports[""] = 13
+
+
+def _packed_qkv_reader(linears: list[QLinear]) -> ir.Node | None:
+    """The GroupQueryAttention whose query, key and value inputs are ``linears``' outputs, in that
+    order and read by nothing else; else None."""
+    if len(linears) != 3:
+        return None
+    uses = [list(lin.node.outputs[0].uses()) for lin in linears]
+    if any(len(u) != 1 or lin.node.outputs[0].is_graph_output() for u, lin in zip(uses, linears, strict=True)):
+        return None
+    node = uses[0][0][0]
+    if node.op_type != "GroupQueryAttention" or [u[0] for u in uses] != [(node, 0), (node, 1), (node, 2)]:
+        return None
+    return node
 
 
 def bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:

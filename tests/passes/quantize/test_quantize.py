@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxpress.calibration import make_feeds
+from onnxpress.compile import compile_model
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.model_io import load_model, save_model
@@ -20,7 +21,7 @@ from onnxpress.passes.quantize.graph import apply_smoothing, find_linears
 from onnxpress.passes.quantize.smooth import smooth_scales
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
-from tests.tiny_models import tiny_model
+from tests.tiny_models import tiny_model, tiny_model_tied
 
 
 class _Calib:
@@ -83,13 +84,49 @@ def test_quantized_model_loads_fuses_and_reports_its_error(arch, settings, kerne
         assert fusion["unfused"] == 0 or "unfused_qdq" in result.details
     else:
         assert fusion["unfused"] == 0, fusion  # every Q/DQ pair became an integer kernel
-        assert result.changes["fused_integer_kernels"] >= result.changes["matmuls_quantized"]
+        kernels = result.changes["matmuls_quantized"] - result.changes.get("matmuls_merged", 0)
+        assert result.changes["fused_integer_kernels"] >= kernels
     if kernel:
         assert fusion["integer_kernels"].get(kernel), fusion
     assert fusion_report(load_model(out))["fused"] == fusion["fused"]  # the saved model, in a fresh ORT
     assert 0 < result.error < (0.5 if settings.get("bits") == 4 else 0.2)  # int4 on random weights is coarse
     assert measured == pytest.approx(result.error, rel=0.02, abs=1e-6)
     assert result.macs_after == result.macs_before  # integer kernels still count as the same products
+
+
+@pytest.mark.parametrize("arch,mode,kernel", [("llama", "weight_only", "MatMulNBits"),
+                                              ("bert", "weight_only", "MatMulNBits"),
+                                              ("llama", "dynamic", "MatMulInteger")])
+def test_matmuls_of_one_input_are_packed_into_one_kernel_with_the_same_outputs(arch, mode, kernel, tmp_path):
+    """q/k/v and gate/up become one kernel and a Split; the codes are the same as unpacked."""
+    runs = {}
+    for pack in (True, False):
+        result, out, _ = _run_pass(arch, {"mode": mode, "pack": pack, "check_fusion": False}, tmp_path / str(pack))
+        kernels = [n for n in load_model(out).graph if n.op_type == kernel]
+        assert len(kernels) == result.changes["matmuls_quantized"] - result.changes["matmuls_merged"]
+        runs[pack] = result, run_batches(make_session(out, threads=1), _context(load_model(tiny_model(arch))).verification,
+                                         primary_outputs(load_model(out)))
+    layers = 2
+    merged = {"llama": layers * (2 + 1), "bert": layers * 2}[arch]  # q/k/v: 2 merged, gate/up: 1
+    assert runs[True][0].changes["matmuls_merged"] == merged and runs[False][0].changes["matmuls_merged"] == 0
+    assert compare_outputs(runs[False][1], runs[True][1]).rel_l2 < 1e-6
+
+
+@pytest.mark.parametrize("mode,kernel", [("weight_only", "MatMulNBits"), ("dynamic", "Mul")])
+def test_packed_qkv_feeds_group_query_attention_directly(mode, kernel, tmp_path):
+    """After the decoder fusions, q/k/v packed into one kernel become GroupQueryAttention's packed
+    query input (no Split), and the stage agrees with its input within the error it reports."""
+    out = tmp_path / "q.onnx"
+    report = compile_model(tiny_model("llama", with_past=True), out, threads=1, progress=False, calib=["sotu"],
+                           max_samples=48, max_length=32,
+                           passes=["attention:target=onnxruntime", "fuse", f"quantize:mode={mode}"])
+    attention = [n for n in load_model(out).graph if n.op_type == "GroupQueryAttention"]
+    assert attention and all(n.inputs[0].producer().op_type == kernel and n.inputs[1] is None and n.inputs[2] is None
+                             for n in attention)
+    assert attention[0].attributes.get_int("do_rotary") == 1
+    quantize = report.passes[-1]
+    assert quantize.changes["matmuls_merged"] > 0
+    assert quantize.measured_error == pytest.approx(quantize.error, rel=0.02, abs=1e-6)
 
 
 def test_compile_pipeline_verifies_the_quantized_stage(tmp_path):
@@ -187,6 +224,7 @@ def test_smoothing_is_exact_before_quantization(arch):
         ({"bits": 3}, "'bits' must be 4 or 8"),
         ({"smooth_alpha": 2}, "'smooth_alpha'"),
         ({"block_size": 48}, "'block_size'"),
+        ({"lm_head_block_size": 24}, "'lm_head_block_size'"),
         ({"method_overrides": ["down:percentile"]}, "'method_overrides'"),
         ({"budget": -1}, "'budget'"),
         ({"accuracy_level": 5}, "'accuracy_level'"),
@@ -324,25 +362,14 @@ def test_smoothing_strength_is_scored_with_the_range_the_input_will_get(settings
     assert set(methods) == {scored_with}
 
 
-def _tie_lm_head(src, out):
-    """The tiny Llama with its LM head reading Transpose(embedding table), as exports of models with
-    tied embeddings (SmolLM2) write it."""
-    model = load_model(src)
-    gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None
-                  and n.inputs[0].const_value.numpy().ndim == 2)
-    head = next(lin.node for lin in find_linears(model)[0] if lin.node.inputs[1].shape[1] == gather.inputs[0].shape[0])
-    transpose = ir.node("Transpose", [gather.inputs[0]], {"perm": [1, 0]}, name="tied_lm_head_Transpose")
-    model.graph.insert_before(head, transpose)
-    head.replace_input_with(1, transpose.outputs[0])
-    return save_model(model, out)
-
-
-@pytest.mark.parametrize("lm_head_bits", [0, 8, -1])
-def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, lm_head_bits):
-    tied = _tie_lm_head(tiny_model("llama"), tmp_path / "tied.onnx")
-    model = load_model(tied)
+@pytest.mark.parametrize("lm_head_bits,symmetric,lm_head_block", [(0, False, 0), (8, False, 64), (8, True, 0),
+                                                                    (-1, False, 0)])
+def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, lm_head_bits, symmetric,
+                                                                       lm_head_block):
+    model = load_model(tiny_model_tied("llama"))
     ctx = _context(model)
-    settings = {"mode": "weight_only", "bits": 4, "lm_head_bits": lm_head_bits, "min_embedding_size": 1000}
+    settings = {"mode": "weight_only", "bits": 4, "lm_head_bits": lm_head_bits, "symmetric": symmetric,
+                "lm_head_block_size": lm_head_block, "min_embedding_size": 1000}
     result = build_pass("quantize", settings).run(model, ctx)
     out = save_model(model, tmp_path / "q.onnx")
     saved = load_model(out)
@@ -353,7 +380,27 @@ def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, 
         assert result.changes["embeddings_int8"] == 0  # the float head still reads the table
     else:
         assert [n.attributes.get_int("bits") for n in heads] == [lm_head_bits or 4]
+        assert [n.attributes.get_int("block_size") for n in heads] == [lm_head_block or 32]
         assert not transposes and result.changes["lm_head_from_tied_table"] == 1
-        assert result.changes["embeddings_int8"] == 1  # the table now serves the Gather alone
+        # the Gather reads the head's codes: the table is stored once, quantised
+        assert result.changes["embeddings_from_lm_head_codes"] == 1 and result.changes["embeddings_int8"] == 0
+        assert [n.op_type for n in saved.graph].count("GatherBlockQuantized") == 1
+        assert "model.embed_tokens.weight" not in saved.graph.initializers
+    ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
+    assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_quantizes_an_lm_head_tied_to_the_embedding_table_and_stores_the_table_int8(tmp_path, mode):
+    model = load_model(tiny_model_tied("llama"))
+    ctx = _context(model)
+    result = build_pass("quantize", {"mode": mode, "min_embedding_size": 1000}).run(model, ctx)
+    out = save_model(model, tmp_path / "q.onnx")
+    saved = load_model(out)
+    assert result.changes["lm_head_from_tied_table"] == 1
+    assert result.changes["embeddings_int8"] == 1  # the table serves the Gather alone now
+    assert not [n for n in saved.graph if n.op_type == "Transpose" and n.name == "tied_lm_head_Transpose"]
+    head_weights = [v for v in saved.graph.initializers.values() if v.const_value.shape == (64, 1000)]
+    assert [v.const_value.dtype for v in head_weights] == [ir.DataType.INT8]  # the head's own int8 copy
     ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
     assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
