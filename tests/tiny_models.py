@@ -493,18 +493,15 @@ def tiny_model(
     return path
 
 
-def tiny_model_fp16(arch: str, *, with_past: bool = False) -> Path:
-    """The optimum export of ``arch`` converted to float16 as ``onnxpress export --dtype fp16``
-    converts it (inputs, outputs and the KV cache included), cached beside it."""
-    from onnxpress.export import to_float16
-
-    src = tiny_model(arch, with_past=with_past)
-    entry = src.parent.with_name(src.parent.name + "-fp16")
+def _derived_entry(src: Path, suffix: str, rewrite) -> Path:
+    """``src``'s folder copied beside it as ``<folder><suffix>`` with ``rewrite(model.onnx path)``
+    applied to the copy, once (the cache entry appears whole or not at all)."""
+    entry = src.parent.with_name(src.parent.name + suffix)
     if not (entry / "model.onnx").exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
         try:
             shutil.copytree(src.parent, tmp / "onnx")
-            to_float16(tmp / "onnx" / "model.onnx")
+            rewrite(tmp / "onnx" / "model.onnx")
             try:
                 os.replace(tmp / "onnx", entry)
             except OSError:
@@ -513,6 +510,14 @@ def tiny_model_fp16(arch: str, *, with_past: bool = False) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return entry / "model.onnx"
+
+
+def tiny_model_fp16(arch: str, *, with_past: bool = False) -> Path:
+    """The optimum export of ``arch`` converted to float16 as ``onnxpress export --dtype fp16``
+    converts it (inputs, outputs and the KV cache included), cached beside it."""
+    from onnxpress.export import to_float16
+
+    return _derived_entry(tiny_model(arch, with_past=with_past), "-fp16", to_float16)
 
 
 def tiny_model_tied(arch: str, *, with_past: bool = False) -> Path:
@@ -522,30 +527,19 @@ def tiny_model_tied(arch: str, *, with_past: bool = False) -> Path:
 
     from onnxpress.model_io import load_model, save_model
 
-    src = tiny_model(arch, with_past=with_past)
-    entry = src.parent.with_name(src.parent.name + "-tied")
-    if not (entry / "model.onnx").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-        try:
-            shutil.copytree(src.parent, tmp / "onnx")
-            model = load_model(src)
-            gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None
-                          and len(n.inputs[0].shape) == 2)
-            vocab = gather.inputs[0].shape[0]
-            head = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
-                        and n.inputs[1].shape[1] == vocab)
-            transpose = ir.node("Transpose", [gather.inputs[0]], {"perm": [1, 0]}, name="tied_lm_head_Transpose")
-            model.graph.insert_before(head, transpose)
-            head.replace_input_with(1, transpose.outputs[0])
-            save_model(model, tmp / "onnx" / "model.onnx")
-            try:
-                os.replace(tmp / "onnx", entry)
-            except OSError:
-                if not (entry / "model.onnx").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry / "model.onnx"
+    def tie(path: Path) -> None:
+        model = load_model(path)
+        gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None
+                      and len(n.inputs[0].shape) == 2)
+        vocab = gather.inputs[0].shape[0]
+        head = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+                    and n.inputs[1].shape[1] == vocab)
+        transpose = ir.node("Transpose", [gather.inputs[0]], {"perm": [1, 0]}, name="tied_lm_head_Transpose")
+        model.graph.insert_before(head, transpose)
+        head.replace_input_with(1, transpose.outputs[0])
+        save_model(model, path)
+
+    return _derived_entry(tiny_model(arch, with_past=with_past), "-tied", tie)
 
 
 def hf_layer_params(arch: str, layer: int = 0) -> int:
