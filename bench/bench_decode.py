@@ -67,13 +67,14 @@ CORPORA = {"sotu": "", "bbc": "bbc_"}
 PEERS = [label for label in DECODER_PEERS if "int4" in label or "NNCF" in label]  # the edge user's other options
 RECIPES = ["balanced", "small", "edge-int4"]
 PASSES = {  # edge-int4 with one choice changed: what each costs and buys at decode
-    "edge-int4 without zero points (symmetric int4)": [
+    "edge-int4 with every MatMul int4 (no int8 outer down projections)": [
         "cleanup", "attention:target=onnxruntime", "fuse",
-        "quantize:mode=weight_only,bits=4,block_size=32,symmetric=true,lm_head_bits=8,lm_head_block_size=64,"
-        "accuracy_level=4"],
+        "quantize:mode=weight_only,bits=4,block_size=32,lm_head_bits=8,lm_head_block_size=64,accuracy_level=4,"
+        "float16_scales=true"],
     "edge-int4 with a 4-bit LM head (and embedding)": [
         "cleanup", "attention:target=onnxruntime", "fuse",
-        "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4"],
+        "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4,outer_roles=[down],outer_bits=8,"
+        "outer_block_size=64,float16_scales=true"],
 }
 
 

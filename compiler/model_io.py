@@ -65,6 +65,12 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         data_path = Path(tensor.base_dir) / tensor.location
+        folder = path.resolve().parent
+        if not data_path.resolve().is_relative_to(folder):
+            raise OnnxpressError(
+                f"{path.name} keeps weights in {tensor.location!r}, outside the model's folder {folder} "
+                "(ONNX Runtime refuses such paths): move the data file next to the model and re-save it"
+            )
         if not data_path.exists():
             raise OnnxpressError(
                 f"{path.name} keeps weights in {tensor.location!r}, which is missing from {data_path.parent}: "

@@ -68,6 +68,27 @@ def test_missing_and_truncated_external_data(tmp_path):
         load_model(src)
 
 
+@pytest.mark.parametrize("location", ["../outside.data", "/tmp/onnxpress_absolute.data"])
+def test_external_data_outside_the_model_folder_is_a_one_line_error(tmp_path, location):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    src = save(mlp_model(), folder / "ext.onnx", external=True)
+    proto = onnx.load(src, load_external_data=False)
+    target = (folder / location).resolve()
+    target.write_bytes((folder / "ext.onnx.data").read_bytes())
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, src)
+    try:
+        with pytest.raises(OnnxpressError, match="outside the model's folder") as info:
+            load_model(src)
+        assert "\n" not in str(info.value)
+    finally:
+        target.unlink()
+
+
 def test_missing_file_and_bad_output_name(tmp_path):
     with pytest.raises(OnnxpressError, match="does not exist"):
         load_model(tmp_path / "nope.onnx")

@@ -97,9 +97,22 @@ class QuantizeConfig(PassConfig):
     symmetric: bool = False
     lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
     lm_head_block_size: int = 0  # 0: same as block_size (int8 bears larger blocks: fewer scales to store)
+    # MatMuls of these roles in the outer layers (the first and last ``outer_layers`` share of
+    # them, at least one at each end) get ``outer_bits`` in blocks of ``outer_block_size``
+    # (0: block_size): int4's loss gathers there (SmolLM2: the down projections lose the most of
+    # the layers' MatMuls, most of it in the first and last layers, bench/nbits_sensitivity.py;
+    # llama.cpp's Q4_K_M widens the same ones)
+    outer_roles: list[str] = field(default_factory=list)
+    outer_layers: float = 0.125
+    outer_bits: int = 8
+    outer_block_size: int = 0
     # MatMulNBits' compute type: 0 float (the activations' type), 4 int8 activations (MLAS's
     # integer kernels: faster, and it rounds the activations, which some models do not bear)
     accuracy_level: int = 0
+    # store the block scales as float16 (half their bytes; a quarter of a 4-bit model's are
+    # scales at blocks of 32) behind a Cast to the activations' type, which ONNX Runtime folds
+    # into a constant when it loads the model; the codes are rounded against the float16 scales
+    float16_scales: bool = False
     # weight-only and dynamic: MatMuls reading one input (q/k/v, gate/up) become one kernel, split
     # after it (q/k/v: GroupQueryAttention's packed query input): one kernel call and one
     # activation quantisation per input instead of two or three
@@ -127,9 +140,17 @@ class QuantizeConfig(PassConfig):
             self.fail("lm_head_bits", "must be 0 (same as bits), 4, 8 or -1 (keep float)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             self.fail("block_size", "must be a power of two >= 16, e.g. 32, 64 or 128")
-        if self.lm_head_block_size and (self.lm_head_block_size < 16
-                                        or self.lm_head_block_size & (self.lm_head_block_size - 1)):
-            self.fail("lm_head_block_size", "must be 0 (same as block_size) or a power of two >= 16, e.g. 64")
+        for name in ("lm_head_block_size", "outer_block_size"):
+            size = getattr(self, name)
+            if size and (size < 16 or size & (size - 1)):
+                self.fail(name, "must be 0 (same as block_size) or a power of two >= 16, e.g. 64")
+        if self.outer_bits not in (4, 8):
+            self.fail("outer_bits", "must be 4 or 8")
+        if not 0.0 < self.outer_layers <= 0.5:
+            self.fail("outer_layers", "must be a share of the layers in (0, 0.5], e.g. 0.125 (an eighth at each end)")
+        for role in self.outer_roles:
+            if role not in ROLES:
+                self.fail("outer_roles", f"has unknown role {role!r}; roles: {', '.join(ROLES)}")
         if self.sensitivity_batches < 1 or self.calibration_batches < 1:
             self.fail("sensitivity_batches", "and calibration_batches must be at least 1")
         for item in self.method_overrides:
@@ -469,8 +490,11 @@ class QuantizePass(Pass):
         rw = QuantRewriter(model)
         done, per_bits = [], Counter()
         by_bits: dict[tuple[str, int, int], list[QLinear]] = {}
+        outer = _outer_layers(linears, cfg.outer_layers) if cfg.outer_roles else set()
         for lin in linears:
             bits, block = cfg.bits, cfg.block_size
+            if lin.role in cfg.outer_roles and lin.layer in outer:
+                bits, block = cfg.outer_bits, cfg.outer_block_size or block
             if lin.role == "lm_head":
                 if cfg.lm_head_bits < 0:
                     reasons[lin.name] = "lm_head kept float by config"
@@ -494,6 +518,7 @@ class QuantizePass(Pass):
                 hessian=_hessian(st),
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
+                scale_dtype=np.float16 if cfg.float16_scales or group[0].dtype == np.float16 else np.float32,
             )
             if cfg.pack:
                 node = rw.nbits(group, nw, cfg.accuracy_level)
@@ -523,6 +548,8 @@ class QuantizePass(Pass):
             "block_size": cfg.block_size,
             "symmetric": cfg.symmetric,
             "accuracy_level": cfg.accuracy_level,
+            "float16_scales": cfg.float16_scales,
+            "outer": {"roles": cfg.outer_roles, "layers": sorted(outer), "bits": cfg.outer_bits} if outer else None,
             "kept_float": reasons,
         }
         return self._finish(model, changes, details)
@@ -553,6 +580,13 @@ def _dynamic_kernels(chosen: list[QLinear], pack: bool) -> list[list[QLinear]]:
         key = lin.input.name if lin.dtype == np.float32 else lin.name
         kernels.setdefault(key, []).append(lin)
     return list(kernels.values())
+
+
+def _outer_layers(linears: list[QLinear], share: float) -> set[int]:
+    """The layer indices in the first and last ``share`` of the layers (at least one at each end)."""
+    count = 1 + max((lin.layer for lin in linears if lin.layer is not None), default=-1)
+    k = max(1, round(share * count))
+    return set(range(min(k, count))) | set(range(max(count - k, 0), count))
 
 
 def _table_gathers(lin: QLinear) -> list[ir.Node]:

@@ -62,7 +62,9 @@ class BlockQuantizer:
     scale and zero point per (block, column), as MatMulNBits stores them.
 
     Ranges are searched per block (shrinking min/max) to minimise the block's rounding
-    error, and always contain 0 like ORT's quantiser. Codes are kept for packing."""
+    error, and always contain 0 like ORT's quantiser. Codes are kept for packing, rounded
+    against the scale as ``scale_dtype`` stores it (float16 scales are kept at or above its
+    smallest normal number, so none flushes to zero or loses precision)."""
 
     def __init__(
         self,
@@ -71,8 +73,10 @@ class BlockQuantizer:
         block_size: int,
         symmetric: bool = False,
         clip_search: bool = True,
+        scale_dtype: type = np.float32,
     ):
         self.K, self.N = shape
+        self.scale_dtype = np.dtype(scale_dtype)
         self.bits, self.block_size, self.symmetric, self.clip_search = (
             bits,
             block_size,
@@ -80,7 +84,7 @@ class BlockQuantizer:
             clip_search,
         )
         nblocks = -(-self.K // block_size)
-        self.scales = np.ones((nblocks, self.N), dtype=np.float32)
+        self.scales = np.ones((nblocks, self.N), dtype=self.scale_dtype)
         self.zero_points = np.full((nblocks, self.N), 1 << (bits - 1), dtype=np.uint8)
         self.q = np.zeros((nblocks * block_size, self.N), dtype=np.uint8)
         self._ready = np.zeros(nblocks, dtype=bool)
@@ -106,13 +110,16 @@ class BlockQuantizer:
             else:
                 s = np.where(hi > lo, (hi - lo) / qmax, 1.0)
                 z = np.clip(np.round(-lo / s), 0, qmax)
-            s = s.astype(np.float32).astype(np.float64)  # what the model will store
+            if self.scale_dtype == np.float16:
+                s = np.maximum(s, float(np.finfo(np.float16).tiny))
+                z = np.clip(np.round(-lo / s), 0, qmax) if not self.symmetric else z
+            s = s.astype(self.scale_dtype).astype(np.float64)  # what the model will store
             deq = (np.clip(np.round(rows / s) + z, 0, qmax) - z) * s
             err = ((deq - rows) ** 2).sum(axis=0)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
-        return best_s.astype(np.float32), best_z.astype(np.uint8)
+        return best_s.astype(self.scale_dtype), best_z.astype(np.uint8)
 
     def __call__(self, k: int, row: np.ndarray) -> np.ndarray:
         b = k // self.block_size

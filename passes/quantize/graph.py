@@ -301,11 +301,13 @@ class QuantRewriter:
         after it (one kernel call and one activation quantisation instead of several)."""
         first = linears[0]
         base = _stem(first.name) if len(linears) == 1 else f"{_stem(first.name)}_packed{len(linears)}"
-        inputs = [
-            first.input,
-            self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed),
-            self.editor.add_initializer(f"{base}_weight_scales", nw.scales.astype(first.dtype)),
-        ]
+        scales = self.editor.add_initializer(f"{base}_weight_scales", nw.scales)
+        if nw.scales.dtype != first.dtype:  # float16 storage: ORT folds the Cast when it loads the model
+            cast = ir.node("Cast", [scales], {"to": ir.DataType.from_numpy(first.dtype)}, name=f"{base}_ScalesCast")
+            cast.outputs[0].name = self.editor.fresh_name(f"{base}_weight_scales_{first.dtype}")
+            self._insert(first.node, [cast])
+            scales = cast.outputs[0]
+        inputs = [first.input, self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed), scales]
         if nw.zero_points is not None:
             inputs.append(self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points))
         node = ir.node(

@@ -4,7 +4,8 @@ MatMulNBits computes ``Y = A @ dequant(B)`` with ``A[..., K]``; its B is stored
 transposed and blocked along K:
 
 - ``B``: uint8 ``[N, n_blocks, block_size * bits / 8]``, codes packed low bits first along K;
-- ``scales``: float ``[N, n_blocks]``;
+- ``scales``: float ``[N, n_blocks]`` in the activations' type (stored as float16 they reach
+  the kernel through a Cast, which ONNX Runtime folds into a constant when the session loads);
 - ``zero_points``: uint8 ``[N, ceil(n_blocks * bits / 8)]``, packed the same way (4-bit:
   two blocks per byte, low nibble first); absent means the mid code (8 for 4-bit);
 
@@ -25,7 +26,7 @@ from onnxpress.passes.quantize.gptq import BlockQuantizer, gptq
 @dataclass
 class NBitsWeight:
     packed: np.ndarray  # uint8 [N, n_blocks, blob]
-    scales: np.ndarray  # float32 [N, n_blocks]
+    scales: np.ndarray  # float32 (or float16) [N, n_blocks]
     zero_points: np.ndarray | None  # uint8 [N, packed blocks], None when symmetric
     dequantized: np.ndarray  # float32 [K, N], what the kernel will compute with
     K: int
@@ -64,14 +65,20 @@ def quantize_nbits(
     damp: float = 0.01,
     clip_search: bool = True,
     act_order: bool = False,
+    scale_dtype: type = np.float32,
 ) -> NBitsWeight:
-    """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given."""
+    """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given.
+    ``scale_dtype`` float16 stores the scales at half the bytes unless one would overflow it:
+    then they stay float32."""
     K, N = weight.shape
     nblocks = -(-K // block_size)
     padded = nblocks * block_size
     w = np.zeros((padded, N), dtype=np.float64)
     w[:K] = weight
-    quantizer = BlockQuantizer((padded, N), bits, block_size, symmetric=symmetric, clip_search=clip_search)
+    if np.dtype(scale_dtype) == np.float16 and np.abs(weight).max() / ((1 << bits) - 1) * 2 > np.finfo(np.float16).max:
+        scale_dtype = np.float32
+    quantizer = BlockQuantizer((padded, N), bits, block_size, symmetric=symmetric, clip_search=clip_search,
+                               scale_dtype=scale_dtype)
     if hessian is None:
         deq = quantizer.quantize_all(w)
     else:
@@ -91,7 +98,7 @@ def quantize_nbits(
     zps = None if symmetric else pack_codes(quantizer.zero_points.T, bits)
     return NBitsWeight(
         packed=np.ascontiguousarray(packed),
-        scales=np.ascontiguousarray(quantizer.scales.T.astype(np.float32)),
+        scales=np.ascontiguousarray(quantizer.scales.T),
         zero_points=None if zps is None else np.ascontiguousarray(zps),
         dequantized=deq[:K].astype(np.float32),
         K=K,

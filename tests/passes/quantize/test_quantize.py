@@ -129,6 +129,30 @@ def test_packed_qkv_feeds_group_query_attention_directly(mode, kernel, tmp_path)
     assert quantize.measured_error == pytest.approx(quantize.error, rel=0.02, abs=1e-6)
 
 
+@pytest.mark.parametrize("layers,share,expected", [(30, 1 / 6, [0, 1, 2, 3, 4, 25, 26, 27, 28, 29]),
+                                                   (8, 0.125, [0, 7]), (2, 0.125, [0, 1]), (3, 0.5, [0, 1, 2])])
+def test_outer_layers_are_a_share_at_each_end(layers, share, expected):
+    from onnxpress.passes.quantize import _outer_layers
+
+    linears = [SimpleNamespace(layer=i) for i in range(layers)] + [SimpleNamespace(layer=None)]
+    assert sorted(_outer_layers(linears, share)) == expected
+
+
+def test_outer_roles_get_their_own_bits_and_the_model_keeps_the_reported_error(tmp_path):
+    """Down projections of the outer layers (here both of the two) in int8 blocks of 64, the
+    rest int4: the kernels say so and ORT agrees with the error the pass reports."""
+    settings = {"mode": "weight_only", "bits": 4, "block_size": 32, "outer_roles": ["down"],
+                "outer_bits": 8, "outer_block_size": 64, "lm_head_bits": 4}
+    result, out, err = _run_pass("llama", settings, tmp_path)
+    kernels = {n.name: (n.attributes.get_int("bits"), n.attributes.get_int("block_size"))
+               for n in load_model(out).graph if n.op_type == "MatMulNBits"}
+    wide = {name: v for name, v in kernels.items() if "down_proj" in name}
+    assert len(wide) == 2 and set(wide.values()) == {(8, 64)}
+    assert {v for name, v in kernels.items() if name not in wide} == {(4, 32)}
+    assert result.changes["matmuls_int8"] == 2 and result.details["outer"]["layers"] == [0, 1]
+    assert err <= result.error + 1e-6
+
+
 def test_compile_pipeline_verifies_the_quantized_stage(tmp_path):
     """Through the pass manager: the checker runs and the re-measured error matches."""
     model = load_model(tiny_model("bert"))
@@ -228,6 +252,9 @@ def test_smoothing_is_exact_before_quantization(arch):
         ({"method_overrides": ["down:percentile"]}, "'method_overrides'"),
         ({"budget": -1}, "'budget'"),
         ({"accuracy_level": 5}, "'accuracy_level'"),
+        ({"outer_roles": ["ffn"]}, "unknown role 'ffn'"),
+        ({"outer_layers": 0.7}, "'outer_layers'"),
+        ({"outer_block_size": 48}, "'outer_block_size'"),
         ({"nonsense": 1}, "unknown setting 'nonsense'"),
     ],
 )
@@ -362,14 +389,15 @@ def test_smoothing_strength_is_scored_with_the_range_the_input_will_get(settings
     assert set(methods) == {scored_with}
 
 
-@pytest.mark.parametrize("lm_head_bits,symmetric,lm_head_block", [(0, False, 0), (8, False, 64), (8, True, 0),
-                                                                    (-1, False, 0)])
+@pytest.mark.parametrize("lm_head_bits,symmetric,lm_head_block,float16_scales",
+                         [(0, False, 0, False), (8, False, 64, False), (8, True, 0, False), (-1, False, 0, False),
+                          (8, False, 64, True)])
 def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, lm_head_bits, symmetric,
-                                                                       lm_head_block):
+                                                                       lm_head_block, float16_scales):
     model = load_model(tiny_model_tied("llama"))
     ctx = _context(model)
     settings = {"mode": "weight_only", "bits": 4, "lm_head_bits": lm_head_bits, "symmetric": symmetric,
-                "lm_head_block_size": lm_head_block, "min_embedding_size": 1000}
+                "lm_head_block_size": lm_head_block, "min_embedding_size": 1000, "float16_scales": float16_scales}
     result = build_pass("quantize", settings).run(model, ctx)
     out = save_model(model, tmp_path / "q.onnx")
     saved = load_model(out)
@@ -386,6 +414,9 @@ def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, 
         assert result.changes["embeddings_from_lm_head_codes"] == 1 and result.changes["embeddings_int8"] == 0
         assert [n.op_type for n in saved.graph].count("GatherBlockQuantized") == 1
         assert "model.embed_tokens.weight" not in saved.graph.initializers
+        scales = [saved.graph.initializers[n.inputs[2].name] if n.inputs[2].is_initializer()
+                  else saved.graph.initializers[n.inputs[2].producer().inputs[0].name] for n in heads]
+        assert [s.dtype for s in scales] == [ir.DataType.FLOAT16 if float16_scales else ir.DataType.FLOAT]
     ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
     assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
 

@@ -242,3 +242,50 @@ def test_matmul_nbits_layout_matches_onnxruntime(bits, k, n, block, symmetric):
     a = rng.standard_normal((5, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"A": a})[0], a @ dequantize_nbits(nw), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dequantize_nbits(nw), nw.dequantized, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_float16_scales_reach_matmul_nbits_through_a_cast_that_onnxruntime_folds(tmp_path, symmetric):
+    """Codes are rounded against the float16 scales, so the kernel (fed the Cast of them)
+    computes exactly the reported weight; a block of tiny weights keeps a normal float16 scale;
+    ORT folds the Cast into a constant when the session loads."""
+    rng = np.random.default_rng(9)
+    k, n = 96, 16
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    w[:32, 3] *= 1e-5  # its scale would be subnormal in float16
+    x = _correlated_inputs(rng, 256, k)
+    h = x.T.astype(np.float64) @ x
+    nw = quantize_nbits(w, 4, 32, symmetric=symmetric, hessian=h, scale_dtype=np.float16)
+    assert nw.scales.dtype == np.float16 and nw.scales.min() >= np.finfo(np.float16).tiny
+    np.testing.assert_allclose(dequantize_nbits(nw), nw.dequantized, atol=1e-6)
+    assert np.abs(nw.dequantized[:32, 3] - w[:32, 3]).max() < 1e-4
+    wide = quantize_nbits(w, 4, 32, symmetric=symmetric, hessian=h)
+    assert np.linalg.norm(x @ (nw.dequantized - w)) < 1.02 * np.linalg.norm(x @ (wide.dequantized - w))
+    inits = [numpy_helper.from_array(nw.packed, "B"), numpy_helper.from_array(nw.scales, "S16")]
+    inputs = ["A", "B", "S"]
+    if nw.zero_points is not None:
+        inits.append(numpy_helper.from_array(nw.zero_points, "Z"))
+        inputs.append("Z")
+    nodes = [
+        helper.make_node("Cast", ["S16"], ["S"], to=TensorProto.FLOAT),
+        helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"A": a})[0], a @ nw.dequantized, rtol=1e-4, atol=1e-4)
+    import onnx
+
+    assert [nd.op_type for nd in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
+
+
+def test_float16_scales_fall_back_to_float32_where_they_would_overflow():
+    w = np.full((32, 2), 1e6, np.float32)
+    assert quantize_nbits(w, 4, 32, scale_dtype=np.float16).scales.dtype == np.float32
