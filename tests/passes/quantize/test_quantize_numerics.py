@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -211,6 +212,26 @@ def test_pack_codes_round_trips_low_bits_first():
     np.testing.assert_array_equal(unpack_codes(packed, 4, 5), codes)
 
 
+def _matmul_nbits_session(nw, options=None) -> ort.InferenceSession:
+    """ORT running one MatMulNBits on ``nw``; float16 scales reach it through a Cast, as the pass writes them."""
+    inits = [numpy_helper.from_array(nw.packed, "B"), numpy_helper.from_array(nw.scales, "S_stored")]
+    inputs = ["A", "B", "S"]
+    if nw.zero_points is not None:
+        inits.append(numpy_helper.from_array(nw.zero_points, "Z"))
+        inputs.append("Z")
+    scales = (helper.make_node("Cast", ["S_stored"], ["S"], to=TensorProto.FLOAT) if nw.scales.dtype == np.float16
+              else helper.make_node("Identity", ["S_stored"], ["S"]))
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=nw.K, N=nw.N, bits=nw.bits,
+                            block_size=nw.block_size)
+    graph = helper.make_graph(
+        [scales, node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, nw.K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, nw.N])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize(
     "bits,k,n,block", [(4, 64, 24, 32), (4, 100, 16, 32), (4, 128, 8, 64), (8, 96, 12, 32), (4, 256, 8, 128)]
 )
@@ -219,28 +240,9 @@ def test_matmul_nbits_layout_matches_onnxruntime(bits, k, n, block, symmetric):
     rng = np.random.default_rng(8)
     w = rng.standard_normal((k, n)).astype(np.float32)
     nw = quantize_nbits(w, bits, block, symmetric=symmetric)
-    inits = [numpy_helper.from_array(nw.packed, "B"), numpy_helper.from_array(nw.scales, "S")]
-    inputs = ["A", "B", "S"]
-    if nw.zero_points is not None:
-        inits.append(numpy_helper.from_array(nw.zero_points, "Z"))
-        inputs.append("Z")
-    node = helper.make_node(
-        "MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
-        inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    model.ir_version = 9
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = rng.standard_normal((5, k)).astype(np.float32)
-    np.testing.assert_allclose(sess.run(None, {"A": a})[0], a @ dequantize_nbits(nw), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_matmul_nbits_session(nw).run(None, {"A": a})[0], a @ dequantize_nbits(nw),
+                               rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dequantize_nbits(nw), nw.dequantized, atol=1e-5)
 
 
@@ -261,28 +263,11 @@ def test_float16_scales_reach_matmul_nbits_through_a_cast_that_onnxruntime_folds
     assert np.abs(nw.dequantized[:32, 3] - w[:32, 3]).max() < 1e-4
     wide = quantize_nbits(w, 4, 32, symmetric=symmetric, hessian=h)
     assert np.linalg.norm(x @ (nw.dequantized - w)) < 1.02 * np.linalg.norm(x @ (wide.dequantized - w))
-    inits = [numpy_helper.from_array(nw.packed, "B"), numpy_helper.from_array(nw.scales, "S16")]
-    inputs = ["A", "B", "S"]
-    if nw.zero_points is not None:
-        inits.append(numpy_helper.from_array(nw.zero_points, "Z"))
-        inputs.append("Z")
-    nodes = [
-        helper.make_node("Cast", ["S16"], ["S"], to=TensorProto.FLOAT),
-        helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 9
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     a = rng.standard_normal((5, k)).astype(np.float32)
-    np.testing.assert_allclose(sess.run(None, {"A": a})[0], a @ nw.dequantized, rtol=1e-4, atol=1e-4)
-    import onnx
-
+    np.testing.assert_allclose(_matmul_nbits_session(nw, options).run(None, {"A": a})[0], a @ nw.dequantized,
+                               rtol=1e-4, atol=1e-4)
     assert [nd.op_type for nd in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
 
 
