@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -257,7 +258,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             color = "tab:gray" if r["group"] == "peer" else "tab:blue"
             ax.scatter(r[prefix + "ppl_vs_fp32_pct"], r["decode_tokens_per_s"], s=20 + r["size_mb"] / 2, color=color,
                        alpha=0.7)
-            ax.annotate(r["variant"], (r[prefix + "ppl_vs_fp32_pct"], r["decode_tokens_per_s"]), fontsize=7,
+            label = re.sub(r" \(.*\)$", "", r["variant"].removeprefix("onnxpress "))  # the table has the rest
+            ax.annotate(label, (r[prefix + "ppl_vs_fp32_pct"], r["decode_tokens_per_s"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel(f"perplexity vs fp32, % ({corpus} held-out)")
