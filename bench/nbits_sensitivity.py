@@ -19,7 +19,6 @@ import re
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxpress import datasets
 from onnxpress.analysis import analyze
@@ -30,6 +29,7 @@ from onnxpress.fidelity import next_token_nll
 from onnxpress.model_io import load_model
 from onnxpress.passes.quantize.graph import find_linears
 from onnxpress.passes.quantize.weight_only import quantize_nbits
+from onnxpress.runtime import make_session
 
 
 def main() -> None:
@@ -49,6 +49,7 @@ def main() -> None:
              if lin.layer is not None or (lin.role == "lm_head" and not lin.transposed)}
     proto = onnx.load(src)
     stored = {t.name: t for t in proto.graph.initializer}
+    tied = set()  # tables read as [N, K] by a tied head: rounded in blocks along K, as the head's codes
     for node in proto.graph.node:
         # a tied LM head reads the embedding table through a Transpose: it gets a copy of the table
         # of its own, so rounding the head leaves the embedding Gather alone
@@ -58,22 +59,19 @@ def main() -> None:
             copy.name = node.input[0] = f"{copy.name}_lm_head"
             proto.graph.initializer.append(copy)
             where[copy.name] = ("lm_head", None)
+            tied.add(copy.name)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in where}
     for name, w in weights.items():  # overridable initializers: one session serves every trial
         proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = make_session(proto.SerializeToString(), threads=2)
     del proto
     ids = perplexity_windows(src.parent, datasets.corpus_files("sotu", "calibration"), window=args.window,
                              max_windows=args.windows)
     feeds = {k: v for k, v in make_feeds(session, ids, np.ones_like(ids)).items() if k not in weights}
     rounded = {}
-    for name, w in weights.items():  # a tied head's table is [N, K]: rounded in blocks along K, as the head's codes
-        tied = where[name][1] is None and name.endswith("_lm_head")
-        deq = quantize_nbits(w.T if tied else w, args.bits, args.block).dequantized
-        rounded[name] = np.ascontiguousarray(deq.T if tied else deq)
+    for name, w in weights.items():
+        deq = quantize_nbits(w.T if name in tied else w, args.bits, args.block).dequantized
+        rounded[name] = np.ascontiguousarray(deq.T if name in tied else deq)
 
     def loss(chosen) -> float:
         logits = session.run(["logits"], {**feeds, **{n: rounded[n] for n in chosen}})[0]
