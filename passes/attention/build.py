@@ -83,8 +83,7 @@ def packed_qkv(tape: AttentionTape, site: Site) -> tuple[ir.Value, ir.Value, ir.
 
 def mask_bias(tape: AttentionTape, terms: list[MaskTerm], query: ir.Value) -> ir.Value | None:
     """The sum of the mask terms as one additive float bias (as the original adds it),
-    expanded to [B, 1, S_q, S_total]: exporters build [B, 1, 1, S] padding masks, and
-    the ORT kernels want the query axis spelled out. Built once for all layers."""
+    expanded to [B, 1, S_q, S_total]. Built once for all layers."""
     if not terms:
         return None
     key = tuple(id(t.value) for t in terms)
@@ -102,12 +101,35 @@ def mask_bias(tape: AttentionTape, terms: list[MaskTerm], query: ir.Value) -> ir
                                  np.array(fill_value, dtype))
             value = tape.op("Where", [value, zero, fill])
         total = value if total is None else tape.op("Add", [total, value])
+    tape.shared[key] = _along_queries(tape, total, query)
+    return tape.shared[key]
+
+
+def padding_bias(tape: AttentionTape, mask: ir.Value, query: ir.Value) -> ir.Value:
+    """The additive bias of a 2-D key-padding ``mask`` alone, [B, 1, S_q, S_total]: 0 where it
+    is set, the scores type's lowest value where not. For an op that applies causality itself
+    (GroupQueryAttention), this stands in for an exporter's 4-D causal-and-padding mask: a few
+    nodes run per step where the exported mask arithmetic runs dozens. Built once for all layers."""
+    key = ("padding", id(mask))
+    if key in tape.shared:
+        return tape.shared[key]
+    dtype = np.dtype((query.dtype or ir.DataType.FLOAT).numpy())
+    keep = tape.op("Cast", [mask], {"to": ir.DataType.BOOL})
+    keep = tape.op("Unsqueeze", [keep, tape.constant("onnxpress_attn_axes_1_2", np.array([1, 2], np.int64))])
+    zero = tape.constant(f"onnxpress_attn_zero_{dtype}", np.array(0.0, dtype))
+    lowest = np.finfo(dtype).min
+    fill = tape.constant(f"onnxpress_attn_fill_{lowest:g}_{dtype}".replace("-", "m"), np.array(lowest, dtype))
+    tape.shared[key] = _along_queries(tape, tape.op("Where", [keep, zero, fill]), query)
+    return tape.shared[key]
+
+
+def _along_queries(tape: AttentionTape, bias: ir.Value, query: ir.Value) -> ir.Value:
+    """``bias`` expanded to [B, 1, S_q, S_total]: exporters build [B, 1, 1, S] padding masks,
+    and the ORT kernels want the query axis spelled out."""
     ones = tape.constant("onnxpress_attn_ones2", np.array([1, 1], np.int64))
     one = tape.constant("onnxpress_attn_one", np.array([1], np.int64))
     s_q = tape.op("Shape", [query], {"start": 1, "end": 2})
-    total = tape.op("Expand", [total, tape.op("Concat", [ones, s_q, one], {"axis": 0})])
-    tape.shared[key] = total
-    return total
+    return tape.op("Expand", [bias, tape.op("Concat", [ones, s_q, one], {"axis": 0})])
 
 
 def sequence_lengths(tape: AttentionTape, query: ir.Value,
@@ -185,10 +207,13 @@ def _onnxruntime(tape: AttentionTape, site: Site,
     past = {"past_key": site.past_key, "past_value": site.past_value}
     if att.causal and not gqa_ruled_out:
         spec = GROUP_QUERY_ATTENTION
-        _, why = padding_mask(site)
-        # a pure causal mask is GroupQueryAttention's own; anything else goes in as the bias
-        padded = any(t.padding_source is not None for t in site.terms)
-        bias = mask_bias(tape, site.terms, q) if why or padded else None
+        mask, why = padding_mask(site)
+        # causality is GroupQueryAttention's own: a padding mask goes in as the bias alone, any
+        # other mask whole
+        if why:
+            bias = mask_bias(tape, site.terms, q)
+        else:
+            bias = None if mask is None else padding_bias(tape, mask, q)
         seqlens, total = sequence_lengths(tape, q, site.past_key)
         ins = spec.input_list(query=q, key=k, value=v, **past, seqlens_k=seqlens, total_sequence_length=total,
                               attention_bias=bias)

@@ -110,9 +110,10 @@ def test_exact_substitution_matches(arch, target):
     assert _max_diff(path, model, [_feeds(model)]) < TOL
 
 
-# (batch, new tokens, cached positions): prefill, one decode step, a chunk after a cache.
-# GroupQueryAttention in ORT 1.31 takes several new tokens after a cache only at batch 1.
-STEPS = [(2, 6, 0), (2, 1, 5), (1, 3, 5)]
+# Prefill, one decode step, a chunk after a cache, and left-padded rows as batched generation
+# pads them. GroupQueryAttention in ORT 1.31 takes several new tokens after a cache only at batch 1.
+STEPS = [dict(batch=2, seq=6), dict(batch=2, seq=1, past=5), dict(batch=1, seq=3, past=5),
+         dict(batch=2, seq=6, left_pad=[2, 0]), dict(batch=2, seq=1, past=6, left_pad=[3, 0])]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -129,7 +130,7 @@ def test_kv_cache_steps_match(arch, target):
     for value in model.graph.outputs:
         if value.name.startswith("present"):
             assert value.producer().op_type in FUSED_OPS
-    feeds = [_feeds(model, batch=b, seq=s, past=p, seed=i) for i, (b, s, p) in enumerate(STEPS)]
+    feeds = [_feeds(model, seed=i, **step) for i, step in enumerate(STEPS)]
     assert _max_diff(path, model, feeds) < TOL
 
 
