@@ -198,6 +198,20 @@ def walk_up(
             queue.extend(v for v in nxt if v is not None)
 
 
+def float_type(value: ir.Value, limit: int = 200) -> ir.DataType | None:
+    """``value``'s float type; where an export leaves it untyped, the type of the nearest Cast or
+    typed float operand (an initializer, a graph input) above it. None when none is found."""
+    if is_float_type(value.dtype):
+        return value.dtype
+    for node, _ in walk_up(value, lambda n: n.inputs, limit=limit):
+        if node.op_type == "Cast":
+            return ir.DataType(node.attributes.get_int("to"))
+        for v in node.inputs:
+            if v is not None and is_float_type(v.dtype):
+                return v.dtype
+    return None
+
+
 def walk_down(
     start: ir.Value | Iterable[ir.Value],
     through: Callable[[ir.Node], bool],

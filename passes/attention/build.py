@@ -31,6 +31,7 @@ from onnxpress.analysis.attention.fused_ops import (
     ONNXPRESS_ATTENTION,
     FusedAttentionSpec,
 )
+from onnxpress.analysis.graph_utils import float_type
 from onnxpress.analysis.structures import PACKED
 from onnxpress.editing import add_initializer
 from onnxpress.passes.attention.match import Site
@@ -105,15 +106,16 @@ def mask_bias(tape: AttentionTape, terms: list[MaskTerm], query: ir.Value) -> ir
     return tape.shared[key]
 
 
-def padding_bias(tape: AttentionTape, mask: ir.Value, query: ir.Value) -> ir.Value:
+def padding_bias(tape: AttentionTape, mask: ir.Value, query: ir.Value, dtype: ir.DataType | None) -> ir.Value:
     """The additive bias of a 2-D key-padding ``mask`` alone, [B, 1, S_q, S_total]: 0 where it
     is set, the scores type's lowest value where not. For an op that applies causality itself
     (GroupQueryAttention), this stands in for an exporter's 4-D causal-and-padding mask: a few
-    nodes run per step where the exported mask arithmetic runs dozens. Built once for all layers."""
+    nodes run per step where the exported mask arithmetic runs dozens. Built once for all layers;
+    ``dtype``: the scores' (the query operand's) type."""
     key = ("padding", id(mask))
     if key in tape.shared:
         return tape.shared[key]
-    dtype = np.dtype((query.dtype or ir.DataType.FLOAT).numpy())
+    dtype = np.dtype((dtype or ir.DataType.FLOAT).numpy())
     keep = tape.op("Cast", [mask], {"to": ir.DataType.BOOL})
     keep = tape.op("Unsqueeze", [keep, tape.constant("onnxpress_attn_axes_1_2", np.array([1, 2], np.int64))])
     zero = tape.constant(f"onnxpress_attn_zero_{dtype}", np.array(0.0, dtype))
@@ -213,7 +215,7 @@ def _onnxruntime(tape: AttentionTape, site: Site,
         if why:
             bias = mask_bias(tape, site.terms, q)
         else:
-            bias = None if mask is None else padding_bias(tape, mask, q)
+            bias = None if mask is None else padding_bias(tape, mask, q, float_type(site.q.value))
         seqlens, total = sequence_lengths(tape, q, site.past_key)
         ins = spec.input_list(query=q, key=k, value=v, **past, seqlens_k=seqlens, total_sequence_length=total,
                               attention_bias=bias)
