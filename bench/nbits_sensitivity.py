@@ -1,15 +1,16 @@
 """Where a decoder's int4 loss comes from: the next-token loss increase when one group of
-MatMuls (a role, the LM head among them, a role in a range of layers, or everything but one
-group) is rounded to ``--bits`` in blocks of ``--block`` (round to nearest with the pass's
-range search, no GPTQ) and the rest stays float.
+MatMuls (a role, the LM head among them; a role in a range of layers; everything but one
+group; or the LM head's vocabulary rows from some token id on) is rounded to ``--bits`` in
+blocks of ``--block`` (round to nearest with the pass's range search, no GPTQ) and the rest
+stays float.
 
     python bench/nbits_sensitivity.py [--model smollm2] [--windows 6] [--bits 4] [--block 32]
 
 Measured on windows of the calibration split (SOTU before 1950), never the evaluation text;
 one ONNX Runtime session whose MatMul weights are overridable inputs, so each trial feeds
 its rounded weights. Prints a table (a trial moves the loss by about +-0.003 on noise alone
-at 6 x 256 tokens): what the ``outer_roles`` setting of the quantize pass and the
-``edge-int4`` recipe were chosen from.
+at 6 x 256 tokens): what the ``outer_roles`` and ``lm_head_int8_rows`` settings of the
+quantize pass and the ``edge-int4`` recipe were chosen from.
 """
 
 from __future__ import annotations
@@ -73,9 +74,18 @@ def main() -> None:
         deq = quantize_nbits(w.T if name in tied else w, args.bits, args.block).dequantized
         rounded[name] = np.ascontiguousarray(deq.T if name in tied else deq)
 
-    def loss(chosen) -> float:
-        logits = session.run(["logits"], {**feeds, **{n: rounded[n] for n in chosen}})[0]
+    def loss(chosen, overrides=None) -> float:
+        logits = session.run(["logits"], {**feeds, **{n: rounded[n] for n in chosen}, **(overrides or {})})[0]
         return next_token_nll([{"logits": logits}], [feeds])[0]
+
+    def head_from_row(name: str, row: int) -> np.ndarray:
+        """The LM head with its vocabulary rows from ``row`` on rounded, the earlier ones float."""
+        mixed = weights[name].copy()
+        if name in tied:  # [vocabulary, K]
+            mixed[row:] = rounded[name][row:]
+        else:  # [K, vocabulary]
+            mixed[:, row:] = rounded[name][:, row:]
+        return mixed
 
     base = loss([])
     layers = 1 + max(layer for _, layer in where.values() if layer is not None)
@@ -94,6 +104,12 @@ def main() -> None:
     for label, pick in trials:
         chosen = [n for n, (role, layer) in where.items() if pick(role, layer)]
         print(f"  {label:40s} {len(chosen):4d} MatMuls  {loss(chosen) - base:+.4f}")
+    # byte-level BPE vocabularies number tokens commonest first: how much of the head's loss its
+    # first rows carry (the quantize pass's lm_head_int8_rows)
+    for name in (n for n, (role, _) in where.items() if role == "lm_head"):
+        for row in (2048, 4096, 8192, 16384):
+            label = f"lm_head from token id {row} on"
+            print(f"  {label:40s} {1:4d} MatMuls  {loss([], {name: head_from_row(name, row)}) - base:+.4f}")
 
 
 if __name__ == "__main__":

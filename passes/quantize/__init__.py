@@ -19,6 +19,7 @@ stored int8 by rows, or under weight-only read from the codes of the LM head tie
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -36,7 +37,14 @@ from onnxpress.passes.quantize.calibrate import QParams, choose_range_for_linear
 from onnxpress.passes.quantize.capture import capture_stats
 from onnxpress.passes.quantize.fusion import fusion_report
 from onnxpress.passes.quantize.gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
-from onnxpress.passes.quantize.graph import QLinear, QuantRewriter, apply_smoothing, bias_add, find_linears
+from onnxpress.passes.quantize.graph import (
+    CodeTable,
+    QLinear,
+    QuantRewriter,
+    apply_smoothing,
+    bias_add,
+    find_linears,
+)
 from onnxpress.passes.quantize.smooth import choose_alpha, smooth_scales
 from onnxpress.passes.quantize.weight_only import quantize_nbits, split_columns
 
@@ -46,6 +54,8 @@ ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down", "lm_head", "other")
 # Above this many candidate MatMuls, sensitivity is estimated per MatMul from the captured
 # rows instead of one model run per MatMul.
 MEASURED_SENSITIVITY_LIMIT = 64
+# int8 blocks of an LM head split by rows (int8 bears larger blocks: fewer scales to read)
+INT8_ROWS_BLOCK = 64
 
 
 @dataclass
@@ -97,6 +107,10 @@ class QuantizeConfig(PassConfig):
     symmetric: bool = False
     lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
     lm_head_block_size: int = 0  # 0: same as block_size (int8 bears larger blocks: fewer scales to store)
+    # the LM head's first rows (token ids) in int8 blocks of 64 and the rest in 4 bits: byte-level BPE
+    # vocabularies number tokens in merge order, commonest first, so a few thousand rows carry most of
+    # what a 4-bit head loses (SmolLM2: ids below 4,096 are three quarters of English text's tokens)
+    lm_head_int8_rows: int = 0
     # MatMuls of these roles in the outer layers (the first and last ``outer_layers`` share of
     # them, at least one at each end) get ``outer_bits`` in blocks of ``outer_block_size``
     # (0: block_size): int4's loss gathers there (SmolLM2: the down projections lose the most of
@@ -140,6 +154,11 @@ class QuantizeConfig(PassConfig):
             self.fail("lm_head_bits", "must be 0 (same as bits), 4, 8 or -1 (keep float)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             self.fail("block_size", "must be a power of two >= 16, e.g. 32, 64 or 128")
+        if self.lm_head_int8_rows < 0:
+            self.fail("lm_head_int8_rows", "must be 0 (off) or a number of vocabulary rows, e.g. 4096")
+        if self.lm_head_int8_rows and (self.mode != "weight_only" or (self.lm_head_bits or self.bits) != 4):
+            self.fail("lm_head_int8_rows", "needs mode weight_only with a 4-bit LM head (lm_head_bits: 4, "
+                      "or bits: 4 with lm_head_bits: 0)")
         for name in ("lm_head_block_size", "outer_block_size"):
             size = getattr(self, name)
             if size and (size < 16 or size & (size - 1)):
@@ -506,27 +525,35 @@ class QuantizePass(Pass):
         tables = [(lin, gather) for group in by_bits.values() for lin in group
                   if lin.role == "lm_head" and lin.transposed and cfg.embedding_bits
                   for gather in _table_gathers(lin)]
-        heads, merged = {}, 0
+        heads, merged, int8_rows = {}, 0, 0
         for (name, bits, block), group in by_bits.items():
-            st = stats.get(name)
             # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
-            nw = quantize_nbits(
-                np.concatenate([lin.weight_array() for lin in group], axis=1),
-                bits,
-                block,
+            weight = np.concatenate([lin.weight_array() for lin in group], axis=1)
+            quantize = functools.partial(
+                quantize_nbits,
                 symmetric=cfg.symmetric,
-                hessian=_hessian(st),
+                hessian=_hessian(stats.get(name)),
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
                 scale_dtype=np.float16 if cfg.float16_scales or group[0].dtype == np.float16 else np.float32,
             )
-            if cfg.pack:
-                node = rw.nbits(group, nw, cfg.accuracy_level)
+            head = group[0] if group[0].role == "lm_head" and len(group) == 1 else None
+            if head is not None and 0 < cfg.lm_head_int8_rows < weight.shape[1]:
+                int8_rows, head_name, dtype = cfg.lm_head_int8_rows, head.name, head.dtype
+                parts = [quantize(weight[:, :int8_rows], 8, INT8_ROWS_BLOCK), quantize(weight[:, int8_rows:], bits, block)]
+                _, rest = rw.nbits_by_rows(head, parts, cfg.accuracy_level)
+                if head.transposed:
+                    first_rows = quantize(weight[:, :int8_rows], bits, block, hessian=None)
+                    heads[id(head)] = rw.split_head_table(head_name, rest, first_rows, dtype)
+            elif cfg.pack:
+                node = rw.nbits(group, quantize(weight, bits, block), cfg.accuracy_level)
                 merged += len(group) - 1
             else:
+                nw = quantize(weight, bits, block)
                 for lin, cols in zip(group, _column_splits(group), strict=True):
                     node = rw.nbits([lin], split_columns(nw, cols), cfg.accuracy_level)
-            heads.update({id(lin): node for lin in group if lin.role == "lm_head" and lin.transposed})
+            if head is not None and head.transposed and id(head) not in heads:
+                heads[id(head)] = CodeTable.of_kernel(node)
             done += group
             per_bits[bits] += len(group)
         tied_tables = sum(rw.tied_embedding(gather, heads[id(lin)]) for lin, gather in tables if id(lin) in heads)
@@ -541,6 +568,7 @@ class QuantizePass(Pass):
             "lm_head_from_tied_table": tied_heads,
             "embeddings_from_lm_head_codes": tied_tables,
             "embeddings_int8": self._embeddings(model),
+            "lm_head_int8_rows": int8_rows,
         }
         details = {
             "mode": "weight_only",
@@ -552,6 +580,10 @@ class QuantizePass(Pass):
             "outer": {"roles": cfg.outer_roles, "layers": sorted(outer), "bits": cfg.outer_bits} if outer else None,
             "kept_float": reasons,
         }
+        if int8_rows and batches:  # how much of the text the int8 rows cover
+            ids = np.concatenate([b["input_ids"][b["attention_mask"] > 0] if "attention_mask" in b else
+                                  b["input_ids"].ravel() for b in batches if "input_ids" in b] or [np.zeros(0)])
+            details["lm_head_int8_rows_token_share"] = float(np.mean(ids < int8_rows)) if ids.size else None
         return self._finish(model, changes, details)
 
     def _finish(self, model, changes, details) -> Outcome:

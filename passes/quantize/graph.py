@@ -80,6 +80,26 @@ class QLinear:
         return stored_array(self.weight) is None
 
 
+@dataclass
+class CodeTable:
+    """Block-quantised rows ``[N, K]`` as MatMulNBits and GatherBlockQuantized read them."""
+
+    codes: ir.Value  # uint8 [N, blocks, blob]
+    scales: ir.Value  # [N, blocks], the activations' type
+    zero_points: ir.Value | None
+    bits: int
+    block_size: int
+    K: int
+    N: int
+
+    @classmethod
+    def of_kernel(cls, node: ir.Node) -> CodeTable:
+        """The table a MatMulNBits node computes with."""
+        zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+        return cls(node.inputs[1], node.inputs[2], zero_points,
+                   *(node.attributes.get_int(a) for a in ("bits", "block_size", "K", "N")))
+
+
 def weight_source(value: ir.Value) -> np.ndarray | None:
     """The ``[K, N]`` array a MatMul weight holds: stored, or a stored ``[N, K]`` table read through
     ``Transpose`` (an LM head tied to the embedding table reads it so); else None."""
@@ -301,18 +321,27 @@ class QuantRewriter:
         after it (one kernel call and one activation quantisation instead of several)."""
         first = linears[0]
         base = _stem(first.name) if len(linears) == 1 else f"{_stem(first.name)}_packed{len(linears)}"
-        scales = self.editor.add_initializer(f"{base}_weight_scales", nw.scales)
-        if nw.scales.dtype != first.dtype:  # float16 storage: ORT folds the Cast when it loads the model
-            cast = ir.node("Cast", [scales], {"to": ir.DataType.from_numpy(first.dtype)}, name=f"{base}_ScalesCast")
-            cast.outputs[0].name = self.editor.fresh_name(f"{base}_weight_scales_{first.dtype}")
-            self._insert(first.node, [cast])
-            scales = cast.outputs[0]
-        inputs = [first.input, self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed), scales]
-        if nw.zero_points is not None:
-            inputs.append(self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points))
+        node = self._nbits_node(first, nw, base, accuracy_level)
+        self._take_outputs(linears, node, base)
+        return node
+
+    def nbits_by_rows(self, lin: QLinear, parts: list, accuracy_level: int = 0) -> list[ir.Node]:
+        """One MatMulNBits per consecutive range of ``lin``'s output columns (an LM head's
+        vocabulary rows), each with bits and blocks of its own, their outputs concatenated."""
+        base = _stem(lin.name)
+        nodes = [self._nbits_node(lin, nw, f"{base}_rows{i}", accuracy_level) for i, nw in enumerate(parts)]
+        for node in nodes:
+            node.outputs[0].name = self.editor.fresh_name(f"{node.name}_out")
+        concat = ir.node("Concat", [n.outputs[0] for n in nodes], {"axis": -1}, name=f"{base}_ConcatRows")
+        self._insert(lin.node, [concat])
+        self._replace_node_output(lin.node, concat)
+        return nodes
+
+    def _nbits_node(self, first: QLinear, nw, base: str, accuracy_level: int) -> ir.Node:
+        inputs = [first.input, *self.code_table(first.node, nw, base, first.dtype)]
         node = ir.node(
             "MatMulNBits",
-            inputs,
+            [v for v in inputs if v is not None],
             {"K": nw.K, "N": nw.N, "bits": nw.bits, "block_size": nw.block_size, "accuracy_level": accuracy_level},
             domain="com.microsoft",
             name=f"{base}_MatMulNBits",
@@ -320,8 +349,22 @@ class QuantRewriter:
         if "com.microsoft" not in self.model.opset_imports:
             self.model.opset_imports["com.microsoft"] = 1
         self._insert(first.node, [node])
-        self._take_outputs(linears, node, base)
         return node
+
+    def code_table(self, before: ir.Node, nw, base: str, dtype: np.dtype) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """``nw``'s (codes, scales, zero points) as initializers, the scales in the activations'
+        ``dtype``: float16 storage reaches a float32 kernel through a Cast that ORT folds into a
+        constant when it loads the model."""
+        scales = self.editor.add_initializer(f"{base}_weight_scales", nw.scales)
+        if nw.scales.dtype != dtype:
+            cast = ir.node("Cast", [scales], {"to": ir.DataType.from_numpy(dtype)}, name=f"{base}_ScalesCast")
+            cast.outputs[0].name = self.editor.fresh_name(f"{base}_weight_scales_{np.dtype(dtype)}")
+            self._insert(before, [cast])
+            scales = cast.outputs[0]
+        zero_points = None
+        if nw.zero_points is not None:
+            zero_points = self.editor.add_initializer(f"{base}_weight_zero_points", nw.zero_points)
+        return self.editor.add_initializer(f"{base}_weight_q{nw.bits}", nw.packed), scales, zero_points
 
     def _take_outputs(self, linears: list[QLinear], node: ir.Node, base: str) -> None:
         """``node`` (computing ``linears``' outputs side by side) replaces them: directly for one,
@@ -351,22 +394,43 @@ class QuantRewriter:
         for lin, out in zip(linears, split.outputs, strict=True):
             self._replace_output_with(lin.node, out)
 
-    def tied_embedding(self, gather: ir.Node, head: ir.Node) -> bool:
+    def split_head_table(self, name: str, rest: ir.Node, first_rows, dtype: np.dtype) -> CodeTable:
+        """The table a tied embedding reads when its LM head is split by rows (``rest``: the
+        kernel of the later rows; ``first_rows``: the earlier ones in the same bits, rounded alone
+        as an embedding has no Hessian): one bit width for all rows, the earlier ones stored
+        again. Concatenated by nodes over initializers, which ORT folds when it loads the model.
+        ``name``: the head's, ``dtype``: its activations'."""
+        later = CodeTable.of_kernel(rest)
+        base = f"{_stem(name)}_embedding_rows"
+        earlier = CodeTable(*self.code_table(rest, first_rows, base, dtype), later.bits, later.block_size,
+                            later.K, first_rows.N)
+        stacked = []
+        for i, field in enumerate(("codes", "scales", "zero_points")):
+            values = [getattr(t, field) for t in (earlier, later)]
+            if values[0] is None:
+                stacked.append(None)
+                continue
+            concat = ir.node("Concat", values, {"axis": 0}, name=f"{base}_Stack{i}")
+            concat.outputs[0].name = self.editor.fresh_name(f"{base}_{field}")
+            self._insert(rest, [concat])
+            stacked.append(concat.outputs[0])
+        return CodeTable(*stacked, later.bits, later.block_size, later.K, earlier.N + later.N)
+
+    def tied_embedding(self, gather: ir.Node, table: CodeTable) -> bool:
         """The embedding ``gather`` reads its rows from the int8/int4 codes of the LM head tied to
-        its table (``head``, a MatMulNBits of that table transposed): ``GatherBlockQuantized`` over
-        the head's codes, scales and zero points, so the file stores the table once, quantised."""
-        bits, block, K, N = (head.attributes.get_int(a) for a in ("bits", "block_size", "K", "N"))
+        its table (``table``: a MatMulNBits' inputs, the head's transposed table): ``GatherBlockQuantized``
+        over the head's codes, scales and zero points, so the file stores the table once, quantised."""
+        bits, block, K, N = table.bits, table.block_size, table.K, table.N
         if K % block or gather.attributes.get_int("axis", 0) != 0:
             return False
-        codes, scales = head.inputs[1], head.inputs[2]
-        zero_points = head.inputs[3] if len(head.inputs) > 3 else None
         base = _stem(gather.name or "embedding")
         shape = self.editor.add_initializer(f"{base}_code_rows", np.array([N, K * bits // 8], np.int64))
-        rows = ir.node("Reshape", [codes, shape], name=f"{base}_CodeRows")  # [N, blocks, blob] -> [N, K]
+        rows = ir.node("Reshape", [table.codes, shape], name=f"{base}_CodeRows")  # [N, blocks, blob] -> [N, K]
         rows.outputs[0].name = self.editor.fresh_name(f"{base}_code_rows")
+        zero_points = [table.zero_points] if table.zero_points is not None else []
         lookup = ir.node(
             "GatherBlockQuantized",
-            [rows.outputs[0], gather.inputs[1], scales, *([zero_points] if zero_points is not None else [])],
+            [rows.outputs[0], gather.inputs[1], table.scales, *zero_points],
             {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
             domain="com.microsoft",
             name=f"{base}_GatherBlockQuantized",

@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -417,6 +418,39 @@ def test_weight_only_quantizes_an_lm_head_tied_to_the_embedding_table(tmp_path, 
         scales = [saved.graph.initializers[n.inputs[2].name] if n.inputs[2].is_initializer()
                   else saved.graph.initializers[n.inputs[2].producer().inputs[0].name] for n in heads]
         assert [s.dtype for s in scales] == [ir.DataType.FLOAT16 if float16_scales else ir.DataType.FLOAT]
+    ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
+    assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_lm_head_split_by_rows_computes_its_first_rows_in_int8(tmp_path, tied):
+    model = load_model(tiny_model_tied("llama") if tied else tiny_model("llama"))
+    table = model.graph.initializers["model.embed_tokens.weight"].const_value.numpy()
+    ctx = _context(model)
+    settings = {"mode": "weight_only", "bits": 4, "lm_head_bits": 4, "lm_head_block_size": 16,
+                "lm_head_int8_rows": 96, "min_embedding_size": 1000, "float16_scales": True}
+    result = build_pass("quantize", settings).run(model, ctx)
+    out = save_model(model, tmp_path / "q.onnx")
+    saved = load_model(out)
+    kernels = {n.attributes.get_int("N"): n for n in saved.graph if n.op_type == "MatMulNBits"
+               and n.attributes.get_int("N") in (96, 904)}
+    assert {n: (k.attributes.get_int("bits"), k.attributes.get_int("block_size")) for n, k in kernels.items()} == {
+        96: (8, 64), 904: (4, 16)}
+    concat = [n for n, _ in kernels[96].outputs[0].uses()]
+    assert [n.op_type for n in concat] == ["Concat"] and list(concat[0].inputs) == [
+        kernels[96].outputs[0], kernels[904].outputs[0]]
+    assert result.changes["lm_head_int8_rows"] == 96
+    assert result.details["lm_head_int8_rows_token_share"] == pytest.approx(91 / 995, abs=0.05)
+    if tied:  # the embedding reads every row in 4 bits, the first ones stored again for it
+        assert result.changes["embeddings_from_lm_head_codes"] == 1
+        lookup = next(n for n in saved.graph if n.op_type == "GatherBlockQuantized")
+        proto = onnx.load(out)
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup.outputs[0].name, onnx.TensorProto.FLOAT,
+                                                                     None))
+        feeds = make_feeds(saved, np.arange(1000)[None, :], np.ones((1, 1000), np.int64))
+        rows = make_session(proto.SerializeToString(), threads=1).run([lookup.outputs[0].name], feeds)[0][0]
+        error = np.abs(rows - table).max(axis=1) / np.abs(table).max(axis=1)
+        assert error.max() < 0.2  # 4-bit rounding of the right rows, before and after row 96
     ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
     assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
 
