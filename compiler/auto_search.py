@@ -21,10 +21,13 @@ just under the budget there lands over it on other text as often as not:
 so statistics already paid for are not recomputed from the original):
 
 1. base: ``cleanup``; every candidate is measured with exact attention substitution
-   applied last (where attention is recognised), as distillation needs the decomposed graph;
-2. the last-stage family (``quantize``) alone on the base gives its loss ``L_q``; when
-   ``L_q`` exceeds the budget the quantize pass's own sensitivity search keeps the
-   most sensitive MatMuls in float (the "layers left untouched");
+   applied last (where attention is recognised) and, for decoders, the exact decoder fusions
+   (``fuse``), as distillation needs the decomposed graph;
+2. the last-stage family (``quantize``) alone on the base gives its loss ``L_q``: encoders
+   static int8, decoders the weight-only quantisation of the ``balanced`` (latency) or
+   ``edge-int4`` (size) recipe; when a static int8 ``L_q`` exceeds the budget the quantize
+   pass's own sensitivity search keeps the most sensitive MatMuls in float (the "layers
+   left untouched");
 3. each structural family in turn (latency: ``prune_ffn``, ``prune_heads``; size:
    ``lowrank``, ``prune_ffn``) gets a few probes of its strength, each probe the structural
    step followed by ``distill`` (when the calibration is text: one candidate, recovered
@@ -59,6 +62,7 @@ from onnxpress.fidelity import CONFIDENCE_Z, FidelityMeter
 from onnxpress.model_io import session_model
 from onnxpress.pass_infra import PassReport, build_pass
 from onnxpress.pipeline import CompileContext, Pipeline
+from onnxpress.recipe import load_recipe
 from onnxpress.runtime import make_session, run_batches, time_alternating
 
 if TYPE_CHECKING:
@@ -70,13 +74,11 @@ STRUCTURAL = {
     "latency": [("prune_ffn", 0.6), ("prune_heads", 0.5)],
     "size": [("lowrank", 0.5), ("prune_ffn", 0.6)],
 }
-# The last stage: quantisation settings per (model kind, objective).
-QUANTIZE = {
-    ("encoder", "latency"): {"mode": "static"},
-    ("encoder", "size"): {"mode": "static"},
-    ("decoder", "latency"): {"mode": "dynamic"},
-    ("decoder", "size"): {"mode": "weight_only", "bits": 4, "block_size": 32},
-}
+# The last stage: quantisation settings per (model kind, objective). Decoders take the weight-only
+# quantisation of a recipe (at decode faster and more faithful than dynamic int8,
+# bench/results/decode.json), and the exact decoder fusions before it.
+QUANTIZE = {("encoder", "latency"): {"mode": "static"}, ("encoder", "size"): {"mode": "static"}}
+DECODER_RECIPES = {"latency": "balanced", "size": "edge-int4"}
 PROBES_PER_FAMILY = 3
 # Distillation after each structural probe: shorter than the pass's default, as every probe pays it.
 PROBE_DISTILL = {"steps": 300, "max_minutes": 4.0}
@@ -275,6 +277,8 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
     budget = settings.budget
     has_attention = ctx.analysis(model).has_attention
     finish = [("attention", {"target": "onnxruntime"})] if has_attention else []  # exact, applied last
+    if kind == "decoder":
+        finish.append(("fuse", {}))
     if ctx.original is None:
         ctx.original = model.clone()  # distillation's teacher
     base = _Stage(*s.apply(model, [], [("cleanup", {})]))
@@ -282,7 +286,7 @@ def search(model: ir.Model, ctx: CompileContext, settings: SearchSettings, *, ki
                        *s.apply(base.model, base.results, finish))
 
     # 2. the last stage alone: its loss is what the structural families must leave room for.
-    q_settings = dict(QUANTIZE[(kind, settings.objective)])
+    q_settings = _quantize_settings(kind, settings.objective)
     quant = s.evaluate("quantize " + _fmt(q_settings), *s.apply(base.model, base.results, [*finish, ("quantize", q_settings)]))
     if not quant.fits and q_settings.get("mode") != "weight_only":
         metric = "perplexity" if kind == "decoder" else "cosine"  # the search's own loss, where it can
@@ -429,6 +433,13 @@ def _changed_settings(result: PassReport) -> dict[str, Any]:
     """A pass's settings that differ from its defaults (what a recipe would write)."""
     defaults = build_pass(result.name).config.to_dict()
     return {k: v for k, v in result.config.items() if defaults.get(k) != v}
+
+
+def _quantize_settings(kind: str, objective: str) -> dict[str, Any]:
+    if kind == "encoder":
+        return dict(QUANTIZE[(kind, objective)])
+    recipe = load_recipe(DECODER_RECIPES[objective])
+    return next(dict(p.settings) for p in recipe.passes if p.name == "quantize" and p.applies_to(kind))
 
 
 def _fmt(settings: dict[str, Any]) -> str:

@@ -58,6 +58,18 @@ def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched)
     assert "search (budget" in report.format_table()
 
 
+def test_a_decoder_search_ends_in_the_weight_only_quantisation_of_the_decoder_recipes(tmp_path):
+    src = tiny_model("llama", with_past=True)
+    out = tmp_path / "llama.auto.onnx"
+    report = compile_model(src, out, budget=0.05, objective="latency", search_seconds=20, **CALIB)
+    found = report.extra["search"]
+    quantized = [c for c in found["trace"] if c["label"].startswith("quantize")]
+    assert quantized and "mode=weight_only" in quantized[0]["label"] and "bits=8" in quantized[0]["label"]
+    assert found["trace"][0]["label"] == "exact base (cleanup + attention + fuse)"
+    ops = {n.op_type for n in load_model(out).graph}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops  # the exact fusions, applied last
+
+
 def measure(meter, model):
     return meter.measure(run_batches(make_session(model, threads=1), meter.batches, meter.outputs))
 
