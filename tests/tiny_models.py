@@ -99,7 +99,7 @@ _CONFIGS = {
 }
 
 
-def _make_config(arch: str, attn: str):
+def _make_config(arch: str, attn: str, config: dict | None = None):
     import transformers as tf
 
     if arch not in _CONFIGS:
@@ -109,7 +109,7 @@ def _make_config(arch: str, attn: str):
     kwargs = {names[key]: value for key, value in sizes.items() if key in names}
     if arch != "vit":
         kwargs["vocab_size"] = VOCAB
-    cfg = getattr(tf, class_name)(**{**kwargs, **extra})
+    cfg = getattr(tf, class_name)(**{**kwargs, **extra, **(config or {})})
     cfg._attn_implementation = attn
     return cfg
 
@@ -141,12 +141,12 @@ def cache_root() -> Path:
     return root / transformers.__version__ / torch.__version__.split("+")[0]
 
 
-def _build_hf_model(arch: str, attn: str):
+def _build_hf_model(arch: str, attn: str, config: dict | None = None):
     import torch
     import transformers as tf
 
     torch.manual_seed(SEED)
-    cfg = _make_config(arch, attn)
+    cfg = _make_config(arch, attn, config)
     if arch in ENCODER_ARCHS:
         model = tf.AutoModel.from_config(cfg, attn_implementation=attn)
     elif arch in DECODER_ARCHS:
@@ -239,7 +239,7 @@ def _save_tokenizer(arch: str, out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def _ensure_side_files(arch: str, attn: str, entry: Path) -> None:
+def _ensure_side_files(arch: str, attn: str, entry: Path, config: dict | None = None) -> None:
     """``config.json`` and the tokenizer next to ``model.onnx`` (what ``onnxpress
     compile`` looks for), added to cache entries written before they were kept."""
     marker = entry / ("config.json" if arch in VISION_ARCHS else "tokenizer.json")
@@ -247,7 +247,7 @@ def _ensure_side_files(arch: str, attn: str, entry: Path) -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix=".side-", dir=entry))
     try:
-        _make_config(arch, attn).save_pretrained(tmp)
+        _make_config(arch, attn, config).save_pretrained(tmp)
         _save_tokenizer(arch, tmp)
         for f in tmp.iterdir():
             if not (entry / f.name).exists():
@@ -443,6 +443,7 @@ def tiny_model(
     with_past: bool = False,
     attn: str = "sdpa",
     opset: int | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Path to a cached ONNX export of a tiny random-weight ``arch``.
 
@@ -452,6 +453,7 @@ def tiny_model(
     ``attn``: HF ``attn_implementation`` ("sdpa", the HF and optimum default, or "eager").
     ``opset``: torch exporters only; None = the exporter's default (TorchScript: 17,
     dynamo: 18). Dynamo with ``opset=23`` emits the ONNX ``Attention`` op.
+    ``config``: transformers config fields over the tiny ones (e.g. ``{"sliding_window": 4}``).
     """
     if arch not in ALL_ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
@@ -465,24 +467,25 @@ def tiny_model(
         raise ValueError("opset is for the torch exporters; optimum picks its own")
     attn = effective_attn(arch, attn)
     name = f"{arch}-{exporter}-{attn}-{'past' if with_past else 'nopast'}"
+    name += "".join(f"-{key}{value}" for key, value in sorted((config or {}).items()))
     entry = cache_root() / (name if opset is None else f"{name}-opset{opset}")
     path = entry / "model.onnx"
     if path.exists():
-        _ensure_side_files(arch, attn, entry)
+        _ensure_side_files(arch, attn, entry, config)
         return path
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
         out_dir = tmp / "onnx"
         out_dir.mkdir()
-        model = _build_hf_model(arch, attn)
+        model = _build_hf_model(arch, attn, config)
         if exporter == "optimum":
             _export_optimum(model, arch, with_past, tmp / "hf", out_dir)
         else:
             _export_torch(model, arch, with_past, out_dir, dynamo=exporter == "dynamo", opset=opset)
         if not (out_dir / "model.onnx").exists():
             raise RuntimeError(f"export of {arch} with {exporter} wrote no model.onnx")
-        _ensure_side_files(arch, attn, out_dir)
+        _ensure_side_files(arch, attn, out_dir, config)
         try:
             os.replace(out_dir, entry)
         except OSError:

@@ -12,8 +12,10 @@ key/value, so Q/K/V are brought to that layout (Transpose + Reshape only where t
 walk stopped in another layout) and the output replaces the head-merged value.
 The ORT and ONNX ops receive the model's own additive mask (padding, causal, and
 whatever else the exporter folded in) as their bias, which keeps them exact for any
-mask; ``onnxpress.Attention`` has no bias input, so it only takes cores whose mask
-is a padding mask built from a 2-D graph input, plus causality. Input positions and
+mask, except where the mask is a padding mask built from a 2-D graph input plus causality:
+GroupQueryAttention, causal itself, then gets a bias built from that input alone (a few nodes
+per step instead of the exported 4-D mask arithmetic), and ``onnxpress.Attention``, which
+has no bias input, only takes such cores. Input positions and
 attribute names come from the fused-op table (:mod:`onnxpress.analysis.attention.fused_ops`).
 """
 

@@ -4,8 +4,9 @@ A mask is causal when it is built from a triangle (``Trilu``), from comparing po
 ranges (``kv_idx <= q_idx``) or from a constant lower-triangular buffer. A mask term is
 *pure* padding (+ causal) when its data comes from one 2-D integer graph input (the
 ``attention_mask``) plus shapes and small constants: what a key-padding mask input and a
-causal flag can express. A float table (position bias, ALiBi slopes) or another input
-makes it something else.
+causal flag can express. A float table (position bias, ALiBi slopes), another input, or
+positions shifted by a constant before they are compared (a sliding window,
+``kv_idx > q_idx - window``) makes it something else.
 """
 
 from __future__ import annotations
@@ -94,7 +95,21 @@ def padding_source(value: ir.Value) -> tuple[ir.Value | None, bool]:
             arr = const_array(node.outputs[0])
             if arr is not None and np.issubdtype(arr.dtype, np.floating) and arr.size > 1:
                 pure = False
+        if node.op_type in ("Add", "Sub") and _shifts_positions(node):
+            pure = False
     masks = [v for v in read if v.shape is not None and len(v.shape) == 2 and v.dtype in _MASK_DTYPES]
     if len(read) != len(masks) or len(masks) > 1:
         pure = False
     return (masks[0] if len(masks) == 1 else None), pure
+
+
+def _shifts_positions(node: ir.Node) -> bool:
+    """``node`` adds an integer constant other than +-1 to positions (a ``Range``'s values): a
+    window's offset. Causal masks compare positions as they are (or one apart)."""
+    for i, v in enumerate(node.inputs):
+        arr = const_array(v) if v is not None else None
+        other = node.inputs[1 - i] if len(node.inputs) == 2 else None
+        if (arr is not None and arr.size == 1 and np.issubdtype(arr.dtype, np.integer) and abs(int(arr.ravel()[0])) > 1
+                and other is not None and has_ancestor(other, {"Range"}, limit=30)):
+            return True
+    return False

@@ -20,7 +20,7 @@ from onnxpress.passes.attention.build import GQA_CHUNK_LIMIT
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 
-from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, VOCAB, tiny_model
+from tiny_models import ALL_ARCHS, DECODER_ARCHS, GQA_ARCHS, IMAGE_SIZE, LAYERS, VOCAB, tiny_model
 
 TARGETS = ["onnxruntime", "onnx", "onnxpress"]
 TOL = 1e-4
@@ -156,6 +156,22 @@ def test_chunked_decoding_matches_or_is_refused(arch, target):
     assert "GroupQueryAttention" not in str(outcome.details["ops"])
     feeds = [_feeds(model, seed=i, **step) for i, step in enumerate(CHUNK_STEPS)]
     assert _max_diff(path, model, feeds) < TOL
+
+
+def test_a_sliding_window_mask_goes_whole_into_group_query_attention():
+    """A window (4 keys, fewer than the sequences hold) is more than padding and causality:
+    GroupQueryAttention gets the model's own mask as its bias, and the onnxpress target (whose
+    window is a setting) refuses it rather than guess."""
+    path = tiny_model("mistral", with_past=True, config={"sliding_window": 4})
+    model = load_model(path)
+    assert substitute_attention(model, "onnxruntime").changes["attention_fused"] == LAYERS
+    feeds = [_feeds(model, batch=1, seq=10), _feeds(model, batch=1, seq=1, past=9, seed=1),
+             _feeds(model, batch=2, seq=10, left_pad=[3, 0], seed=2)]
+    assert _max_diff(path, model, feeds) < TOL
+    _need_library("onnxpress")
+    outcome = substitute_attention(load_model(path), "onnxpress")
+    assert outcome.changes["attention_fused"] == 0
+    assert all("not a plain padding/causal mask" in r["skipped"] for r in outcome.details["layers"])
 
 
 def test_group_query_attention_still_refuses_chunks_at_batch_2():
