@@ -13,7 +13,8 @@ kernels, never kernels of our own:
 MatMuls reading one input (q/k/v, gate/up) may share one kernel (``pack``), split after it or
 read packed by GroupQueryAttention. An LM head tied to the embedding table (its weight is
 ``Transpose(table)``) gets weights of its own; under weight-only, the embedding Gather then
-reads the head's codes (``GatherBlockQuantized``), so the table is stored once.
+reads the head's codes (``GatherBlockQuantized``), so the table is stored once. An LM head may
+be split by vocabulary rows into kernels of different bits, their outputs concatenated.
 
 Half-precision models: MatMulNBits and the int8 embedding rows take the model's float
 type; the int8 MatMul kernels (and DynamicQuantizeLinear) take float32 only, so a float16
