@@ -9,8 +9,9 @@ stays float.
 Measured on windows of the calibration split (SOTU before 1950), never the evaluation text;
 one ONNX Runtime session whose MatMul weights are overridable inputs, so each trial feeds
 its rounded weights. Prints a table (a trial moves the loss by about +-0.003 on noise alone
-at 6 x 256 tokens): what the ``outer_roles`` and ``lm_head_int8_rows`` settings of the
-quantize pass and the ``edge-int4`` recipe were chosen from.
+at 6 x 256 tokens): what the ``outer_roles`` setting of the quantize pass and the
+``edge-int4`` recipe was chosen from, and how the LM head's loss lies along its vocabulary
+(the pass's ``lm_head_int8_rows``).
 """
 
 from __future__ import annotations
