@@ -35,7 +35,7 @@ class DistillConfig(PassConfig):
     # peak learning rate (AdamW), after a linear warm-up; cosine decay to 0 at the last step or the
     # time limit, whichever comes first
     lr: float = 1e-4
-    warmup: float = 0.1  # share of the steps spent warming up (early stopping waits for its end)
+    warmup: float = 0.1  # share of the steps spent warming up
     batch_size: int = 16
     seed: int | None = None  # None: the compile's seed
     # all: every float weight but embedding tables; rewritten: only the initializers the earlier
@@ -46,7 +46,7 @@ class DistillConfig(PassConfig):
     max_length: int = 128  # tokens per text
     holdout: float = 0.05  # share of the texts kept aside for the held-out loss
     eval_every: int = 50  # steps between held-out evaluations
-    patience: int = 4  # evaluations without improvement before stopping
+    patience: int = 4  # evaluations without improvement before stopping, once the lr has decayed to half its peak
     hidden_weight: float = 1.0  # encoders: token hidden-state loss
     cosine_weight: float = 1.0  # encoders: pooled-embedding cosine loss
     layer_weight: float = 1.0  # both: per-layer residual-stream loss (0: off)

@@ -91,6 +91,8 @@ def test_learning_rate_decays_to_zero_by_steps_or_by_the_time_limit_whichever_en
     assert schedule.lr_at(0.1) == pytest.approx(1e-3)
     assert schedule.lr_at(0.55) == pytest.approx(5e-4)
     assert schedule.lr_at(1.0) == pytest.approx(0.0, abs=1e-12)
+    # early stopping waits for the learning rate to fall to half its peak
+    assert not schedule.may_stop_early(0.5) and schedule.may_stop_early(0.55)
 
 
 def test_without_text_it_trains_on_the_calibration_batches_and_never_ends_worse():
