@@ -8,7 +8,7 @@ through its KV cache.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_large.py [--recipes lossless edge-int4 balanced]
 
-Writes ``bench/results/large.json`` (rows of steps not run this time kept): per step wall time, peak RSS, peak RSS / fp32 model size,
+Writes ``bench/results/large.json`` (rows of steps not run this time kept when they ran on this machine): per step wall time, peak RSS, peak RSS / fp32 model size,
 output size, and the generated tokens' count.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, machine, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
@@ -100,9 +100,10 @@ def main() -> None:
             row["generate_peak_rss_gb"] = gen["peak_rss_gb"]
         row["rss_over_fp32"] = round(row["peak_rss_gb"] * 1e9 / fp32, 2)
         rows.append(row)
-    path = RESULTS / "large.json"  # rows of steps not run this time are kept
+    path = RESULTS / "large.json"  # rows of steps not run this time are kept when they ran on this machine
+    earlier = json.loads(path.read_text()) if path.exists() else {}
     ran = {r["step"] for r in rows}
-    kept = [r for r in json.loads(path.read_text())["rows"] if r["step"] not in ran] if path.exists() else []
+    kept = [r for r in earlier.get("rows", []) if r["step"] not in ran] if earlier.get("machine") == machine() else []
     write_results("large", kept + rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
                   notes={"model": {"parameters": "0.74 B", **CONFIG}, "fp32_bytes": fp32})
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import SessionModel, session_model
+from onnxpress.model_io import SessionModel, data_folder, session_model, weightless_proto
 from onnxpress.runtime import make_session, session_feeds
 
 RawConsumer = Callable[[str, np.ndarray, Feeds], None]
@@ -441,13 +441,16 @@ class SegmentStream:
     The graph (topologically ordered) is cut just before a node; the values made before the
     cut and used after it (the residual stream, the attention mask, ...) are kept per batch,
     and the next segment runs from them: a whole sequential fit costs about one forward pass
-    instead of one model prefix per group. Nodes after the cut may be rewritten in between."""
+    instead of one model prefix per group. Nodes after the cut may be rewritten in between.
+    Values made from constants alone (a tied LM head's transposed embedding table) are the same
+    in every batch and kept once."""
 
     def __init__(self, model: ir.Model, batches: list[dict[str, np.ndarray]], types: dict[str, int],
                  threads: int | None):
         self.model, self.batches, self.types, self.threads = model, batches, types, threads
         self.done: set[int] = set()  # ids of the nodes before the cut (never rewritten later)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in batches]  # live values at the cut
+        self.shared: dict[str, np.ndarray] = {}  # live values at the cut made from constants alone
 
     def advance(self, first: ir.Node, wanted: list[str]) -> list[list[np.ndarray]]:
         """Move the cut to just before ``first``; returns the ``wanted`` tensors per batch."""
@@ -456,22 +459,33 @@ class SegmentStream:
         segment = [n for n in nodes[:stop] if id(n) not in self.done]
         made = {v.name for n in nodes[:stop] for v in n.outputs}
         live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
-        carried = set(self.kept[0])
+        constant = _made_from_constants(nodes[:stop])
+        carried = set(self.kept[0]) | set(self.shared)
         outputs = sorted((live | set(wanted)) - carried - {v.name for v in self.model.graph.inputs})
         tap = None
         if outputs:
             tap = Tap(self._segment_proto(segment, carried, outputs), outputs, threads=self.threads)
         results = []
         for b, feeds in enumerate(self.batches):
-            values = {**feeds, **self.kept[b]}
+            values = {**feeds, **self.shared, **self.kept[b]}
             if tap is not None:
                 values.update(tap.run(values))
-            self.kept[b] = {k: values[k] for k in live}
+            self.kept[b] = {k: values[k] for k in live - constant}
+            if b == 0:
+                self.shared = {k: values[k] for k in live & constant}
             results.append([values[n] for n in wanted])
         self.done.update(id(n) for n in nodes[:stop])
         return results
 
-    def _segment_proto(self, segment: list[ir.Node], carried: set[str], outputs: list[str]) -> bytes:
+    def _type(self, name: str) -> int:
+        """A segment input's element type: known from the graph, else from the array carried."""
+        if name in self.types:
+            return self.types[name]
+        from onnx import helper
+
+        return helper.np_dtype_to_tensor_dtype({**self.shared, **self.kept[0]}[name].dtype)
+
+    def _segment_proto(self, segment: list[ir.Node], carried: set[str], outputs: list[str]) -> SessionModel:
         from onnx import helper
 
         graph_inputs = {v.name for v in self.model.graph.inputs}
@@ -481,15 +495,31 @@ class SegmentStream:
             if v is None or v.name in produced or v.name in seen:
                 continue
             seen.add(v.name)
-            if v.name in carried or v.name in graph_inputs:
-                inputs.append(helper.make_tensor_value_info(v.name, self.types[v.name], None))
+            if v.name in graph_inputs:  # with its declared shape: a pruned KV cache's feeds are fitted to it
+                inputs.append(ir.serde.serialize_value(v))
+            elif v.name in carried:
+                inputs.append(helper.make_tensor_value_info(v.name, self._type(v.name), None))
             elif v.const_value is not None:
                 inits.append(ir.serde.serialize_tensor(v.const_value))
                 inits[-1].name = v.name
-        outs = [helper.make_tensor_value_info(n, self.types[n], None) for n in outputs]
+        # an output of an op ONNX's shape inference does not know, made by a rewrite: ORT infers it
+        outs = [helper.make_tensor_value_info(n, self.types[n], None) if n in self.types
+                else helper.make_empty_tensor_value_info(n) for n in outputs]
         graph = helper.make_graph([ir.serde.serialize_node(n) for n in segment], "segment", inputs, outs, inits)
         opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
-        return helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
+        proto = helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
+        # weights still in the input's data file stay references to it, mapped by ONNX Runtime
+        return SessionModel(proto, data_folder=data_folder(self.model))
+
+
+def _made_from_constants(nodes: list[ir.Node]) -> set[str]:
+    """Names of the values ``nodes`` (in graph order) make from initializers and constants alone."""
+    constant: set[str] = set()
+    for node in nodes:
+        if all(v is None or v.name in constant or (v.const_value is not None and not v.is_graph_input())
+               for v in node.inputs):
+            constant.update(v.name for v in node.outputs)
+    return constant
 
 
 def value_types(model: ir.Model) -> dict[str, int]:
@@ -500,8 +530,7 @@ def value_types(model: ir.Model) -> dict[str, int]:
     types = {v.name: int(v.dtype) for v in model.graph.inputs if v.dtype is not None}
     missing = [v for node in model.graph for v in node.outputs if v.dtype is None]
     if missing:
-        # the session protobuf: a model over the protobuf limit keeps its weights out of it
-        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(session_model(model).proto)).graph
+        inferred = onnx.shape_inference.infer_shapes(weightless_proto(model)).graph
         for info in list(inferred.value_info) + list(inferred.output):
             if info.type.tensor_type.elem_type:
                 types[info.name] = info.type.tensor_type.elem_type

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,9 +55,10 @@ def row_cosines(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def compare_outputs(
-    refs: Sequence[Mapping[str, np.ndarray]], news: Sequence[Mapping[str, np.ndarray]]
+    refs: Iterable[Mapping[str, np.ndarray]], news: Iterable[Mapping[str, np.ndarray]]
 ) -> Fidelity:
-    """Compare two runs (lists of output dicts, one per batch) over their shared float outputs."""
+    """Compare two runs (output dicts, one per batch, read once in order: lists, stores or
+    generators) over their shared float outputs."""
     sq_err: dict[str, float] = {}
     sq_ref: dict[str, float] = {}
     max_abs = 0.0
@@ -67,12 +68,13 @@ def compare_outputs(
             new = new_batch.get(name)
             if new is None or ref.shape != new.shape or not np.issubdtype(ref.dtype, np.floating):
                 continue
-            diff = new.astype(np.float64) - ref.astype(np.float64)
-            sq_err[name] = sq_err.get(name, 0.0) + float((diff**2).sum())
-            sq_ref[name] = sq_ref.get(name, 0.0) + float((ref.astype(np.float64) ** 2).sum())
-            if diff.size:
-                max_abs = max(max_abs, float(np.abs(diff).max()))
-                cosines.append(row_cosines(ref, new))
+            for ref_rows, new_rows in zip(_row_parts(ref), _row_parts(new), strict=True):
+                diff = new_rows.astype(np.float64) - ref_rows
+                sq_err[name] = sq_err.get(name, 0.0) + float((diff**2).sum())
+                sq_ref[name] = sq_ref.get(name, 0.0) + float((ref_rows.astype(np.float64) ** 2).sum())
+                if diff.size:
+                    max_abs = max(max_abs, float(np.abs(diff).max()))
+                    cosines.append(row_cosines(ref_rows, new_rows))
     if not sq_err:
         raise ValueError("no comparable float outputs between the two runs")
     rel = max(np.sqrt(sq_err[n] / sq_ref[n]) if sq_ref[n] > 0 else np.sqrt(sq_err[n]) for n in sq_err)
@@ -80,24 +82,38 @@ def compare_outputs(
     return Fidelity(float(rel), max_abs, float(cos.mean()), float(cos.min()))
 
 
+def _row_parts(array: np.ndarray, elements: int = 1 << 20) -> Iterator[np.ndarray]:
+    """``array`` as [rows, last axis], a few rows at a time: float64 copies of a whole batch of a
+    large vocabulary's logits would take gigabytes."""
+    if not array.size:
+        yield array.reshape(0, 0)
+        return
+    rows = array.reshape(-1, array.shape[-1] if array.ndim else 1)
+    step = max(1, elements // max(rows.shape[1], 1))
+    for start in range(0, max(len(rows), 1), step):
+        yield rows[start : start + step]
+
+
 def next_token_nll(
-    outputs: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
+    outputs: Iterable[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> tuple[float, np.ndarray]:
     """A decoder's mean next-token negative log-likelihood of its input text (``logits``
     against the shifted ``input_ids``, padding masked out), and the mean per sequence."""
     total = count = 0.0
     rows = []
     for out, batch in zip(outputs, feeds, strict=True):
-        logits = out["logits"][:, :-1].astype(np.float64)
         target = batch["input_ids"][:, 1:]
         mask = batch.get("attention_mask", np.ones_like(batch["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        picked = np.take_along_axis(logp, target[..., None], -1)[..., 0]
-        total -= float((picked * mask).sum())
-        count += float(mask.sum())
-        rows.append(-(picked * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-    return total / max(count, 1.0), np.concatenate(rows)
+        for seq_logits, seq_target, seq_mask in zip(out["logits"], target, mask, strict=True):
+            # one sequence at a time: a batch of a large vocabulary's logits in float64 takes gigabytes
+            logits = seq_logits[:-1].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            picked = logp[np.arange(len(seq_target)), seq_target] * seq_mask
+            total -= float(picked.sum())
+            count += float(seq_mask.sum())
+            rows.append(-picked.sum() / max(seq_mask.sum(), 1))
+    return total / max(count, 1.0), np.array(rows)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -149,7 +165,7 @@ class FidelityMeter:
     Built from the reference's outputs (``reference``: one dict per batch holding at least
     ``outputs``), so a caller that already ran the reference pays nothing more."""
 
-    def __init__(self, reference: Sequence[Mapping[str, np.ndarray]], batches: Sequence[Mapping[str, np.ndarray]],
+    def __init__(self, reference: Iterable[Mapping[str, np.ndarray]], batches: Sequence[Mapping[str, np.ndarray]],
                  kind: str, output_names: Sequence[str]):
         self.batches, self.kind = list(batches), kind
         self.outputs = self.outputs_for(kind, output_names, batches)
@@ -181,15 +197,17 @@ class FidelityMeter:
     def of_model(cls, model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]], *, kind: str | None = None,
                  threads: int | None = None) -> FidelityMeter:
         """A meter whose reference is ``model`` run on ``batches``."""
-        from onnxpress.runtime import make_session, run_batches
+        from onnxpress.runtime import iter_batches, make_session
 
         kind = kind or model_kind(model)
         names = cls.outputs_for(kind, primary_outputs(model), batches)
-        reference = run_batches(make_session(model, threads=threads), batches, names)
+        # one batch at a time: a decoder's meter keeps only the likelihoods of its logits
+        reference = iter_batches(make_session(model, threads=threads), batches, names)
         return cls(reference, batches, kind, names)
 
-    def measure(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> TaskFidelity:
-        """Fidelity of ``outputs`` (one dict per batch, holding ``self.outputs``) against the reference."""
+    def measure(self, outputs: Iterable[Mapping[str, np.ndarray]]) -> TaskFidelity:
+        """Fidelity of ``outputs`` (one dict per batch, holding ``self.outputs``; read once, in order)
+        against the reference."""
         if self.kind == "decoder":
             nll, per_row = next_token_nll(outputs, self.batches)
             shift = nll - self.reference_nll
@@ -206,7 +224,7 @@ class FidelityMeter:
             cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()),
         )
 
-    def _cosines(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    def _cosines(self, outputs: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
         """Cosine per sample (pooled) or per output row, over every comparable float output."""
         parts = []
         for ref, new, batch in zip(self.reference, outputs, self.batches, strict=True):

@@ -162,6 +162,9 @@ class SessionModel:
     proto: bytes
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     over_limit: bool = False  # the weights alone pass the protobuf limit
+    # the folder of the external data files ``proto`` still points to (weights no pass rewrote):
+    # ONNX Runtime maps them itself, so this process never reads them, and no copy is made
+    data_folder: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -169,44 +172,76 @@ class SessionModel:
 
     def check(self) -> None:
         """The ONNX checker (``onnx.checker.ValidationError`` if it fails). The checker wants the
-        external weights' file to exist: a sparse file of the right size stands in for it."""
-        if not self.weights:
+        external data files beside the model (and refuses links): sparse files of the right sizes
+        stand in for them and for the weights handed over in memory."""
+        if not self.weights and self.data_folder is None:
             onnx.checker.check_model(self.proto)
             return
         with tempfile.TemporaryDirectory(prefix="onnxpress-check-") as tmp:
-            path = Path(tmp) / "model.onnx"
+            path = Path(tmp) / "onnxpress-check.onnx"
             path.write_bytes(self.proto)
-            stand_in = Path(tmp) / IN_MEMORY_WEIGHTS
-            stand_in.touch()
-            os.truncate(stand_in, sum(a.nbytes for a in self.weights.values()))
+            sizes = {IN_MEMORY_WEIGHTS: sum(a.nbytes for a in self.weights.values())}
+            if self.data_folder is not None:
+                sizes |= {f.name: f.stat().st_size for f in Path(self.data_folder).iterdir()
+                          if f.is_file() and f.name not in (path.name, IN_MEMORY_WEIGHTS)}
+            for name, size in sizes.items():
+                stand_in = Path(tmp) / name
+                stand_in.touch()
+                os.truncate(stand_in, size)
             onnx.checker.check_model(str(path))
 
 
 def session_model(model: ir.Model) -> SessionModel:
-    """``model`` for an ONNX Runtime session without writing it anywhere. Weights read from an
-    external data file stay out of the protobuf (memory-mapped, not copied; ORT could not find
-    the file from bytes), and so does, over the protobuf limit, every initializer of
-    ``EXTERNAL_MIN_BYTES`` or more."""
+    """``model`` for an ONNX Runtime session without writing it anywhere. Weights still in the
+    input's external data file stay references to it, which ONNX Runtime maps itself
+    (``data_folder``); the other weights of a model over the protobuf limit (every initializer
+    of ``EXTERNAL_MIN_BYTES`` or more) stay out of the protobuf and are handed over in memory."""
     over_limit = model_nbytes(model) > PROTOBUF_LIMIT
     if not over_limit and not _reads_external_data(model):
         return SessionModel(model_proto(model).SerializeToString())
     copy = model.clone()  # tensors shared, not copied
     graph = copy.graph
     _read_external_attributes(copy)
+    folder = data_folder(copy)
     weights, offset = {}, 0
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
         if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
             del graph.initializers[name]  # ORT drops unused initializers, and then cannot be handed them
             continue
-        if tensor is None or not (isinstance(tensor, ir.ExternalTensor)
-                                  or (over_limit and tensor.nbytes >= EXTERNAL_MIN_BYTES)):
+        if tensor is None or (isinstance(tensor, ir.ExternalTensor) and str(tensor.base_dir) == folder):
+            continue  # inline, or read by ORT from the data file
+        if not (isinstance(tensor, ir.ExternalTensor) or (over_limit and tensor.nbytes >= EXTERNAL_MIN_BYTES)):
             continue
         weights[name] = np.ascontiguousarray(tensor.numpy())
-        value.const_value = ir.ExternalTensor(IN_MEMORY_WEIGHTS, offset=offset, length=tensor.nbytes,
-                                              dtype=tensor.dtype, shape=tensor.shape, name=name, base_dir="")
+        value.const_value = _left_out(tensor, name, offset)
         offset += tensor.nbytes
-    return SessionModel(model_proto(copy).SerializeToString(), weights, over_limit)
+    return SessionModel(model_proto(copy).SerializeToString(), weights, over_limit, folder)
+
+
+def weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model``'s protobuf without the data of its initializers of ``EXTERNAL_MIN_BYTES`` or more
+    (marked external, at a file never written): what shape inference reads, at the size of the graph."""
+    copy = model.clone()  # tensors shared, not copied
+    _read_external_attributes(copy)
+    for name, value in copy.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes >= EXTERNAL_MIN_BYTES:
+            value.const_value = _left_out(tensor, name)
+    return model_proto(copy)
+
+
+def _left_out(tensor: ir.TensorProtocol, name: str, offset: int = 0) -> ir.ExternalTensor:
+    """``tensor`` marked as kept out of the protobuf, at ``offset`` of a file never written."""
+    return ir.ExternalTensor(IN_MEMORY_WEIGHTS, offset=offset, length=tensor.nbytes, dtype=tensor.dtype,
+                             shape=tensor.shape, name=name, base_dir="")
+
+
+def data_folder(model: ir.Model) -> str | None:
+    """The folder of the external data files the model's initializers read (the first such
+    initializer's, should there be several folders); None when none does."""
+    return next((str(v.const_value.base_dir) for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)), None)
 
 
 def _inlined(model: ir.Model) -> ir.Model:

@@ -14,7 +14,7 @@ from the same outputs, for the report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +28,10 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
 from onnxpress.memory import PeakRss, memory_shortfall
 from onnxpress.model_io import SessionModel, model_nbytes, session_model
+from onnxpress.output_store import OutputStore
 from onnxpress.pass_infra import Pass, PassReport
 from onnxpress.precision import Precision, model_precision
-from onnxpress.runtime import make_session, run_batches, session_options
+from onnxpress.runtime import iter_batches, make_session, session_options
 
 if TYPE_CHECKING:
     from onnxpress.analysis import TransformerMap
@@ -69,7 +70,9 @@ class CompileContext:
     # the compile input's compute precision: the size of the rounding the checks allow (None: the
     # precision of the model the first Pipeline.run gets)
     precision: Precision | None = None
-    reference: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # the previous stage's outputs on the verification batches (an OutputStore: a decoder's logits
+    # spill to disk past a memory allowance)
+    reference: Sequence[dict[str, np.ndarray]] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     # the compile's input model, as it was before the first pass (distillation's teacher)
     original: ir.Model | None = None
@@ -85,15 +88,20 @@ class CompileContext:
     input_fidelity: FidelityMeter | None = None
     _analysis: tuple[ir.Model, TransformerMap] | None = field(default=None, repr=False)
     # the outputs ``measure_stage`` last computed: the next reference when stages are not verified
-    stage_outputs: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    stage_outputs: Sequence[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
 
-    def run(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None):
+    def run(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        return list(self.stream(model, batches, outputs))
+
+    def stream(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None
+               ) -> Iterator[dict[str, np.ndarray]]:
+        """``run``, one batch at a time as they are read (the session is made now)."""
         session = make_session(model, threads=self.threads)
-        return run_batches(session, self.verification if batches is None else batches, outputs or self.output_names)
+        return iter_batches(session, self.verification if batches is None else batches, outputs or self.output_names)
 
     def measure(self, model: ir.Model) -> Fidelity:
         """How far ``model``'s outputs are from the previous stage's on the verification batch."""
-        return compare_outputs(self.reference, self.run(model))
+        return compare_outputs(self.reference, self.stream(model))
 
     def measure_stage(self, model: ir.Model, pass_name: str) -> Fidelity:
         """``measure`` for the model ``pass_name`` just wrote: a failure to run it is a
@@ -101,7 +109,7 @@ class CompileContext:
         self.stage_outputs = self.run_stage(model, pass_name)
         return self.compare_stage(self.stage_outputs, pass_name)
 
-    def run_stage(self, model: ir.Model | SessionModel, pass_name: str) -> list[dict[str, np.ndarray]]:
+    def run_stage(self, model: ir.Model | SessionModel, pass_name: str) -> OutputStore:
         """The verification outputs of the model ``pass_name`` wrote, in a fresh session."""
         options = session_options(self.threads)
         options.log_severity_level = 4  # ORT's own error log would add lines to the one-line error below
@@ -115,7 +123,7 @@ class CompileContext:
                 f"pass {pass_name} wrote a model ONNX Runtime cannot load ({detail}): {REPORT_BUG}"
             ) from None
         try:
-            return run_batches(session, self.verification, self.output_names)
+            return OutputStore.of(iter_batches(session, self.verification, self.output_names))
         except MemoryError:
             raise
         except Exception as exc:  # ORT raises several types; the same feeds ran the previous stage
@@ -123,7 +131,7 @@ class CompileContext:
                 f"pass {pass_name} wrote a model ONNX Runtime cannot run ({_first_line(exc)}): {REPORT_BUG}"
             ) from None
 
-    def compare_stage(self, outputs: list[dict[str, np.ndarray]], pass_name: str) -> Fidelity:
+    def compare_stage(self, outputs: Sequence[dict[str, np.ndarray]], pass_name: str) -> Fidelity:
         """``outputs`` against the previous stage's."""
         try:
             return compare_outputs(self.reference, outputs)
@@ -188,7 +196,7 @@ class Pipeline:
         if ctx.precision is None:
             ctx.precision = model_precision(model)
         if not ctx.reference:
-            ctx.reference = ctx.run(model)
+            ctx.reference = OutputStore.of(ctx.stream(model))
         if ctx.input_fidelity is None:
             ctx.input_fidelity = FidelityMeter(ctx.reference, ctx.verification, model_kind(model), ctx.output_names)
         if ctx.unseen and ctx.unseen_fidelity is None:
@@ -235,7 +243,7 @@ class Pipeline:
         meter = ctx.unseen_fidelity
         if meter is None:
             return {}
-        return meter.measure(ctx.run(model, meter.batches, meter.outputs)).to_dict()
+        return meter.measure(ctx.stream(model, meter.batches, meter.outputs)).to_dict()
 
     def _check_stage(self, model: ir.Model, ctx: CompileContext, result: PassReport, *, lossless: bool):
         """The checker, a fresh ORT session of the saved model, and its error against the

@@ -6,7 +6,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,15 @@ def make_session(
     uses_ops = _uses_onnxpress_ops(model)
     if isinstance(model, ir.Model):
         model = session_model(model)
-    weights, large = {}, False
+    weights, large, folder = {}, False, None
     if isinstance(model, SessionModel):
-        model, weights, large = model.proto, model.weights, model.over_limit
+        model, weights, large, folder = model.proto, model.weights, model.over_limit, model.data_folder
     source: bytes | str = model if isinstance(model, bytes) else str(model)
     opts = options or session_options(threads, optimize=optimize)
     if large:  # MatMul kernels would keep a repacked copy of every weight: a second model in memory
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    if folder is not None:  # where a model from bytes finds its external data files
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     # OrtValues over the arrays' memory, not copies: the session keeps both alive
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     if weights:
@@ -107,16 +109,21 @@ def session_feeds(session: ort.InferenceSession, feeds: Feeds) -> dict[str, np.n
     return out
 
 
+def iter_batches(
+    session: ort.InferenceSession, batches: Iterable[Feeds], outputs: Sequence[str] | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the batches one at a time as they are asked for: one {output name: array} dict each."""
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    for feeds in batches:
+        arrays = session.run(names, session_feeds(session, feeds))
+        yield dict(zip(names, arrays, strict=True))
+
+
 def run_batches(
     session: ort.InferenceSession, batches: Iterable[Feeds], outputs: Sequence[str] | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Run every batch; returns one {output name: array} dict per batch."""
-    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
-    results = []
-    for feeds in batches:
-        arrays = session.run(names, session_feeds(session, feeds))
-        results.append(dict(zip(names, arrays, strict=True)))
-    return results
+    return list(iter_batches(session, batches, outputs))
 
 
 def time_alternating(

@@ -1,14 +1,17 @@
-"""Models over the protobuf limit (2 GB).
+"""Models over the protobuf limit (2 GB), and models whose weights are in external data files.
 
-ONNX Runtime sessions of such a model are built from a protobuf without its weights, which
-are handed over as OrtValues (``model_io.session_model``); the checker sees a stand-in for the
-external file. The same code runs for a model of any size once it is over the limit, so the
+ONNX Runtime sessions of such a model are built from a protobuf without its weights: those
+still in the input's data file are read by ONNX Runtime from that file, the others handed
+over as OrtValues (``model_io.session_model``); the checker sees stand-ins for the files. The same code runs for a model of any size once it is over the limit, so the
 tests lower the limit to a few kilobytes and compile a tiny model through it: every stage,
 activation capture, the low-rank probes and the output (saved with external data) take the
 large-model path, and give what the ordinary path gives.
 """
 
+from pathlib import Path
+
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from onnxpress import model_io
@@ -62,17 +65,47 @@ def test_compiling_over_the_limit_gives_what_compiling_under_it_gives(monkeypatc
     np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_weights_in_an_external_data_file_reach_the_session_from_that_file(tmp_path):
+    """A session of a model whose weights are in an external data file is built from a protobuf
+    that still points to that file, which ONNX Runtime maps itself (no copy of the weights in
+    this process); a weight a pass rewrote goes in memory, the others still come from the file."""
+    src = model_io.save_model(load_model(tiny_model("llama", with_past=True)), tmp_path / "src" / "model.onnx",
+                              external_data=True)
+    model = load_model(src)
+    expected = run_batches(make_session(src), _feeds(model))
+    source = session_model(model)
+    assert not source.weights and Path(source.data_folder).resolve() == src.parent.resolve()
+    assert len(source.proto) < model_io.model_nbytes(model) / 4
+    source.check()
+    for got, want in zip(run_batches(make_session(source), _feeds(model)), expected, strict=True):
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+    value = next(v for v in model.graph.initializers.values() if v.const_value.size > 1000)
+    value.const_value = ir.tensor(value.const_value.numpy() * 2)
+    rewritten = session_model(model)
+    assert rewritten.data_folder == source.data_folder and len(rewritten.proto) > len(source.proto)
+    inlined = model_io.save_model(model, tmp_path / "inlined.onnx", external_data=False)
+    got = run_batches(make_session(rewritten), _feeds(model))
+    want = run_batches(make_session(inlined), _feeds(model))
+    np.testing.assert_array_equal(got[0]["logits"], want[0]["logits"])
+    assert not np.array_equal(got[0]["logits"], expected[0]["logits"])
+
+
 def test_a_model_with_external_data_compiles_through_every_session(tmp_path):
-    """Weights memory-mapped from an external data file: sessions get them as OrtValues (ORT could
-    not find the file from bytes), the quantizer's fusion check writes its optimised copy beside
-    its own weights file."""
+    """Weights memory-mapped from an external data file: sessions, the segments of sequential
+    GPTQ included, read them from that file; the quantizer's fusion check writes its optimised
+    copy beside its own weights file."""
     src = model_io.save_model(load_model(tiny_model("llama", with_past=True)), tmp_path / "src" / "model.onnx",
                               external_data=True)
     assert (tmp_path / "src" / "model.onnx.data").exists()
-    report = compile_model(src, tmp_path / "out.onnx", passes=["cleanup", "quantize:mode=weight_only,bits=4,gptq=false"],
-                           progress=False, threads=1)
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(5, VOCAB, (8, 16)))
+    report = compile_model(src, tmp_path / "out.onnx", passes=["cleanup", "quantize:mode=weight_only,bits=4"],
+                           calib=[calib], progress=False, threads=1)
     quantize = report.passes[-1]
     assert quantize.measured_error is not None and quantize.changes["fused_integer_kernels"] > 0
+    assert quantize.changes["matmuls_gptq"] == quantize.changes["matmuls_quantized"]
 
 
 def test_an_output_without_external_data_holds_the_weights_it_kept_from_the_input(tmp_path):

@@ -377,6 +377,16 @@ def stored_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def unmap(value: ir.Value | None) -> None:
+    """Let go of the memory map behind a constant still in an external data file: the pages read
+    from it leave the process's memory (the file is mapped again when next read). A map that
+    arrays still view stays."""
+    tensor = constant_tensor(value)
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
+
+
 def const_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
     """The array ``value`` always equals, folded through small constant arithmetic
     (``Identity``, ``Cast``, ``Reshape``, ``Concat``, ``Mul``, ``Transpose``...) when it is not

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +35,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.quantize.calibrate import QParams, choose_range_for_linear, qparams_from_range
-from onnxpress.passes.quantize.capture import capture_stats
+from onnxpress.passes.quantize.capture import SequentialHessians, capture_stats
 from onnxpress.passes.quantize.fusion import fusion_report
 from onnxpress.passes.quantize.gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
 from onnxpress.passes.quantize.graph import (
@@ -85,6 +86,10 @@ class QuantizeConfig(PassConfig):
     gptq_block: int = 128
     # round the rows with the largest input energy first (GPTQ's act-order; static groups)
     gptq_act_order: bool = True
+    # weight-only GPTQ: take each input's Hessian on the model as rounded so far, in graph order
+    # (one forward pass segment by segment, one Hessian in memory at a time); off: every Hessian
+    # from the float model in one capture, all held at once
+    sequential: bool = True
     # int8 weights in +-64 instead of +-127. None: on when the CPU lacks VNNI, whose absence makes
     # ORT's u8 x s8 kernels use vpmaddubsw, which saturates int16 pair sums (measured: 3x the error)
     reduce_range: bool | None = None
@@ -494,18 +499,7 @@ class QuantizePass(Pass):
 
     def _weight_only(self, model, ctx, linears, reasons, batches) -> Outcome:
         cfg: QuantizeConfig = self.config
-        groups = _by_input(linears)
-        stats = {}
-        if cfg.gptq and batches:
-            stats = capture_stats(
-                model,
-                batches,
-                list(groups),
-                gram_names=list(groups),
-                sample_rows=0,
-                threads=ctx.threads,
-                seed=ctx.seed,
-            )
+        hessian = self._hessians(model, ctx, linears, batches)
         rw = QuantRewriter(model)
         done, per_bits = [], Counter()
         by_bits: dict[tuple[str, int, int], list[QLinear]] = {}
@@ -520,6 +514,12 @@ class QuantizePass(Pass):
                     continue
                 bits, block = cfg.lm_head_bits or bits, cfg.lm_head_block_size or block
             by_bits.setdefault((lin.input.name, bits, block), []).append(lin)
+        # each input's first reader in graph order; sequential GPTQ rounds the groups in that order
+        order = {id(node): i for i, node in enumerate(model.graph)}
+        first: dict[str, ir.Node] = {}
+        for lin in sorted((lin for group in by_bits.values() for lin in group), key=lambda lin: order[id(lin.node)]):
+            first.setdefault(lin.input.name, lin.node)
+        by_bits = dict(sorted(by_bits.items(), key=lambda item: order[id(first[item[0][0]])]))
         tied_heads = sum(1 for group in by_bits.values() for lin in group if lin.role == "lm_head" and lin.transposed)
         # embedding Gathers reading a tied head's table: they will read the head's codes instead
         tables = [(lin, gather) for group in by_bits.values() for lin in group
@@ -532,7 +532,7 @@ class QuantizePass(Pass):
             quantize = functools.partial(
                 quantize_nbits,
                 symmetric=cfg.symmetric,
-                hessian=_hessian(stats.get(name)),
+                hessian=hessian(name, first[name]) if hessian else None,
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
                 scale_dtype=np.float16 if cfg.float16_scales or group[0].dtype == np.float16 else np.float32,
@@ -562,7 +562,7 @@ class QuantizePass(Pass):
             "matmuls_quantized": len(done),
             "matmuls_kept_float": len(reasons),
             "kept_float_op_type": sum(1 for r in reasons.values() if r.startswith("op type")),
-            "matmuls_gptq": len(done) if stats else 0,
+            "matmuls_gptq": len(done) if hessian else 0,
             **{f"matmuls_int{b}": n for b, n in per_bits.items()},
             "matmuls_merged": merged,  # into the kernel of another reading the same input
             "lm_head_from_tied_table": tied_heads,
@@ -585,6 +585,18 @@ class QuantizePass(Pass):
                                   b["input_ids"].ravel() for b in batches if "input_ids" in b] or [np.zeros(0)])
             details["lm_head_int8_rows_token_share"] = float(np.mean(ids < int8_rows)) if ids.size else None
         return self._finish(model, changes, details)
+
+    def _hessians(self, model, ctx, linears, batches) -> Callable[[str, ir.Node], np.ndarray | None] | None:
+        """GPTQ's Hessian of a MatMul input by name (and its first reader); None without GPTQ."""
+        cfg: QuantizeConfig = self.config
+        if not (cfg.gptq and batches):
+            return None
+        if cfg.sequential:
+            return SequentialHessians(model, batches, ctx.threads)
+        names = list(_by_input(linears))
+        stats = capture_stats(model, batches, names, gram_names=names, sample_rows=0, threads=ctx.threads,
+                              seed=ctx.seed)
+        return lambda name, _first: _hessian(stats.get(name))
 
     def _finish(self, model, changes, details) -> Outcome:
         if self.config.check_fusion:

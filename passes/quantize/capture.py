@@ -8,6 +8,9 @@ quantiser needs and nothing more:
 - ``X^T X`` (GPTQ's Hessian, a :class:`~onnxpress.activations.Gram`), only for the tensors asked for,
 - a bounded random sample of rows (to score range candidates on real data).
 
+:class:`SequentialHessians` instead takes GPTQ's Hessians one input at a time, in graph order,
+on the model as rewritten so far.
+
 Padding tokens are left out (capture's token rows), so variable-length calibration
 batches padded to a common length do not skew the ranges towards 0.
 """
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.activations import Gram, capture
+from onnxpress.activations import Gram, SegmentStream, capture, token_rows, value_types
 from onnxpress.passes.quantize.calibrate import StreamingHistogram
 
 
@@ -115,3 +118,29 @@ def capture_stats(
         capture(model, None, list(batches), stats, chunk=chunk, threads=threads,
                 desc="quantize: activation statistics")
     return {st.name: st for st in stats if st.channels is not None}
+
+
+class SequentialHessians:
+    """GPTQ's ``X^T X`` of MatMul inputs taken in graph order, each on the model as rewritten so
+    far: the MatMuls before an input are already rounded when its rows are captured, so each
+    rounding also absorbs the error of those before it (GPTQ's own layer-by-layer order). The
+    model runs segment by segment (:class:`~onnxpress.activations.SegmentStream`): one forward
+    pass over the calibration batches in all, and one input's Hessian in memory at a time."""
+
+    def __init__(self, model: ir.Model, batches: Sequence[dict[str, np.ndarray]], threads: int | None = None):
+        batches = list(batches)
+        self.stream = SegmentStream(model, batches, value_types(model), threads)
+        self.masks = [b.get("attention_mask") for b in batches]
+        self._held: tuple[str, np.ndarray] | None = None
+
+    def __call__(self, name: str, first: ir.Node) -> np.ndarray:
+        """The Hessian of input ``name``, whose first reader in graph order is ``first``; the nodes
+        after ``first`` may be rewritten before the next call (with a later input)."""
+        if self._held is not None and self._held[0] == name:
+            return self._held[1]
+        self._held = None  # the last input's Hessian goes before this one is built
+        gram = Gram(name, products=np.float32)
+        for arrays, mask in zip(self.stream.advance(first, [name]), self.masks, strict=True):
+            gram.add(token_rows(arrays[0], mask))
+        self._held = (name, gram.xtx)
+        return gram.xtx

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import stored_array
+from onnxpress.analysis.graph_utils import stored_array, unmap
 from onnxpress.editing import GraphEditor, drop_unused_initializers, editor_of, remove_dead_nodes
 
 NORM_OPS = {
@@ -67,8 +67,12 @@ class QLinear:
         return self.node.name or self.weight.name or "matmul"
 
     def weight_array(self) -> np.ndarray:
-        """The stored weight as float32."""
-        return weight_source(self.weight).astype(np.float32)
+        """The stored weight as float32, a copy: a weight still in the input's data file is
+        unmapped again, so reading every weight once does not hold the whole file in memory."""
+        array = weight_source(self.weight).astype(np.float32)
+        producer = self.weight.producer()
+        unmap(producer.inputs[0] if producer is not None and producer.op_type == "Transpose" else self.weight)
+        return array
 
     @property
     def dtype(self) -> np.dtype:

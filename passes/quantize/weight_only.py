@@ -55,6 +55,11 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)[..., :count]
 
 
+# Columns quantised at a time: every column is rounded on its own (GPTQ spreads a row's error
+# down its column only), and the float64 working copies of a large LM head take gigabytes.
+COLUMN_CHUNK = 8192
+
+
 def quantize_nbits(
     weight: np.ndarray,
     bits: int = 4,
@@ -67,16 +72,23 @@ def quantize_nbits(
     act_order: bool = False,
     scale_dtype: type = np.float32,
 ) -> NBitsWeight:
-    """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given.
-    ``scale_dtype`` float16 stores the scales at half the bytes unless one would overflow it:
-    then they stay float32."""
+    """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given,
+    ``COLUMN_CHUNK`` columns at a time. ``scale_dtype`` float16 stores the scales at half the
+    bytes unless one would overflow it: then they stay float32."""
+    if np.dtype(scale_dtype) == np.float16 and np.abs(weight).max() / ((1 << bits) - 1) * 2 > np.finfo(np.float16).max:
+        scale_dtype = np.float32  # decided for the whole matrix: one scale type per kernel
+    parts = [_quantize_columns(weight[:, c : c + COLUMN_CHUNK], bits, block_size, symmetric, hessian, damp,
+                               clip_search, act_order, scale_dtype) for c in range(0, weight.shape[1], COLUMN_CHUNK)]
+    return parts[0] if len(parts) == 1 else join_columns(parts)
+
+
+def _quantize_columns(weight, bits, block_size, symmetric, hessian, damp, clip_search, act_order, scale_dtype
+                      ) -> NBitsWeight:
     K, N = weight.shape
     nblocks = -(-K // block_size)
     padded = nblocks * block_size
     w = np.zeros((padded, N), dtype=np.float64)
     w[:K] = weight
-    if np.dtype(scale_dtype) == np.float16 and np.abs(weight).max() / ((1 << bits) - 1) * 2 > np.finfo(np.float16).max:
-        scale_dtype = np.float32
     quantizer = BlockQuantizer((padded, N), bits, block_size, symmetric=symmetric, clip_search=clip_search,
                                scale_dtype=scale_dtype)
     if hessian is None:
@@ -120,6 +132,21 @@ def split_columns(nw: NBitsWeight, cols: slice) -> NBitsWeight:
         N=nw.dequantized[:, cols].shape[1],
         bits=nw.bits,
         block_size=nw.block_size,
+    )
+
+
+def join_columns(parts: list[NBitsWeight]) -> NBitsWeight:
+    """One weight from parts quantised column range by column range (``split_columns`` undone)."""
+    first = parts[0]
+    return NBitsWeight(
+        packed=np.concatenate([p.packed for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        zero_points=None if first.zero_points is None else np.concatenate([p.zero_points for p in parts]),
+        dequantized=np.concatenate([p.dequantized for p in parts], axis=1),
+        K=first.K,
+        N=sum(p.N for p in parts),
+        bits=first.bits,
+        block_size=first.block_size,
     )
 
 

@@ -11,12 +11,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxpress.activations import capture_grams
 from onnxpress.calibration import make_feeds
 from onnxpress.compile import compile_model
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
+from onnxpress.passes.quantize.capture import SequentialHessians
 from onnxpress.passes.quantize.fusion import fusion_report
 from onnxpress.passes.quantize.graph import apply_smoothing, find_linears
 from onnxpress.passes.quantize.smooth import smooth_scales
@@ -73,6 +75,7 @@ def _run_pass(arch: str, settings: dict, tmp_path, **tiny):
         ("llama", {"mode": "static", "calibration_method": "entropy"}, "MatMulIntegerToFloat"),
         ("llama", {"mode": "weight_only", "bits": 4, "block_size": 32}, "MatMulNBits"),
         ("llama", {"mode": "weight_only", "bits": 4, "accuracy_level": 4}, "MatMulNBits"),
+        ("llama", {"mode": "weight_only", "bits": 4, "sequential": False}, "MatMulNBits"),
         ("gpt2", {"mode": "weight_only", "bits": 8, "block_size": 16, "gptq": False}, None),
     ],
 )
@@ -137,6 +140,57 @@ def test_outer_layers_are_a_share_at_each_end(layers, share, expected):
 
     linears = [SimpleNamespace(layer=i) for i in range(layers)] + [SimpleNamespace(layer=None)]
     assert sorted(_outer_layers(linears, share)) == expected
+
+
+def test_sequential_gptq_takes_each_hessian_on_the_model_rewritten_so_far():
+    """An input's Hessian is the Gram of its rows in the model as it is when the input is reached:
+    a rewrite of a MatMul before it shows, one at or after the cut does not."""
+    model = load_model(tiny_model("llama"))
+    batches = _Calib(model).batches
+    matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    early, later = matmuls[0], next(n for n in matmuls[1:] if n.inputs[0] is not matmuls[0].inputs[0])
+    hessians = SequentialHessians(model, batches, threads=1)
+    hessians(early.inputs[0].name, early)
+    before = capture_grams(model, batches, [later.inputs[0].name], threads=1).grams[later.inputs[0].name].xtx
+    weight = early.inputs[1]
+    weight.const_value = ir.tensor(weight.const_value.numpy() * 0.5)  # rewritten after the first cut
+    after = capture_grams(model, batches, [later.inputs[0].name], threads=1).grams[later.inputs[0].name].xtx
+    assert not np.allclose(before, after, rtol=1e-3)
+    np.testing.assert_allclose(hessians(later.inputs[0].name, later), after, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_capture_keeps_a_value_made_from_constants_once():
+    """A tied LM head reads Transpose(embedding table), made before the first layer and used after
+    the last: the segments carry it once, not once per calibration batch, and the head's input
+    rows still come out as the whole model makes them."""
+    model = load_model(tiny_model_tied("llama"))
+    batches = _Calib(model).batches
+    matmuls = [n for n in model.graph if n.op_type == "MatMul"]
+    head = matmuls[-1]
+    transpose = head.inputs[1].producer()
+    assert transpose.op_type == "Transpose" and transpose.inputs[0].const_value is not None
+    model.graph.remove(transpose)
+    model.graph.insert_before(next(iter(model.graph)), transpose)  # made first, as exports may order it
+    hessians = SequentialHessians(model, batches, threads=1)
+    hessians(matmuls[0].inputs[0].name, matmuls[0])
+    stream = hessians.stream
+    assert list(stream.shared) == [head.inputs[1].name]
+    assert all(head.inputs[1].name not in kept for kept in stream.kept)
+    want = capture_grams(model, batches, [head.inputs[0].name], threads=1).grams[head.inputs[0].name].xtx
+    np.testing.assert_allclose(hessians(head.inputs[0].name, head), want, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_gptq_rounds_differently_and_keeps_the_reported_error(tmp_path):
+    runs = {}
+    for sequential in (True, False):
+        settings = {"mode": "weight_only", "bits": 4, "block_size": 16, "sequential": sequential, "check_fusion": False}
+        result, out, measured = _run_pass("llama", settings, tmp_path / str(sequential))
+        assert result.changes["matmuls_gptq"] == result.changes["matmuls_quantized"] > 0
+        assert measured == pytest.approx(result.error, rel=0.02, abs=1e-6)
+        runs[sequential] = [n.inputs[1].const_value.numpy() for n in load_model(out).graph if n.op_type == "MatMulNBits"]
+    # the first group sees the float model either way; some later one a rounded model
+    assert np.array_equal(runs[True][0], runs[False][0])
+    assert any(not np.array_equal(a, b) for a, b in zip(runs[True], runs[False], strict=True))
 
 
 def test_outer_roles_get_their_own_bits_and_the_model_keeps_the_reported_error(tmp_path):

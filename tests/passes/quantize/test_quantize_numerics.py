@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxpress.passes.quantize import weight_only
 from onnxpress.passes.quantize.calibrate import (
     StreamingHistogram,
     choose_range,
@@ -157,6 +158,25 @@ def test_split_columns_of_a_group_quantised_together():
     part = split_columns(nw, slice(10, 24))
     assert part.N == 14 and part.packed.shape[0] == 14
     np.testing.assert_allclose(dequantize_nbits(part), dequantize_nbits(nw)[:, 10:24])
+
+
+@pytest.mark.parametrize("symmetric,act_order", [(False, True), (True, False)])
+def test_columns_quantised_in_chunks_equal_the_whole_matrix(monkeypatch, symmetric, act_order):
+    """GPTQ rounds each column on its own, so quantising column ranges apart (bounded memory on a
+    large LM head) gives the kernel the same codes, scales and zero points."""
+    rng = np.random.default_rng(3)
+    x = _correlated_inputs(rng, 256, 64)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    settings = dict(symmetric=symmetric, hessian=x.T.astype(np.float64) @ x, act_order=act_order)
+    whole = quantize_nbits(w, 4, 16, **settings)
+    monkeypatch.setattr(weight_only, "COLUMN_CHUNK", 16)
+    chunked = quantize_nbits(w, 4, 16, **settings)
+    assert chunked.N == whole.N == 40
+    np.testing.assert_array_equal(chunked.packed, whole.packed)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    np.testing.assert_allclose(dequantize_nbits(chunked), whole.dequantized, rtol=1e-6, atol=1e-6)
 
 
 def test_smoothed_stats_follow_from_the_raw_ones():
