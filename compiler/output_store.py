@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 # Outputs held in memory before the store writes batches to disk.
-MEMORY_BYTES = 256 * 2**20
+MEMORY_BYTES = 64 * 2**20
 
 
 class OutputStore(Sequence[dict[str, np.ndarray]]):

@@ -216,6 +216,7 @@ class Pipeline:
                 if result.modified:
                     verified = self._check_stage(model, ctx, result, lossless=p.lossless) if self.verify else None
                     ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
+                    ctx.stage_outputs = []  # one copy of a stage's outputs held, not two
                     vs_input = None
             result.peak_rss_mb = peak.mb
             if shortfall:
