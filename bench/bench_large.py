@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_results  # noqa: E402
+from common import RESULTS, machine, run_polled, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
@@ -35,7 +33,7 @@ PASS_LISTS = {"int4-rtn": ["cleanup", "attention:target=onnxruntime,optional=tru
 CONFIG = dict(hidden_size=2048, num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=8,
               intermediate_size=5632, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
 
-_BUILD = """
+BUILD_HF = """
 import sys, torch, transformers
 from onnxpress.export import smollm2_hf_dir
 torch.manual_seed(0)
@@ -44,33 +42,11 @@ model = transformers.LlamaForCausalLM(config)
 model.save_pretrained(sys.argv[1])
 transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir()).save_pretrained(sys.argv[1])
 """
-_GENERATE = """
+GENERATE = """
 import sys
 from onnxpress.evaluation import generate_greedy
 print(len(generate_greedy(sys.argv[1], sys.argv[2], "The state of the union is", max_new_tokens=8)))
 """
-
-
-def run(label: str, cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and the peak RSS of the process tree, polled every 0.2 s."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    parent, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    out = proc.stdout.read()
-    row = {"step": label, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 1e9, 2),
-           "ok": proc.returncode == 0}
-    if proc.returncode:
-        row["error"] = out.strip().splitlines()[-1] if out.strip() else f"exit {proc.returncode}"
-    print(label, row, flush=True)
-    return row, out
 
 
 def main() -> None:
@@ -81,9 +57,9 @@ def main() -> None:
     hf, onnx_dir = WORK / "hf", WORK / "onnx"
     rows = []
     if not (hf / "config.json").exists():
-        rows.append(run("build HF model", [sys.executable, "-c", _BUILD.format(config=CONFIG), str(hf)])[0])
+        rows.append(run_polled("build HF model", [sys.executable, "-c", BUILD_HF.format(config=CONFIG), str(hf)])[0])
     if not (onnx_dir / "model.onnx").exists():
-        rows.append(run("onnxpress export", ["onnxpress", "export", str(hf), "-o", str(onnx_dir)])[0])
+        rows.append(run_polled("onnxpress export", ["onnxpress", "export", str(hf), "-o", str(onnx_dir)])[0])
     fp32 = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith("model.onnx"))
     for recipe in args.recipes:
         out = WORK / f"{recipe}.onnx"
@@ -91,11 +67,11 @@ def main() -> None:
             how = ["--passes", *PASS_LISTS[recipe]]
         else:
             how = ["--recipe", recipe] + ([] if recipe == "lossless" else ["--calib", "sotu"])
-        row, _ = run(f"compile {recipe}", ["onnxpress", "compile", str(onnx_dir / "model.onnx"), "-o", str(out),
+        row, _ = run_polled(f"compile {recipe}", ["onnxpress", "compile", str(onnx_dir / "model.onnx"), "-o", str(out),
                                            *how, "--quiet"])
         if row["ok"]:
             row["output_gb"] = round(sum(f.stat().st_size for f in WORK.glob(f"{recipe}.onnx*")) / 1e9, 2)
-            gen, text = run(f"generate {recipe}", [sys.executable, "-c", _GENERATE, str(out), str(onnx_dir)])
+            gen, text = run_polled(f"generate {recipe}", [sys.executable, "-c", GENERATE, str(out), str(onnx_dir)])
             row["generated_tokens"] = int(text.strip().splitlines()[-1]) if gen["ok"] else gen.get("error")
             row["generate_peak_rss_gb"] = gen["peak_rss_gb"]
         row["rss_over_fp32"] = round(row["peak_rss_gb"] * 1e9 / fp32, 2)

@@ -95,6 +95,33 @@ def write_results(name: str, rows: Sequence[Mapping[str, Any]], *, command: str,
     return path
 
 
+def run_polled(label: str, cmd: list[str]) -> tuple[dict, str]:
+    """Run ``cmd``: a row with its wall time and the peak memory of its process tree, polled every
+    0.2 s, and its output. ``peak_rss_gb`` counts the pages of memory-mapped files in memory (weights
+    read from an external data file), which the kernel takes back when memory runs short;
+    ``peak_anon_gb`` (RSS less shared pages) is the memory the process cannot give back."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent, peak, peak_anon = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            infos = [p.memory_info() for p in [parent, *parent.children(recursive=True)]]
+            peak = max(peak, sum(i.rss for i in infos))
+            peak_anon = max(peak_anon, sum(i.rss - i.shared for i in infos))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    row = {"step": label, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 1e9, 2),
+           "peak_anon_gb": round(peak_anon / 1e9, 2), "ok": proc.returncode == 0}
+    if proc.returncode:
+        row["error"] = out.strip().splitlines()[-1] if out.strip() else f"exit {proc.returncode}"
+    print(label, row, flush=True)
+    return row, out
+
+
 def model_size_mb(path: Path) -> float:
     """The model file and its external data (``.data`` as onnxpress writes it, ``.onnx.data`` or
     ``.onnx_data`` as the exporters do), MB."""

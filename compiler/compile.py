@@ -158,6 +158,7 @@ def compile_model(
     src, out = Path(model), Path(output)
     plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
     ir_model = load_model(src)
+    size_before = _file_size(src, ir_model)
     ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), model_dir=src.parent,
                          seed=seed, threads=threads, precision=model_precision(ir_model))
     pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
@@ -179,7 +180,7 @@ def compile_model(
     report = CompileReport(
         model=str(src), output=str(out), recipe=plan.name,
         calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
-        passes=results, size_before=_file_size(src), verified_on=verified_on, unseen_on=ctx.unseen_source,
+        passes=results, size_before=size_before, verified_on=verified_on, unseen_on=ctx.unseen_source,
         precision=ctx.precision.to_dict(), extra=extra,
     )
     runtime = plan_runtime_files(ir_model, out, source_dir=src.parent, tokenizer_dir=ctx.tokenizer_dir)
@@ -296,6 +297,10 @@ def _tokenizer_dir(model_path: Path, tokenizer_dir) -> Path | None:
     return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
 
 
-def _file_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def _file_size(path: Path, model: ir.Model | None = None) -> int:
+    """The model file and its external data: the files ``model``'s initializers read (any name
+    an exporter gave them), else onnxpress's ``.data`` beside it."""
+    files = {path.with_name(path.name + ".data")} if model is None else {
+        Path(v.const_value.base_dir) / v.const_value.location for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())

@@ -70,14 +70,19 @@ class PeakRss:
         self.mb = round(self._peak_bytes / _MIB, 1)
 
 
-def memory_shortfall(pass_name: str, weight_bytes: int, multiple: float) -> str | None:
-    """A warning when a pass's estimated need, ``multiple`` times the model's weight bytes beyond
-    what the process holds now, exceeds the machine's available memory; None when it fits."""
-    need = weight_bytes * multiple
+def memory_shortfall(pass_name: str, held_bytes: int, multiple: float, mapped_bytes: int = 0,
+                     mapped_multiple: float = 0.0) -> str | None:
+    """A warning when a pass's estimated need beyond what the process holds now, ``multiple`` times
+    the weight bytes held in memory plus ``mapped_multiple`` times those memory-mapped from an
+    external data file, exceeds the machine's available memory; None when it fits."""
+    need = held_bytes * multiple + mapped_bytes * mapped_multiple
     free = psutil.virtual_memory().available
     if need <= free:
         return None
     gib = 2**30
-    return (f"pass {pass_name} may need about {need / gib:.1f} GiB more memory ({multiple:g}x the model's "
-            f"{weight_bytes / gib:.1f} GiB of weights) but {free / gib:.1f} GiB is available: it may be killed "
-            "for memory; free memory, or compile on a machine with more")
+    parts = [f"{m:g}x the {b / gib:.1f} GiB of weights {where}"
+             for m, b, where in ((multiple, held_bytes, "in memory"), (mapped_multiple, mapped_bytes, "mapped from its data file"))
+             if m and b]
+    return (f"pass {pass_name} may need about {need / gib:.1f} GiB more memory ({', '.join(parts)}) but "
+            f"{free / gib:.1f} GiB is available: it may be killed for memory; free memory, or compile on a "
+            "machine with more")

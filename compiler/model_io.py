@@ -103,6 +103,12 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
+def mapped_nbytes(model: ir.Model) -> int:
+    """Bytes of the initializers still read from an external data file (memory-mapped, not held)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor))
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically.
 

@@ -187,9 +187,13 @@ class Pass(abc.ABC):
     needs_calibration: ClassVar[bool] = False  # needs real calibration data, not synthetic tokens
     needs_original: ClassVar[bool] = False  # reads the compile's input model (ctx.original)
     # memory the pass and its verification need beyond the model already held, in multiples of the
-    # model's weight bytes (for the warning before a pass that would not fit): by default the
-    # verification's ONNX Runtime session, which loads one more copy of the weights
+    # model's weight bytes in memory (for the warning before a pass that would not fit): by default
+    # the verification's ONNX Runtime session, which loads one more copy of the weights
     memory_multiple: ClassVar[float] = 1.0
+    # the same for the weights still read from the input's external data file, which every session
+    # maps from that file: only what the pass makes of them takes memory (by default new weights
+    # of the same size; passes that only rewire the graph: none)
+    mapped_memory_multiple: ClassVar[float] = 1.0
 
     def __init__(self, config: PassConfig | dict[str, Any] | None = None):
         if config is None or isinstance(config, dict):

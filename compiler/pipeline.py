@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
 from onnxpress.memory import PeakRss, memory_shortfall
-from onnxpress.model_io import SessionModel, model_nbytes, session_model
+from onnxpress.model_io import SessionModel, mapped_nbytes, model_nbytes, session_model
 from onnxpress.output_store import OutputStore
 from onnxpress.pass_infra import Pass, PassReport
 from onnxpress.precision import Precision, model_precision
@@ -208,7 +208,9 @@ class Pipeline:
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress)
         for p in bar:
             bar.set_postfix_str(p.name)
-            shortfall = memory_shortfall(p.name, model_nbytes(model), p.memory_multiple)
+            mapped = mapped_nbytes(model)
+            shortfall = memory_shortfall(p.name, model_nbytes(model) - mapped, p.memory_multiple,
+                                         mapped, p.mapped_memory_multiple)
             if shortfall:
                 print(f"onnxpress: warning: {shortfall}", file=sys.stderr, flush=True)
             with PeakRss() as peak:

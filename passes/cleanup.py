@@ -29,6 +29,7 @@ class CleanupPass(Pass):
     name = "cleanup"
     config_class = CleanupConfig
     lossless = True
+    mapped_memory_multiple = 0.0  # rewires the graph; weights stay where they are
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: CleanupConfig = self.config

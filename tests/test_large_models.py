@@ -121,3 +121,18 @@ def test_an_output_without_external_data_holds_the_weights_it_kept_from_the_inpu
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.report.json"]
     model = load_model(out)
     assert run_batches(make_session(out), _feeds(model))[0]["logits"].shape[-1] == VOCAB
+
+
+def test_the_input_size_reported_counts_an_exporters_data_file(tmp_path):
+    """Exporters name the data file their own way (optimum: ``model.onnx_data``); the report's
+    size before the compile is the model file and whatever data files its weights are in."""
+    import onnx
+
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(tiny_model("llama", with_past=True)), src, save_as_external_data=True,
+              location="model.onnx_data", size_threshold=1024)
+    report = compile_model(src, tmp_path / "out.onnx", passes=["cleanup"], progress=False, threads=1)
+    data = src.with_name("model.onnx_data").stat().st_size
+    assert data > 100_000
+    assert report.size_before == src.stat().st_size + data

@@ -14,6 +14,7 @@ import pytest
 from test_memory import fresh_pages
 
 import onnxpress.pipeline
+from onnxpress import model_io
 from onnxpress.calibration import CalibrationSet
 from onnxpress.cli import main
 from onnxpress.compile import VERIFY_FRACTION, compile_model, report_path
@@ -220,6 +221,26 @@ def test_a_pass_that_would_not_fit_in_free_memory_is_warned_about_first(tmp_path
     monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: type("Plenty", (), {"available": 2**40}))
     report = compile_model(mlp, tmp_path / "p.onnx", passes=["cleanup"], progress=False)
     assert "warning" not in capsys.readouterr().err and "memory_warning" not in report.passes[0].details
+
+
+def test_weights_mapped_from_a_data_file_count_only_for_what_a_pass_makes_of_them(tmp_path, monkeypatch, capsys):
+    """Sessions read an external data file's weights from the file: a pass that only rewires the
+    graph needs no memory for them, one that rewrites weights needs room for the new ones."""
+    import onnxpress.memory
+
+    src = save(mlp_model(), tmp_path / "ext.onnx", external=True)
+    mapped = model_io.mapped_nbytes(load_model(src))
+    assert mapped == model_io.model_nbytes(load_model(src)) > 0
+
+    class Machine:  # room for less than the weights
+        available = mapped // 2
+
+    monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: Machine)
+    report = compile_model(src, tmp_path / "o.onnx", passes=["cleanup", "test_honest_lossy"], progress=False)
+    err = capsys.readouterr().err
+    assert "cleanup" not in err and "memory_warning" not in report.passes[0].details
+    assert "pass test_honest_lossy may need" in err and "mapped from its data file" in err
+    assert "memory_warning" in report.passes[1].details
 
 
 def test_each_stage_is_run_once_by_the_pass_and_once_by_the_manager(tmp_path, mlp, monkeypatch):

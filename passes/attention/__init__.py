@@ -71,6 +71,7 @@ class AttentionPass(Pass):
     name = "attention"
     config_class = AttentionConfig
     lossless = True
+    mapped_memory_multiple = 0.0  # rewires the graph; weights stay where they are
     needs_attention = True
 
     def __init__(self, config=None):

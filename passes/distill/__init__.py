@@ -84,6 +84,7 @@ class DistillPass(Pass):
     needs_original = True
     # the float32 student, its gradients and AdamW's two moments, and the teacher's ORT session
     memory_multiple = 5.0
+    mapped_memory_multiple = 5.0  # the student is trained in memory, wherever its weights came from
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         # torch is imported here: onnxpress runs without it until a pipeline distills

@@ -76,6 +76,7 @@ class FusePass(Pass):
     name = "fuse"
     config_class = FuseConfig
     lossless = True
+    mapped_memory_multiple = 0.0  # rewires the graph; weights stay where they are
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: FuseConfig = self.config
