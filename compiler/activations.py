@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import SessionModel, data_folder, session_model, weightless_proto
+from onnxpress.model_io import SessionModel, data_folder, handed_over, session_model, weightless_proto
 from onnxpress.runtime import make_session, session_feeds
 
 RawConsumer = Callable[[str, np.ndarray, Feeds], None]
@@ -490,7 +490,8 @@ class SegmentStream:
 
         graph_inputs = {v.name for v in self.model.graph.inputs}
         produced = {v.name for node in segment for v in node.outputs}
-        inputs, inits, seen = [], [], set()
+        folder = data_folder(self.model)
+        inputs, inits, seen, weights = [], [], set(), {}
         for v in (v for node in segment for v in node.inputs):
             if v is None or v.name in produced or v.name in seen:
                 continue
@@ -500,7 +501,10 @@ class SegmentStream:
             elif v.name in carried:
                 inputs.append(helper.make_tensor_value_info(v.name, self._type(v.name), None))
             elif v.const_value is not None:
-                inits.append(ir.serde.serialize_tensor(v.const_value))
+                tensor = v.const_value
+                if isinstance(tensor, ir.ExternalTensor) and str(tensor.base_dir) != folder:  # spilled
+                    tensor = handed_over(tensor, v.name, weights)
+                inits.append(ir.serde.serialize_tensor(tensor))
                 inits[-1].name = v.name
         # an output of an op ONNX's shape inference does not know, made by a rewrite: ORT infers it
         outs = [helper.make_tensor_value_info(n, self.types[n], None) if n in self.types
@@ -509,7 +513,7 @@ class SegmentStream:
         opsets = [helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
         proto = helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
         # weights still in the input's data file stay references to it, mapped by ONNX Runtime
-        return SessionModel(proto, data_folder=data_folder(self.model))
+        return SessionModel(proto, weights, data_folder=folder)
 
 
 def _made_from_constants(nodes: list[ir.Node]) -> set[str]:

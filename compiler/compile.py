@@ -18,9 +18,10 @@ import onnx_ir as ir
 
 from onnxpress import datasets
 from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
+from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
-from onnxpress.model_io import load_model, move_into_place, save_model
+from onnxpress.model_io import load_model, move_into_place, save_model, weight_spill
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.precision import model_precision
@@ -171,24 +172,26 @@ def compile_model(
     verified_on = _split_calibration(ctx, calibration, ir_model, src)
     _set_text_sources(ctx, calib, ir_model, batch_size=batch_size, seed=seed,
                       max_length=max_length or plan.calibration.get("max_length", 128))
-    if budget is None:
-        results, extra = pipeline.run(ir_model, ctx), {}
-    else:
-        ir_model, results, extra = _search(ir_model, ctx, budget, objective, search_seconds, progress)
-    if notes:
-        extra["notes"] = notes
-    report = CompileReport(
-        model=str(src), output=str(out), recipe=plan.name,
-        calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
-        passes=results, size_before=size_before, verified_on=verified_on, unseen_on=ctx.unseen_source,
-        precision=ctx.precision.to_dict(), extra=extra,
-    )
-    runtime = plan_runtime_files(ir_model, out, source_dir=src.parent, tokenizer_dir=ctx.tokenizer_dir)
-    if runtime.files:
-        report.extra["runtime_files"] = sorted(runtime.files)
-    if runtime.notes:
-        report.extra["notes"] = [*report.extra.get("notes", []), *runtime.notes]
-    _save_with_report(ir_model, out, report, runtime, external_data=external_data, start=start)
+    # new weights of a model mapped from its data file go to disk as they are made, until saved
+    with weight_spill(ir_model, out.parent) as spill, weights_spilled_to(spill):
+        if budget is None:
+            results, extra = pipeline.run(ir_model, ctx), {}
+        else:
+            ir_model, results, extra = _search(ir_model, ctx, budget, objective, search_seconds, progress)
+        if notes:
+            extra["notes"] = notes
+        report = CompileReport(
+            model=str(src), output=str(out), recipe=plan.name,
+            calibration=calibration.source if calibration is not None else "synthetic inputs (no --calib given)",
+            passes=results, size_before=size_before, verified_on=verified_on, unseen_on=ctx.unseen_source,
+            precision=ctx.precision.to_dict(), extra=extra,
+        )
+        runtime = plan_runtime_files(ir_model, out, source_dir=src.parent, tokenizer_dir=ctx.tokenizer_dir)
+        if runtime.files:
+            report.extra["runtime_files"] = sorted(runtime.files)
+        if runtime.notes:
+            report.extra["notes"] = [*report.extra.get("notes", []), *runtime.notes]
+        _save_with_report(ir_model, out, report, runtime, external_data=external_data, start=start)
     return report
 
 

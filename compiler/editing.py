@@ -9,7 +9,9 @@ through small constant arithmetic); models are copied with ``model.clone()`` (we
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +20,25 @@ from onnx_ir.passes import common
 
 if TYPE_CHECKING:
     from onnxpress.analysis.matrices import Matrix
+    from onnxpress.model_io import WeightSpill
+
+_spill: ContextVar[WeightSpill | None] = ContextVar("onnxpress_weight_spill", default=None)
+
+
+@contextlib.contextmanager
+def weights_spilled_to(spill: WeightSpill | None) -> Iterator[None]:
+    """New weights made inside the block go to ``spill``'s file (None: stay in memory)."""
+    token = _spill.set(spill)
+    try:
+        yield
+    finally:
+        _spill.reset(token)
+
+
+def new_tensor(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
+    """A new weight's tensor: in the active spill file (``weights_spilled_to``) or in memory."""
+    spill = _spill.get()
+    return ir.tensor(array, name=name) if spill is None else spill.tensor(array, name)
 
 
 class GraphEditor:
@@ -49,7 +70,7 @@ class GraphEditor:
         array = np.require(array, requirements="C")  # keeps 0-d scalars 0-d
         name = self.fresh_name(name)
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+                         shape=ir.Shape(array.shape), const_value=new_tensor(array, name))
         self.graph.register_initializer(value)
         return value
 
@@ -82,7 +103,7 @@ class GraphEditor:
                 if value.const_value is not None:  # folded earlier (onnx-ir): it would shadow the new data
                     value.const_value = ir.tensor(array)
             else:
-                value.const_value = ir.tensor(array, name=value.name)
+                value.const_value = new_tensor(array, value.name)
             value.shape = ir.Shape(array.shape)
             value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
             return value

@@ -7,9 +7,11 @@ failed save never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +109,59 @@ def mapped_nbytes(model: ir.Model) -> int:
     """Bytes of the initializers still read from an external data file (memory-mapped, not held)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values()
                if isinstance(v.const_value, ir.ExternalTensor))
+
+
+class WeightSpill:
+    """Weights a compile makes, written to a file in ``folder`` as they are made and read back
+    memory-mapped (``ir.ExternalTensor``), so that rewriting a model whose weights are mapped from
+    its data file holds no more of the new weights in memory than the kernel keeps cached: a pass
+    rewriting every weight of a model past memory (int4 rounding) would otherwise hold its whole
+    output. Sessions hand the mapped arrays to ONNX Runtime without a copy; the output's save
+    copies them into its own data file."""
+
+    FILE = "spilled-weights.data"
+    ALIGN = 4096  # each tensor starts on a page, as mapping wants
+    MIN_BYTES = 1 << 20  # smaller ones stay in memory
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._file = open(self.folder / self.FILE, "ab")  # noqa: SIM115 -- open for the compile's life, see close
+        self.nbytes = 0
+
+    def tensor(self, array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
+        """``array`` as a tensor: written to the file when it is a large weight (floats, or
+        whole-byte codes; never integers shape inference may have to read)."""
+        dtype = ir.DataType.from_numpy(array.dtype)
+        weight = array.dtype.kind == "f" or (array.dtype.itemsize == 1 and dtype.bitwidth == 8)
+        if array.nbytes < self.MIN_BYTES or not weight or array.ndim == 0:  # onnx-ir maps a scalar back 1-D
+            return ir.tensor(array, name=name)
+        f = self._file
+        f.write(b"\0" * (-f.tell() % self.ALIGN))
+        offset = f.tell()
+        f.write(np.ascontiguousarray(array).data)
+        f.flush()
+        self.nbytes += array.nbytes
+        return ir.ExternalTensor(self.FILE, offset=offset, length=array.nbytes, dtype=dtype,
+                                 shape=ir.Shape(array.shape), name=name, base_dir=str(self.folder))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def weight_spill(model: ir.Model, folder: str | os.PathLike) -> Iterator[WeightSpill | None]:
+    """For the block, a ``WeightSpill`` in a temporary folder inside ``folder`` (on the output's
+    disk) when ``model`` maps weights from a data file, else None; the folder is removed after."""
+    if not mapped_nbytes(model):
+        yield None
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spill = WeightSpill(tempfile.mkdtemp(prefix=".onnxpress-weights-", dir=folder))
+    try:
+        yield spill
+    finally:
+        spill.close()
+        shutil.rmtree(spill.folder, ignore_errors=True)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -209,7 +264,7 @@ def session_model(model: ir.Model) -> SessionModel:
     graph = copy.graph
     _read_external_attributes(copy)
     folder = data_folder(copy)
-    weights, offset = {}, 0
+    weights = {}
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
         if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
@@ -219,9 +274,7 @@ def session_model(model: ir.Model) -> SessionModel:
             continue  # inline, or read by ORT from the data file
         if not (isinstance(tensor, ir.ExternalTensor) or (over_limit and tensor.nbytes >= EXTERNAL_MIN_BYTES)):
             continue
-        weights[name] = np.ascontiguousarray(tensor.numpy())
-        value.const_value = _left_out(tensor, name, offset)
-        offset += tensor.nbytes
+        value.const_value = handed_over(tensor, name, weights)
     return SessionModel(model_proto(copy).SerializeToString(), weights, over_limit, folder)
 
 
@@ -237,6 +290,14 @@ def weightless_proto(model: ir.Model) -> onnx.ModelProto:
     return model_proto(copy)
 
 
+def handed_over(tensor: ir.TensorProtocol, name: str, weights: dict[str, np.ndarray]) -> ir.ExternalTensor:
+    """``tensor`` marked as handed to the session in memory (``SessionModel.weights``); its array
+    joins ``weights``."""
+    offset = sum(a.nbytes for a in weights.values())
+    weights[name] = np.ascontiguousarray(tensor.numpy())
+    return _left_out(tensor, name, offset)
+
+
 def _left_out(tensor: ir.TensorProtocol, name: str, offset: int = 0) -> ir.ExternalTensor:
     """``tensor`` marked as kept out of the protobuf, at ``offset`` of a file never written."""
     return ir.ExternalTensor(IN_MEMORY_WEIGHTS, offset=offset, length=tensor.nbytes, dtype=tensor.dtype,
@@ -244,10 +305,12 @@ def _left_out(tensor: ir.TensorProtocol, name: str, offset: int = 0) -> ir.Exter
 
 
 def data_folder(model: ir.Model) -> str | None:
-    """The folder of the external data files the model's initializers read (the first such
-    initializer's, should there be several folders); None when none does."""
+    """The folder of the external data files the model's initializers read from its input (the
+    first such initializer's, should there be several folders; weights this compile spilled are
+    not the input's); None when none does."""
     return next((str(v.const_value.base_dir) for v in model.graph.initializers.values()
-                 if isinstance(v.const_value, ir.ExternalTensor)), None)
+                 if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location != WeightSpill.FILE),
+                None)
 
 
 def _inlined(model: ir.Model) -> ir.Model:

@@ -136,3 +136,36 @@ def test_the_input_size_reported_counts_an_exporters_data_file(tmp_path):
     data = src.with_name("model.onnx_data").stat().st_size
     assert data > 100_000
     assert report.size_before == src.stat().st_size + data
+
+
+def test_weights_made_for_a_model_mapped_from_its_data_file_wait_on_disk_until_saved(tmp_path, monkeypatch):
+    """A compile of a model whose weights are mapped from its data file writes the weights its
+    passes make to a spill file as they are made (sessions and later passes map them back), and
+    gives what the same compile of the model held in memory gives; the spill file goes at the end."""
+    monkeypatch.setattr(model_io.WeightSpill, "MIN_BYTES", 1)  # the tiny model's weights are small
+    made = []
+    spill_tensor = model_io.WeightSpill.tensor
+    monkeypatch.setattr(model_io.WeightSpill, "tensor",
+                        lambda self, array, name=None: made.append(spill_tensor(self, array, name)) or made[-1])
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, input_ids=np.random.default_rng(0).integers(5, VOCAB, (16, 32)))
+    passes = ["cleanup", "prune_ffn:fraction=0.25", "lowrank:fraction=0.1", "quantize:mode=weight_only,bits=4"]
+    model = load_model(tiny_model("llama", with_past=True))
+    mapped = model_io.save_model(model, tmp_path / "mapped" / "model.onnx", external_data=True)
+    held = model_io.save_model(model, tmp_path / "held" / "model.onnx", external_data=False)
+
+    spilled = compile_model(mapped, tmp_path / "out" / "spilled.onnx", passes=passes, calib=[calib], progress=False,
+                            threads=1)
+    on_disk = [t for t in made if isinstance(t, ir.ExternalTensor)]
+    assert len(on_disk) > 20 and {t.location for t in on_disk} == {model_io.WeightSpill.FILE}
+    assert not list((tmp_path / "out").glob(".onnxpress-*"))  # the spill folder is gone
+    made.clear()
+    in_memory = compile_model(held, tmp_path / "out" / "held.onnx", passes=passes, calib=[calib], progress=False,
+                              threads=1)
+    assert not made  # nothing spilled for a model held in memory
+    for a, b in zip(spilled.passes, in_memory.passes, strict=True):
+        assert a.changes == b.changes, a.name
+        assert a.measured_error == pytest.approx(b.measured_error, rel=1e-4, abs=1e-7), a.name
+    got = run_batches(make_session(tmp_path / "out" / "spilled.onnx"), _feeds(model))
+    want = run_batches(make_session(tmp_path / "out" / "held.onnx"), _feeds(model))
+    np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-5, atol=1e-5)

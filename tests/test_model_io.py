@@ -1,8 +1,10 @@
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from onnxpress import model_io
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import MAX_IR_VERSION, load_model, save_model
 
@@ -93,3 +95,18 @@ def test_missing_file_and_bad_output_name(tmp_path):
     model = load_model(save(mlp_model(), tmp_path / "m.onnx"))
     with pytest.raises(OnnxpressError, match="must end in .onnx"):
         save_model(model, tmp_path / "out.bin")
+
+
+def test_a_weight_spill_writes_large_weights_page_aligned_and_keeps_the_rest_in_memory(tmp_path):
+    spill = model_io.WeightSpill(tmp_path)
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((512, 513)).astype(np.float32), rng.integers(0, 255, (1100, 1000), dtype=np.uint8)]
+    for array in weights:
+        tensor = spill.tensor(array, "w")
+        assert isinstance(tensor, ir.ExternalTensor) and tensor.offset % model_io.WeightSpill.ALIGN == 0
+        np.testing.assert_array_equal(tensor.numpy(), array)
+    assert spill.nbytes == sum(a.nbytes for a in weights)
+    # small tensors, and integers that shape inference may read, stay in memory
+    for array in (np.ones(4, np.float32), np.zeros(2**18, np.int64), np.float32(2.0)):
+        assert not isinstance(spill.tensor(np.asarray(array)), ir.ExternalTensor)
+    spill.close()

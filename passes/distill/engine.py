@@ -33,6 +33,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from onnxpress.editing import new_tensor
 from onnxpress.errors import OnnxpressError
 
 Inputs = Sequence[torch.Tensor | None]
@@ -745,5 +746,5 @@ class TorchGraph(torch.nn.Module):
                 raise OnnxpressError(f"distill: the model has no initializer {name!r} to write back to")
             value = initializers[name]
             dtype = torch_dtype(value.const_value.dtype)
-            value.const_value = ir.tensor(param.detach().to("cpu", dtype).numpy(), name=name)
+            value.const_value = new_tensor(param.detach().to("cpu", dtype).numpy(), name)
         return len(self._params)
