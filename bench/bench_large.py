@@ -3,26 +3,26 @@
 transformers config (no download), exported with ``onnxpress export`` (2.9 GB of float32
 weights in external data) and compiled with each of ``--recipes`` (packaged recipes, or ``int4-rtn``: edge-int4's passes
 with round-to-nearest int4), each step in a fresh
-process whose peak RSS (with its children's) is polled with psutil. Each compiled model must load in ONNX Runtime and generate greedily
+process whose peak memory (with its children's) is polled with psutil (``common.run_polled``: RSS,
+and anonymous memory). Each compiled model must load in ONNX Runtime and generate greedily
 through its KV cache.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_large.py [--recipes lossless edge-int4 balanced]
 
-Writes ``bench/results/large.json`` (rows of steps not run this time kept when they ran on this machine): per step wall time, peak RSS, peak RSS / fp32 model size,
+Writes ``bench/results/large.json`` (rows of steps not run this time kept when they ran on this machine): per step wall time, peak RSS and anonymous memory and their ratios to the fp32 model size,
 output size, and the generated tokens' count.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, run_polled, write_results  # noqa: E402
+from common import rows_kept_from_earlier, run_polled, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
@@ -75,12 +75,9 @@ def main() -> None:
             row["generated_tokens"] = int(text.strip().splitlines()[-1]) if gen["ok"] else gen.get("error")
             row["generate_peak_rss_gb"] = gen["peak_rss_gb"]
         row["rss_over_fp32"] = round(row["peak_rss_gb"] * 1e9 / fp32, 2)
+        row["anon_over_fp32"] = round(row["peak_anon_gb"] * 1e9 / fp32, 2)
         rows.append(row)
-    path = RESULTS / "large.json"  # rows of steps not run this time are kept when they ran on this machine
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    ran = {r["step"] for r in rows}
-    kept = [r for r in earlier.get("rows", []) if r["step"] not in ran] if earlier.get("machine") == machine() else []
-    write_results("large", kept + rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
+    write_results("large", rows_kept_from_earlier("large", rows) + rows, command="python bench/bench_large.py " + " ".join(sys.argv[1:]),
                   notes={"model": {"parameters": "0.74 B", **CONFIG}, "fp32_bytes": fp32})
 
 

@@ -16,7 +16,8 @@ kernel cannot take back by dropping those pages).
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_past_memory.py [--layers 32]
 
-Writes ``bench/results/past_memory.json`` with the machine's total and available memory.
+Writes ``bench/results/past_memory.json`` with the machine's total and available memory (rows of
+steps not run this time, such as building the model, kept when they ran on this machine).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_large import BUILD_HF, GENERATE, PASS_LISTS  # noqa: E402
-from common import run_polled, write_results  # noqa: E402
+from common import rows_kept_from_earlier, run_polled, write_results  # noqa: E402
 
 from onnxpress.export import CACHE_ROOT  # noqa: E402
 
@@ -166,7 +167,7 @@ def main() -> None:
         if "peak_rss_gb" in r:
             r["rss_over_fp32"] = round(r["peak_rss_gb"] * 1e9 / fp32, 2)
             r["anon_over_fp32"] = round(r["peak_anon_gb"] * 1e9 / fp32, 2)
-    write_results("past_memory", rows, command="python bench/bench_past_memory.py " + " ".join(sys.argv[1:]),
+    write_results("past_memory", rows_kept_from_earlier("past_memory", rows) + rows, command="python bench/bench_past_memory.py " + " ".join(sys.argv[1:]),
                   notes={"model": {"parameters_b": round(fp32 / 4e9, 2), **CONFIG, "num_hidden_layers": args.layers},
                          "fp32_bytes": fp32, "memory_at_start": memory},
                   columns=["step", "seconds", "peak_rss_gb", "peak_anon_gb", "rss_over_fp32", "anon_over_fp32",

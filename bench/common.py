@@ -122,6 +122,15 @@ def run_polled(label: str, cmd: list[str]) -> tuple[dict, str]:
     return row, out
 
 
+def rows_kept_from_earlier(name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The rows of ``results/<name>.json`` whose steps this run did not repeat, when that file was
+    written on this machine (a bench whose steps are hours apart reruns only some)."""
+    path = RESULTS / f"{name}.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    ran = {r["step"] for r in rows}
+    return [r for r in earlier.get("rows", []) if r["step"] not in ran] if earlier.get("machine") == machine() else []
+
+
 def model_size_mb(path: Path) -> float:
     """The model file and its external data (``.data`` as onnxpress writes it, ``.onnx.data`` or
     ``.onnx_data`` as the exporters do), MB."""
