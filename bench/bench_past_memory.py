@@ -14,7 +14,11 @@ through its KV cache. Each step runs in a fresh process; ``run_polled`` records 
 (which counts the mapped weights' pages in memory) and its peak anonymous memory (what the
 kernel cannot take back by dropping those pages).
 
-    OPENBLAS_NUM_THREADS=1 python bench/bench_past_memory.py [--layers 32]
+    OPENBLAS_NUM_THREADS=1 python bench/bench_past_memory.py [--layers 32] [--memory-limit-gb 10]
+
+``--memory-limit-gb`` runs the compile in a memory cgroup (v1, as root) with that limit, mapped
+file pages included: a machine with that much memory, and a run that other work on the same
+machine neither crowds out nor is crowded out by.
 
 Writes ``bench/results/past_memory.json`` with the machine's total and available memory (rows of
 steps not run this time, such as building the model, kept when they ran on this machine).
@@ -121,6 +125,18 @@ def deepen(src: Path, dst: Path, layers: int, seed: int = 0) -> int:
     return size
 
 
+CGROUP = Path("/sys/fs/cgroup/memory/onnxpress-bench")
+
+
+def within_memory(cmd: list[str], gb: float | None) -> list[str]:
+    """``cmd``, run in a memory cgroup limited to ``gb`` (when given)."""
+    if gb is None:
+        return cmd
+    CGROUP.mkdir(exist_ok=True)
+    (CGROUP / "memory.limit_in_bytes").write_text(str(int(gb * 2**30)))
+    return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
 def memory_gb() -> dict:
     import psutil
 
@@ -131,6 +147,7 @@ def memory_gb() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--memory-limit-gb", type=float, help="compile in a memory cgroup with this limit (GiB)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     hf, base, deep = WORK / "hf-2-layers", WORK / "onnx-2-layers", WORK / f"onnx-{args.layers}-layers"
@@ -151,8 +168,9 @@ def main() -> None:
     memory = memory_gb()
     print(f"model {fp32 / 1e9:.2f} GB; machine memory {memory}", flush=True)
     out = WORK / "int4-rtn.onnx"
-    row, text = run_polled("compile int4-rtn", ["onnxpress", "compile", str(deep / "model.onnx"), "-o", str(out),
-                                                "--passes", *PASS_LISTS["int4-rtn"]])
+    compile_cmd = ["onnxpress", "compile", str(deep / "model.onnx"), "-o", str(out), "--passes", *PASS_LISTS["int4-rtn"]]
+    row, text = run_polled("compile int4-rtn", within_memory(compile_cmd, args.memory_limit_gb))
+    row["memory_limit_gb"] = args.memory_limit_gb
     if row["ok"]:
         row["output_gb"] = round(sum(f.stat().st_size for f in WORK.glob("int4-rtn.onnx*")) / 1e9, 2)
         report = json.loads(out.with_suffix(".report.json").read_text()) if out.with_suffix(".report.json").exists() else {}
@@ -170,7 +188,7 @@ def main() -> None:
     write_results("past_memory", rows_kept_from_earlier("past_memory", rows) + rows, command="python bench/bench_past_memory.py " + " ".join(sys.argv[1:]),
                   notes={"model": {"parameters_b": round(fp32 / 4e9, 2), **CONFIG, "num_hidden_layers": args.layers},
                          "fp32_bytes": fp32, "memory_at_start": memory},
-                  columns=["step", "seconds", "peak_rss_gb", "peak_anon_gb", "rss_over_fp32", "anon_over_fp32",
+                  columns=["step", "memory_limit_gb", "seconds", "peak_rss_gb", "peak_anon_gb", "rss_over_fp32", "anon_over_fp32",
                            "output_gb", "generated_tokens", "ok"])
 
 
