@@ -82,7 +82,7 @@ def memory_shortfall(pass_name: str, held_bytes: int, multiple: float, mapped_by
     gib = 2**30
     parts = [f"{m:g}x the {b / gib:.1f} GiB of weights {where}"
              for m, b, where in ((multiple, held_bytes, "in memory"), (mapped_multiple, mapped_bytes, "mapped from its data file"))
-             if m and b]
+             if m * b >= need / 100]
     return (f"pass {pass_name} may need about {need / gib:.1f} GiB more memory ({', '.join(parts)}) but "
             f"{free / gib:.1f} GiB is available: it may be killed for memory; free memory, or compile on a "
             "machine with more")

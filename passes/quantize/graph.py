@@ -36,6 +36,8 @@ import onnx_ir as ir
 from onnxpress.analysis.graph_utils import stored_array, unmap
 from onnxpress.editing import GraphEditor, drop_unused_initializers, editor_of, remove_dead_nodes
 
+EMBEDDING_ROWS_AT_A_TIME = 4096
+
 NORM_OPS = {
     "LayerNormalization",
     "SimplifiedLayerNormalization",
@@ -454,9 +456,12 @@ class QuantRewriter:
         if any(n is not node for n, _ in node.inputs[0].uses()):
             return False
         base = _stem(node.name or node.inputs[0].name)
-        scale = (np.maximum(np.abs(table.astype(np.float32)).max(axis=1, keepdims=True), 1e-12) / 127)
-        scale = scale.astype(table.dtype).astype(np.float32)  # the codes are rounded against the stored scale
-        codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+        scale, codes = np.empty((len(table), 1), np.float32), np.empty(table.shape, np.int8)
+        for r in range(0, len(table), EMBEDDING_ROWS_AT_A_TIME):  # float temporaries of a few rows, not of the table
+            block = table[r : r + EMBEDDING_ROWS_AT_A_TIME].astype(np.float32)
+            part = np.maximum(np.abs(block).max(axis=1, keepdims=True), 1e-12) / 127
+            part = part.astype(table.dtype).astype(np.float32)  # the codes are rounded against the stored scale
+            scale[r : r + len(block)], codes[r : r + len(block)] = part, np.clip(np.round(block / part), -127, 127)
         axis = node.attributes.get_int("axis", 0)
         if axis != 0:
             return False

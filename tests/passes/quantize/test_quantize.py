@@ -523,3 +523,24 @@ def test_int8_quantizes_an_lm_head_tied_to_the_embedding_table_and_stores_the_ta
     assert [v.const_value.dtype for v in head_weights] == [ir.DataType.INT8]  # the head's own int8 copy
     ran = run_batches(make_session(out, threads=1), ctx.verification, ctx.output_names)
     assert compare_outputs(ctx.reference, ran).rel_l2 <= result.error + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_an_embedding_table_stored_int8_a_few_rows_at_a_time_equals_the_whole_table_rounded(monkeypatch, dtype):
+    import onnxpress.passes.quantize.graph as quant_graph
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((1000, 16)) * rng.uniform(0.01, 3.0, (1000, 1))).astype(dtype)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
+    weight = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    gather = ir.node("Gather", [weight, ids], name="embed")
+    graph = ir.Graph([ids], gather.outputs, nodes=[gather], initializers=[weight], opset_imports={"": 21})
+    monkeypatch.setattr(quant_graph, "EMBEDDING_ROWS_AT_A_TIME", 300)
+    assert quant_graph.QuantRewriter(ir.Model(graph, ir_version=10)).embedding(gather)
+
+    scale = (np.maximum(np.abs(table.astype(np.float32)).max(axis=1, keepdims=True), 1e-12) / 127)
+    scale = scale.astype(dtype).astype(np.float32)
+    stored = {name.rsplit("_", 2)[-2] + "_" + name.rsplit("_", 1)[-1]: v.const_value.numpy()
+              for name, v in graph.initializers.items() if name != "table"}
+    np.testing.assert_array_equal(stored["table_int8"], np.clip(np.round(table / scale), -127, 127).astype(np.int8))
+    np.testing.assert_array_equal(stored["row_scales"], scale.astype(dtype))
