@@ -169,7 +169,8 @@ def main() -> None:
     print(f"model {fp32 / 1e9:.2f} GB; machine memory {memory}", flush=True)
     out = WORK / "int4-rtn.onnx"
     compile_cmd = ["onnxpress", "compile", str(deep / "model.onnx"), "-o", str(out), "--passes", *PASS_LISTS["int4-rtn"]]
-    row, text = run_polled("compile int4-rtn", within_memory(compile_cmd, args.memory_limit_gb))
+    label = "compile int4-rtn" + (f" within {args.memory_limit_gb:g} GiB" if args.memory_limit_gb else "")
+    row, text = run_polled(label, within_memory(compile_cmd, args.memory_limit_gb))
     row["memory_limit_gb"] = args.memory_limit_gb
     if row["ok"]:
         row["output_gb"] = round(sum(f.stat().st_size for f in WORK.glob("int4-rtn.onnx*")) / 1e9, 2)
