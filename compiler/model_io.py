@@ -255,8 +255,9 @@ class SessionModel:
 def session_model(model: ir.Model) -> SessionModel:
     """``model`` for an ONNX Runtime session without writing it anywhere. Weights still in the
     input's external data file stay references to it, which ONNX Runtime maps itself
-    (``data_folder``); the other weights of a model over the protobuf limit (every initializer
-    of ``EXTERNAL_MIN_BYTES`` or more) stay out of the protobuf and are handed over in memory."""
+    (``data_folder``); weights mapped from another file (the compile's ``WeightSpill``) and the
+    other weights of a model over the protobuf limit (every initializer of ``EXTERNAL_MIN_BYTES``
+    or more) stay out of the protobuf and are handed over as arrays, over the mapping for the former."""
     over_limit = model_nbytes(model) > PROTOBUF_LIMIT
     if not over_limit and not _reads_external_data(model):
         return SessionModel(model_proto(model).SerializeToString())
