@@ -61,7 +61,8 @@ def deepen(src: Path, dst: Path, layers: int, seed: int = 0) -> int:
     last = f"layers.{base - 1}"
     template = [n for n in graph.node if n.name.startswith(f"/model/{last}/")]
     made = {o for n in template for o in n.output}
-    hidden_out = next(o for o in made if o == f"/model/{last}/Add_1_output_0")
+    hidden_out = f"/model/{last}/Add_1_output_0"  # the layer's residual stream out, as the exporter names it
+    assert hidden_out in made, f"no {hidden_out}: not an optimum Llama export"
     hidden_in = hidden_out.replace(last, f"layers.{base - 2}")
     weights = {i.name: i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
     read = {i for n in template for i in n.input}
