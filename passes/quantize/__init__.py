@@ -36,7 +36,7 @@ from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.quantize.calibrate import QParams, choose_range_for_linear, qparams_from_range
 from onnxpress.passes.quantize.capture import SequentialHessians, capture_stats
-from onnxpress.passes.quantize.fusion import fusion_report
+from onnxpress.passes.quantize.fusion import fusion_report, graph_kernel_report
 from onnxpress.passes.quantize.gptq import INT8_QMAX, ChannelQuantizer, channel_scales, gptq
 from onnxpress.passes.quantize.graph import (
     CodeTable,
@@ -606,7 +606,7 @@ class QuantizePass(Pass):
 
     def _finish(self, model, changes, details) -> Outcome:
         if self.config.check_fusion:
-            fusion = fusion_report(model)
+            fusion = graph_kernel_report(model) if details.get("mode") == "weight_only" else fusion_report(model)
             details["ort_fusion"] = fusion
             changes["fused_integer_kernels"] = fusion["fused"]
             if fusion["unfused"]:
