@@ -200,8 +200,8 @@ class QuantizePass(Pass):
     memory_multiple = 4.4
     # of weights mapped from the input's data file (the rounded ones go to the compile's spill file):
     # the float copy of the weight being rounded, and static int8's statistics; int4 round-to-nearest
-    # peaked at 0.46x (0.74 B) and, before its fusion check read the graph, 0.21x (7.4 B) the mapped
-    # float32 weights in anonymous memory (bench/results/past_memory.json)
+    # peaked at 0.46x (0.74 B) and 0.20x (7.4 B, bench/results/past_memory.json) the mapped float32
+    # weights in anonymous memory
     mapped_memory_multiple = 0.5
 
     def __init__(self, config=None):
