@@ -21,7 +21,7 @@ from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
-from onnxpress.model_io import load_model, move_into_place, save_model, weight_spill
+from onnxpress.model_io import load_model, move_into_place, output_folder, save_model, weight_spill
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.precision import model_precision
@@ -277,7 +277,7 @@ def _save_with_report(model: ir.Model, out: Path, report: CompileReport, runtime
                       external_data: bool | None, start: float) -> None:
     """Write the model (and its external data), ``report`` and the ``runtime`` files beside it, all
     or nothing: every file is written in a temporary folder first and renamed into place at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
     try:
         side = save_files(runtime, tmp)

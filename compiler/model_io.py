@@ -105,6 +105,17 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
+def output_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created when missing; a one-line error when it cannot be."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxpressError(f"cannot create the output folder {folder} ({exc.strerror}): "
+                             "choose an output path in a folder you can write") from None
+    return folder
+
+
 def mapped_nbytes(model: ir.Model) -> int:
     """Bytes of the initializers still read from an external data file (memory-mapped, not held)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values()
@@ -155,8 +166,7 @@ def weight_spill(model: ir.Model, folder: str | os.PathLike) -> Iterator[WeightS
     if not mapped_nbytes(model):
         yield None
         return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    spill = WeightSpill(tempfile.mkdtemp(prefix=".onnxpress-weights-", dir=folder))
+    spill = WeightSpill(tempfile.mkdtemp(prefix=".onnxpress-weights-", dir=output_folder(folder)))
     try:
         yield spill
     finally:
@@ -173,7 +183,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     path = Path(path)
     if path.suffix != ".onnx":
         raise OnnxpressError(f"output {path} must end in .onnx: choose a name like model.onnx")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     if external_data is None:
         external_data = model_nbytes(model) > PROTOBUF_LIMIT
     model.ir_version = target_ir_version(model)

@@ -169,3 +169,14 @@ def test_weights_made_for_a_model_mapped_from_its_data_file_wait_on_disk_until_s
     got = run_batches(make_session(tmp_path / "out" / "spilled.onnx"), _feeds(model))
     want = run_batches(make_session(tmp_path / "out" / "held.onnx"), _feeds(model))
     np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    """Checked before the spill file of a model mapped from its data file is made, and at the save."""
+    from onnxpress.errors import OnnxpressError
+
+    src = model_io.save_model(load_model(tiny_model("llama", with_past=True)), tmp_path / "src" / "model.onnx",
+                              external_data=True)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OnnxpressError, match="cannot create the output folder .*choose an output path"):
+        compile_model(src, tmp_path / "file" / "sub" / "out.onnx", passes=["cleanup"], progress=False, threads=1)

@@ -3,7 +3,8 @@
 QDQ is only a promise: ORT's CPU provider must recognise each pattern and replace it
 with an integer kernel, otherwise the model runs the float MatMul plus extra
 quantise/dequantise work (slower than fp32). We let ORT optimise the model into a file
-(``optimized_model_filepath``) and count what it produced.
+(``optimized_model_filepath``) and count what it produced. Weight-only kernels are counted in the
+graph itself (``graph_kernel_report``): ORT runs them as written.
 """
 
 from __future__ import annotations
