@@ -21,7 +21,8 @@ from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
-from onnxpress.model_io import load_model, move_into_place, output_folder, save_model, weight_spill
+from onnxpress.memory import process_peak_mb
+from onnxpress.model_io import compile_input, files_size, move_into_place, output_folder, save_model
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.precision import model_precision
@@ -33,8 +34,22 @@ DEFAULT_RECIPE = "balanced"
 # What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
 NO_CALIBRATION_RECIPE = "lossless"
 DEFAULT_MAX_SAMPLES = 256
+BATCH_SIZE = 8
+LOGITS_BATCH_BYTES = 64 * 2**20
 # Samples held back from the calibration data to verify each stage.
 VERIFY_FRACTION = 0.15
+
+
+def default_batch_size(model: ir.Model, max_length: int) -> int:
+    """``BATCH_SIZE`` samples a batch; fewer for a decoder whose logits over that many samples of
+    ``max_length`` tokens would pass ``LOGITS_BATCH_BYTES``: a large vocabulary's logits are most of
+    what a compile's sessions allocate (SmolLM2's 49,152 at 8 x 128 tokens: 201 MB a batch, held by
+    the session, the stored reference and the comparison)."""
+    logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape is not None and len(logits.shape) else None
+    if not isinstance(vocab, int):
+        return BATCH_SIZE
+    return max(1, min(BATCH_SIZE, LOGITS_BATCH_BYTES // (max_length * vocab * 4)))
 
 
 def report_path(output: str | os.PathLike) -> Path:
@@ -94,7 +109,7 @@ def load_calibration(
         return None
     paths = [Path(p) for p in calib]
     if len(paths) == 1 and paths[0].suffix == ".npz":
-        return CalibrationSet.from_npz(paths[0], model)
+        return CalibrationSet.from_npz(paths[0], model, batch_size=batch_size)
     if tokenizer_dir is None:
         raise OnnxpressError("text calibration needs a tokenizer: pass --tokenizer DIR (the exported model's folder)")
     options = dict(max_length=max_length, batch_size=batch_size, max_samples=max_samples, seed=seed)
@@ -138,7 +153,7 @@ def compile_model(
     tokenizer_dir: str | os.PathLike | None = None,
     max_samples: int | None = None,
     max_length: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     seed: int = 0,
     threads: int | None = None,
     verify: bool = True,
@@ -158,22 +173,24 @@ def compile_model(
     start = time.perf_counter()
     src, out = Path(model), Path(output)
     plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
-    ir_model = load_model(src)
-    size_before = _file_size(src, ir_model)
-    ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir), model_dir=src.parent,
-                         seed=seed, threads=threads, precision=model_precision(ir_model))
-    pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
-                            verify=verify, progress=progress)
-    calibration = load_calibration(
-        calib, ir_model, ctx.tokenizer_dir, batch_size=batch_size, seed=seed,
-        max_samples=max_samples or plan.calibration.get("max_samples", DEFAULT_MAX_SAMPLES),
-        max_length=max_length or plan.calibration.get("max_length", 128),
-    )
-    verified_on = _split_calibration(ctx, calibration, ir_model, src)
-    _set_text_sources(ctx, calib, ir_model, batch_size=batch_size, seed=seed,
-                      max_length=max_length or plan.calibration.get("max_length", 128))
-    # new weights of a model mapped from its data file go to disk as they are made, until saved
-    with weight_spill(ir_model, out.parent) as spill, weights_spilled_to(spill):
+    # weights mapped from a data file (an inline model's moved to one) stay on disk, and the weights
+    # the passes make for them go to disk as they are made, until saved
+    with compile_input(src, out.parent) as given, weights_spilled_to(given.spill):
+        ir_model, size_before = given.model, given.size
+        max_length = max_length or plan.calibration.get("max_length", 128)
+        batch_size = batch_size or default_batch_size(ir_model, max_length)
+        ctx = CompileContext(verification=[], tokenizer_dir=_tokenizer_dir(src, tokenizer_dir),
+                             model_dir=src.parent, seed=seed, threads=threads,
+                             precision=model_precision(ir_model))
+        pipeline = _plan_passes(plan, ir_model, ctx, src, notes, calib=calib, auto=budget is not None,
+                                verify=verify, progress=progress)
+        calibration = load_calibration(
+            calib, ir_model, ctx.tokenizer_dir, batch_size=batch_size, seed=seed,
+            max_samples=max_samples or plan.calibration.get("max_samples", DEFAULT_MAX_SAMPLES),
+            max_length=max_length,
+        )
+        verified_on = _split_calibration(ctx, calibration, ir_model, src)
+        _set_text_sources(ctx, calib, ir_model, batch_size=batch_size, seed=seed, max_length=max_length)
         if budget is None:
             results, extra = pipeline.run(ir_model, ctx), {}
         else:
@@ -282,8 +299,9 @@ def _save_with_report(model: ir.Model, out: Path, report: CompileReport, runtime
     try:
         side = save_files(runtime, tmp)
         saved = save_model(model, tmp / out.name, external_data=external_data)
-        report.size_after = _file_size(saved)
+        report.size_after = files_size(saved)
         report.seconds = time.perf_counter() - start
+        report.peak_rss_mb = process_peak_mb()
         report.write_json(tmp / report_path(out).name)
         data = saved.with_name(saved.name + ".data")
         # the model last: it appears only when complete
@@ -298,12 +316,3 @@ def _tokenizer_dir(model_path: Path, tokenizer_dir) -> Path | None:
         return find_tokenizer_dir(model_path, tokenizer_dir)
     folder = model_path.parent
     return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
-
-
-def _file_size(path: Path, model: ir.Model | None = None) -> int:
-    """The model file and its external data: the files ``model``'s initializers read (any name
-    an exporter gave them), else onnxpress's ``.data`` beside it."""
-    files = {path.with_name(path.name + ".data")} if model is None else {
-        Path(v.const_value.base_dir) / v.const_value.location for v in model.graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor)}
-    return path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())

@@ -241,14 +241,24 @@ def find_tokenizer_dir(model_path: str | os.PathLike, tokenizer_dir: str | os.Pa
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
-    """A Hugging Face tokenizer from a local folder (never the hub)."""
+    """A Hugging Face tokenizer from a local folder (never the hub): its ``tokenizer.json`` run by the
+    tokenizers library where transformers would load it unchanged (``tokenizer_file``), else
+    transformers' ``AutoTokenizer``."""
+    from onnxpress.tokenizer_file import open_tokenizer_file
+
+    path = find_tokenizer_dir(tokenizer_dir, tokenizer_dir)
+    try:
+        tokenizer = open_tokenizer_file(path)
+    except Exception:  # tokenizers missing, or a file it cannot read: transformers loads it or says why
+        tokenizer = None
+    if tokenizer is not None:
+        return tokenizer
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise OnnxpressError("tokenizing text needs transformers: pip install onnxpress[export]") from None
-    path = find_tokenizer_dir(tokenizer_dir, tokenizer_dir)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:

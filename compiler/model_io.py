@@ -20,12 +20,15 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxpress import inline_weights
 from onnxpress.errors import OnnxpressError
 
 # Models above this size cannot be serialised into one protobuf (2 GiB limit).
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
 # Over the limit, initializers this large are kept out of the protobuf of an in-memory session.
 EXTERNAL_MIN_BYTES = 1024
+# Inline models from this size are compiled from a copy with their weights in a data file (``compile_input``).
+INLINE_MAP_MIN_BYTES = 64 * 2**20
 # The external data location those initializers are marked with (never written: the session gets the arrays).
 IN_MEMORY_WEIGHTS = "onnxpress-in-memory-weights.bin"
 
@@ -34,8 +37,8 @@ IN_MEMORY_WEIGHTS = "onnxpress-in-memory-weights.bin"
 MAX_IR_VERSION = 13
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model lazily, with a one-line error for every bad-input case."""
+def model_file(path: str | os.PathLike) -> Path:
+    """``path``, or the one .onnx file in the folder ``path``."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.onnx"))
@@ -46,6 +49,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         path = candidates[0]
     if not path.exists():
         raise OnnxpressError(f"{path} does not exist: check the model path")
+    return path
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model lazily, with a one-line error for every bad-input case."""
+    path = model_file(path)
     if path.stat().st_size == 0:
         raise OnnxpressError(f"{path} is empty: re-export or re-download the model")
     try:
@@ -159,19 +168,63 @@ class WeightSpill:
         self._file.close()
 
 
+@dataclass
+class CompileInput:
+    """The model a compile reads (``compile_input``), where its passes write new weights, and
+    the input's size on disk as given."""
+
+    model: ir.Model
+    spill: WeightSpill | None  # None for a model held in memory
+    size: int
+
+
 @contextlib.contextmanager
-def weight_spill(model: ir.Model, folder: str | os.PathLike) -> Iterator[WeightSpill | None]:
-    """For the block, a ``WeightSpill`` in a temporary folder inside ``folder`` (on the output's
-    disk) when ``model`` maps weights from a data file, else None; the folder is removed after."""
-    if not mapped_nbytes(model):
-        yield None
+def compile_input(path: str | os.PathLike, folder: str | os.PathLike) -> Iterator[CompileInput]:
+    """The model at ``path`` loaded for a compile writing into ``folder``.
+
+    A model whose weights are mapped from its data file gets a ``WeightSpill`` for the weights its
+    passes make. A model stored inline in a file of ``INLINE_MAP_MIN_BYTES`` or more is compiled
+    from a copy whose weights were moved to a data file (``inline_weights``), mapped the same way:
+    parsed whole, its weights would sit in memory for the whole compile, and each ONNX Runtime
+    session would copy them again from the serialised model. Copy and spill file live in a
+    temporary folder inside ``folder`` (on the output's disk), removed after the block."""
+    path = model_file(path)
+    model = None if path.stat().st_size >= INLINE_MAP_MIN_BYTES else load_model(path)
+    if model is not None and not mapped_nbytes(model):
+        yield CompileInput(model, None, files_size(path, model))
         return
-    spill = WeightSpill(tempfile.mkdtemp(prefix=".onnxpress-weights-", dir=output_folder(folder)))
+    scratch = Path(tempfile.mkdtemp(prefix=".onnxpress-scratch-", dir=output_folder(folder)))
+    spill = None
     try:
-        yield spill
+        if model is None:
+            model = _load_with_weights_moved(path, scratch)
+        moved = data_folder(model) is not None and Path(data_folder(model)) == scratch
+        spill = WeightSpill(scratch) if mapped_nbytes(model) else None
+        yield CompileInput(model, spill, path.stat().st_size if moved else files_size(path, model))
     finally:
-        spill.close()
-        shutil.rmtree(spill.folder, ignore_errors=True)
+        if spill is not None:
+            spill.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_with_weights_moved(path: Path, folder: Path) -> ir.Model:
+    """``path`` loaded from a copy in ``folder`` whose weights are in a data file beside it; the
+    model as it is when it cannot be copied so (``load_model`` then names what is wrong)."""
+    copy = folder / "input.onnx"
+    try:
+        inline_weights.move_weights_out(path, copy, copy.name + ".data")
+        return load_model(copy)
+    except (inline_weights.NotMovable, OnnxpressError):  # the error names the user's file, not the copy
+        return load_model(path)
+
+
+def files_size(path: Path, model: ir.Model | None = None) -> int:
+    """The model file and its external data: the files ``model``'s initializers read (any name
+    an exporter gave them), else onnxpress's ``.data`` beside it."""
+    files = {path.with_name(path.name + ".data")} if model is None else {
+        Path(v.const_value.base_dir) / v.const_value.location for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:

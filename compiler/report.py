@@ -30,6 +30,7 @@ class CompileReport:
     size_before: int = 0
     size_after: int = 0
     seconds: float = 0.0
+    peak_rss_mb: float | None = None  # the compile's peak memory (``memory.process_peak_mb``)
     verified_on: str = ""  # the samples every stage was verified and measured on
     unseen_on: str = ""  # held-out samples of a domain the calibration never saw (named data only)
     # the input's compute precision and the rounding its checks allowed (``onnxpress.precision``)
@@ -100,7 +101,8 @@ class CompileReport:
         summary = (
             f"{self.model} -> {self.output} (recipe {self.recipe}; calibration: {self.calibration})\n"
             f"file size {_si(self.size_before, 'B')} -> {_si(self.size_after, 'B')}, "
-            f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s\n"
+            f"parameters {_si(self.params_before)} -> {_si(self.params_after)}, {self.seconds:.1f}s"
+            f"{f', peak memory {self.peak_rss_mb / 1024:.2f} GiB' if self.peak_rss_mb else ''}\n"
             f"{self._format_fidelity()}"
         )
         notes = "".join(f"\nnote: {n}" for n in [*self._precision_notes(), *self.extra.get("notes", [])])

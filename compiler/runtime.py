@@ -15,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxpress.errors import OnnxpressError
+from onnxpress.memory import release_freed_memory
 from onnxpress.model_io import SessionModel, session_model
 
 Feeds = Mapping[str, np.ndarray]
@@ -46,6 +47,7 @@ def make_session(
     """A session for an in-memory model (of any size), serialised bytes or a file; registers
     onnxpress's operator library when the model uses the ``onnxpress`` domain. ``options``
     are changed in place when the model has weights kept out of its protobuf."""
+    release_freed_memory()  # what the sessions before this one left in the C heap
     uses_ops = _uses_onnxpress_ops(model)
     if isinstance(model, ir.Model):
         model = session_model(model)

@@ -41,3 +41,12 @@ def test_the_peak_covers_an_allocation_inside_the_block_only(monkeypatch, resett
     with PeakRss() as after:
         pass
     assert inside.mb > after.mb + 150
+
+
+def test_the_process_peak_outlasts_the_resets_of_the_blocks_after_it():
+    """``/usr/bin/time`` reads the kernel's mark, which each block restarts; the report reads this."""
+    with PeakRss() as block, fresh_pages(200):
+        pass
+    with PeakRss() as later:
+        pass
+    assert onnxpress.memory.process_peak_mb() >= block.mb > later.mb + 150

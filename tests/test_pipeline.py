@@ -346,3 +346,15 @@ def test_named_data_is_also_measured_on_the_corpus_it_never_drew_from(tmp_path):
     both = compile_model(src, tmp_path / "b.onnx", passes=["cleanup"], **{**CALIB, "calib": ["default"]})
     assert "SOTU" in both.calibration and "BBC" in both.calibration
     assert not both.fidelity_unseen and "never saw" not in both.format_table()
+
+
+def test_a_decoder_with_a_large_vocabulary_calibrates_in_smaller_batches():
+    """Its logits are most of what a compile's sessions allocate."""
+    from onnxpress.compile import BATCH_SIZE, default_batch_size
+
+    model = load_model(tiny_model("llama", with_past=True))
+    assert default_batch_size(model, 128) == BATCH_SIZE
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    logits.shape = ir.Shape(["batch_size", "sequence_length", 49152])  # SmolLM2's vocabulary
+    assert default_batch_size(model, 128) == 2
+    assert default_batch_size(model, 1024) == 1
