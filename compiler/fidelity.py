@@ -106,10 +106,11 @@ def next_token_nll(
         mask = batch.get("attention_mask", np.ones_like(batch["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
         for seq_logits, seq_target, seq_mask in zip(out["logits"], target, mask, strict=True):
             # one sequence at a time: a batch of a large vocabulary's logits in float64 takes gigabytes
+            # (and one float64 copy of it, exponentiated in place)
             logits = seq_logits[:-1].astype(np.float64)
             logits -= logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            picked = logp[np.arange(len(seq_target)), seq_target] * seq_mask
+            chosen = logits[np.arange(len(seq_target)), seq_target]
+            picked = (chosen - np.log(np.exp(logits, out=logits).sum(-1))) * seq_mask
             total -= float(picked.sum())
             count += float(seq_mask.sum())
             rows.append(-picked.sum() / max(seq_mask.sum(), 1))

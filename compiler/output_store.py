@@ -44,7 +44,8 @@ class OutputStore(Sequence[dict[str, np.ndarray]]):
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:
         size = sum(a.nbytes for a in arrays.values())
         if self.held_bytes + size <= self.memory_bytes:
-            self._batches.append(dict(arrays))
+            # copies: an array ONNX Runtime returned can keep its session's whole memory arena alive
+            self._batches.append({name: np.array(a, copy=True) for name, a in arrays.items()})
             self.held_bytes += size
             return
         folder = self._spill_folder()

@@ -64,3 +64,11 @@ def test_a_compile_whose_stage_outputs_spill_to_disk_reports_the_same(arch, tmp_
         assert on_disk.modified == in_memory.modified
         assert on_disk.measured_error == pytest.approx(in_memory.measured_error, rel=1e-6, abs=1e-9)
         assert on_disk.vs_input == pytest.approx(in_memory.vs_input, rel=1e-6)
+
+
+def test_batches_held_in_memory_are_copies_of_what_was_appended():
+    """An array ONNX Runtime returns can keep its session's whole memory arena alive."""
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store = OutputStore.of([{"x": array}])
+    assert store.held_bytes == array.nbytes and not np.shares_memory(store[0]["x"], array)
+    np.testing.assert_array_equal(store[0]["x"], array)
