@@ -50,3 +50,27 @@ def test_the_process_peak_outlasts_the_resets_of_the_blocks_after_it():
     with PeakRss() as later:
         pass
     assert onnxpress.memory.process_peak_mb() >= block.mb > later.mb + 150
+
+
+def test_memory_freed_into_the_c_heap_is_given_back():
+    import ctypes
+    import ctypes.util
+
+    import psutil
+
+    if onnxpress.memory._malloc_trim() is None:
+        pytest.skip("not glibc: no malloc_trim")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    size = 64 * 1024  # below glibc's mmap threshold: from the heap
+    chunks = [libc.malloc(size) for _ in range(3000)]
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, size)
+    top = chunks.pop()  # in use above the others: free alone cannot shrink the heap
+    for chunk in chunks:
+        libc.free(chunk)
+    before = psutil.Process().memory_info().rss
+    onnxpress.memory.release_freed_memory()
+    after = psutil.Process().memory_info().rss
+    libc.free(top)
+    assert before - after > 100 * 2**20
