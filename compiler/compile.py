@@ -34,6 +34,7 @@ DEFAULT_RECIPE = "balanced"
 # What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
 NO_CALIBRATION_RECIPE = "lossless"
 DEFAULT_MAX_SAMPLES = 256
+# Samples a calibration batch, unless a decoder's logits over them pass LOGITS_BATCH_BYTES (default_batch_size).
 BATCH_SIZE = 8
 LOGITS_BATCH_BYTES = 64 * 2**20
 # Samples held back from the calibration data to verify each stage.

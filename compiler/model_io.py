@@ -216,6 +216,9 @@ def _load_with_weights_moved(path: Path, folder: Path) -> ir.Model:
         return load_model(copy)
     except (inline_weights.NotMovable, OnnxpressError):  # the error names the user's file, not the copy
         return load_model(path)
+    except OSError as exc:
+        raise OnnxpressError(f"cannot write a copy of {path.name}'s weights into {folder.parent} ({exc.strerror}): "
+                             "free disk space there, or choose an output folder on another disk") from None
 
 
 def files_size(path: Path, model: ir.Model | None = None) -> int:

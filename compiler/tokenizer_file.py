@@ -5,8 +5,8 @@ of a compile's memory that a compile without distillation never uses. ``Tokenize
 onnxpress asks of a tokenizer (ids of texts with or without special tokens, truncated; the special
 token ids; decoding) and reads the special tokens the way transformers does, from
 ``tokenizer_config.json`` and ``special_tokens_map.json``. ``open_tokenizer_file`` returns None
-where transformers would change what ``tokenizer.json`` says when loading it (it adds BOS / EOS or
-lower-cases by the config's flags): those folders are left to transformers.
+where transformers would change what ``tokenizer.json`` says when loading it (it adds BOS / EOS,
+lower-cases or adds a prefix space by the config's flags): those folders are left to transformers.
 """
 
 from __future__ import annotations

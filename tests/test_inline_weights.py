@@ -91,3 +91,16 @@ def test_an_inline_model_compiled_from_a_moved_copy_gives_what_compiling_it_in_m
     got = run_batches(make_session(tmp_path / "out" / "moved.onnx"), feeds)
     want = run_batches(make_session(tmp_path / "out" / "held.onnx"), feeds)
     np.testing.assert_allclose(got[0]["logits"], want[0]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_room_for_the_moved_copy_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_io, "INLINE_MAP_MIN_BYTES", 0)
+    monkeypatch.setattr(inline_weights, "move_weights_out", full)
+    with pytest.raises(OnnxpressError, match="cannot write a copy of model.onnx's weights .*No space left.*free disk"):
+        compile_model(_inline(tmp_path), tmp_path / "out" / "out.onnx", passes=["cleanup"], progress=False, threads=1)
+    assert not list((tmp_path / "out").glob("*"))
