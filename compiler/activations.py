@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from onnxpress.calibration import CalibrationSet, Feeds
 from onnxpress.editing import remove_dead_nodes
 from onnxpress.errors import OnnxpressError
+from onnxpress.memory import release_freed_memory
 from onnxpress.model_io import SessionModel, data_folder, handed_over, session_model, weightless_proto
 from onnxpress.runtime import make_session, session_feeds
 
@@ -456,10 +457,11 @@ class SegmentStream:
         """Move the cut to just before ``first``; returns the ``wanted`` tensors per batch."""
         nodes = list(self.model.graph)
         stop = nodes.index(first)
-        segment = [n for n in nodes[:stop] if id(n) not in self.done]
-        made = {v.name for n in nodes[:stop] for v in n.outputs}
-        live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
         constant = _made_from_constants(nodes[:stop])
+        deferred = _read_later_only(nodes, stop, constant, set(wanted))
+        segment = [n for n in nodes[:stop] if id(n) not in self.done and id(n) not in deferred]
+        made = {v.name for n in nodes[:stop] if id(n) not in deferred for v in n.outputs}
+        live = {v.name for n in nodes[stop:] for v in n.inputs if v is not None and v.name in made}
         carried = set(self.kept[0]) | set(self.shared)
         outputs = sorted((live | set(wanted)) - carried - {v.name for v in self.model.graph.inputs})
         tap = None
@@ -470,11 +472,14 @@ class SegmentStream:
             values = {**feeds, **self.shared, **self.kept[b]}
             if tap is not None:
                 values.update(tap.run(values))
-            self.kept[b] = {k: values[k] for k in live - constant}
+            # copies: an array ONNX Runtime returned keeps its session's memory arena alive
+            self.kept[b] = {k: np.array(values[k]) for k in live - constant}
             if b == 0:
-                self.shared = {k: values[k] for k in live & constant}
-            results.append([values[n] for n in wanted])
-        self.done.update(id(n) for n in nodes[:stop])
+                self.shared = {k: np.array(values[k]) for k in live & constant}
+            results.append([np.array(values[n]) for n in wanted])
+        self.done.update(id(n) for n in nodes[:stop] if id(n) not in deferred)
+        del tap, values
+        release_freed_memory()  # the segment's session, before the caller fits on the results
         return results
 
     def _type(self, name: str) -> int:
@@ -514,6 +519,20 @@ class SegmentStream:
         proto = helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version).SerializeToString()
         # weights still in the input's data file stay references to it, mapped by ONNX Runtime
         return SessionModel(proto, weights, data_folder=folder)
+
+
+def _read_later_only(nodes: list[ir.Node], stop: int, constant: set[str], wanted: set[str]) -> set[int]:
+    """Ids of the nodes before ``stop`` that make values from constants alone read only by nodes
+    from ``stop`` on (or by other such nodes): a segment leaves them to the segment that reads
+    them, which a rewrite may remove first (a tied LM head's transposed embedding table)."""
+    position = {id(node): i for i, node in enumerate(nodes)}  # users in subgraphs have none
+    deferred: set[int] = set()
+    for node in reversed(nodes[:stop]):
+        if all(v.name in constant and v.name not in wanted and not v.is_graph_output()
+               and all(id(user) in deferred or position.get(id(user), -1) >= stop for user, _ in v.uses())
+               for v in node.outputs):
+            deferred.add(id(node))
+    return deferred
 
 
 def _made_from_constants(nodes: list[ir.Node]) -> set[str]:

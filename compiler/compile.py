@@ -21,7 +21,7 @@ from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import model_kind
-from onnxpress.memory import process_peak_mb
+from onnxpress.memory import fix_mmap_threshold, process_peak_mb, release_freed_memory
 from onnxpress.model_io import compile_input, files_size, move_into_place, output_folder, save_model
 from onnxpress.pass_infra import build_pass, get_pass
 from onnxpress.pipeline import CompileContext, Pipeline
@@ -36,7 +36,7 @@ NO_CALIBRATION_RECIPE = "lossless"
 DEFAULT_MAX_SAMPLES = 256
 # Samples a calibration batch, unless a decoder's logits over them pass LOGITS_BATCH_BYTES (default_batch_size).
 BATCH_SIZE = 8
-LOGITS_BATCH_BYTES = 64 * 2**20
+LOGITS_BATCH_BYTES = 32 * 2**20
 # Samples held back from the calibration data to verify each stage.
 VERIFY_FRACTION = 0.15
 
@@ -44,8 +44,8 @@ VERIFY_FRACTION = 0.15
 def default_batch_size(model: ir.Model, max_length: int) -> int:
     """``BATCH_SIZE`` samples a batch; fewer for a decoder whose logits over that many samples of
     ``max_length`` tokens would pass ``LOGITS_BATCH_BYTES``: a large vocabulary's logits are most of
-    what a compile's sessions allocate (SmolLM2's 49,152 at 8 x 128 tokens: 201 MB a batch, held by
-    the session, the stored reference and the comparison)."""
+    what a compile's sessions allocate beyond the weights (SmolLM2's 49,152 at 8 x 128 tokens: 201 MB
+    a batch, held by the session, the stored reference and the comparison; it gets batches of 1)."""
     logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
     vocab = logits.shape[-1] if logits is not None and logits.shape is not None and len(logits.shape) else None
     if not isinstance(vocab, int):
@@ -172,6 +172,7 @@ def compile_model(
     probing (the final measurement still runs).
     """
     start = time.perf_counter()
+    fix_mmap_threshold()
     src, out = Path(model), Path(output)
     plan, notes = _check_arguments(out, recipe, passes, calib, budget, objective, search_seconds)
     # weights mapped from a data file (an inline model's moved to one) stay on disk, and the weights
@@ -299,6 +300,7 @@ def _save_with_report(model: ir.Model, out: Path, report: CompileReport, runtime
     tmp = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
     try:
         side = save_files(runtime, tmp)
+        release_freed_memory()  # the last sessions' memory, before the weights are serialised beside it
         saved = save_model(model, tmp / out.name, external_data=external_data)
         report.size_after = files_size(saved)
         report.seconds = time.perf_counter() - start

@@ -63,23 +63,51 @@ def compare_outputs(
     sq_ref: dict[str, float] = {}
     max_abs = 0.0
     cosines: list[np.ndarray] = []
-    for ref_batch, new_batch in zip(refs, news, strict=True):
-        for name, ref in ref_batch.items():
-            new = new_batch.get(name)
-            if new is None or ref.shape != new.shape or not np.issubdtype(ref.dtype, np.floating):
-                continue
-            for ref_rows, new_rows in zip(_row_parts(ref), _row_parts(new), strict=True):
-                diff = new_rows.astype(np.float64) - ref_rows
-                sq_err[name] = sq_err.get(name, 0.0) + float((diff**2).sum())
-                sq_ref[name] = sq_ref.get(name, 0.0) + float((ref_rows.astype(np.float64) ** 2).sum())
-                if diff.size:
-                    max_abs = max(max_abs, float(np.abs(diff).max()))
-                    cosines.append(row_cosines(ref_rows, new_rows))
+    for ref_batch, new_batch in _in_step(refs, news):
+        max_abs = max(max_abs, _add_differences(ref_batch, new_batch, sq_err, sq_ref, cosines))
+        del ref_batch, new_batch  # before the next batch is run (``runtime.iter_batches``)
     if not sq_err:
         raise ValueError("no comparable float outputs between the two runs")
     rel = max(np.sqrt(sq_err[n] / sq_ref[n]) if sq_ref[n] > 0 else np.sqrt(sq_err[n]) for n in sq_err)
     cos = np.concatenate(cosines) if cosines else np.ones(1)
     return Fidelity(float(rel), max_abs, float(cos.mean()), float(cos.min()))
+
+
+_MISSING = object()
+
+
+def _in_step(first: Iterable, second: Iterable) -> Iterator[tuple]:
+    """``zip(first, second, strict=True)`` holding nothing of one pair while the next is taken:
+    zip's reused result tuple keeps the last pair until both new items are in, so a batch ONNX
+    Runtime returned would keep its buffer in the session's arena busy through the next run."""
+    second = iter(second)
+    for a in first:
+        b = next(second, _MISSING)
+        if b is _MISSING:
+            raise ValueError("the second sequence is shorter than the first")
+        yield a, b
+        del a, b
+    if next(second, _MISSING) is not _MISSING:
+        raise ValueError("the second sequence is longer than the first")
+
+
+def _add_differences(ref_batch: Mapping[str, np.ndarray], new_batch: Mapping[str, np.ndarray],
+                     sq_err: dict[str, float], sq_ref: dict[str, float], cosines: list[np.ndarray]) -> float:
+    """``compare_outputs`` for one batch: adds to the sums and row cosines; returns the largest
+    absolute difference."""
+    max_abs = 0.0
+    for name, ref in ref_batch.items():
+        new = new_batch.get(name)
+        if new is None or ref.shape != new.shape or not np.issubdtype(ref.dtype, np.floating):
+            continue
+        for ref_rows, new_rows in zip(_row_parts(ref), _row_parts(new), strict=True):
+            diff = new_rows.astype(np.float64) - ref_rows
+            sq_err[name] = sq_err.get(name, 0.0) + float((diff**2).sum())
+            sq_ref[name] = sq_ref.get(name, 0.0) + float((ref_rows.astype(np.float64) ** 2).sum())
+            if diff.size:
+                max_abs = max(max_abs, float(np.abs(diff).max()))
+                cosines.append(row_cosines(ref_rows, new_rows))
+    return max_abs
 
 
 def _row_parts(array: np.ndarray, elements: int = 1 << 20) -> Iterator[np.ndarray]:
@@ -94,6 +122,11 @@ def _row_parts(array: np.ndarray, elements: int = 1 << 20) -> Iterator[np.ndarra
         yield rows[start : start + step]
 
 
+# Positions whose log-softmax is taken at once: a large vocabulary's logits in float64 take 50 MB
+# for one sequence of 128 tokens (SmolLM2), several times what a compile holds beside its session.
+NLL_POSITIONS = 16
+
+
 def next_token_nll(
     outputs: Iterable[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> tuple[float, np.ndarray]:
@@ -101,20 +134,31 @@ def next_token_nll(
     against the shifted ``input_ids``, padding masked out), and the mean per sequence."""
     total = count = 0.0
     rows = []
-    for out, batch in zip(outputs, feeds, strict=True):
+    for out, batch in _in_step(outputs, feeds):
         target = batch["input_ids"][:, 1:]
         mask = batch.get("attention_mask", np.ones_like(batch["input_ids"]))[:, -target.shape[1] - 1 :][:, 1:]
-        for seq_logits, seq_target, seq_mask in zip(out["logits"], target, mask, strict=True):
-            # one sequence at a time: a batch of a large vocabulary's logits in float64 takes gigabytes
-            # (and one float64 copy of it, exponentiated in place)
-            logits = seq_logits[:-1].astype(np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            chosen = logits[np.arange(len(seq_target)), seq_target]
-            picked = (chosen - np.log(np.exp(logits, out=logits).sum(-1))) * seq_mask
-            total -= float(picked.sum())
-            count += float(seq_mask.sum())
-            rows.append(-picked.sum() / max(seq_mask.sum(), 1))
+        picked = [_sequence_log_likelihoods(logits, t) * m for logits, t, m in zip(out["logits"], target, mask, strict=True)]
+        del out  # before the next batch is run (``runtime.iter_batches``)
+        total -= float(sum(p.sum() for p in picked))
+        count += float(mask.sum())
+        rows += [-p.sum() / max(m.sum(), 1) for p, m in zip(picked, mask, strict=True)]
     return total / max(count, 1.0), np.array(rows)
+
+
+def _sequence_log_likelihoods(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Each next token's log-probability in one sequence, ``NLL_POSITIONS`` positions at a time (the
+    last position predicts nothing here)."""
+    logits = logits[: len(target)]
+    return np.concatenate([_log_softmax_picked(logits[i : i + NLL_POSITIONS], target[i : i + NLL_POSITIONS])
+                           for i in range(0, len(target), NLL_POSITIONS)])
+
+
+def _log_softmax_picked(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``log_softmax(logits)[i, targets[i]]`` in float64 (one copy, exponentiated in place)."""
+    work = logits.astype(np.float64)
+    work -= work.max(-1, keepdims=True)
+    chosen = work[np.arange(len(targets)), targets]
+    return chosen - np.log(np.exp(work, out=work).sum(-1))
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

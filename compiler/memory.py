@@ -92,11 +92,12 @@ class PeakRss:
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
+def _glibc():
+    """The C library when it is glibc (it has ``malloc_trim`` and ``mallopt``), else None."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
         return None
 
 
@@ -105,9 +106,24 @@ def release_freed_memory() -> None:
     and buffers in many small pieces, partly into its threads' arenas, and glibc keeps them: without
     this, every ONNX Runtime session of a compile left a few hundred MB behind (0.44 GB after a
     SmolLM2 session and its runs, in a one-off trace)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+# Blocks of this size or more get their own mapping, returned to the system when freed.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+
+
+def fix_mmap_threshold() -> None:
+    """Give every block of ``MMAP_THRESHOLD_BYTES`` or more its own mapping, for the whole process.
+    glibc's own threshold rises to the largest block freed so far (up to 32 MB): after a session's
+    buffers are freed, the next session's land in the heap, where they outlive it. With SmolLM2 each
+    verification session after the first then held 50-70 MB more (the compile's peak memory)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def memory_shortfall(pass_name: str, held_bytes: int, multiple: float, mapped_bytes: int = 0,

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Outputs held in memory before the store writes batches to disk.
-MEMORY_BYTES = 64 * 2**20
+# Outputs held in memory before the store writes batches to disk: little, since a compile holds two
+# stores (the reference and the stage being verified) beside each session it runs.
+MEMORY_BYTES = 8 * 2**20
 
 
 class OutputStore(Sequence[dict[str, np.ndarray]]):
@@ -39,6 +40,7 @@ class OutputStore(Sequence[dict[str, np.ndarray]]):
         store = cls(memory_bytes)
         for arrays in batches:
             store.append(arrays)
+            del arrays  # before the next batch is run (``runtime.iter_batches``)
         return store
 
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:

@@ -216,9 +216,12 @@ class Pipeline:
             with PeakRss() as peak:
                 result = p.run(model, ctx)
                 if result.modified:
-                    verified = self._check_stage(model, ctx, result, lossless=p.lossless) if self.verify else None
-                    ctx.reference = verified or ctx.stage_outputs  # the next stage is compared with this one
-                    ctx.stage_outputs = []  # one copy of a stage's outputs held, not two
+                    if self.verify:  # the check runs the stage again: one copy of its outputs held, not two
+                        ctx.stage_outputs = []
+                        ctx.reference = self._check_stage(model, ctx, result, lossless=p.lossless)
+                    else:
+                        ctx.reference = ctx.stage_outputs  # the next stage is compared with this one
+                    ctx.stage_outputs = []
                     vs_input = None
             result.peak_rss_mb = peak.mb
             if shortfall:

@@ -114,11 +114,15 @@ def session_feeds(session: ort.InferenceSession, feeds: Feeds) -> dict[str, np.n
 def iter_batches(
     session: ort.InferenceSession, batches: Iterable[Feeds], outputs: Sequence[str] | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Run the batches one at a time as they are asked for: one {output name: array} dict each."""
+    """Run the batches one at a time as they are asked for: one {output name: array} dict each.
+
+    A batch's arrays live in the session's memory arena: a caller that lets go of one before asking
+    for the next (``del`` at the end of its loop) lets the next run reuse that memory."""
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
     for feeds in batches:
-        arrays = session.run(names, session_feeds(session, feeds))
-        yield dict(zip(names, arrays, strict=True))
+        out = dict(zip(names, session.run(names, session_feeds(session, feeds)), strict=True))
+        yield out
+        del out
 
 
 def run_batches(

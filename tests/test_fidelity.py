@@ -1,12 +1,18 @@
 """The decoder measure: next-token negative log-likelihood of the input text, padding masked out."""
 
+import weakref
+
 import numpy as np
+import pytest
 from scipy.special import log_softmax
 
+from onnxpress import fidelity
 from onnxpress.fidelity import next_token_nll
 
 
-def test_next_token_nll_is_the_mean_cross_entropy_of_the_unmasked_next_tokens():
+@pytest.mark.parametrize("positions", [fidelity.NLL_POSITIONS, 4])  # 4: a sequence's positions in two chunks
+def test_next_token_nll_is_the_mean_cross_entropy_of_the_unmasked_next_tokens(monkeypatch, positions):
+    monkeypatch.setattr(fidelity, "NLL_POSITIONS", positions)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50, (3, 7))
     mask = np.ones_like(ids)
@@ -20,3 +26,38 @@ def test_next_token_nll_is_the_mean_cross_entropy_of_the_unmasked_next_tokens():
     mean, per_sequence = next_token_nll(outputs, batches)
     np.testing.assert_allclose(mean, -picked.sum() / mask[:, 1:].sum(), rtol=1e-12)
     np.testing.assert_allclose(per_sequence, -picked.sum(1) / mask[:, 1:].sum(1), rtol=1e-12)
+
+
+class _ArenaSession:
+    """Stands in for an ONNX Runtime session, whose outputs live in its memory arena: each run
+    checks that no output of the run before it is still held, so the arena could reuse it."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(1)
+        self.last = None
+
+    def get_inputs(self):
+        return []
+
+    def run(self, names, feeds):
+        assert self.last is None or self.last() is None, "the previous batch's outputs are still held"
+        logits = self.rng.standard_normal((1, 6, 11)).astype(np.float32)
+        self.last = weakref.ref(logits)
+        return [logits]
+
+
+@pytest.mark.parametrize("consumer", ["store", "compare", "nll"])
+def test_each_batch_is_let_go_before_the_next_one_runs(consumer):
+    from onnxpress.output_store import OutputStore
+    from onnxpress.runtime import iter_batches
+
+    feeds = [{"input_ids": np.arange(6)[None] % 11, "attention_mask": np.ones((1, 6), np.int64)} for _ in range(4)]
+    batches = iter_batches(_ArenaSession(), feeds, ["logits"])
+    if consumer == "store":
+        for memory in (0, 1 << 20):  # written to disk, or copied into memory
+            assert len(OutputStore.of(iter_batches(_ArenaSession(), feeds, ["logits"]), memory_bytes=memory)) == 4
+    elif consumer == "compare":
+        refs = [{"logits": np.zeros((1, 6, 11), np.float32)} for _ in feeds]
+        assert fidelity.compare_outputs(refs, batches).rel_l2 > 0
+    else:
+        assert np.isfinite(next_token_nll(batches, feeds)[0])

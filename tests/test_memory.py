@@ -58,7 +58,7 @@ def test_memory_freed_into_the_c_heap_is_given_back():
 
     import psutil
 
-    if onnxpress.memory._malloc_trim() is None:
+    if onnxpress.memory._glibc() is None:
         pytest.skip("not glibc: no malloc_trim")
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
@@ -74,3 +74,41 @@ def test_memory_freed_into_the_c_heap_is_given_back():
     after = psutil.Process().memory_info().rss
     libc.free(top)
     assert before - after > 100 * 2**20
+
+
+_BLOCKS_FREED = """
+import ctypes, ctypes.util, sys
+import psutil
+import onnxpress.memory
+if sys.argv[1] == "fixed":
+    onnxpress.memory.fix_mmap_threshold()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def touched(size):
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    return block
+libc.free(touched(24 * 2**20))  # freeing a large block raises glibc's own threshold past 8 MB
+blocks, pins = [], []
+for _ in range(12):  # each followed by a small block still in use: the heap cannot shrink past it
+    blocks.append(touched(8 * 2**20))
+    pins.append(touched(64 * 1024))
+before = psutil.Process().memory_info().rss
+for block in blocks:
+    libc.free(block)
+print((before - psutil.Process().memory_info().rss) // 2**20)
+"""
+
+
+def test_blocks_past_the_fixed_threshold_go_back_to_the_system_when_freed():
+    """With glibc's own threshold, 8 MB blocks allocated after a 24 MB one was freed come from the
+    heap and stay after they are freed; with the fixed one, each has its own mapping."""
+    import subprocess
+    import sys
+
+    if onnxpress.memory._glibc() is None:
+        pytest.skip("not glibc: no mallopt")
+    given_back = {mode: int(subprocess.run([sys.executable, "-c", _BLOCKS_FREED, mode], capture_output=True,
+                                           text=True, check=True).stdout)
+                  for mode in ("glibc", "fixed")}
+    assert given_back["fixed"] >= 90 and given_back["glibc"] < 10, given_back

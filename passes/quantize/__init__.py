@@ -534,7 +534,9 @@ class QuantizePass(Pass):
         heads, merged, int8_rows = {}, 0, 0
         for (name, bits, block), group in by_bits.items():
             # one GPTQ run per input (q/k/v, gate/up): one Hessian factorisation, columns independent
-            weight = np.concatenate([lin.weight_array() for lin in group], axis=1)
+            weights = [lin.weight_array() for lin in group]
+            weight = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+            del weights  # a large LM head: one float copy of it, not two
             quantize = functools.partial(
                 quantize_nbits,
                 symmetric=cfg.symmetric,
@@ -542,6 +544,7 @@ class QuantizePass(Pass):
                 damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order,
                 scale_dtype=np.float16 if cfg.float16_scales or group[0].dtype == np.float16 else np.float32,
+                keep_dequantized=False,
             )
             head = group[0] if group[0].role == "lm_head" and len(group) == 1 else None
             if head is not None and 0 < cfg.lm_head_int8_rows < weight.shape[1]:

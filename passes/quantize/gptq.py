@@ -164,12 +164,14 @@ def gptq(
     where the same loop in numpy at one thread dominated a 200-MatMul decoder's pass time."""
     import torch
 
-    W0 = np.asarray(weight, dtype=np.float64)
+    # one working copy, which the error updates go into, and Q: in float64 an LM head's or a 7 B
+    # model's MLP weight takes hundreds of MB
+    W0 = np.array(weight, dtype=np.float64)
     K = W0.shape[0]
     H = hessian.astype(np.float64).copy()
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
-    W0 = np.where(dead[:, None], 0.0, W0)  # inputs that never fire: their weights do not matter
+    W0[dead] = 0.0  # inputs that never fire: their weights do not matter
     if group_size:
         block = max(group_size, block - block % group_size)
     H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
@@ -179,7 +181,8 @@ def gptq(
             quantizer.begin_group(g, W0[g : g + group_size])
         group_size = None  # already set: the loop below must not reset them
     U = torch.from_numpy(_inverse_cholesky_upper(H[np.ix_(perm, perm)]))
-    W = torch.from_numpy(W0[perm].copy())
+    W = torch.from_numpy(W0[perm] if act_order else W0)
+    del W0
     Q = torch.zeros_like(W)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
@@ -196,7 +199,9 @@ def gptq(
             W1[i + 1 :].sub_(torch.outer(U1[i, i + 1 :], err))
             E[i] = err
         W[i2:].sub_(U[i1:i2, i2:].T @ E)
-    out = np.empty((K, W0.shape[1]), dtype=np.float64)
+    if not act_order:
+        return Q.numpy()
+    out = np.empty_like(Q.numpy())
     out[perm] = Q.numpy()
     return out
 

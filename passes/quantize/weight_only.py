@@ -28,7 +28,7 @@ class NBitsWeight:
     packed: np.ndarray  # uint8 [N, n_blocks, blob]
     scales: np.ndarray  # float32 (or float16) [N, n_blocks]
     zero_points: np.ndarray | None  # uint8 [N, packed blocks], None when symmetric
-    dequantized: np.ndarray  # float32 [K, N], what the kernel will compute with
+    dequantized: np.ndarray | None  # float32 [K, N], what the kernel will compute with (when kept)
     K: int
     N: int
     bits: int
@@ -71,19 +71,22 @@ def quantize_nbits(
     clip_search: bool = True,
     act_order: bool = False,
     scale_dtype: type = np.float32,
+    keep_dequantized: bool = True,
 ) -> NBitsWeight:
     """Quantise ``weight[K, N]``: round-to-nearest, or GPTQ when ``hessian`` (K x K) is given,
     ``COLUMN_CHUNK`` columns at a time. ``scale_dtype`` float16 stores the scales at half the
-    bytes unless one would overflow it: then they stay float32."""
+    bytes unless one would overflow it: then they stay float32. ``keep_dequantized=False``
+    leaves out the float copy of the rounded weight (a rewrite needs only the codes)."""
     if np.dtype(scale_dtype) == np.float16 and np.abs(weight).max() / ((1 << bits) - 1) * 2 > np.finfo(np.float16).max:
         scale_dtype = np.float32  # decided for the whole matrix: one scale type per kernel
     parts = [_quantize_columns(weight[:, c : c + COLUMN_CHUNK], bits, block_size, symmetric, hessian, damp,
-                               clip_search, act_order, scale_dtype) for c in range(0, weight.shape[1], COLUMN_CHUNK)]
+                               clip_search, act_order, scale_dtype, keep_dequantized)
+             for c in range(0, weight.shape[1], COLUMN_CHUNK)]
     return parts[0] if len(parts) == 1 else join_columns(parts)
 
 
-def _quantize_columns(weight, bits, block_size, symmetric, hessian, damp, clip_search, act_order, scale_dtype
-                      ) -> NBitsWeight:
+def _quantize_columns(weight, bits, block_size, symmetric, hessian, damp, clip_search, act_order, scale_dtype,
+                      keep_dequantized) -> NBitsWeight:
     K, N = weight.shape
     nblocks = -(-K // block_size)
     padded = nblocks * block_size
@@ -112,7 +115,7 @@ def _quantize_columns(weight, bits, block_size, symmetric, hessian, damp, clip_s
         packed=np.ascontiguousarray(packed),
         scales=np.ascontiguousarray(quantizer.scales.T),
         zero_points=None if zps is None else np.ascontiguousarray(zps),
-        dequantized=deq[:K].astype(np.float32),
+        dequantized=deq[:K].astype(np.float32) if keep_dequantized else None,
         K=K,
         N=N,
         bits=bits,
@@ -127,9 +130,9 @@ def split_columns(nw: NBitsWeight, cols: slice) -> NBitsWeight:
         packed=np.ascontiguousarray(nw.packed[cols]),
         scales=np.ascontiguousarray(nw.scales[cols]),
         zero_points=None if nw.zero_points is None else np.ascontiguousarray(nw.zero_points[cols]),
-        dequantized=np.ascontiguousarray(nw.dequantized[:, cols]),
+        dequantized=None if nw.dequantized is None else np.ascontiguousarray(nw.dequantized[:, cols]),
         K=nw.K,
-        N=nw.dequantized[:, cols].shape[1],
+        N=len(range(nw.N)[cols]),
         bits=nw.bits,
         block_size=nw.block_size,
     )
@@ -142,7 +145,7 @@ def join_columns(parts: list[NBitsWeight]) -> NBitsWeight:
         packed=np.concatenate([p.packed for p in parts]),
         scales=np.concatenate([p.scales for p in parts]),
         zero_points=None if first.zero_points is None else np.concatenate([p.zero_points for p in parts]),
-        dequantized=np.concatenate([p.dequantized for p in parts], axis=1),
+        dequantized=None if first.dequantized is None else np.concatenate([p.dequantized for p in parts], axis=1),
         K=first.K,
         N=sum(p.N for p in parts),
         bits=first.bits,

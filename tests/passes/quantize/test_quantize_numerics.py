@@ -163,14 +163,19 @@ def test_split_columns_of_a_group_quantised_together():
 @pytest.mark.parametrize("symmetric,act_order", [(False, True), (True, False)])
 def test_columns_quantised_in_chunks_equal_the_whole_matrix(monkeypatch, symmetric, act_order):
     """GPTQ rounds each column on its own, so quantising column ranges apart (bounded memory on a
-    large LM head) gives the kernel the same codes, scales and zero points."""
+    large LM head), without keeping the float copy of the result, gives the kernel the same codes,
+    scales and zero points; the weight given is left as it was."""
     rng = np.random.default_rng(3)
     x = _correlated_inputs(rng, 256, 64)
     w = rng.standard_normal((64, 40)).astype(np.float32)
+    x[:, 5] = 0.0  # an input that never fires: GPTQ zeroes its weights in its own copy
+    given = w.copy()
     settings = dict(symmetric=symmetric, hessian=x.T.astype(np.float64) @ x, act_order=act_order)
     whole = quantize_nbits(w, 4, 16, **settings)
     monkeypatch.setattr(weight_only, "COLUMN_CHUNK", 16)
-    chunked = quantize_nbits(w, 4, 16, **settings)
+    chunked = quantize_nbits(w, 4, 16, keep_dequantized=False, **settings)
+    np.testing.assert_array_equal(w, given)
+    assert chunked.dequantized is None and whole.dequantized is not None
     assert chunked.N == whole.N == 40
     np.testing.assert_array_equal(chunked.packed, whole.packed)
     np.testing.assert_array_equal(chunked.scales, whole.scales)
