@@ -169,7 +169,8 @@ def compile_model(
     ``budget``: the largest fidelity loss allowed on the held-out calibration split
     (see ``onnxpress.auto_search``); ``objective``: what the search minimises,
     ``latency`` or ``size``; ``search_seconds``: wall time after which the search stops
-    probing (the final measurement still runs).
+    probing (the final measurement still runs). Blocks of 4 MB or more that the process allocates
+    from then on get their own mappings (``memory.fix_mmap_threshold``).
     """
     start = time.perf_counter()
     fix_mmap_threshold()
