@@ -478,7 +478,7 @@ class SegmentStream:
                 self.shared = {k: np.array(values[k]) for k in live & constant}
             results.append([np.array(values[n]) for n in wanted])
         self.done.update(id(n) for n in nodes[:stop] if id(n) not in deferred)
-        del tap, values
+        tap = values = None
         release_freed_memory()  # the segment's session, before the caller fits on the results
         return results
 

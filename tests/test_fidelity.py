@@ -1,4 +1,5 @@
-"""The decoder measure: next-token negative log-likelihood of the input text, padding masked out."""
+"""The measures of a stage: a decoder's next-token negative log-likelihood of the input text (padding
+masked out), and how they read a session's batches."""
 
 import weakref
 
@@ -52,12 +53,15 @@ def test_each_batch_is_let_go_before_the_next_one_runs(consumer):
     from onnxpress.runtime import iter_batches
 
     feeds = [{"input_ids": np.arange(6)[None] % 11, "attention_mask": np.ones((1, 6), np.int64)} for _ in range(4)]
-    batches = iter_batches(_ArenaSession(), feeds, ["logits"])
+
+    def batches():
+        return iter_batches(_ArenaSession(), feeds, ["logits"])
+
     if consumer == "store":
         for memory in (0, 1 << 20):  # written to disk, or copied into memory
-            assert len(OutputStore.of(iter_batches(_ArenaSession(), feeds, ["logits"]), memory_bytes=memory)) == 4
+            assert len(OutputStore.of(batches(), memory_bytes=memory)) == 4
     elif consumer == "compare":
         refs = [{"logits": np.zeros((1, 6, 11), np.float32)} for _ in feeds]
-        assert fidelity.compare_outputs(refs, batches).rel_l2 > 0
+        assert fidelity.compare_outputs(refs, batches()).rel_l2 > 0
     else:
-        assert np.isfinite(next_token_nll(batches, feeds)[0])
+        assert np.isfinite(next_token_nll(batches(), feeds)[0])
