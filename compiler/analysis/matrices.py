@@ -45,7 +45,7 @@ class Matrix:
         return self.weight.shape[1]
 
 
-def _matrix_of(lin, key: str, layer: int | None) -> Matrix | None:
+def matrix_of(lin, key: str, layer: int | None) -> Matrix | None:
     """The effective W of an analysis ``Linear`` (MatMul or Gemm with a float weight that
     folds to a constant 2-D matrix), or None for kinds this pass leaves alone
     (quantized MatMulNBits, fused attention weights, transA Gemm)."""
@@ -95,7 +95,7 @@ def select_matrices(model: ir.Model, include: list[str], tmap=None) -> list[Matr
     if roles and tmap is not None:
         for role, index, lin in _linears_by_role(tmap):
             if role in roles and id(lin.node) not in chosen:
-                m = _matrix_of(lin, f"layer{index}.{role}", index)
+                m = matrix_of(lin, f"layer{index}.{role}", index)
                 if m is not None:
                     chosen[id(lin.node)] = m
     if patterns:
@@ -107,7 +107,7 @@ def select_matrices(model: ir.Model, include: list[str], tmap=None) -> list[Matr
                 continue
             names = [node.name or "", lin.weight.name or ""]
             if any(p.search(n) for p in patterns for n in names):
-                m = _matrix_of(lin, node.name or lin.weight.name or node.outputs[0].name, None)
+                m = matrix_of(lin, node.name or lin.weight.name or node.outputs[0].name, None)
                 if m is not None:
                     chosen[id(node)] = m
     return list(chosen.values())

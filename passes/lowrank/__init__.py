@@ -46,6 +46,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.lowrank import fit, probe
+from onnxpress.weight_probe import Prober, first_samples
 
 # every role: with the probe allocation the measured losses decide which matrices give the budget
 # (on MiniLM it splits attention Q/K hardest and keeps some FFN matrices whole; bench/bench_lowrank.py)
@@ -142,8 +143,7 @@ class LowRankPass(Pass):
                                   prune=True, threads=threads, desc="lowrank: input statistics").grams
         if cfg.allocation == "probe":
             outputs = getattr(ctx, "output_names", None) or primary_outputs(model)
-            prober = probe.Prober(model, matrices, probe.first_samples(batches, cfg.probe_samples),
-                                  outputs, threads)
+            prober = Prober(model, matrices, first_samples(batches, cfg.probe_samples), outputs, threads)
             means = [stats[m.input.name].mean for m in matrices] if cfg.bias_correction else None
             plan = probe.probe_ranks(prober, matrices, [stats[m.input.name].xtx for m in matrices], means,
                                      budget, cfg.eps)

@@ -78,12 +78,13 @@ class PruneFfnPass(Pass):
         if stats:
             details["calibration_tokens"] = int(stats[0].gram.count)
 
-        curves, totals = [], []
+        curves, totals, neurons = [], [], []
         for i, f in enumerate(ffns):
             n = f.ffn_size
             cap = int(np.ceil(n * min(1.0, _MAX_SHARE_FACTOR * cfg.fraction)))
             max_remove = max(0, min(n - cfg.min_neurons_per_layer, cap))
             groups = [np.array([j]) for j in range(n)]
+            neurons.append(groups)
             if cfg.score == "weight_norm":
                 elim, scale = scoring.eliminate_by_weight_norm(weights[i], groups, max_remove), 1.0
             else:
@@ -99,7 +100,15 @@ class PruneFfnPass(Pass):
                                                               else _neuron_macs(f))
             curves.append(scoring.LayerCurve(elim, unit_cost=cost, scale=scale, max_remove=max_remove))
             totals.append(n)
-        counts = scoring.layer_counts(curves, totals, cfg.fraction, cfg.allocation)
+        repairs = [scoring.repair_of(cfg, stats[i] if stats else None, weights[i], biases[i])
+                   for i in range(len(ffns))]
+        allocation = scoring.allocation_for(cfg.allocation, tmap.kind)
+        details["allocation"] = allocation
+        if allocation == "probe":
+            prober, matrices = scoring.layer_prober(model, ctx, self.name, cfg, [f.down for f in ffns])
+            counts = scoring.probe_counts(prober, matrices, curves, neurons, repairs, cfg.fraction, totals)
+        else:
+            counts = scoring.layer_counts(curves, totals, cfg.fraction, allocation)
 
         editor = GraphEditor(model)
         removed = 0
@@ -110,10 +119,7 @@ class PruneFfnPass(Pass):
                                       "predicted_error": float(curve.path()[count - 1]) if count else 0.0})
             if not drop:
                 continue
-            if cfg.repair:
-                w, b = scoring.ridge_refit(stats[i].gram, weights[i], biases[i], keep, ridge=cfg.ridge)
-            else:
-                w, b = weights[i][keep], biases[i]
+            w, b = repairs[i](keep)
             _rewrite(editor, f, keep, w, b, add_bias=cfg.add_bias and cfg.repair)
             removed += len(drop)
         total = sum(totals)

@@ -103,7 +103,16 @@ class PruneHeadsPass(Pass):
             cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
             curves.append(scoring.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
             totals.append(u.att.num_kv_heads)
-        counts = scoring.layer_counts(curves, totals, cfg.fraction, cfg.allocation)
+        repairs = [scoring.repair_of(cfg, stats[i] if stats else None, weights[i], biases[i])
+                   for i in range(len(units))]
+        allocation = scoring.allocation_for(cfg.allocation, tmap.kind)
+        details["allocation"] = allocation
+        if allocation == "probe":
+            prober, matrices = scoring.layer_prober(model, ctx, self.name, cfg, [u.att.o for u in units])
+            counts = scoring.probe_counts(prober, matrices, curves, [u.groups for u in units], repairs,
+                                          cfg.fraction, totals)
+        else:
+            counts = scoring.layer_counts(curves, totals, cfg.fraction, allocation)
 
         # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
         # the removed heads too; which inputs of the score Adds carry a head axis is a
@@ -125,10 +134,7 @@ class PruneHeadsPass(Pass):
             if not drop:
                 continue
             cols = np.concatenate([u.groups[g] for g in keep])
-            if cfg.repair:
-                w_o, b_o = scoring.ridge_refit(stats[i].gram, weights[i], biases[i], cols, ridge=cfg.ridge)
-            else:
-                w_o, b_o = weights[i][cols], biases[i]
+            w_o, b_o = repairs[i](cols)
             _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
             _gather_score_biases(editor, u, keep, bias_shapes)
             removed_groups += len(drop)

@@ -224,8 +224,8 @@ def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
     relative squared output error of the model actually split that way (in ORT)."""
     from onnxpress.activations import token_rows
     from onnxpress.model_io import model_proto
-    from onnxpress.passes.lowrank.probe import Prober
     from onnxpress.runtime import make_session, session_feeds
+    from onnxpress.weight_probe import Prober
 
     path, model = _tiny(arch, with_past)
     ctx = random_token_context(model)

@@ -182,3 +182,59 @@ def test_allocation_sees_past_a_costly_first_step():
     a = scoring.LayerCurve(scoring.Elimination([0, 1, 2], np.array([3.0, 3.0, 3.0])), unit_cost=1.0)
     b = scoring.LayerCurve(scoring.Elimination([0, 1, 2], np.array([1.2, 2.4, 3.6])), unit_cost=1.0)
     assert scoring.allocate([a, b], 3) == [3, 0]
+
+
+class _OutputLoss:
+    """Stands in for the prober: a layer's loss grows with the rows its trial weight zeroes,
+    ``sensitivity[i] * removed**1.5``, summed over the trial's layers; it checks each trial is
+    the elimination order, repaired."""
+
+    def __init__(self, matrices, orders, sensitivity):
+        self.matrices, self.orders, self.sensitivity = matrices, orders, sensitivity
+        self.trials = []
+
+    def loss(self, trial):
+        self.trials.append(sorted(trial))
+        total = 0.0
+        for i, (a, b, bias) in trial.items():
+            m = self.matrices[i]
+            full, eye = (b, a) if m.d_in <= m.d_out else (a, b)
+            assert full.shape == (m.d_in, m.d_out) and np.array_equal(eye, np.eye(min(m.d_in, m.d_out)))
+            zero = np.flatnonzero(~full.any(axis=1))
+            assert list(zero) == sorted(self.orders[i][:len(zero)])  # the first k of the order go
+            assert np.all(full[full.any(axis=1)] == 2.0) and np.all(bias == 3.0)  # the repaired rows and bias
+            total += self.sensitivity[i] * len(zero) ** 1.5
+        return total
+
+
+def _probe_case(shape, layers, sensitivity):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    d_in, d_out = shape
+    matrices = [SimpleNamespace(d_in=d_in, d_out=d_out, layer=i, key=f"layer{i}.projection") for i in range(layers)]
+    orders = [list(rng.permutation(d_in)) for _ in matrices]
+    # the proxy curves say nothing useful (equal everywhere): only the measured loss can decide
+    curves = [scoring.LayerCurve(scoring.Elimination(o, np.arange(1.0, d_in + 1)), unit_cost=1.0,
+                                 max_remove=d_in - 1) for o in orders]
+    groups = [[np.array([j]) for j in range(d_in)] for _ in matrices]
+    trials = [lambda keep: (np.full((len(keep), d_out), 2.0), np.full(d_out, 3.0))] * layers
+    prober = _OutputLoss(matrices, orders, sensitivity)
+    counts = scoring.probe_counts(prober, matrices, curves, groups, trials, 0.25, [d_in] * layers)
+    assert sum(counts) == round(0.25 * layers * d_in)
+    return counts, prober.trials
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (4, 16)])
+def test_probe_allocation_spares_the_layer_the_outputs_feel_and_meets_the_budget(shape):
+    counts, trials = _probe_case(shape, 3, sensitivity=[10.0, 1.0, 1.0])
+    assert counts[0] < counts[1] and counts[0] < counts[2]
+    assert all(len(t) == 1 for t in trials)  # few layers: each is probed alone
+
+
+def test_probe_allocation_probes_many_layers_in_buckets():
+    sensitivity = [10.0] * 8 + [1.0] * 32
+    counts, trials = _probe_case((16, 4), 40, sensitivity)
+    assert len(trials) <= 4 * 6 and {len(t) for t in trials} == {8}  # 216 // 40 = 5 buckets of 8 layers
+    assert max(counts[:8]) < min(counts[8:])
+    assert max(counts[:8]) - min(counts[:8]) <= 1  # a bucket's layers share its share

@@ -191,6 +191,14 @@ def test_options_naive_baseline_uniform_and_targets(tmp_path):
     assert result.macs_after < result.macs_before
 
 
+@pytest.mark.parametrize(("arch", "expected"), [("bert", "probe"), ("llama", "global")])
+def test_layers_share_the_budget_by_probes_on_encoders_and_by_their_own_error_on_decoders(arch, expected):
+    _, model = _load(arch, False)
+    result, _, _ = _run_pass(model, "prune_ffn", {"fraction": 0.3})
+    assert result.details["allocation"] == expected
+    assert sum(layer["removed"] for layer in result.details["layers"]) == result.changes["neurons_removed"] > 0
+
+
 def test_repair_and_calibrated_scores_beat_the_naive_choice():
     """On a tiny BERT the calibrated choice with repair moves the output less than the
     weight-norm choice without repair, at the same number of heads."""
@@ -211,6 +219,7 @@ def test_repair_and_calibrated_scores_beat_the_naive_choice():
         ("prune_ffn", {"target": "heads"}, "'target' must be one of neurons, params, macs"),
         ("prune_ffn", {"score": "magic"}, "'score' must be one of"),
         ("prune_ffn", {"allocation": "random"}, "'allocation' must be"),
+        ("prune_ffn", {"probe_samples": 0}, "'probe_samples' must be a positive"),
         ("prune_heads", {"min_groups_per_layer": 0}, "'min_groups_per_layer' must be at least 1"),
         ("prune_ffn", {"ridge": -1}, "'ridge' must be in"),
         ("prune_ffn", {"fraction": "a lot"}, "'fraction' must be a number"),
