@@ -16,10 +16,12 @@ al. 2022 ("A Fast Post-Training Pruning Framework for Transformers"):
    of the ridge least-squares reconstruction error (optimal brain surgeon updates of
    the inverse Gram), without, the energy ``||X_S W_S||^2`` of what was removed. The
    naive baseline orders by the weight norm of the projection's rows.
-3. *Global allocation*: every layer's cumulative error curve, normalised by the
+3. *Allocation across layers*: every layer's cumulative error curve, normalised by the
    energy of the residual stream the layer writes into (so errors in different
    layers are comparable), is made convex and the budget is spent across layers in
-   order of error per unit of cost (heads / neurons, parameters or MACs).
+   order of error per unit of cost (heads / neurons, parameters or MACs) (``global``);
+   or each layer is pruned alone at a few shares and the model's outputs measured, and
+   the budget is spent in order of measured loss per unit of cost (``probe``).
 4. *Repair*: the projection's kept rows and bias are refitted by ridge least squares
    to reproduce the original output from the kept features.
 
@@ -364,14 +366,14 @@ def layer_prober(model: ir.Model, ctx, pass_name: str, cfg, linears: list[Linear
 
 
 def probe_counts(prober, matrices: list, curves: list[LayerCurve], groups: list[list[np.ndarray]],
-                 trials: list, fraction: float, totals: list[int]) -> list[int]:
+                 repairs: list, fraction: float, totals: list[int]) -> list[int]:
     """Removals per layer for ``fraction`` of all the layers' groups, allocated by the model's
     measured output loss (``prober.loss``).
 
     Each unit (a layer, or a bucket of consecutive layers when there are many:
     :func:`~onnxpress.weight_probe.units_of`) is pruned alone at PROBE_LEVELS times the average
     share: layer i loses the first groups of its elimination order, the kept rows repaired by
-    ``trials[i](keep_columns)`` -> (W, b). The units' (cost saved, loss) points are shared out
+    ``repairs[i](keep_columns)`` -> (W, b) (:func:`repair_of`). The units' (cost saved, loss) points are shared out
     assuming losses add (:func:`~onnxpress.factorization.allocate_measured`), and every layer
     of a unit loses the unit's share."""
     caps = [len(c.path()) for c in curves]
@@ -383,7 +385,7 @@ def probe_counts(prober, matrices: list, curves: list[LayerCurve], groups: list[
             counts = {i: min(caps[i], int(round(level * fraction * totals[i]))) for i in unit}
             saved = sum(k * curves[i].unit_cost for i, k in counts.items())
             if saved > 0 and saved not in unit_points:
-                trial = {i: _pruned_trial(matrices[i], curves[i], groups[i], trials[i], k)
+                trial = {i: _pruned_trial(matrices[i], curves[i], groups[i], repairs[i], k)
                          for i, k in counts.items() if k}
                 unit_points[saved] = prober.loss(trial)
         points.append(sorted(unit_points.items()))
@@ -403,14 +405,14 @@ def probe_counts(prober, matrices: list, curves: list[LayerCurve], groups: list[
     return counts
 
 
-def _pruned_trial(m, curve: LayerCurve, groups: list[np.ndarray], refit, k: int):
+def _pruned_trial(m, curve: LayerCurve, groups: list[np.ndarray], repair, k: int):
     """The prober's (A, B, b) for ``m`` with the first ``k`` groups of ``curve`` removed and the
     rest refitted: the weight with zero rows for the removed features beside the identity."""
     drop = np.zeros(m.d_in, bool)
     for g in curve.elimination.order[:k]:
         drop[groups[g]] = True
     keep = np.flatnonzero(~drop)
-    w, b = refit(keep)
+    w, b = repair(keep)
     full = np.zeros((m.d_in, m.d_out))
     full[keep] = w
     eye = np.eye(min(m.d_in, m.d_out))  # the side the prober's session carries as identity
