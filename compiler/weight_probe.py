@@ -18,8 +18,9 @@ from onnxpress.activations import Tap
 from onnxpress.editing import GraphEditor, split_matrix
 from onnxpress.model_io import SessionModel, session_model
 
-# every probe is a forward pass, so (units x layers) bounds the probes' cost: MiniLM's 6 layers get a
-# unit per (layer, role); SmolLM2's 30 layers one per role over all layers (its probes take ~5x longer)
+# every probe is a forward pass, so (units x layers) bounds the probes' cost. Low-rank's 7 roles:
+# MiniLM's 6 layers get a unit per (layer, role), SmolLM2's 30 one per role over all layers (its
+# probes take ~5x longer); pruning's one role: MiniLM a unit per layer, SmolLM2 buckets of 5 layers
 UNIT_LAYERS = 216
 
 
