@@ -102,13 +102,10 @@ class PruneFfnPass(Pass):
             totals.append(n)
         repairs = [scoring.repair_of(cfg, stats[i] if stats else None, weights[i], biases[i])
                    for i in range(len(ffns))]
-        allocation = scoring.allocation_for(cfg.allocation, tmap.kind)
-        details["allocation"] = allocation
-        if allocation == "probe":
-            prober, matrices = scoring.layer_prober(model, ctx, self.name, cfg, [f.down for f in ffns])
-            counts = scoring.probe_counts(prober, matrices, curves, neurons, repairs, cfg.fraction, totals)
-        else:
-            counts = scoring.layer_counts(curves, totals, cfg.fraction, allocation)
+        counts, details["allocation"], notes = scoring.allocated_counts(
+            model, ctx, self.name, cfg, tmap.kind, [f.down for f in ffns], curves, neurons, repairs, totals)
+        if notes:
+            details["notes"] = notes
 
         editor = GraphEditor(model)
         removed = 0

@@ -105,14 +105,11 @@ class PruneHeadsPass(Pass):
             totals.append(u.att.num_kv_heads)
         repairs = [scoring.repair_of(cfg, stats[i] if stats else None, weights[i], biases[i])
                    for i in range(len(units))]
-        allocation = scoring.allocation_for(cfg.allocation, tmap.kind)
-        details["allocation"] = allocation
-        if allocation == "probe":
-            prober, matrices = scoring.layer_prober(model, ctx, self.name, cfg, [u.att.o for u in units])
-            counts = scoring.probe_counts(prober, matrices, curves, [u.groups for u in units], repairs,
-                                          cfg.fraction, totals)
-        else:
-            counts = scoring.layer_counts(curves, totals, cfg.fraction, allocation)
+        counts, details["allocation"], notes = scoring.allocated_counts(
+            model, ctx, self.name, cfg, tmap.kind, [u.att.o for u in units], curves,
+            [u.groups for u in units], repairs, totals)
+        if notes:
+            details["notes"] = notes
 
         # per-head additive score biases (MPNet's relative position bias, ALiBi) must lose
         # the removed heads too; which inputs of the score Adds carry a head axis is a

@@ -353,16 +353,33 @@ def allocation_for(allocation: str, kind: str) -> str:
     return "global" if kind == "decoder" else "probe"
 
 
-def layer_prober(model: ir.Model, ctx, pass_name: str, cfg, linears: list[Linear]):
-    """A :class:`~onnxpress.weight_probe.Prober` whose matrix i is ``linears[i]`` (layer i), run on
-    ``cfg.probe_samples`` calibration sequences; returns it and the matrices."""
-    matrices = [matrix_of(lin, f"layer{i}.projection", i) for i, lin in enumerate(linears)]
-    if any(m is None for m in matrices):
-        raise OnnxpressError(f"{pass_name}: allocation 'probe' needs float MatMul / Gemm projections; "
-                             "use allocation=global")
+def allocated_counts(model: ir.Model, ctx, pass_name: str, cfg, kind: str, linears: list[Linear],
+                     curves: list[LayerCurve], groups: list[list[np.ndarray]], repairs: list,
+                     totals: list[int]) -> tuple[list[int], str, list[str]]:
+    """Removals per layer for ``cfg.fraction`` of the groups under ``cfg.allocation`` on a model
+    of ``kind``; ``linears[i]`` is layer i's projection whose input rows the groups are. Returns
+    the counts, the allocation used and notes. ``auto`` falls back to ``global`` where a
+    projection is not a float matrix the probe can substitute (:func:`matrix_of`)."""
+    allocation, notes = allocation_for(cfg.allocation, kind), []
+    if allocation == "probe":
+        matrices = [matrix_of(lin, f"layer{i}.projection", i) for i, lin in enumerate(linears)]
+        if all(m is not None for m in matrices):
+            prober = _layer_prober(model, ctx, pass_name, cfg, matrices)
+            return probe_counts(prober, matrices, curves, groups, repairs, cfg.fraction, totals), allocation, notes
+        if cfg.allocation == "probe":
+            raise OnnxpressError(f"{pass_name}: allocation 'probe' needs float MatMul / Gemm projections; "
+                                 "use allocation=global")
+        allocation = "global"
+        notes.append("allocation auto: a projection is not a float MatMul / Gemm the probe can replace; global")
+    return layer_counts(curves, totals, cfg.fraction, allocation), allocation, notes
+
+
+def _layer_prober(model: ir.Model, ctx, pass_name: str, cfg, matrices: list) -> Prober:
+    """A :class:`~onnxpress.weight_probe.Prober` whose matrix i is layer i's, run on
+    ``cfg.probe_samples`` calibration sequences."""
     batches = [trim_padding(f) for f in ctx.calibration_batches(pass_name, cfg.max_batches)]
     outputs = getattr(ctx, "output_names", None) or primary_outputs(model)
-    return Prober(model, matrices, first_samples(batches, cfg.probe_samples), outputs, ctx.threads), matrices
+    return Prober(model, matrices, first_samples(batches, cfg.probe_samples), outputs, ctx.threads)
 
 
 def probe_counts(prober, matrices: list, curves: list[LayerCurve], groups: list[list[np.ndarray]],

@@ -14,6 +14,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, primary_outputs
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
+from onnxpress.passes.prune import scoring
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 
@@ -197,6 +198,21 @@ def test_layers_share_the_budget_by_probes_on_encoders_and_by_their_own_error_on
     result, _, _ = _run_pass(model, "prune_ffn", {"fraction": 0.3})
     assert result.details["allocation"] == expected
     assert sum(layer["removed"] for layer in result.details["layers"]) == result.changes["neurons_removed"] > 0
+
+
+@pytest.mark.parametrize("name", ["prune_ffn", "prune_heads"])
+def test_auto_allocation_falls_back_to_global_where_the_probe_cannot_replace_a_projection(name, monkeypatch):
+    """A projection ``matrix_of`` cannot read (a transA Gemm, a bias broadcast over rows) cannot
+    be replaced in the probe's session: ``auto`` then allocates globally, ``probe`` says how to."""
+    readable = scoring.matrix_of
+    monkeypatch.setattr(scoring, "matrix_of", lambda lin, key, layer: None if layer == 1 else readable(lin, key, layer))
+    _, model = _load("bert", False)
+    result, _, _ = _run_pass(model, name, {"fraction": 0.3})
+    assert result.details["allocation"] == "global" and "global" in result.details["notes"][0]
+    assert result.modified
+    _, model = _load("bert", False)
+    with pytest.raises(OnnxpressError, match="allocation=global"):
+        _run_pass(model, name, {"fraction": 0.3, "allocation": "probe"})
 
 
 def test_repair_and_calibrated_scores_beat_the_naive_choice():
