@@ -393,6 +393,38 @@ def _random_feeds(specs: Iterable[InputSpec], batch: int, seq_len: int, rng: np.
     return feeds
 
 
+def replace_tokens(ids: np.ndarray, mask: np.ndarray, rate: float, replaceable: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``ids`` with a ``rate`` share of its real, non-special tokens replaced by random ones (word
+    replacement as in TinyBERT's augmentation): inputs beyond the text's vocabulary, so that what
+    is fitted or trained on them also holds for words that text never uses."""
+    special = ~np.isin(ids, replaceable)
+    pick = (rng.random(ids.shape) < rate) & mask.astype(bool) & ~special
+    out = ids.copy()
+    out[pick] = rng.choice(replaceable, size=int(pick.sum()))
+    return out
+
+
+def replaceable_ids(tokenizer) -> np.ndarray:
+    """Every token id of the tokenizer's vocabulary except its special ones."""
+    ids = np.arange(len(tokenizer))
+    return ids[~np.isin(ids, list(tokenizer.all_special_ids))]
+
+
+def with_replaced_tokens(batches: Sequence[Feeds], rate: float, replaceable: np.ndarray, seed: int) -> list[Feeds]:
+    """``batches`` with ``rate`` of their real tokens replaced (:func:`replace_tokens`), the same
+    for the same seed; batches without ``input_ids`` are returned as they are."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for batch in batches:
+        ids = batch.get("input_ids")
+        if ids is not None:
+            mask = batch.get("attention_mask", np.ones_like(ids))
+            batch = {**batch, "input_ids": replace_tokens(ids, mask, rate, replaceable, rng)}
+        out.append(batch)
+    return out
+
+
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     length = max(len(s) for s in sequences)
     ids = np.full((len(sequences), length), pad_id, dtype=np.int64)

@@ -24,6 +24,8 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from onnxpress.calibration import replaceable_ids, with_replaced_tokens
+from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
 from onnxpress.memory import PeakRss, memory_shortfall
@@ -89,6 +91,7 @@ class CompileContext:
     _analysis: tuple[ir.Model, TransformerMap] | None = field(default=None, repr=False)
     # the outputs ``measure_stage`` last computed: the next reference when stages are not verified
     stage_outputs: Sequence[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    _replaceable: np.ndarray | None = field(default=None, repr=False)
 
     def run(self, model: ir.Model, batches=None, outputs: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
         return list(self.stream(model, batches, outputs))
@@ -152,10 +155,24 @@ class CompileContext:
         """Drop the cached map (the model was rewritten)."""
         self._analysis = None
 
-    def calibration_batches(self, pass_name: str, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-        """The calibration batches a pass fits on (the first ``max_batches``; 0 or None: all)."""
+    def calibration_batches(self, pass_name: str, max_batches: int | None = None, *, augment: float = 0.0
+                            ) -> list[dict[str, np.ndarray]]:
+        """The calibration batches a pass fits on (the first ``max_batches``; 0 or None: all), with
+        ``augment`` of their real tokens replaced by random vocabulary ones where the compile has a
+        tokenizer (:meth:`replaceable_tokens`); every call with the same arguments returns the same."""
         batches = list(self.require_calibration(pass_name).batches)
-        return batches[:max_batches] if max_batches else batches
+        batches = batches[:max_batches] if max_batches else batches
+        replaceable = self.replaceable_tokens() if augment else None
+        return batches if replaceable is None else with_replaced_tokens(batches, augment, replaceable, self.seed)
+
+    def replaceable_tokens(self) -> np.ndarray | None:
+        """The token ids augmentation substitutes: the tokenizer's vocabulary but its special
+        tokens (None without a tokenizer, e.g. for npz or synthetic calibration)."""
+        if self.tokenizer_dir is None:
+            return None
+        if self._replaceable is None:
+            self._replaceable = replaceable_ids(load_tokenizer(self.tokenizer_dir))
+        return self._replaceable
 
     def require_calibration(self, pass_name: str) -> CalibrationSet:
         if self.calibration is None:

@@ -49,6 +49,9 @@ class TokenizerFile:
             self._tokenizer.no_truncation()
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
+    def __len__(self) -> int:  # as transformers: the vocabulary with the added tokens
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self._clean_up:

@@ -120,6 +120,34 @@ def test_seed_makes_order_deterministic(bert):
     )
 
 
+def test_augmented_calibration_replaces_a_share_of_the_real_tokens_the_same_way_every_call(bert):
+    """What pruning fits on: ``augment`` of the real tokens replaced by random non-special
+    vocabulary tokens, padding and [CLS]/[SEP] untouched, the same for every call of a compile;
+    without a tokenizer (npz or synthetic data) the batches as they are."""
+    from onnxpress.datasets import load_tokenizer
+    from onnxpress.pipeline import CompileContext
+
+    model, tok = bert
+    calib = CalibrationSet.from_texts(TEXTS * 20, tok, model, max_samples=140, batch_size=8)
+    ctx = CompileContext(verification=[], calibration=calib, tokenizer_dir=tok, seed=3)
+    plain, augmented = ctx.calibration_batches("p"), ctx.calibration_batches("p", augment=0.3)
+    special = list(load_tokenizer(tok).all_special_ids)
+    changed = real = 0
+    for before, after in zip(plain, augmented, strict=True):
+        keep = ~before["attention_mask"].astype(bool) | np.isin(before["input_ids"], special)
+        np.testing.assert_array_equal(after["input_ids"][keep], before["input_ids"][keep])
+        assert not np.isin(after["input_ids"][~keep], special).any()
+        np.testing.assert_array_equal(after["attention_mask"], before["attention_mask"])
+        changed += int((after["input_ids"] != before["input_ids"]).sum())
+        real += int((~keep).sum())
+    assert 0.25 < changed / real < 0.35
+    for a, b in zip(augmented, ctx.calibration_batches("p", augment=0.3), strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    untokenized = CompileContext(verification=[], calibration=calib, seed=3)
+    for a, b in zip(plain, untokenized.calibration_batches("p", augment=0.3), strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
 def test_split_and_take_keep_every_sample(bert):
     model, tok = bert
     calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=2)

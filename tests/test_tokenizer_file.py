@@ -26,6 +26,7 @@ def _assert_same_as_transformers(folder):
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.all_special_ids == sorted(set(theirs.all_special_ids))
+    assert len(ours) == len(theirs)
     ids = theirs(TEXTS[1])["input_ids"]
     for skip in (True, False):
         assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)

@@ -20,12 +20,11 @@ import onnx_ir as ir
 
 from onnxpress.activations import progress_enabled
 from onnxpress.analysis import analyze
-from onnxpress.calibration import vocab_size
 from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.passes.distill.data import batches_from_calibration, read_texts, replaceable_ids, token_batches
+from onnxpress.passes.distill.data import batches_from_calibration, read_texts, token_batches
 
 
 @dataclass
@@ -149,7 +148,7 @@ class DistillPass(Pass):
                              holdout=cfg.holdout, max_texts=cfg.texts, seed=seed)
         data.source = source
         if cfg.augment:
-            data.replaceable = replaceable_ids(tokenizer, vocab_size(model))
+            data.replaceable = ctx.replaceable_tokens()
         return data
 
 

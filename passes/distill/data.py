@@ -36,24 +36,6 @@ class TextBatches:
     replaceable: np.ndarray | None = None  # token ids augmentation may substitute (None: no augmentation)
 
 
-def replace_tokens(ids: np.ndarray, mask: np.ndarray, rate: float, replaceable: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
-    """``ids`` with a ``rate`` share of its real, non-special tokens replaced by random ones (word
-    replacement as in TinyBERT's augmentation): the teacher labels any input, and inputs beyond
-    the training text's vocabulary make the student match it on words that text never uses."""
-    special = ~np.isin(ids, replaceable)
-    pick = (rng.random(ids.shape) < rate) & mask.astype(bool) & ~special
-    out = ids.copy()
-    out[pick] = rng.choice(replaceable, size=int(pick.sum()))
-    return out
-
-
-def replaceable_ids(tokenizer, vocab: int) -> np.ndarray:
-    """Every token id of the model's vocabulary except the tokenizer's special ones."""
-    ids = np.arange(vocab)
-    return ids[~np.isin(ids, list(tokenizer.all_special_ids))]
-
-
 def read_texts(ctx, *, sentences: bool, max_chars: int) -> tuple[list[str], str] | None:
     """The training texts for this compile and a description; None without text (npz data)."""
     if ctx.named_text is not None:

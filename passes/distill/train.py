@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onnxpress.passes.distill.data import TextBatches, feeds_for, replace_tokens
+from onnxpress.calibration import replace_tokens
+from onnxpress.passes.distill.data import TextBatches, feeds_for
 
 CLIP_NORM = 1.0  # gradient norm clipping, the usual guard for transformer training
 # the teacher's held-out targets are computed once and kept when they take at most this much

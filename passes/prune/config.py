@@ -25,6 +25,10 @@ class PruneConfig(PassConfig):
     # calibration sequences each probe runs: with 8 or 32 the measured losses misled MiniLM's head
     # allocation (BBC News cosine 0.917 / 0.915), with 64 and 128 they did not (0.947 / 0.943)
     probe_samples: int = 64
+    # share of the calibration's real tokens replaced by random vocabulary tokens (where the compile
+    # has a tokenizer) for the statistics and the probes: what the choice and the refit fit then
+    # also holds beyond the calibration text's words (prune_ffn's default: see PruneFfnConfig)
+    augment: float = 0.0
     repair: bool = True  # refit the projection by ridge least squares on calibration data
     ridge: float = DEFAULT_RIDGE  # relative to the mean diagonal of X^T X
     add_bias: bool = True  # a refit may add a bias to a projection that had none (mean correction)
@@ -45,6 +49,8 @@ class PruneConfig(PassConfig):
             self.fail("allocation", f"must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}")
         if self.probe_samples < 1:
             self.fail("probe_samples", f"must be a positive number of sequences, got {self.probe_samples}")
+        if not 0.0 <= self.augment < 1.0:
+            self.fail("augment", f"must be in [0, 1), e.g. 0.15; got {self.augment}")
         if not 0.0 <= self.ridge < 1.0:
             self.fail("ridge", f"must be in [0, 1), e.g. 1e-4; got {self.ridge}")
         if self.max_batches < 0:

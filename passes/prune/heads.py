@@ -95,6 +95,7 @@ class PruneHeadsPass(Pass):
         stats = scoring.capture_layer_stats(model, ctx, self.name, cfg, [(u.att.o, u.layer) for u in units])
         if stats:
             details["calibration_tokens"] = int(stats[0].gram.count)
+            details["calibration_augment"] = cfg.augment if ctx.replaceable_tokens() is not None else 0.0
 
         curves, totals = [], []
         for i, u in enumerate(units):

@@ -79,7 +79,7 @@ def capture_layer_stats(model: ir.Model, ctx, pass_name: str, cfg, projections: 
     :class:`LayerStats` each; None when ``cfg`` needs no data (weight-norm scores, no repair)."""
     if cfg.score != "contribution" and not cfg.repair:
         return None
-    batches = ctx.calibration_batches(pass_name, cfg.max_batches)
+    batches = ctx.calibration_batches(pass_name, cfg.max_batches, augment=cfg.augment)
     residuals = [residual_output(lin, layer) for lin, layer in projections]
     captured = capture_grams(model, batches, [lin.input.name for lin, _ in projections],
                              [r.name for r in residuals if r is not None], threads=ctx.threads)
@@ -377,7 +377,7 @@ def allocated_counts(model: ir.Model, ctx, pass_name: str, cfg, kind: str, linea
 def _layer_prober(model: ir.Model, ctx, pass_name: str, cfg, matrices: list) -> Prober:
     """A :class:`~onnxpress.weight_probe.Prober` whose matrix i is layer i's, run on
     ``cfg.probe_samples`` calibration sequences."""
-    batches = [trim_padding(f) for f in ctx.calibration_batches(pass_name, cfg.max_batches)]
+    batches = [trim_padding(f) for f in ctx.calibration_batches(pass_name, cfg.max_batches, augment=cfg.augment)]
     outputs = getattr(ctx, "output_names", None) or primary_outputs(model)
     return Prober(model, matrices, first_samples(batches, cfg.probe_samples), outputs, ctx.threads)
 

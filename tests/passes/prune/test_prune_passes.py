@@ -215,6 +215,22 @@ def test_auto_allocation_falls_back_to_global_where_the_probe_cannot_replace_a_p
         _run_pass(model, name, {"fraction": 0.3, "allocation": "probe"})
 
 
+@pytest.mark.parametrize("name", ["prune_ffn", "prune_heads"])
+def test_statistics_and_probes_see_augmented_calibration_where_there_is_a_tokenizer(name):
+    path, _ = _load("bert", False)
+    errors = {}
+    for augment, tokenizer_dir in ((0.3, path.parent), (0.0, path.parent), (0.3, None)):
+        model = load_model(path)
+        calib = CalibrationSet(_batches(model, 4, 0), "random tokens")
+        ctx = CompileContext(verification=_batches(model, 1, 100), calibration=calib, threads=1,
+                             tokenizer_dir=tokenizer_dir)
+        result = Pipeline([build_pass(name, {"fraction": 0.3, "augment": augment})], progress=False).run(model, ctx)[0]
+        applied = result.details["calibration_augment"]
+        assert applied == (augment if tokenizer_dir else 0.0)
+        errors[applied] = [layer["predicted_error"] for layer in result.details["layers"]]
+    assert errors[0.3] != errors[0.0]
+
+
 def test_repair_and_calibrated_scores_beat_the_naive_choice():
     """On a tiny BERT the calibrated choice with repair moves the output less than the
     weight-norm choice without repair, at the same number of heads."""
@@ -238,6 +254,7 @@ def test_repair_and_calibrated_scores_beat_the_naive_choice():
         ("prune_ffn", {"probe_samples": 0}, "'probe_samples' must be a positive"),
         ("prune_heads", {"min_groups_per_layer": 0}, "'min_groups_per_layer' must be at least 1"),
         ("prune_ffn", {"ridge": -1}, "'ridge' must be in"),
+        ("prune_heads", {"augment": 1.0}, "'augment' must be in"),
         ("prune_ffn", {"fraction": "a lot"}, "'fraction' must be a number"),
         ("prune_heads", {"heads": 3}, "unknown setting 'heads'"),
     ],
