@@ -10,6 +10,7 @@ always also measured on a domain its calibration did not see; see ``onnxpress.da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from onnxpress import datasets
 from onnxpress.calibration import make_feeds, pad_right
@@ -253,32 +255,46 @@ def evaluate(
         result.update(fn())
         result[f"{key}_seconds"] = round(time.perf_counter() - start, 2)
 
-    for prefix, files, corpus in _evaluation_sources(text_files):
-        text = _describe_files(files) if files else datasets.describe_split("evaluation", corpus)
-        if kind == "encoder":
+    with _tokenizer_of_the_model(tok_dir):
+        for prefix, files, corpus in _evaluation_sources(text_files):
+            text = _describe_files(files) if files else datasets.describe_split("evaluation", corpus)
+            if kind == "encoder":
+                if ref is not None:
+                    sentences = _eval_sentences(files, EMBED_SENTENCES, corpus)
+                    fid = embedding_fidelity(session, ref, sentences, tokenizer)
+                    result.update({prefix + k: v for k, v in fid.items()}, **{prefix + "embedding_text": text})
+                continue
             if ref is not None:
-                sentences = _eval_sentences(files, EMBED_SENTENCES, corpus)
-                fid = embedding_fidelity(session, ref, sentences, tokenizer)
-                result.update({prefix + k: v for k, v in fid.items()}, **{prefix + "embedding_text": text})
-            continue
-        if ref is not None:
-            sentences = _eval_sentences(files, LOGIT_SENTENCES, corpus)
-            result.update({prefix + k: v for k, v in logits_fidelity(session, ref, sentences, tokenizer).items()})
-        windows = perplexity_windows(tokenizer, files, window=window, max_windows=max_windows, corpus=corpus)
-        timed(prefix + "perplexity", lambda w=windows, p=prefix: _ppl(session, w, p + "perplexity"))
-        if ref is not None:
-            result.update(_ppl(ref, windows, prefix + "reference_perplexity"))
-        result.update({prefix + "perplexity_text": text, prefix + "perplexity_windows": len(windows),
-                       prefix + "perplexity_window": window})
-    if probe:
-        if kind != "encoder":
-            raise OnnxpressError(
-                "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
-            )
-        timed("probe", lambda: bbc_probe_accuracy(session, tokenizer))
-        if ref is not None:
-            result["reference_probe_accuracy"] = bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]
+                sentences = _eval_sentences(files, LOGIT_SENTENCES, corpus)
+                result.update({prefix + k: v for k, v in logits_fidelity(session, ref, sentences, tokenizer).items()})
+            windows = perplexity_windows(tokenizer, files, window=window, max_windows=max_windows, corpus=corpus)
+            timed(prefix + "perplexity", lambda w=windows, p=prefix: _ppl(session, w, p + "perplexity"))
+            if ref is not None:
+                result.update(_ppl(ref, windows, prefix + "reference_perplexity"))
+            result.update({prefix + "perplexity_text": text, prefix + "perplexity_windows": len(windows),
+                           prefix + "perplexity_window": window})
+        if probe:
+            if kind != "encoder":
+                raise OnnxpressError(
+                    "the BBC probe needs an encoder (sentence-embedding) model: drop --probe for decoders"
+                )
+            timed("probe", lambda: bbc_probe_accuracy(session, tokenizer))
+            if ref is not None:
+                result["reference_probe_accuracy"] = bbc_probe_accuracy(ref, tokenizer)["probe_accuracy"]
     return result
+
+
+@contextlib.contextmanager
+def _tokenizer_of_the_model(tok_dir: Path):
+    """A tokenizer of another model (say, one another compile left beside the output) gives
+    ids past the embedding table: one line naming it, not ONNX Runtime's Gather error."""
+    try:
+        yield
+    except InvalidArgument as e:
+        if "out of data bounds" not in str(e):
+            raise
+        raise OnnxpressError(f"the tokenizer in {tok_dir} gives token ids the model's embedding table does not "
+                             "have: pass --tokenizer DIR, the folder of the model's own tokenizer") from None
 
 
 def _evaluation_sources(text_files) -> list[tuple[str, list | None, str]]:

@@ -110,6 +110,22 @@ def test_evaluate_decoder_and_encoder_dicts():
         ev.evaluate(dec, probe=True, text_files=text)
 
 
+def test_another_models_tokenizer_is_a_one_line_error(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # a word-level tokenizer of 4,096 tokens that reads every word as its last one: an id past
+    # the tiny model's embedding table of 384 rows
+    vocab = {f"w{i}": i for i in range(4095)} | {"[UNK]": 4095}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="w0").save_pretrained(tmp_path)
+    enc = tiny_export("bert")
+    text = datasets.sotu_files("evaluation")[:1]
+    with pytest.raises(OnnxpressError, match="embedding table does not have: pass --tokenizer"):
+        ev.evaluate(enc, enc, tokenizer_dir=tmp_path, text_files=text)
+
+
 def test_default_evaluation_covers_both_corpora():
     enc, dec = tiny_export("bert"), tiny_export("llama")
     result = ev.evaluate(enc, enc)
