@@ -45,6 +45,17 @@ def test_full_rank_is_exact_and_plain_svd_minimises_weight_error():
     assert np.isclose(np.linalg.norm(w - a @ b) ** 2, (s[5:] ** 2).sum())
 
 
+def test_factors_have_equal_norms_per_rank_one_term_even_when_whitened():
+    rng = np.random.default_rng(5)
+    x = 20.0 * _correlated_inputs(rng, 1000, 32)  # large activations: whitening shrinks A
+    w = 0.05 * rng.standard_normal((32, 24))
+    for dec in (fz.decompose(w), fz.decompose(w, x.T @ x)):
+        a, b = dec.factors(10)
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=1e-10)
+        truncated = dec.factors(24)
+        np.testing.assert_allclose(truncated[0] @ truncated[1], w, atol=1e-10)
+
+
 def test_cross_fit_recovers_original_outputs_from_perturbed_inputs():
     """Sequential fitting: with X' = X + noise, the rank-r factors fitted to (X', X W)
     reproduce X W better than factors fitted on X alone."""
