@@ -59,7 +59,7 @@ import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import CONFIDENCE_Z, FidelityMeter
-from onnxpress.model_io import session_model
+from onnxpress.model_io import model_nbytes
 from onnxpress.pass_infra import PassReport, build_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.recipe import load_recipe
@@ -135,7 +135,7 @@ class Candidate:
     loss: float  # the larger of the domains' mean losses
     loss_bound: float  # the larger of the domains' mean + CONFIDENCE_Z standard errors
     latency_ms: float
-    size_bytes: int
+    size_bytes: int  # its weights, wherever they are (a compile maps a large input's from a data file)
     fits: bool
     seconds: float
     compressed: bool  # smaller than the exact base (a lossy pass that kept everything float is not)
@@ -238,7 +238,7 @@ class _Search:
             loss=loss,
             loss_bound=bound,
             latency_ms=round(ms, 2),
-            size_bytes=session_model(model).nbytes,
+            size_bytes=model_nbytes(model),
             fits=bound <= self.settings.budget,
             seconds=round(time.perf_counter() - t0 + self.last_apply_seconds, 1),
             compressed=False,

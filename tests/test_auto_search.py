@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from onnxpress import model_io
 from onnxpress.auto_search import MIN_GAIN, Candidate, _most_faithful_near_best, _next_strength
 from onnxpress.calibration import CalibrationSet
 from onnxpress.cli import main
@@ -24,7 +25,10 @@ def searched(tmp_path_factory):
     src = tiny_model("bert")
     out = tmp_path_factory.mktemp("auto") / "bert.auto.onnx"
     budget = 0.05
-    report = compile_model(src, out, budget=budget, objective="latency", **CALIB)
+    with pytest.MonkeyPatch.context() as patch:
+        # compiled as a real model's file is: from a copy with its weights in a data file
+        patch.setattr(model_io, "INLINE_MAP_MIN_BYTES", 0)
+        report = compile_model(src, out, budget=budget, objective="latency", **CALIB)
     return src, out, report, budget
 
 
@@ -38,7 +42,7 @@ def held_out(src):
 
 
 def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched):
-    _, out, report, budget = searched
+    src, out, report, budget = searched
     found = json.loads(report_path(out).read_text())["extra"]["search"]
     labels = [c["label"] for c in found["trace"]]
     assert labels[0].startswith("exact base") and any(lab.startswith("quantize") for lab in labels)
@@ -53,8 +57,9 @@ def test_trace_lists_every_measured_candidate_and_marks_the_chosen_one(searched)
     fastest = min(c["latency_ms"] for c in fitting)
     near = [c for c in fitting if c["latency_ms"] <= fastest * (1 + MIN_GAIN)]
     assert chosen["loss"] == min(c["loss"] for c in near)
-    # the exact base loses nothing
+    # the exact base loses nothing; its size is its weights', which were in a data file
     assert found["trace"][0]["loss"] < 1e-5
+    assert found["trace"][0]["size_bytes"] > 0.9 * model_io.model_nbytes(load_model(src))
     assert "search (budget" in report.format_table()
 
 
