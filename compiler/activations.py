@@ -273,6 +273,16 @@ class Gram:
             xtx_ref += ref.T @ ref
             sum_ref += ref.sum(0, dtype=np.float64)
 
+    def __add__(self, other: Gram) -> Gram:
+        """The moments of both sets of rows (each with or each without reference rows)."""
+        if (self._ref is None) != (other._ref is None):
+            raise ValueError("cannot add a Gram with reference rows to one without")
+        total = Gram(self.name, products=self.products)
+        total.xtx, total.sum, total.count = self.xtx + other.xtx, self.sum + other.sum, self.count + other.count
+        if self._ref is not None:
+            total._ref = tuple(a + b for a, b in zip(self._ref, other._ref, strict=True))
+        return total
+
     @property
     def has_reference(self) -> bool:
         return self._ref is not None

@@ -4,6 +4,13 @@ compression budget by what the model's outputs feel rather than by a per-matrix 
 One ORT session serves every probe: the selected matrices compute ``x @ A @ B + b`` with
 A, B, b graph inputs, fed the original weight (as ``W @ I`` or ``I @ W``) or a trial (low-rank
 factors; a pruned and refitted weight beside the identity).
+
+The loss is the one the compile reports and the automatic search bounds: on encoders fed an
+attention mask, 1 - mean cosine of the mask-pooled embeddings
+(:class:`onnxpress.fidelity.FidelityMeter`); otherwise the outputs' squared error relative to
+their energy. On MiniLM the two allocated alike (33% of heads: the same heads; BBC News cosine
+with 25% of FFN neurons 0.952 against 0.954 for the squared error of the token states, with 20%
+low-rank 0.936 against 0.935), so the loss the budget names is the one spent.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import onnx_ir as ir
 
 from onnxpress.activations import Tap
 from onnxpress.editing import GraphEditor, split_matrix
+from onnxpress.fidelity import FidelityMeter, model_kind
 from onnxpress.model_io import SessionModel, session_model
 
 # every probe is a forward pass, so (units x layers) bounds the probes' cost. Low-rank's 7 roles:
@@ -113,17 +121,35 @@ class Prober:
             w = m.weight.astype(dt)
             self.base[a], self.base[b] = (eye, w) if m.d_in <= m.d_out else (w, eye)
             self.base[c] = (m.bias if m.bias is not None else np.zeros(m.d_out)).astype(dt)
+        self.meter = None
+        if model_kind(model) == "encoder" and batches and all("attention_mask" in b for b in batches):
+            self.meter = FidelityMeter(self._batch_outputs(self.base), batches, "encoder", outputs)
+            return
         rows = _Rows(outputs)
         self.tap.stream(batches, rows, feeds=self.base, desc=None)
         self.reference = rows.batches
         self.scale = sum(float(np.sum(y**2)) for ref in self.reference for y in ref) or 1.0
 
+    def _batch_outputs(self, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per batch, the outputs the meter reads, whole (padding and all)."""
+        out: list[dict[str, np.ndarray]] = []
+
+        def keep(name: str, array: np.ndarray, batch) -> None:
+            if name == self.tap.names[0]:  # a batch's arrays come in the tap's order
+                out.append({})
+            out[-1][name] = array
+
+        self.tap.stream(self.batches, keep, feeds=feeds, desc=None)
+        return out
+
     def loss(self, trial: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
-        """Squared output error relative to the outputs' energy, matrix i fed trial[i] = (A, B, b)."""
+        """The model's output loss (see the module's docstring), matrix i fed trial[i] = (A, B, b)."""
         feeds = dict(self.base)
         for i, arrays in trial.items():
             dt = self.base[self.names[i][2]].dtype
             feeds.update({n: x.astype(dt) for n, x in zip(self.names[i], arrays, strict=True)})
+        if self.meter is not None:
+            return self.meter.measure(self._batch_outputs(feeds)).loss
         err = _SquaredError(self.outputs, self.reference)
         self.tap.stream(self.batches, err, feeds=feeds, desc=None)
         return err.total / self.scale

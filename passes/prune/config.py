@@ -22,8 +22,10 @@ class PruneConfig(PassConfig):
     # relative to its residual stream, a proxy that needs no probes; "uniform": the same share
     # everywhere; "auto": probe, but global for decoders (see scoring.allocation_for)
     allocation: str = "auto"
-    # calibration sequences each probe runs: with 8 or 32 the measured losses misled MiniLM's head
-    # allocation (BBC News cosine 0.917 / 0.915), with 64 and 128 they did not (0.947 / 0.943)
+    # calibration sequences each probe runs, set apart from those the orders and the probes' refits
+    # are fitted on (scoring.calibration_stats). While the probes still ran on the fitted sequences,
+    # 8 or 32 misled MiniLM's head allocation (BBC News cosine 0.917 / 0.915), 64 and 128 did not
+    # (0.947 / 0.943)
     probe_samples: int = 64
     # share of the calibration's real tokens replaced by random vocabulary tokens (where the compile
     # has a tokenizer) for the statistics and the probes: what the choice and the refit fit then

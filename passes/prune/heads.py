@@ -92,9 +92,10 @@ class PruneHeadsPass(Pass):
 
         weights = [rewrite.read_weight(u.att.o) for u in units]
         biases = [rewrite.read_bias(u.att.o) for u in units]
-        stats = scoring.capture_layer_stats(model, ctx, self.name, cfg, [(u.att.o, u.layer) for u in units])
+        calibration = scoring.calibration_stats(model, ctx, self.name, cfg, tmap.kind, [(u.att.o, u.layer) for u in units])
+        stats = calibration.fit
         if stats:
-            details["calibration_tokens"] = int(stats[0].gram.count)
+            details["calibration_tokens"] = int(calibration.final[0].gram.count)
             details["calibration_augment"] = cfg.augment if ctx.replaceable_tokens() is not None else 0.0
 
         curves, totals = [], []
@@ -104,11 +105,10 @@ class PruneHeadsPass(Pass):
             cost = {"heads": u.n_rep, "params": u.params_per_group, "macs": u.macs_per_group}[cfg.target]
             curves.append(scoring.LayerCurve(elim, unit_cost=float(cost), scale=scale, max_remove=max(0, max_remove)))
             totals.append(u.att.num_kv_heads)
-        repairs = [scoring.repair_of(cfg, stats[i] if stats else None, weights[i], biases[i])
-                   for i in range(len(units))]
+        repairs = calibration.repairs(cfg, weights, biases, final=False)
         counts, details["allocation"], notes = scoring.allocated_counts(
             model, ctx, self.name, cfg, tmap.kind, [u.att.o for u in units], curves,
-            [u.groups for u in units], repairs, totals)
+            [u.groups for u in units], repairs, totals, calibration.probes)
         if notes:
             details["notes"] = notes
 
@@ -121,6 +121,7 @@ class PruneHeadsPass(Pass):
         bias_shapes = probe_shapes(model, [v.name for v in candidates], feeds, threads=ctx.threads)
 
         editor = GraphEditor(model)
+        repairs = calibration.repairs(cfg, weights, biases, final=True)
         removed_heads = removed_groups = 0
         for i, (u, curve, count) in enumerate(zip(units, curves, counts, strict=True)):
             drop = set(curve.elimination.order[:count])

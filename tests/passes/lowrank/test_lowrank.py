@@ -221,8 +221,10 @@ def test_pass_reports_the_error_measured_on_the_saved_model(arch, with_past, tmp
 @pytest.mark.parametrize("arch, with_past", [("bert", False), ("gpt2", False), ("llama", True)])
 def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
     """The allocation probes feed trial factors to one shared session; their loss must be the
-    relative squared output error of the model actually split that way (in ORT)."""
+    loss of the model actually split that way (in ORT): on an encoder fed a mask, 1 - mean
+    cosine of the mask-pooled embeddings; on decoders, the relative squared output error."""
     from onnxpress.activations import token_rows
+    from onnxpress.fidelity import mean_pool, row_cosines
     from onnxpress.model_io import model_proto
     from onnxpress.runtime import make_session, session_feeds
     from onnxpress.weight_probe import Prober
@@ -232,7 +234,7 @@ def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
     batches = list(ctx.calibration.batches)[:2]
     matrices = select_matrices(model, list(ROLES), ctx.analysis(model))
     prober = Prober(model, matrices, batches, ctx.output_names, threads=1)
-    assert prober.loss({}) == 0.0
+    assert prober.loss({}) == pytest.approx(0.0, abs=1e-12)
     trial = {}
     for i in (0, len(matrices) - 1):
         m = matrices[i]
@@ -241,11 +243,18 @@ def test_probe_loss_is_the_loss_of_the_split_model(arch, with_past):
         split_matrix(model.graph, m, *trial[i])
     before, after = make_session(path), make_session(model_proto(model).SerializeToString())
     err = total = 0.0
+    cosines = []
     for feeds in batches:
-        for y0, y1 in zip(*(s.run(ctx.output_names, session_feeds(s, feeds)) for s in (before, after)), strict=True):
+        runs = [s.run(ctx.output_names, session_feeds(s, feeds)) for s in (before, after)]
+        if arch == "bert":
+            y0, y1 = (mean_pool(run[0], feeds["attention_mask"]) for run in runs)
+            cosines.append(row_cosines(y0, y1))
+            continue
+        for y0, y1 in zip(*runs, strict=True):
             y0, y1 = (token_rows(y, feeds.get("attention_mask")).astype(np.float64) for y in (y0, y1))
             err, total = err + np.sum((y1 - y0) ** 2), total + np.sum(y0**2)
-    assert err > 0 and np.isclose(prober.loss(trial), err / total, rtol=1e-4)
+    expected = 1.0 - np.concatenate(cosines).mean() if arch == "bert" else err / total
+    assert expected > 0 and np.isclose(prober.loss(trial), expected, rtol=1e-4)
 
 
 def test_trimmed_padding_leaves_the_real_tokens_unchanged():

@@ -34,6 +34,18 @@ def test_streaming_gram_equals_batch():
     assert np.isclose(scoring.output_energy(g, w, b), float(((x @ w + b) ** 2).sum()), rtol=1e-5)
 
 
+def test_added_grams_equal_the_gram_of_all_rows():
+    rng = np.random.default_rng(2)
+    x, x_ref = rng.standard_normal((50, 5)), rng.standard_normal((50, 5))
+    total = Gram.of(x[:20], x_ref[:20]) + Gram.of(x[20:], x_ref[20:])
+    whole = Gram.of(x, x_ref)
+    assert total.count == 50
+    for name in ("xtx", "sum", "cross", "xtx_ref", "sum_ref"):
+        np.testing.assert_allclose(getattr(total, name), getattr(whole, name), rtol=1e-12)
+    with pytest.raises(ValueError, match="reference"):
+        Gram.of(x) + Gram.of(x, x_ref)
+
+
 def test_ridge_refit_is_least_squares_and_beats_plain_slicing():
     rng = np.random.default_rng(1)
     x = _features(rng, 2000, 24)

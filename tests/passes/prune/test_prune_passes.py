@@ -231,6 +231,33 @@ def test_statistics_and_probes_see_augmented_calibration_where_there_is_a_tokeni
     assert errors[0.3] != errors[0.0]
 
 
+def _rows(batches):
+    return {tuple(row[mask > 0]) for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)}
+
+
+@pytest.mark.parametrize(("max_batches", "fit_batches"), [(0, 3), (2, 2)])
+def test_probes_measure_on_sequences_the_fits_never_saw(max_batches, fit_batches):
+    """A probed allocation measures on sequences set apart from those the orders and the probes'
+    refits are fitted on: after the pass's first ``max_batches`` batches, or, when it uses them
+    all, its last ones, which the rewrite's final refits then add back."""
+    _, model = _load("bert", False)
+    batches = _batches(model, 4, 0)
+    ctx = CompileContext(verification=_batches(model, 1, 100), calibration=CalibrationSet(batches, "random tokens"),
+                         threads=1)
+    cfg = build_pass("prune_ffn", {"fraction": 0.3, "max_batches": max_batches, "probe_samples": 4}).config
+    tmap = analyze(model)
+    downs = [(layer.ffn.down, layer) for layer in tmap.layers]
+    stats = scoring.calibration_stats(model, ctx, "prune_ffn", cfg, tmap.kind, downs)
+    fit_tokens = sum(int(b["attention_mask"].sum()) for b in batches[:fit_batches])
+    used_tokens = sum(int(b["attention_mask"].sum()) for b in batches[:max_batches or len(batches)])
+    assert [s.gram.count for s in stats.fit] == [fit_tokens] * len(downs)
+    assert [s.gram.count for s in stats.final] == [used_tokens] * len(downs)
+    assert len(_rows(stats.probes)) == 4 and not _rows(stats.probes) & _rows(batches[:fit_batches])
+    global_cfg = build_pass("prune_ffn", {"fraction": 0.3, "allocation": "global"}).config
+    unprobed = scoring.calibration_stats(model, ctx, "prune_ffn", global_cfg, tmap.kind, downs)
+    assert unprobed.probes == [] and unprobed.fit[0].gram.count == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
 def test_repair_and_calibrated_scores_beat_the_naive_choice():
     """On a tiny BERT the calibrated choice with repair moves the output less than the
     weight-norm choice without repair, at the same number of heads."""
