@@ -218,6 +218,8 @@ def _inverse_cholesky_upper(H: np.ndarray) -> np.ndarray:
         if info == 0:
             Rinv, info = dtrtri(R, lower=1)
             if info == 0 and np.isfinite(Rinv).all():
-                return np.ascontiguousarray(Rinv[::-1, ::-1])
+                # a copy, not ascontiguousarray: that returns a 1 x 1 view with its negative strides,
+                # which torch.from_numpy refuses
+                return Rinv[::-1, ::-1].copy()
         extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(H))) + 1e-12)
     raise np.linalg.LinAlgError("Hessian is not positive definite even with damping")

@@ -151,6 +151,14 @@ def test_inverse_cholesky_factor_of_the_hessian():
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
 
 
+def test_gptq_of_a_single_input_row():
+    """A rank-1 low-rank factor B [1, N] has a 1 x 1 Hessian; GPTQ then is plain rounding."""
+    w = np.random.default_rng(10).standard_normal((1, 12)).astype(np.float32)
+    scales = channel_scales(w, 127)
+    g = gptq(w, np.array([[3.0]]), ChannelQuantizer(scales, 127))
+    np.testing.assert_allclose(g, ChannelQuantizer(scales, 127)(0, w.astype(np.float64)), atol=1e-6)
+
+
 def test_split_columns_of_a_group_quantised_together():
     rng = np.random.default_rng(9)
     w = rng.standard_normal((64, 24)).astype(np.float32)
