@@ -114,7 +114,7 @@ class PruneFfnPass(Pass):
             details["notes"] = notes
 
         editor = GraphEditor(model)
-        repairs = calibration.repairs(cfg, weights, biases, final=True)
+        final_repairs = calibration.repairs(cfg, weights, biases, final=True)
         removed = 0
         for i, (f, curve, count) in enumerate(zip(ffns, curves, counts, strict=True)):
             drop = set(curve.elimination.order[:count])
@@ -123,7 +123,7 @@ class PruneFfnPass(Pass):
                                       "predicted_error": float(curve.path()[count - 1]) if count else 0.0})
             if not drop:
                 continue
-            w, b = repairs[i](keep)
+            w, b = final_repairs[i](keep)
             _rewrite(editor, f, keep, w, b, add_bias=cfg.add_bias and cfg.repair)
             removed += len(drop)
         total = sum(totals)

@@ -121,7 +121,7 @@ class PruneHeadsPass(Pass):
         bias_shapes = probe_shapes(model, [v.name for v in candidates], feeds, threads=ctx.threads)
 
         editor = GraphEditor(model)
-        repairs = calibration.repairs(cfg, weights, biases, final=True)
+        final_repairs = calibration.repairs(cfg, weights, biases, final=True)
         removed_heads = removed_groups = 0
         for i, (u, curve, count) in enumerate(zip(units, curves, counts, strict=True)):
             drop = set(curve.elimination.order[:count])
@@ -133,7 +133,7 @@ class PruneHeadsPass(Pass):
             if not drop:
                 continue
             cols = np.concatenate([u.groups[g] for g in keep])
-            w_o, b_o = repairs[i](cols)
+            w_o, b_o = final_repairs[i](cols)
             _rewrite(editor, u, keep, w_o, b_o, add_bias=cfg.add_bias and cfg.repair)
             _gather_score_biases(editor, u, keep, bias_shapes)
             removed_groups += len(drop)
