@@ -82,7 +82,7 @@ DECODER_RECIPES = {"latency": "balanced", "size": "edge-int4"}
 PROBES_PER_FAMILY = 3
 # Distillation after each structural probe: shorter than the pass's default, as every probe pays it.
 PROBE_DISTILL = {"steps": 300, "max_minutes": 4.0}
-# Calibration batches a structural probe uses (statistics on fewer batches: faster probes).
+# Calibration batches (of calibration.BATCH_SIZE samples) a structural probe fits on: fewer, faster probes.
 PROBE_BATCHES = 8
 FIRST_PROBE = 0.25  # of the family's largest strength
 TIMING_REPEATS = 3

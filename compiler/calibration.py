@@ -240,6 +240,26 @@ def _source_table(value: ir.Value | None, depth: int = 4) -> int | None:
     return None
 
 
+# Samples in a calibration batch. The passes' batch limits (``max_batches``, ``calibration_batches``)
+# count batches of this many samples: a decoder with a large vocabulary runs its calibration one
+# sample a batch (compile.default_batch_size) and must still fit on as much text.
+BATCH_SIZE = 8
+
+
+def leading_batches(batches: Sequence[Feeds], n_batches: int | None) -> list[Feeds]:
+    """The batches holding the first ``n_batches * BATCH_SIZE`` samples (all of them for 0 or None),
+    however many samples each batch holds."""
+    if not n_batches:
+        return list(batches)
+    out, samples = [], 0
+    for batch in batches:
+        if samples >= n_batches * BATCH_SIZE:
+            break
+        out.append(batch)
+        samples += _batch_size(batch)
+    return out
+
+
 @dataclass
 class CalibrationSet:
     """Feed batches keyed by model input names, plus a description for reports."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxpress import datasets
+from onnxpress.calibration import BATCH_SIZE
 from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
@@ -34,8 +35,6 @@ DEFAULT_RECIPE = "balanced"
 # What runs when neither a recipe nor calibration data is given: `balanced` needs calibration.
 NO_CALIBRATION_RECIPE = "lossless"
 DEFAULT_MAX_SAMPLES = 256
-# Samples a calibration batch, unless a decoder's logits over them pass LOGITS_BATCH_BYTES (default_batch_size).
-BATCH_SIZE = 8
 LOGITS_BATCH_BYTES = 32 * 2**20
 # Samples held back from the calibration data to verify each stage.
 VERIFY_FRACTION = 0.15

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxpress.calibration import replaceable_ids, with_replaced_tokens
+from onnxpress.calibration import leading_batches, replaceable_ids, with_replaced_tokens
 from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
@@ -157,11 +157,12 @@ class CompileContext:
 
     def calibration_batches(self, pass_name: str, max_batches: int | None = None, *, augment: float = 0.0
                             ) -> list[dict[str, np.ndarray]]:
-        """The calibration batches a pass fits on (the first ``max_batches``; 0 or None: all), with
-        ``augment`` of their real tokens replaced by random vocabulary ones where the compile has a
-        tokenizer (:meth:`replaceable_tokens`); every call with the same arguments returns the same."""
+        """The calibration batches a pass fits on (those holding the first ``max_batches`` batches' worth
+        of samples, ``calibration.leading_batches``; 0 or None: all), with ``augment`` of their real
+        tokens replaced by random vocabulary ones where the compile has a tokenizer
+        (:meth:`replaceable_tokens`); every call with the same arguments returns the same."""
         batches = list(self.require_calibration(pass_name).batches)
-        batches = batches[:max_batches] if max_batches else batches
+        batches = leading_batches(batches, max_batches)
         replaceable = self.replaceable_tokens() if augment else None
         return batches if replaceable is None else with_replaced_tokens(batches, augment, replaceable, self.seed)
 

@@ -359,3 +359,21 @@ def test_a_decoder_with_a_large_vocabulary_calibrates_in_smaller_batches():
     assert default_batch_size(model, 128) == 1
     logits.shape = ir.Shape(["batch_size", "sequence_length", 16384])
     assert default_batch_size(model, 128) == 4
+
+
+def test_batch_limits_count_samples_whatever_size_the_batches_run_at():
+    """A pass limited to N calibration batches fits on N * BATCH_SIZE samples whether the compile
+    runs them 8 or 1 at a time, so a large-vocabulary decoder's smaller batches do not shrink what
+    GPTQ, pruning or the search's probes see."""
+    from onnxpress.calibration import BATCH_SIZE, leading_batches
+
+    ids = np.arange(64 * 4).reshape(64, 4)
+    for size in (8, 3, 1):
+        batches = [{"input_ids": ids[i : i + size]} for i in range(0, 64, size)]
+        ctx = CompileContext(verification=[], calibration=CalibrationSet(batches, "t"))
+        for n in (1, 2, 5):
+            rows = np.concatenate([b["input_ids"] for b in ctx.calibration_batches("p", n)])
+            assert len(rows) >= n * BATCH_SIZE > len(rows) - size  # whole batches, none past the limit
+            np.testing.assert_array_equal(rows, ids[: len(rows)])
+        assert len(ctx.calibration_batches("p")) == len(leading_batches(batches, 0)) == len(batches)
+        assert len(leading_batches(batches, 100)) == len(batches)

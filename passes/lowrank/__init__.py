@@ -81,7 +81,7 @@ class LowRankConfig(PassConfig):
     # isotropic pseudo-tokens per input dimension: the refit has d_in unknowns per output and
     # over-fits when the calibration has few tokens per input dimension (SmolLM2's down_proj)
     refit_prior: float = 1.0
-    max_batches: int | None = None  # calibration batches used (None: all)
+    max_batches: int | None = None  # calibration batches of 8 samples used (None: all)
 
     def validate(self) -> None:
         if not 0 < self.fraction < 1:

@@ -34,7 +34,7 @@ class PruneConfig(PassConfig):
     repair: bool = True  # refit the projection by ridge least squares on calibration data
     ridge: float = DEFAULT_RIDGE  # relative to the mean diagonal of X^T X
     add_bias: bool = True  # a refit may add a bias to a projection that had none (mean correction)
-    max_batches: int = 0  # calibration batches to use (0: all)
+    max_batches: int = 0  # calibration batches of 8 samples to use (0: all)
 
     targets: ClassVar[tuple[str, ...]] = ("params", "macs")
     scores: ClassVar[tuple[str, ...]] = ("contribution", "weight_norm")

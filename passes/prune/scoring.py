@@ -42,7 +42,7 @@ import onnx_ir as ir
 
 from onnxpress.activations import Gram, capture_grams
 from onnxpress.analysis.matrices import matrix_of, residual_add
-from onnxpress.calibration import trim_padding
+from onnxpress.calibration import leading_batches, trim_padding
 from onnxpress.errors import OnnxpressError
 from onnxpress.factorization import allocate_measured
 from onnxpress.fidelity import primary_outputs
@@ -106,7 +106,7 @@ def calibration_stats(model: ir.Model, ctx, pass_name: str, cfg, kind: str,
     the pass's first ``max_batches`` batches or, where it uses every batch, on its last
     sequences (at most a quarter), which only the final refits then add."""
     batches = ctx.calibration_batches(pass_name, augment=cfg.augment)
-    used = batches[:cfg.max_batches] if cfg.max_batches else batches
+    used = leading_batches(batches, cfg.max_batches)
     fit, held, probes = used, [], []
     if allocation_for(cfg.allocation, kind) == "probe":
         if len(used) < len(batches):

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.calibration import leading_batches
 from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
@@ -100,9 +101,9 @@ class QuantizeConfig(PassConfig):
     # decoder's users judge it by
     budget_metric: Literal["rel_l2", "cosine", "perplexity"] = "rel_l2"
     sensitivity: Literal["auto", "measured", "local"] = "auto"
-    sensitivity_batches: int = 4
+    sensitivity_batches: int = 4  # batches of 8 samples (calibration.BATCH_SIZE), as calibration_batches
     exclude: list[str] = field(default_factory=list)  # roles or node names kept float
-    calibration_batches: int = 32
+    calibration_batches: int = 32  # batches of 8 samples, however many samples a batch runs with
     # int8 storage of embedding tables (Gather) with per-row scales: 8, or 0 to keep them float
     embedding_bits: int = 8
     min_embedding_size: int = 1 << 20  # elements; small tables (positions, token types) stay float
@@ -228,7 +229,7 @@ class QuantizePass(Pass):
             )
         batches = None
         if ctx.calibration is not None:
-            batches = ctx.calibration.batches[: cfg.calibration_batches]
+            batches = leading_batches(ctx.calibration.batches, cfg.calibration_batches)
         elif self.needs_calibration:
             batches = ctx.require_calibration(self.name).batches
         if cfg.mode == "weight_only":
@@ -325,9 +326,9 @@ class QuantizePass(Pass):
         if cfg.budget is None:
             return None
         outputs = ctx.output_names or primary_outputs(model)
-        sens_batches = (batches or ctx.verification)[: cfg.sensitivity_batches]
+        sens_batches = leading_batches(batches or ctx.verification, cfg.sensitivity_batches)
         if cfg.budget_metric == "perplexity":
-            sens_batches = ctx.verification[: cfg.sensitivity_batches]
+            sens_batches = leading_batches(ctx.verification, cfg.sensitivity_batches)
             if "logits" not in outputs or not all("input_ids" in b for b in sens_batches):
                 raise OnnxpressError(
                     "quantize: budget_metric perplexity needs a decoder with a 'logits' output and text "

@@ -58,7 +58,7 @@ class ShareWeightsConfig(PassConfig):
     allocation: Literal["global", "uniform"] = "global"
     bias_correction: bool = True
     eps: float = fz.DEFAULT_EPS
-    max_batches: int | None = None
+    max_batches: int | None = None  # calibration batches of 8 samples used (None: all)
 
     def validate(self) -> None:
         if not 0 <= self.fraction < 1:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onnxpress.analysis import analyze
-from onnxpress.calibration import CalibrationSet, make_feeds
+from onnxpress.calibration import BATCH_SIZE, CalibrationSet, make_feeds
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, primary_outputs
 from onnxpress.model_io import load_model, save_model
@@ -241,7 +241,7 @@ def test_probes_measure_on_sequences_the_fits_never_saw(max_batches, fit_batches
     refits are fitted on: after the pass's first ``max_batches`` batches, or, when it uses them
     all, its last ones, which the rewrite's final refits then add back."""
     _, model = _load("bert", False)
-    batches = _batches(model, 4, 0)
+    batches = _batches(model, 4, 0, batch=BATCH_SIZE)  # max_batches counts batches of BATCH_SIZE samples
     ctx = CompileContext(verification=_batches(model, 1, 100), calibration=CalibrationSet(batches, "random tokens"),
                          threads=1)
     cfg = build_pass("prune_ffn", {"fraction": 0.3, "max_batches": max_batches, "probe_samples": 4}).config

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxpress.activations import capture_grams
-from onnxpress.calibration import make_feeds
+from onnxpress.calibration import BATCH_SIZE, make_feeds
 from onnxpress.compile import compile_model
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
@@ -409,7 +409,7 @@ def test_bias_correction_removes_the_mean_error_clipped_ranges_add(correct):
     ctx.output_names = ["y"]
     ctx.reference, reference = ctx.run(model), ctx.run(model, batches)
     settings = {"mode": "static", "calibration_method": "percentile", "percentile": 99.0, "smooth": False,
-                "gptq": False, "bias_correction": correct}
+                "gptq": False, "bias_correction": correct, "calibration_batches": 8 * 64 // BATCH_SIZE}
     result = build_pass("quantize", settings).run(model, ctx)
     quantized = ctx.run(model, batches)
     mean_error = np.mean([q["y"] - r["y"] for q, r in zip(quantized, reference, strict=True)], axis=(0, 1))
