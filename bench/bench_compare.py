@@ -266,6 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="build and measure only these variants (labels as in the table; ORT fp32 always, for the "
                              "ratios), keeping the other rows of compare.json from the runs that measured them")
+    parser.add_argument("--results", default="compare", metavar="NAME",
+                        help="results/NAME.json and NAME.<model>.png (default compare): another host's rows in a file of "
+                             "their own, as ratios hold only within one machine")
     parser.add_argument("--reuse-only", action="store_true",
                         help="compile nothing: measure the onnxpress variants an earlier run left in the work folder")
     args = parser.parse_args(argv)
@@ -305,9 +308,9 @@ def main(argv=None) -> int:
     print(f"# threads {THREADS}")
     # rows not measured this time are kept: other models', and with --only the model's other variants
     # (read now: another run may have written meanwhile)
-    if (RESULTS / "compare.json").exists():
+    if (RESULTS / f"{args.results}.json").exists():
         ran = {(r["model"], r["variant"]) for r in rows}
-        earlier = json.loads((RESULTS / "compare.json").read_text())
+        earlier = json.loads((RESULTS / f"{args.results}.json").read_text())
         kept = [r for r in earlier["rows"] if (r["model"], r["variant"]) in ran
                 or args.only is not None or r["model"] not in {m for m, _ in ran}]
         prefixes = tuple(f"{r['model']}_" for r in kept if (r["model"], r["variant"]) not in ran)
@@ -320,8 +323,8 @@ def main(argv=None) -> int:
     for model in dict.fromkeys(r["model"] for r in rows if r["command"] == command):
         model_rows = [r for r in rows if r["model"] == model]
         pareto_plot(model_rows, model_rows[0]["kind"], f"{model} on {machine()['cpu']}, {THREADS} threads",
-                    RESULTS / f"compare.{model}.png")
-    write_results("compare", rows, command=command, notes=notes, columns=columns)
+                    RESULTS / f"{args.results}.{model}.png")
+    write_results(args.results, rows, command=command, notes=notes, columns=columns)
     return 0
 
 
