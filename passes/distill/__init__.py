@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxpress.activations import progress_enabled
 from onnxpress.analysis import analyze
+from onnxpress.cpu import has_bfloat16_matmul
 from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import primary_outputs
@@ -53,6 +54,9 @@ class DistillConfig(PassConfig):
     # share of the training tokens replaced by random vocabulary tokens (text data only): the
     # student then also matches the teacher on words the training text does not contain
     augment: float = 0.15
+    # the student's matrix products: auto is bfloat16 (torch autocast; weights, AdamW and losses
+    # stay float32) where the CPU multiplies bfloat16 in hardware (AMX, AVX-512 BF16), else float32
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "texts", "max_length", "eval_every", "patience"):
@@ -102,6 +106,7 @@ class DistillPass(Pass):
                            details={"note": "no initializer differs from the original model: nothing to recover"})
         decoder = "logits" in [v.name for v in model.graph.outputs]
         seed = ctx.seed if cfg.seed is None else cfg.seed
+        bfloat16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and has_bfloat16_matmul())
         data = self._data(model, ctx, cfg, decoder, seed)
         targets, notes = _targets(model, teacher_model, decoder, cfg.layer_weight > 0)
         threads = torch.get_num_threads()
@@ -116,7 +121,7 @@ class DistillPass(Pass):
                                 cfg.augment)
             params = student.trainable_parameters()
             trainer = Trainer(student, student_model, teacher_model, teacher, loss, params, schedule,
-                              progress=progress_enabled())
+                              progress=progress_enabled(), bfloat16=bfloat16)
             history = trainer.run(data, seed)
             written = student.write_back(model)
         finally:
@@ -128,6 +133,7 @@ class DistillPass(Pass):
                 "text": data.source, "texts": data.texts, "train_batches": len(data.train),
                 "holdout_batches": len(data.holdout), "scope": cfg.scope,
                 "parameters_trained": int(sum(p.numel() for p in params.values())),
+                "matmul_precision": "bfloat16" if bfloat16 else "float32",
                 "loss": "KL of next-token distributions" if decoder else "token hidden-state MSE + pooled cosine",
                 "layers_matched": len(targets.layers), "holdout_loss_before": losses[0][1],
                 "holdout_loss_after": min(loss for _, loss in losses), "best_step": history.best_step,

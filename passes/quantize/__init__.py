@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.calibration import leading_batches
+from onnxpress.cpu import has_int8_dot_products
 from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
@@ -245,7 +246,8 @@ class QuantizePass(Pass):
         budget = self._budget_target(model, ctx, batches)
         smoothed, stats = self._smooth_and_capture(model, ctx, linears, batches)
         groups = _by_input(linears)
-        reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not cpu_has_vnni()
+        # an unknown CPU gets the reduced range: the safe choice
+        reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not has_int8_dot_products()
         qmax = INT8_QMAX[reduce_range]
         weights = self._int8_weights(groups, stats, qmax)
         act = self._activation_ranges(groups, stats) if cfg.mode == "static" else {}
@@ -649,15 +651,6 @@ def _table_gathers(lin: QLinear) -> list[ir.Node]:
     return [node for node, index in table.uses()
             if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0
             and node.attributes.get_int("axis", 0) == 0]
-
-
-def cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False  # unknown: the reduced range is the safe choice
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _try_analysis(ctx, model):

@@ -134,6 +134,29 @@ def test_same_seed_same_weights_and_scope_all_trains_more():
     assert trained_all > trained_a > 0
 
 
+def test_bfloat16_products_where_the_cpu_has_them_and_both_precisions_recover(monkeypatch):
+    """``precision: auto`` follows the CPU; the bfloat16 run computes differently (its weights
+    differ from the float32 run's) and recovers as well."""
+    import onnxpress.passes.distill as distill_pass
+
+    path = tiny_model("bert")
+    original = load_model(path)
+    runs = {}
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(distill_pass, "has_bfloat16_matmul", lambda has_bf16=has_bf16: has_bf16)
+        model = load_model(path)
+        ctx = _context(model, text_from=path.parent)
+        pruned = load_model(path)
+        _compile(pruned, [("prune_heads", {"fraction": 0.5})], _context(pruned))
+        _, distill = _compile(model, [("prune_heads", {"fraction": 0.5}), ("distill", FAST)], ctx)
+        d = distill.details
+        assert d["matmul_precision"] == ("bfloat16" if has_bf16 else "float32")
+        assert d["holdout_loss_after"] < d["holdout_loss_before"]
+        assert _distance_to_original(model, original, ctx) < _distance_to_original(pruned, original, ctx)
+        runs[has_bf16] = _snapshot(model)
+    assert any(not np.array_equal(runs[True][n], runs[False][n]) for n in runs[True])
+
+
 @pytest.mark.parametrize("structural", [
     ("lowrank", {"fraction": 0.3, "allocation": "uniform"}),
     ("share_weights", {"fraction": 0.3, "group_size": 2}),
@@ -185,6 +208,7 @@ def test_distillation_after_attention_fusion_is_a_one_line_error():
     ({"lr": 2.0}, "'lr' must be between 0 and 1"),
     ({"scope": "some"}, "'scope' must be one of"),
     ({"holdout": 0.7}, "'holdout' must be in"),
+    ({"precision": "float8"}, "'precision' must be one of"),
 ])
 def test_config_errors_are_one_line(settings, words):
     with pytest.raises(OnnxpressError, match=words) as exc:
