@@ -1,4 +1,4 @@
-"""The ISA checks read /proc/cpuinfo's flags line, and the passes' CPU-dependent defaults follow them."""
+"""The ISA checks: which flags mean what, and the flags as /proc/cpuinfo lists them."""
 
 from __future__ import annotations
 
