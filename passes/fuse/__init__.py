@@ -10,7 +10,8 @@ pass rewrites them with onnxscript's maintained ORT fusion rules
 
 * ``norms``: residual ``Add`` + RMSNorm -> ``com.microsoft.SkipSimplifiedLayerNormalization``
   (:mod:`.norms`: onnxscript's RMSNorm rule on the Add's sum; norms without a residual Add are
-  left for ORT, which fuses them when it loads the model);
+  left for ORT, which fuses them when it loads the model, written as ``Div`` by the root mean
+  square for its fusion to match them);
 * ``rotary``: the rotation -> ``com.microsoft.RotaryEmbedding`` reading cos/sin tables computed
   once, for ``max_positions`` positions (default: the model's ``max_position_embeddings``, from
   ``config.json`` beside it);
@@ -48,7 +49,7 @@ from onnxpress.generation import config_context_length, read_json
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
 from onnxpress.passes.fuse.canonical import RULES as CANONICAL
 from onnxpress.passes.fuse.canonical import spell_defaults
-from onnxpress.passes.fuse.norms import SKIP_NORM_RULES
+from onnxpress.passes.fuse.norms import ORT_NORM_SPELLING, SKIP_NORM_RULES
 from onnxpress.passes.fuse.rotary import cos_sin_rules, into_attention_rules, uncounted_positions
 from onnxpress.passes.fuse.shapes import infer_shapes
 
@@ -115,7 +116,7 @@ def fuse(model: ir.Model, *, norms: bool = True, rotary: bool = True, rotary_int
     left as it was when no fusion applies."""
     work = model.clone()
     before = _op_counts(work)
-    counts: Counter = Counter(skip_norms_fused=0, rotary_fused=0, rotary_into_attention=0)
+    counts: Counter = Counter(skip_norms_fused=0, rotary_fused=0, rotary_into_attention=0, norms_spelled_for_ort=0)
     notes: dict[str, object] = {}
     failures: list[str] = []  # why rotations were not folded into the attention
     table_failures: list[str] = []  # why rotations kept their computed cos/sin
@@ -149,6 +150,8 @@ def fuse(model: ir.Model, *, norms: bool = True, rotary: bool = True, rotary_int
     if not any(counts.values()):
         details["unchanged"] = "nothing fused (see notes)"
         return Outcome(changes=dict.fromkeys(counts, 0), details=details)
+    if norms:  # the norms left for ORT, in the spelling it fuses (the graph is kept from here on)
+        counts["norms_spelled_for_ort"] = _apply(work, ORT_NORM_SPELLING)
     _finish(work)
     model.graph = work.graph
     after = _op_counts(model)

@@ -6,7 +6,11 @@ ONNX checker has no such op, so a norm the second step leaves (the first layer's
 per-head norms) would fail every later stage's check. One rule does both steps instead: it is
 onnxscript's ``RmsNormFusion`` (its pattern and checks) applied to the sum of a residual
 ``Add``. Norms without a residual Add stay as they are; ORT fuses those itself when it loads
-the model.
+the model,
+in the spelling its fusion matches: ``x / Sqrt(...)``. ``canonical`` spells ``Div(1, Sqrt)`` as
+``Reciprocal`` for onnxscript's rule, so ``DivByReciprocal`` turns a ``Mul`` by a reciprocal
+left over back into one ``Div`` (SmolLM2: the first layer's norm, 7 nodes at every call, is
+then one ``SimplifiedLayerNormalization`` in the session).
 
 onnxscript's rule also refuses statistics computed in float16 (it wants the float32 a
 mixed-precision export casts to); ORT's kernel computes them in float32 whatever the input
@@ -62,3 +66,23 @@ class SkipRmsNorm(RmsNormFusion):
 
 SKIP_NORM_RULES = pattern.RewriteRuleSet([SkipRmsNorm.rule("SkipRmsNorm1", _mul_order=False),
                                           SkipRmsNorm.rule("SkipRmsNorm2", _mul_order=True)])
+
+
+class DivByReciprocal(pattern.RewriteRuleClassBase):
+    """``Mul(x, Reciprocal(d))`` -> ``Div(x, d)``: one rounding fewer, and the RMSNorm spelling
+    ONNX Runtime's load-time fusion matches."""
+
+    def pattern(self, op, x, d):
+        return op.Mul(x, op.Reciprocal(d, _outputs=["inverse"]))
+
+    def check(self, context, x, d, inverse, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if len(inverse.uses()) != 1 or inverse.is_graph_output():
+            return result.fail("the reciprocal is read elsewhere too", inverse)
+        return result
+
+    def rewrite(self, op, x, d, **_):
+        return op.Div(x, d)
+
+
+ORT_NORM_SPELLING = pattern.RewriteRuleSet(DivByReciprocal.rule().commute())

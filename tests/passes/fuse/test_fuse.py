@@ -6,6 +6,8 @@ cannot match left exactly as they were, and the quantizers after it still findin
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxpress.analysis import analyze
@@ -73,8 +75,16 @@ def _ops(model) -> list[str]:
     return [n.op_type for n in model.graph]
 
 
+def _ops_after_ort_optimizations(model, tmp_path) -> list[str]:
+    """The op types of the graph an ORT session runs after its load-time fusions."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
 @pytest.mark.parametrize("arch", FULL)
-def test_fused_decoder_matches_through_the_kv_cache(arch):
+def test_fused_decoder_matches_through_the_kv_cache(arch, tmp_path):
     model, ref = _attention_fused(arch)
     outcome = fuse(model, max_positions=MAX_POS)
     changes = outcome.changes
@@ -88,8 +98,12 @@ def test_fused_decoder_matches_through_the_kv_cache(arch):
         assert op not in _ops(model), op
     assert _ops(model).count("SkipSimplifiedLayerNormalization") == 2 * LAYERS
     # norms with no residual Add before them (the first layer's, Qwen3's per-head ones) stay
-    # for ORT to fuse when it loads the model
-    assert _ops(model).count("Pow") == (1 + 2 * LAYERS if arch == "qwen3" else 1)
+    # for ORT to fuse when it loads the model, and it does
+    left = 1 + 2 * LAYERS if arch == "qwen3" else 1
+    assert _ops(model).count("Pow") == left == changes["norms_spelled_for_ort"]
+    assert "Reciprocal" not in _ops(model)
+    loaded = _ops_after_ort_optimizations(model, tmp_path)
+    assert loaded.count("SimplifiedLayerNormalization") == left and "Pow" not in loaded
     assert set(model.opset_imports) == {"", "com.microsoft"}
     assert _worst(ref, model) < TOL
 
