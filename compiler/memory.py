@@ -127,11 +127,12 @@ def fix_mmap_threshold() -> None:
 
 
 def memory_shortfall(pass_name: str, held_bytes: int, multiple: float, mapped_bytes: int = 0,
-                     mapped_multiple: float = 0.0) -> str | None:
+                     mapped_multiple: float = 0.0, working_bytes: int = 0) -> str | None:
     """A warning when a pass's estimated need beyond what the process holds now, ``multiple`` times
     the weight bytes held in memory plus ``mapped_multiple`` times those memory-mapped from an
-    external data file, exceeds the machine's available memory; None when it fits."""
-    need = held_bytes * multiple + mapped_bytes * mapped_multiple
+    external data file plus ``working_bytes`` of its own, exceeds the machine's available memory;
+    None when it fits."""
+    need = held_bytes * multiple + mapped_bytes * mapped_multiple + working_bytes
     free = psutil.virtual_memory().available
     if need <= free:
         return None
@@ -139,6 +140,8 @@ def memory_shortfall(pass_name: str, held_bytes: int, multiple: float, mapped_by
     parts = [f"{m:g}x the {b / gib:.1f} GiB of weights {where}"
              for m, b, where in ((multiple, held_bytes, "in memory"), (mapped_multiple, mapped_bytes, "mapped from its data file"))
              if m * b >= need / 100]
+    if working_bytes >= need / 100:
+        parts.append(f"{working_bytes / gib:.1f} GiB of working memory")
     return (f"pass {pass_name} may need about {need / gib:.1f} GiB more memory ({', '.join(parts)}) but "
             f"{free / gib:.1f} GiB is available: it may be killed for memory; free memory, or compile on a "
             "machine with more")

@@ -195,6 +195,11 @@ class Pass(abc.ABC):
     # of the same size; passes that only rewire the graph: none)
     mapped_memory_multiple: ClassVar[float] = 1.0
 
+    def working_memory(self, model: ir.Model) -> int:
+        """Bytes the pass needs besides those multiples of the weights (a training batch's
+        activations, for one): 0 unless a pass says otherwise."""
+        return 0
+
     def __init__(self, config: PassConfig | dict[str, Any] | None = None):
         if config is None or isinstance(config, dict):
             config = self.config_class.from_dict(config)

@@ -228,7 +228,7 @@ class Pipeline:
             bar.set_postfix_str(p.name)
             mapped = mapped_nbytes(model)
             shortfall = memory_shortfall(p.name, model_nbytes(model) - mapped, p.memory_multiple,
-                                         mapped, p.mapped_memory_multiple)
+                                         mapped, p.mapped_memory_multiple, p.working_memory(model))
             if shortfall:
                 print(f"onnxpress: warning: {shortfall}", file=sys.stderr, flush=True)
             with PeakRss() as peak:

@@ -20,7 +20,7 @@ from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.pipeline import CompileContext, Pipeline
 
-from tiny_models import random_token_batches, tiny_model
+from tiny_models import VOCAB, random_token_batches, tiny_model
 
 FAST = {"steps": 40, "eval_every": 10, "lr": 1e-3, "batch_size": 4, "texts": 400, "max_length": 32}
 
@@ -191,6 +191,31 @@ def test_decoder_generates_through_its_cache_after_distillation(tmp_path):
             (tmp_path / name).write_bytes((path.parent / name).read_bytes())
     tokens = generate_greedy(out, tmp_path, "the nation", max_new_tokens=6)
     assert 1 <= len(tokens) <= 6
+
+
+def test_a_batch_whose_logits_would_not_fit_is_warned_about_before_training(monkeypatch):
+    """The estimate counts a training batch's activations, not only multiples of the weights: a
+    decoder's logits over its vocabulary grow with batch x tokens, and past free memory the pass
+    is warned about before it trains."""
+    import onnxpress.memory
+    from onnxpress.model_io import model_nbytes
+
+    path = tiny_model("llama", with_past=True)
+    model = load_model(path)
+    small, large = (build_pass("distill", {**FAST, "batch_size": b}).working_memory(model) for b in (4, 64))
+    assert large == 16 * small
+    logits = 4 * 64 * FAST["max_length"] * VOCAB
+    assert large > 12 * logits > 5 * model_nbytes(model)
+
+    class Machine:  # room for 5x the weights and a batch of 4, not for a batch of 64
+        available = 5 * model_nbytes(model) + 2 * small
+
+    monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: Machine)
+    ctx = _context(model)
+    [result] = _compile(model, [("distill", {**FAST, "batch_size": 64, "steps": 2, "eval_every": 1})], ctx)
+    assert "GiB of working memory" in result.details["memory_warning"]
+    [result] = _compile(load_model(path), [("distill", {**FAST, "steps": 2, "eval_every": 1})], _context(model))
+    assert "memory_warning" not in result.details
 
 
 def test_distillation_after_attention_fusion_is_a_one_line_error():
