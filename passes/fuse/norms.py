@@ -69,20 +69,20 @@ SKIP_NORM_RULES = pattern.RewriteRuleSet([SkipRmsNorm.rule("SkipRmsNorm1", _mul_
 
 
 class DivByReciprocal(pattern.RewriteRuleClassBase):
-    """``Mul(x, Reciprocal(d))`` -> ``Div(x, d)``: one rounding fewer, and the RMSNorm spelling
-    ONNX Runtime's load-time fusion matches."""
+    """``Mul(x, Reciprocal(Sqrt(v)))`` -> ``Div(x, Sqrt(v))``: one rounding fewer, and the RMSNorm
+    spelling ONNX Runtime's load-time fusion matches."""
 
-    def pattern(self, op, x, d):
-        return op.Mul(x, op.Reciprocal(d, _outputs=["inverse"]))
+    def pattern(self, op, x, v):
+        return op.Mul(x, op.Reciprocal(op.Sqrt(v), _outputs=["inverse"]))
 
-    def check(self, context, x, d, inverse, **_) -> pattern.MatchResult:
+    def check(self, context, x, v, inverse, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         if len(inverse.uses()) != 1 or inverse.is_graph_output():
             return result.fail("the reciprocal is read elsewhere too", inverse)
         return result
 
-    def rewrite(self, op, x, d, **_):
-        return op.Div(x, d)
+    def rewrite(self, op, x, v, **_):
+        return op.Div(x, op.Sqrt(v))
 
 
 ORT_NORM_SPELLING = pattern.RewriteRuleSet(DivByReciprocal.rule().commute())
