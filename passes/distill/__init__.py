@@ -100,7 +100,8 @@ class DistillPass(Pass):
         teacher's and the student's, their softmaxes, differences and gradients). SmolLM2-135M
         with a quarter of its FFN pruned, 16 x 128 tokens: 9.4 GiB, and 2.1 GiB for 5x its
         weights, on top of the 1.9 GiB the compile held before; the pass peaked at 11.0 GiB in
-        3 minutes and 15.4 GiB in 12 (bfloat16 products, AMX Xeon). 5x the weights alone said 2.1."""
+        3 minutes and 15.4 GiB in 12 (bfloat16 products, AMX Xeon), where the weights' multiple
+        alone estimated 2.1 GiB."""
         per_token = 2 * sum(lin.d_in + lin.d_out for lin in LinearIndex(model.graph).ordered)
         output = model.graph.outputs[0].shape
         if output is not None and len(output) and isinstance(output[-1], int):

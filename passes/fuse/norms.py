@@ -6,11 +6,10 @@ ONNX checker has no such op, so a norm the second step leaves (the first layer's
 per-head norms) would fail every later stage's check. One rule does both steps instead: it is
 onnxscript's ``RmsNormFusion`` (its pattern and checks) applied to the sum of a residual
 ``Add``. Norms without a residual Add stay as they are; ORT fuses those itself when it loads
-the model,
-in the spelling its fusion matches: ``x / Sqrt(...)``. ``canonical`` spells ``Div(1, Sqrt)`` as
-``Reciprocal`` for onnxscript's rule, so ``DivByReciprocal`` turns a ``Mul`` by a reciprocal
-left over back into one ``Div`` (SmolLM2: the first layer's norm, 7 nodes at every call, is
-then one ``SimplifiedLayerNormalization`` in the session).
+the model, in the spelling its fusion matches, ``x / Sqrt(...)``. ``canonical`` spells
+``Div(1, Sqrt)`` as ``Reciprocal`` for onnxscript's rule, so ``DivByReciprocal`` turns a norm's
+``Mul`` by that reciprocal back into one ``Div`` (SmolLM2: the first layer's norm, 7 nodes at
+every call, is then one ``SimplifiedLayerNormalization`` in the session).
 
 onnxscript's rule also refuses statistics computed in float16 (it wants the float32 a
 mixed-precision export casts to); ORT's kernel computes them in float32 whatever the input
