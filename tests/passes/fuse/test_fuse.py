@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from onnxpress.analysis import analyze
@@ -19,7 +18,7 @@ from onnxpress.pass_infra import build_pass
 from onnxpress.passes.attention import substitute_attention
 from onnxpress.passes.fuse import fuse
 from onnxpress.pipeline import Pipeline
-from onnxpress.runtime import make_session
+from onnxpress.runtime import make_session, session_options
 
 from tiny_models import LAYERS, MAX_POS, VOCAB, random_token_context, tiny_model, tiny_model_fp16
 
@@ -77,9 +76,9 @@ def _ops(model) -> list[str]:
 
 def _ops_after_ort_optimizations(model, tmp_path) -> list[str]:
     """The op types of the graph an ORT session runs after its load-time fusions."""
-    options = ort.SessionOptions()
+    options = session_options(1)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    make_session(model, options=options)
     return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
 
 
