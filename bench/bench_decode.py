@@ -10,7 +10,9 @@ in a new random order: prefill of a ``--prompt``-token prompt taken from held-ou
 then ``--new`` greedy steps, each one token with the cache. Columns: prefill ms and decode
 tokens/s (medians over rounds; ratios against the fp32 export in the same run), how many
 greedy tokens agree with the fp32 export's before the first that differs, perplexity over
-held-out windows of both corpora (the same windows for every row), file size. For each recipe
+held-out windows of both corpora (the same windows for every row) fed in one call and fed
+``STEP`` tokens per call through the KV cache (``stepped``: the kernels decode steps run,
+where a graph takes prompts and decode steps apart, quantize's ``prefill_path``), file size. For each recipe
 row, whether the runtimes users run decoders on load it from a folder with the files
 ``onnxpress.runtime_files`` writes (onnxruntime-genai, optimum's ORTModelForCausalLM) and
 whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_tokens``).
@@ -20,7 +22,7 @@ whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_to
 
 Prints the table, writes ``bench/results/decode.json`` (with the host's ISA flags: int8 and
 int4 speed differ several-fold between AVX2-only and AVX-512 VNNI hosts) and
-``bench/results/decode.png`` (decode tokens/s against perplexity).
+``bench/results/decode.png`` (decode tokens/s against the stepped perplexity).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from onnxpress.datasets import sotu_files  # noqa: E402
 from onnxpress.export import CACHE_ROOT, _version, cached_export, resolve_model_source  # noqa: E402
 from onnxpress.generation import DecoderRunner, eos_token_ids  # noqa: E402
 from onnxpress.model_io import load_model  # noqa: E402
+from onnxpress.passes.quantize.prefill_path import PrefillPathConfig  # noqa: E402
 from onnxpress.runtime_files import genai_runner, optimum_runner, write_runtime_files  # noqa: E402
 
 THREADS = 2
@@ -67,15 +70,17 @@ GENAI = ["onnxruntime-genai==0.18.0", "transformers>=4.58"]
 CORPORA = {"sotu": "", "bbc": "bbc_"}
 PEERS = [label for label in DECODER_PEERS if "int4" in label or "NNCF" in label]  # the edge user's other options
 RECIPES = ["balanced", "small", "edge-int4"]
+STEP = PrefillPathConfig.max_decode_tokens  # tokens per call of the stepped perplexity: decode steps' kernels
 PASSES = {  # edge-int4 with one choice changed: what each costs and buys at decode
     "edge-int4 with a 4-bit LM head (and embedding)": [
         "cleanup", "attention:target=onnxruntime", "fuse",
         "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4,outer_roles=[down],outer_bits=8,"
-        "outer_block_size=64,float16_scales=true"],
+        "outer_block_size=64,float16_scales=true", "prefill_path"],
     "edge-int4 with a 4-bit LM head in blocks of 16, its first 4,096 rows int8": [
         "cleanup", "attention:target=onnxruntime", "fuse",
         "quantize:mode=weight_only,bits=4,block_size=32,accuracy_level=4,outer_roles=[down],outer_bits=8,"
-        "outer_block_size=64,float16_scales=true,lm_head_bits=4,lm_head_block_size=16,lm_head_int8_rows=4096"],
+        "outer_block_size=64,float16_scales=true,lm_head_bits=4,lm_head_block_size=16,lm_head_int8_rows=4096",
+        "prefill_path"],
 }
 
 
@@ -229,8 +234,9 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
                    decode_tokens_per_s=round(new / decode, 1),
                    greedy_prefix_as_fp32=common_prefix(tokens[label], tokens[reference]))
         for corpus, prefix in CORPORA.items():
-            total, count = window_nll(decoders[label], held_out[corpus], batch_size=1)
-            row[prefix + "perplexity"] = round(float(np.exp(total / count)), 3)
+            for kind, chunk in (("", None), ("stepped_", STEP)):
+                total, count = window_nll(decoders[label], held_out[corpus], batch_size=1, chunk=chunk)
+                row[prefix + kind + "perplexity"] = round(float(np.exp(total / count)), 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
     base = next(r for r in rows if r["variant"] == reference)
@@ -240,7 +246,9 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
         r["decode_vs_fp32"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
         r["prefill_vs_fp32"] = round(r["prefill_ms"] / base["prefill_ms"], 2)
         for prefix in CORPORA.values():
-            r[prefix + "ppl_vs_fp32_pct"] = round(100 * (r[prefix + "perplexity"] / base[prefix + "perplexity"] - 1), 2)
+            for kind in ("", "stepped_"):
+                r[prefix + kind + "ppl_vs_fp32_pct"] = round(
+                    100 * (r[prefix + kind + "perplexity"] / base[prefix + kind + "perplexity"] - 1), 2)
     return rows
 
 
@@ -257,15 +265,15 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             if "error" in r:
                 continue
             color = "tab:gray" if r["group"] == "peer" else "tab:blue"
-            ax.scatter(r[prefix + "ppl_vs_fp32_pct"], r["decode_tokens_per_s"], s=20 + r["size_mb"] / 2, color=color,
+            ax.scatter(r[prefix + "stepped_ppl_vs_fp32_pct"], r["decode_tokens_per_s"], s=20 + r["size_mb"] / 2, color=color,
                        alpha=0.7)
             label = re.sub(r"( \(|, ).*$", "", r["variant"].removeprefix("onnxpress "))  # the table has the rest
             # the variants sit close together and to the recipe they vary: their labels go below, stacked
             passes += r["group"] == "pass"
-            ax.annotate(label, (r[prefix + "ppl_vs_fp32_pct"], r["decode_tokens_per_s"]), fontsize=7,
+            ax.annotate(label, (r[prefix + "stepped_ppl_vs_fp32_pct"], r["decode_tokens_per_s"]), fontsize=7,
                         xytext=(4, 4 - 10 * passes if r["group"] == "pass" else 4), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel(f"perplexity vs fp32, % ({corpus} held-out)")
+        ax.set_xlabel(f"perplexity vs fp32, % ({corpus} held-out, {STEP} tokens per call)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("decode tokens/s, batch 1")
     fig.suptitle(title + " (marker area: file size; grey: peers)")
@@ -274,7 +282,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 
 COLUMNS = ["variant", "size_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
-           "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
+           "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "stepped_ppl_vs_fp32_pct",
+           "bbc_stepped_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
            "genai_same_tokens", "optimum_same_tokens", "compile_s", "error"]
 
 
@@ -337,7 +346,8 @@ def main(argv=None) -> int:
         "threads": THREADS, "batch": 1, "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
         "timing": "medians over round-robin rounds in one process; prefill: the prompt in one call; decode: the "
                   "one-token steps after it, each feeding the cache back",
-        "perplexity": f"{args.windows} windows of {PPL_WINDOW} tokens per corpus, the same for every row",
+        "perplexity": f"{args.windows} windows of {PPL_WINDOW} tokens per corpus, the same for every row, fed in "
+                      f"one call (perplexity) and {STEP} tokens per call through the KV cache (stepped_perplexity)",
         "evaluation": {corpus: describe_split("evaluation", corpus) for corpus in CORPORA},
         "calibration": "onnxpress variants: --calib sotu",
         "genai_builder": " ".join(GENAI) + f", -p fp32|int4 -e cpu, in {WORK.parent / 'bench-venvs' / 'genai'}",

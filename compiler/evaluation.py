@@ -186,18 +186,32 @@ def perplexity_windows(
     return windows
 
 
-def window_nll(model: ModelLike | DecoderRunner, windows: np.ndarray, *, batch_size: int = 4) -> tuple[float, int]:
-    """(summed negative log-likelihood, predicted tokens): token t+1 given tokens <= t, per window."""
+def window_nll(model: ModelLike | DecoderRunner, windows: np.ndarray, *, batch_size: int = 4,
+               chunk: int | None = None) -> tuple[float, int]:
+    """(summed negative log-likelihood, predicted tokens): token t+1 given tokens <= t, per window.
+    ``chunk``: each window fed ``chunk`` tokens per call through the KV cache, as generation
+    feeds it, instead of in one call (a graph may run other kernels for short calls than for
+    long ones: quantize's ``prefill_path``)."""
     runner = model if isinstance(model, DecoderRunner) else DecoderRunner(as_session(model))
+    if chunk and not runner.has_cache:
+        raise OnnxpressError("perplexity in chunks needs a model with a KV cache")
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size]
-        logits = runner.run(ids)[0]
+        logits = runner.run(ids)[0] if not chunk else _chunked_logits(runner, ids, chunk)
         for row_logits, row_ids in zip(logits, ids, strict=True):
             log_p = _log_softmax(row_logits[:-1])
             total -= float(log_p[np.arange(len(row_ids) - 1), row_ids[1:]].sum())
             count += len(row_ids) - 1
     return total, count
+
+
+def _chunked_logits(runner: DecoderRunner, ids: np.ndarray, chunk: int) -> np.ndarray:
+    parts, cache = [], None
+    for at in range(0, ids.shape[1], chunk):
+        logits, cache = runner.run(ids[:, at : at + chunk], at, cache)
+        parts.append(logits)
+    return np.concatenate(parts, axis=1)
 
 
 def perplexity(

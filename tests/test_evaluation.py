@@ -149,3 +149,21 @@ def test_minilm_probe_is_accurate():
     path = cached_export("minilm")
     result = ev.bbc_probe_accuracy(path, path.parent, max_train=100, max_test=50, max_length=64)
     assert result["probe_accuracy"] >= 0.8
+
+
+def test_window_nll_through_the_kv_cache_in_chunks_matches_one_call():
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", with_past=True)
+    windows = np.random.default_rng(0).integers(5, 1000, (3, 40))
+    whole, count = ev.window_nll(model, windows, batch_size=2)
+    chunked, chunked_count = ev.window_nll(model, windows, batch_size=2, chunk=16)
+    assert chunked_count == count == 3 * 39
+    assert chunked == pytest.approx(whole, rel=1e-5)
+
+
+def test_window_nll_in_chunks_needs_a_kv_cache():
+    from tiny_models import tiny_model
+
+    with pytest.raises(OnnxpressError, match="KV cache"):
+        ev.window_nll(tiny_model("llama"), np.ones((1, 8), np.int64), chunk=4)

@@ -29,6 +29,9 @@ from tiny_models import (
 RECIPES = ["lossless", "balanced", "small", "edge-int4"]
 CALIB = dict(calib=["sotu"], max_samples=48, max_length=32)
 PROMPT = [5, 17, 300, 42, 99, 7, 123, 456, 88, 12]
+# longer than the tokens a call may have and still run as a decode step (prefill_path's default,
+# in small and edge-int4): the prompt takes the graph's prompt branch, the new tokens the other
+LONG_PROMPT = list(range(40, 80))
 NEW = 24
 SIDE_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json"}
@@ -87,13 +90,15 @@ def test_onnxruntime_genai_decodes_our_greedy_tokens(compiled, recipe):
     ours = our_tokens(out)
     assert ours == greedy_tokens(make_session(out, threads=1), load_model(out), np.array([PROMPT]), len(ours), True)
     assert genai_runner(out.parent)(PROMPT, NEW) == ours
+    assert genai_runner(out.parent)(LONG_PROMPT, NEW) == our_tokens(out, LONG_PROMPT)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_optimum_decodes_our_greedy_tokens(compiled, recipe):
     out, _ = compiled(recipe)
-    ours = our_tokens(out)
-    assert optimum_runner(out, sorted(eos_token_ids(out.parent)))(PROMPT, NEW) == ours
+    run = optimum_runner(out, sorted(eos_token_ids(out.parent)))
+    assert run(PROMPT, NEW) == our_tokens(out)
+    assert run(LONG_PROMPT, NEW) == our_tokens(out, LONG_PROMPT)
 
 
 @pytest.mark.parametrize("recipe", ["balanced", "edge-int4"])
@@ -102,9 +107,10 @@ def test_a_tied_lm_head_quantized_with_the_embedding_decodes_our_tokens_in_genai
     quantize = next(p for p in report.passes if p.name == "quantize" and p.changes.get("matmuls_quantized"))
     # the head is int8 (weight-only) and the embedding reads its codes (GatherBlockQuantized)
     assert quantize.changes["lm_head_from_tied_table"] == quantize.changes["embeddings_from_lm_head_codes"] == 1
-    ours = our_tokens(out)
-    assert genai_runner(out.parent)(PROMPT, NEW) == ours
-    assert optimum_runner(out, sorted(eos_token_ids(out.parent)))(PROMPT, NEW) == ours
+    for prompt in (PROMPT, LONG_PROMPT):
+        ours = our_tokens(out, prompt)
+        assert genai_runner(out.parent)(prompt, NEW) == ours
+        assert optimum_runner(out, sorted(eos_token_ids(out.parent)))(prompt, NEW) == ours
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])

@@ -165,6 +165,19 @@ def data_consumers(value: ir.Value | None) -> list[ir.Node]:
     return [n for n in consumers(value) if n.op_type != "Shape"]
 
 
+def computing_graph(graph: ir.Graph) -> ir.Graph:
+    """The graph whose nodes compute the model: ``graph``, or where ``graph`` only picks one of
+    two copies of its body by the size of its input (an ``If`` whose outputs are the graph's,
+    after a node or two computing its condition: quantize's ``prefill_path``), the else branch,
+    the body decode steps run."""
+    nodes = list(graph)
+    last = nodes[-1] if nodes else None
+    if (last is not None and last.op_type == "If" and len(nodes) <= 4
+            and all(out.is_graph_output() for out in last.outputs)):
+        return last.attributes["else_branch"].as_graph()
+    return graph
+
+
 def graph_nodes(model_or_graph: ir.Model | ir.Graph) -> list[ir.Node]:
     graph = model_or_graph.graph if isinstance(model_or_graph, ir.Model) else model_or_graph
     return list(graph)

@@ -36,6 +36,7 @@ from onnxpress.editing import GraphEditor
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs, next_token_nll, primary_outputs
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
+from onnxpress.passes.quantize import prefill_path  # noqa: F401  (registers the prefill_path pass)
 from onnxpress.passes.quantize.calibrate import QParams, choose_range_for_linear, qparams_from_range
 from onnxpress.passes.quantize.capture import SequentialHessians, capture_stats
 from onnxpress.passes.quantize.fusion import fusion_report, graph_kernel_report

@@ -1,0 +1,138 @@
+"""prefill_path: decode steps run the graph as it was, prompts its copy with float-compute
+MatMulNBits; checked against ONNX Runtime running each kernel choice on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxpress.analysis import analyze, count_macs
+from onnxpress.errors import OnnxpressError
+from onnxpress.evaluation import window_nll
+from onnxpress.generation import DecoderRunner
+from onnxpress.model_io import load_model, save_model
+from onnxpress.pass_infra import build_pass
+from onnxpress.passes.quantize.prefill_path import split_prefill
+from tests.passes.quantize.test_quantize import _context
+from tests.tiny_models import tiny_model
+
+LIMIT = 8  # tokens per call (batch x sequence) still run as decode steps
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The tiny Llama with its KV cache, 4-bit weights run with int8 activations (level 4)."""
+    model = load_model(tiny_model("llama", with_past=True))
+    build_pass("quantize", {"mode": "weight_only", "bits": 4, "accuracy_level": 4}).run(model, _context(model))
+    return save_model(model, tmp_path_factory.mktemp("prefill") / "level4.onnx")
+
+
+def _with_level(path, level: int, out):
+    model = load_model(path)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    return save_model(model, out)
+
+
+@pytest.fixture(scope="module")
+def split(quantized):
+    model = load_model(quantized)
+    ctx = _context(model)
+    report = build_pass("prefill_path", {"max_decode_tokens": LIMIT}).run(model, ctx)
+    return save_model(model, quantized.parent / "split.onnx"), report
+
+
+def _logits_and_cache(path, ids, start=0, cache=None):
+    return DecoderRunner(path, threads=1).run(ids, start, cache)
+
+
+def test_the_graph_becomes_one_if_and_every_4bit_kernel_is_counted(quantized, split):
+    path, report = split
+    before, after = load_model(quantized), load_model(path)
+    kernels = sum(n.op_type == "MatMulNBits" for n in before.graph)
+    assert report.modified and report.changes["kernels_retargeted"] == kernels > 0
+    assert report.changes["nodes_in_each_branch"] == len(list(before.graph))
+    assert [n.op_type for n in after.graph] == ["Size", "Greater", "If"]
+    assert [v.name for v in after.graph.outputs] == [v.name for v in before.graph.outputs]
+    assert report.details["decode_step_max_abs_diff"] == 0.0
+    # the analysis reads the decode branch: the same layers and work per token as before
+    assert count_macs(after) == count_macs(before) == report.macs_after == report.macs_before
+    assert len(analyze(after).layers) == len(analyze(before).layers) > 0
+
+
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (1, LIMIT), (2, LIMIT // 2)])
+def test_calls_up_to_the_limit_run_the_graph_as_it_was(quantized, split, batch, tokens):
+    ids = np.random.default_rng(batch * 100 + tokens).integers(5, 1000, (batch, tokens))
+    expected, _ = _logits_and_cache(quantized, ids)
+    got, _ = _logits_and_cache(split[0], ids)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_decode_step_after_a_prompt_matches_the_level4_graph_bit_for_bit(quantized, split):
+    ids = np.random.default_rng(3).integers(5, 1000, (1, 2 * LIMIT + 1))
+    _, cache = _logits_and_cache(quantized, ids[:, :-1])
+    expected, _ = _logits_and_cache(quantized, ids[:, -1:], 2 * LIMIT, cache)
+    got, _ = _logits_and_cache(split[0], ids[:, -1:], 2 * LIMIT, cache)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("batch,tokens", [(1, LIMIT + 1), (2, LIMIT // 2 + 1), (1, 3 * LIMIT)])
+def test_longer_calls_run_the_float_compute_kernels(quantized, split, tmp_path, batch, tokens):
+    level0 = _with_level(quantized, 0, tmp_path / "level0.onnx")
+    ids = np.random.default_rng(batch * 100 + tokens).integers(5, 1000, (batch, tokens))
+    expected, expected_cache = _logits_and_cache(level0, ids)
+    got, cache = _logits_and_cache(split[0], ids)
+    np.testing.assert_array_equal(got, expected)
+    for name in expected_cache:
+        np.testing.assert_array_equal(cache[name], expected_cache[name])
+    level4, _ = _logits_and_cache(quantized, ids)
+    assert not np.array_equal(got, level4)  # the branch taken is not the decode one
+
+
+def test_the_error_it_reports_is_the_prompt_branch_s(split):
+    _, report = split
+    assert 0 < report.error < 0.05
+
+
+def test_nothing_to_retarget_leaves_the_model_as_it_was():
+    model = load_model(tiny_model("llama", with_past=True))
+    outcome = split_prefill(model)
+    assert not outcome.modified and "nothing to run differently" in outcome.details["note"]
+    assert "If" not in {n.op_type for n in model.graph}
+
+
+def test_a_split_model_is_not_split_again(split):
+    model = load_model(split[0])
+    outcome = split_prefill(model)
+    assert not outcome.modified and "already" in outcome.details["note"]
+
+
+def test_a_model_without_token_ids_is_refused_in_one_line(quantized):
+    model = load_model(quantized)
+    next(v for v in model.graph.inputs if v.name == "input_ids").name = "tokens"
+    with pytest.raises(OnnxpressError, match="no 'input_ids' input"):
+        split_prefill(model)
+
+
+@pytest.mark.parametrize(
+    "settings,field",
+    [({"max_decode_tokens": 0}, "'max_decode_tokens'"), ({"accuracy_level": 5}, "'accuracy_level'"),
+     ({"bits": [3]}, "'bits'")],
+)
+def test_bad_settings_name_the_field(settings, field):
+    with pytest.raises(OnnxpressError, match=field):
+        build_pass("prefill_path", settings)
+
+
+def test_perplexity_in_decode_sized_chunks_is_the_decode_kernels_and_in_one_call_the_prompt_ones(
+        quantized, split, tmp_path):
+    level0 = _with_level(quantized, 0, tmp_path / "level0.onnx")
+    windows = np.random.default_rng(5).integers(5, 1000, (2, 4 * LIMIT))
+    # one window at a time: the limit counts the tokens of the whole batch
+    stepped = window_nll(split[0], windows, batch_size=1, chunk=LIMIT)
+    assert stepped == window_nll(quantized, windows, batch_size=1, chunk=LIMIT)
+    assert window_nll(split[0], windows, batch_size=2, chunk=LIMIT) == window_nll(level0, windows, batch_size=2,
+                                                                                  chunk=LIMIT)
+    assert window_nll(split[0], windows) == window_nll(level0, windows)
