@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from onnxpress.calibration import leading_batches, replaceable_ids, with_replaced_tokens
 from onnxpress.datasets import load_tokenizer
-from onnxpress.errors import OnnxpressError
+from onnxpress.errors import OnnxpressError, first_line
 from onnxpress.fidelity import Fidelity, FidelityMeter, compare_outputs, model_kind, primary_outputs
 from onnxpress.memory import PeakRss, memory_shortfall
 from onnxpress.model_io import SessionModel, mapped_nbytes, model_nbytes, session_model
@@ -50,11 +50,6 @@ _ORT_LOAD_FAILURE = "ONNX Runtime cannot load the model: "
 
 class VerificationError(OnnxpressError):
     """A pass produced a model that fails the checks after it (a bug in that pass)."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(": ") if text else type(exc).__name__
 
 
 @dataclass
@@ -131,7 +126,7 @@ class CompileContext:
             raise
         except Exception as exc:  # ORT raises several types; the same feeds ran the previous stage
             raise VerificationError(
-                f"pass {pass_name} wrote a model ONNX Runtime cannot run ({_first_line(exc)}): {REPORT_BUG}"
+                f"pass {pass_name} wrote a model ONNX Runtime cannot run ({first_line(exc)}): {REPORT_BUG}"
             ) from None
 
     def compare_stage(self, outputs: Sequence[dict[str, np.ndarray]], pass_name: str) -> Fidelity:
@@ -277,7 +272,7 @@ class Pipeline:
             source.check()
         except onnx.checker.ValidationError as exc:
             raise VerificationError(
-                f"pass {result.name} wrote an invalid ONNX model ({_first_line(exc)}): {REPORT_BUG}"
+                f"pass {result.name} wrote an invalid ONNX model ({first_line(exc)}): {REPORT_BUG}"
             ) from None
         outputs = ctx.run_stage(source, result.name)
         measured = ctx.compare_stage(outputs, result.name).rel_l2

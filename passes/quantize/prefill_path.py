@@ -16,20 +16,24 @@ longer ones (a prompt):
 Both branches read the same initializers, so the file does not grow. A decode step runs the
 very kernels it ran before, which the pass checks bit for bit; a prompt's outputs move by the
 difference between the compute types, which the pass manager measures like any other lossy
-pass's. It runs last: the passes before it rewrite a plain graph.
+pass's. Which compute type reads prompts faster depends on the CPU, so by default (``when``
+faster) the pass times a prompt through both graphs on the compiling host and splits only where
+the copy is faster. It runs last: the passes before it rewrite a plain graph.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import SessionModel, session_model
+from onnxpress.errors import OnnxpressError, first_line
+from onnxpress.model_io import session_model
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.runtime import make_session
+from onnxpress.runtime import make_session, time_alternating
 
 TOKEN_INPUT = "input_ids"
 PROMPT_BRANCH, DECODE_BRANCH = "prompt", "decode"
@@ -43,6 +47,12 @@ class PrefillPathConfig(PassConfig):
     max_decode_tokens: int = 32
     accuracy_level: int = 0  # the prompt branch's MatMulNBits compute type (0: float)
     bits: list[int] = field(default_factory=lambda: [4])  # which MatMulNBits change in the prompt branch
+    # faster: split only if a prompt of ``probe_tokens`` tokens runs at least ``min_gain`` faster on
+    # the prompt branch, timed on this host (which kernels win depends on the ISA: on an AMD EPYC
+    # with AVX-512 VNNI level 4 prompts were already 0.70x-0.83x float32's time); always: split
+    when: Literal["faster", "always"] = "faster"
+    probe_tokens: int = 128
+    min_gain: float = 0.05
 
     def validate(self) -> None:
         if self.max_decode_tokens < 1:
@@ -51,22 +61,49 @@ class PrefillPathConfig(PassConfig):
             self.fail("accuracy_level", "must be 0 (float compute) to 4 (int8 activations)")
         if not self.bits or any(b not in (2, 4, 8) for b in self.bits):
             self.fail("bits", f"must list MatMulNBits weight widths among 2, 4 and 8, e.g. [4], got {self.bits}")
+        if self.probe_tokens <= self.max_decode_tokens:
+            self.fail("probe_tokens", f"must be more than max_decode_tokens ({self.max_decode_tokens}), e.g. 128")
+        if not 0 <= self.min_gain < 1:
+            self.fail("min_gain", f"must be in [0, 1), e.g. 0.05, got {self.min_gain}")
 
 
 @register_pass
 class PrefillPathPass(Pass):
     name = "prefill_path"
     config_class = PrefillPathConfig
+    memory_multiple = 3.0  # sessions of the graph before and after the split, and the verification's
     mapped_memory_multiple = 0.0  # rewires the graph; weights stay where they are
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         cfg: PrefillPathConfig = self.config
-        before = session_model(model)  # the graph as it was, for the decode-step check
-        outcome = split_prefill(model, max_decode_tokens=cfg.max_decode_tokens, accuracy_level=cfg.accuracy_level,
-                                bits=cfg.bits)
-        if outcome.modified:
-            outcome.details["decode_step_max_abs_diff"] = decode_step_difference(before, model, ctx,
-                                                                                 min(4, cfg.max_decode_tokens))
+        split = functools.partial(split_prefill, max_decode_tokens=cfg.max_decode_tokens,
+                                  accuracy_level=cfg.accuracy_level, bits=cfg.bits)
+        trial = model.clone()  # weights shared: split and checked before the model is touched
+        outcome = split(trial)
+        if not outcome.modified:
+            return outcome
+        before = make_session(session_model(model), threads=ctx.threads)
+        after = make_session(session_model(trial), threads=ctx.threads)
+        batch = ctx.verification[0]
+        difference = max_difference(before, after, _first_sequence(batch, min(4, cfg.max_decode_tokens)))
+        if difference:
+            raise OnnxpressError(f"prefill_path: the decode branch moved an output by {difference:.3g}; it must "
+                                 "run exactly the graph it was given (a bug: please report it)")
+        prompt = _first_sequence(batch, cfg.probe_tokens)
+        try:
+            seconds = time_alternating({"decode": lambda: before.run(None, prompt),
+                                        "prompt": lambda: after.run(None, prompt)}, repeats=5, warmup=1)
+        except Exception as exc:  # ORT raises several types; a prompt past the model's positions, say
+            raise OnnxpressError(f"prefill_path: a {cfg.probe_tokens}-token prompt did not run ({first_line(exc)}): "
+                                 "set probe_tokens within the model's context length") from None
+        timing = {"probe_tokens": cfg.probe_tokens, "prompt_ms_decode_kernels": round(1e3 * seconds["decode"], 2),
+                  "prompt_ms_prompt_kernels": round(1e3 * seconds["prompt"], 2)}
+        if cfg.when == "faster" and seconds["prompt"] > (1 - cfg.min_gain) * seconds["decode"]:
+            return Outcome(details={**timing, "note": f"prompts of {cfg.probe_tokens} tokens ran no more than "
+                                    f"{cfg.min_gain:.0%} faster with accuracy_level {cfg.accuracy_level} on this "
+                                    "host: the graph is left as it was"})
+        outcome = split(model)
+        outcome.details.update(timing, decode_step_max_abs_diff=difference)
         return outcome
 
 
@@ -135,26 +172,23 @@ def _prefix_names(branch: ir.Graph, prefix: str) -> None:
                 out.name = f"{prefix}/{out.name}"
 
 
-def decode_step_difference(before: SessionModel, after: ir.Model, ctx, tokens: int) -> float:
-    """Largest |difference| of any output between the graph before the split and its decode
-    branch, on the first sequence of the verification data cut to a few tokens; the branch runs
-    the same kernels, so anything but 0 is a bug."""
-    old, new = make_session(before, threads=ctx.threads), make_session(after, threads=ctx.threads)
-    feeds = _short_feeds(ctx.verification[0], tokens)
+def max_difference(a, b, feeds: dict[str, np.ndarray]) -> float:
+    """Largest |difference| between any output of sessions ``a`` and ``b`` on ``feeds``."""
     worst = 0.0
-    for a, b in zip(old.run(None, feeds), new.run(None, feeds), strict=True):
-        worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
-    if worst:
-        raise OnnxpressError(f"prefill_path: the decode branch moved an output by {worst:.3g}; it must run "
-                             "exactly the graph it was given (a bug: please report it)")
+    for x, y in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
+        worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)))
     return worst
 
 
-def _short_feeds(batch: dict[str, np.ndarray], tokens: int) -> dict[str, np.ndarray]:
-    """The batch's first sequence cut to ``tokens`` tokens (verification batches start with an
-    empty KV cache, so the cache inputs only lose their other sequences)."""
+def _first_sequence(batch: dict[str, np.ndarray], tokens: int) -> dict[str, np.ndarray]:
+    """The batch's first sequence, its tokens cut or repeated to ``tokens``, all of them real
+    (verification batches start with an empty KV cache: the cache inputs only lose their other
+    sequences)."""
     feeds = {name: np.asarray(value)[:1] for name, value in batch.items()}
-    for name in (TOKEN_INPUT, "attention_mask", "position_ids", "token_type_ids"):
+    ids = feeds[TOKEN_INPUT]
+    feeds[TOKEN_INPUT] = np.resize(ids[0], (1, tokens)).astype(ids.dtype)
+    for name, fill in (("attention_mask", np.ones(tokens)), ("position_ids", np.arange(tokens)),
+                       ("token_type_ids", np.zeros(tokens))):
         if name in feeds:
-            feeds[name] = feeds[name][:, :tokens]
+            feeds[name] = fill[None].astype(feeds[name].dtype)
     return feeds

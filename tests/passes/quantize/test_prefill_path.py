@@ -13,6 +13,7 @@ from onnxpress.evaluation import window_nll
 from onnxpress.generation import DecoderRunner
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
+from onnxpress.passes.quantize import prefill_path
 from onnxpress.passes.quantize.prefill_path import split_prefill
 from tests.passes.quantize.test_quantize import _context
 from tests.tiny_models import tiny_model
@@ -40,7 +41,7 @@ def _with_level(path, level: int, out):
 def split(quantized):
     model = load_model(quantized)
     ctx = _context(model)
-    report = build_pass("prefill_path", {"max_decode_tokens": LIMIT}).run(model, ctx)
+    report = build_pass("prefill_path", {"max_decode_tokens": LIMIT, "when": "always"}).run(model, ctx)
     return save_model(model, quantized.parent / "split.onnx"), report
 
 
@@ -57,6 +58,7 @@ def test_the_graph_becomes_one_if_and_every_4bit_kernel_is_counted(quantized, sp
     assert [n.op_type for n in after.graph] == ["Size", "Greater", "If"]
     assert [v.name for v in after.graph.outputs] == [v.name for v in before.graph.outputs]
     assert report.details["decode_step_max_abs_diff"] == 0.0
+    assert report.details["prompt_ms_prompt_kernels"] > 0 and report.details["prompt_ms_decode_kernels"] > 0
     # the analysis reads the decode branch: the same layers and work per token as before
     assert count_macs(after) == count_macs(before) == report.macs_after == report.macs_before
     assert len(analyze(after).layers) == len(analyze(before).layers) > 0
@@ -96,6 +98,17 @@ def test_the_error_it_reports_is_the_prompt_branch_s(split):
     assert 0 < report.error < 0.05
 
 
+@pytest.mark.parametrize("prompt_seconds,split_expected", [(0.97, False), (0.9, True)])
+def test_by_default_it_splits_only_where_the_prompt_branch_is_faster_on_this_host(
+        quantized, monkeypatch, prompt_seconds, split_expected):
+    monkeypatch.setattr(prefill_path, "time_alternating", lambda runs, **_: {"decode": 1.0, "prompt": prompt_seconds})
+    model = load_model(quantized)
+    report = build_pass("prefill_path", {"max_decode_tokens": LIMIT, "probe_tokens": 64}).run(model, _context(model))
+    assert report.modified == split_expected == ("If" in {n.op_type for n in model.graph})
+    assert report.details["prompt_ms_prompt_kernels"] == 1e3 * prompt_seconds
+    assert split_expected or "left as it was" in report.details["note"]
+
+
 def test_nothing_to_retarget_leaves_the_model_as_it_was():
     model = load_model(tiny_model("llama", with_past=True))
     outcome = split_prefill(model)
@@ -119,7 +132,8 @@ def test_a_model_without_token_ids_is_refused_in_one_line(quantized):
 @pytest.mark.parametrize(
     "settings,field",
     [({"max_decode_tokens": 0}, "'max_decode_tokens'"), ({"accuracy_level": 5}, "'accuracy_level'"),
-     ({"bits": [3]}, "'bits'")],
+     ({"bits": [3]}, "'bits'"), ({"max_decode_tokens": 64, "probe_tokens": 64}, "'probe_tokens'"),
+     ({"min_gain": 1}, "'min_gain'"), ({"when": "sometimes"}, "'when'")],
 )
 def test_bad_settings_name_the_field(settings, field):
     with pytest.raises(OnnxpressError, match=field):
@@ -136,3 +150,15 @@ def test_perplexity_in_decode_sized_chunks_is_the_decode_kernels_and_in_one_call
     assert window_nll(split[0], windows, batch_size=2, chunk=LIMIT) == window_nll(level0, windows, batch_size=2,
                                                                                   chunk=LIMIT)
     assert window_nll(split[0], windows) == window_nll(level0, windows)
+
+
+def test_a_probe_prompt_that_does_not_run_is_refused_in_one_line(quantized, monkeypatch):
+    def fail(runs, **_):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : position out of range\nmore detail")
+
+    monkeypatch.setattr(prefill_path, "time_alternating", fail)
+    model = load_model(quantized)
+    with pytest.raises(OnnxpressError, match=r"128-token prompt did not run \(.*position out of range\): set "
+                                             "probe_tokens within the model's context length$"):
+        build_pass("prefill_path", {"max_decode_tokens": LIMIT}).run(model, _context(model))
+    assert "If" not in {n.op_type for n in model.graph}
