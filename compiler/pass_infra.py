@@ -186,6 +186,8 @@ class Pass(abc.ABC):
     needs_attention: ClassVar[bool] = False  # cannot apply to a model with no recognisable attention
     needs_calibration: ClassVar[bool] = False  # needs real calibration data, not synthetic tokens
     needs_original: ClassVar[bool] = False  # reads the compile's input model (ctx.original)
+    # leaves a graph of branches picked by the input (prefill_path), which no other pass may follow
+    splits_graph: ClassVar[bool] = False
     # memory the pass and its verification need beyond the model already held, in multiples of the
     # model's weight bytes in memory (for the warning before a pass that would not fit): by default
     # the verification's ONNX Runtime session, which loads one more copy of the weights

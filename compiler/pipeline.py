@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from onnxpress.analysis.graph_utils import computing_graph
 from onnxpress.calibration import leading_batches, replaceable_ids, with_replaced_tokens
 from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError, first_line
@@ -189,7 +190,15 @@ class Pipeline:
         self.progress = progress
 
     def check_applicable(self, model: ir.Model, ctx: CompileContext, model_name: str = "model") -> None:
-        """Fail early, naming every pass that cannot apply to a model without attention."""
+        """Fail early, naming every pass that cannot apply: to a model without attention, or to a
+        graph split into a prompt and a decode branch (by ``prefill_path``, in the model or earlier
+        in the list), which the other passes would rewrite one branch of."""
+        split = computing_graph(model.graph) is not model.graph
+        for i, p in enumerate(self.passes):
+            if not p.splits_graph and (split or any(q.splits_graph for q in self.passes[:i])):
+                where = f"{model_name} is" if split else "the passes before it leave"
+                raise OnnxpressError(f"{p.name}: {where} a graph split into prompt and decode branches "
+                                     "(prefill_path): run it before prefill_path, which goes last")
         needs = [p.name for p in self.passes if p.needs_attention]
         if not needs:
             return

@@ -71,6 +71,7 @@ class PrefillPathConfig(PassConfig):
 class PrefillPathPass(Pass):
     name = "prefill_path"
     config_class = PrefillPathConfig
+    splits_graph = True
     memory_multiple = 3.0  # sessions of the graph before and after the split, and the verification's
     mapped_memory_multiple = 0.0  # rewires the graph; weights stay where they are
 

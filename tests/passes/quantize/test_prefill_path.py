@@ -15,6 +15,7 @@ from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.passes.quantize import prefill_path
 from onnxpress.passes.quantize.prefill_path import split_prefill
+from onnxpress.pipeline import Pipeline
 from tests.passes.quantize.test_quantize import _context
 from tests.tiny_models import tiny_model
 
@@ -162,3 +163,15 @@ def test_a_probe_prompt_that_does_not_run_is_refused_in_one_line(quantized, monk
                                              "probe_tokens within the model's context length$"):
         build_pass("prefill_path", {"max_decode_tokens": LIMIT}).run(model, _context(model))
     assert "If" not in {n.op_type for n in model.graph}
+
+
+def test_no_other_pass_may_follow_a_split(quantized, split):
+    model = load_model(quantized)
+    after_it = Pipeline([build_pass("prefill_path"), build_pass("quantize")])
+    with pytest.raises(OnnxpressError, match="^quantize: the passes before it leave a graph split into prompt and "
+                                             "decode branches .*run it before prefill_path"):
+        after_it.check_applicable(model, _context(model))
+    split_model = load_model(split[0])
+    with pytest.raises(OnnxpressError, match="^cleanup: split.onnx is a graph split"):
+        Pipeline([build_pass("cleanup")]).check_applicable(split_model, _context(model), "split.onnx")
+    Pipeline([build_pass("prefill_path")]).check_applicable(split_model, _context(model))  # a no-op, allowed
