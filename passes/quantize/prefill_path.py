@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress.analysis.graph_utils import computing_graph
 from onnxpress.errors import OnnxpressError, first_line
 from onnxpress.model_io import session_model
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
@@ -113,9 +114,9 @@ def split_prefill(model: ir.Model, *, max_decode_tokens: int = 32, accuracy_leve
     """Rewrite ``model`` in place (the pass's work without a compile context); it is left as it
     was, with the reason in the details, when no kernel would change."""
     graph = model.graph
-    retarget = [n for n in graph if _retargeted(n, accuracy_level, bits)]
-    if is_split(model):
+    if computing_graph(graph) is not graph:
         return Outcome(details={"note": "the graph already takes prompts and decode steps apart"})
+    retarget = [n for n in graph if _retargeted(n, accuracy_level, bits)]
     if not retarget:
         return Outcome(details={"note": f"no MatMulNBits of {'/'.join(map(str, bits))} bits at another "
                                         f"accuracy_level than {accuracy_level}: nothing to run differently"})
@@ -123,6 +124,9 @@ def split_prefill(model: ir.Model, *, max_decode_tokens: int = 32, accuracy_leve
     if tokens is None:
         raise OnnxpressError(f"prefill_path: the model has no {TOKEN_INPUT!r} input to count tokens by; "
                              "leave the pass out for models that take embeddings")
+    if any(out.producer() is None for out in graph.outputs):
+        return Outcome(details={"note": "an output is an input or a constant of the graph, which a branch cannot "
+                                        "return under its own name: left as it was"})
     nodes = list(graph)
     outputs = list(graph.outputs)
     graph.remove(nodes, safe=False)
@@ -150,11 +154,6 @@ def split_prefill(model: ir.Model, *, max_decode_tokens: int = 32, accuracy_leve
     graph.outputs.extend(branch.outputs)
     return Outcome(changes={"kernels_retargeted": len(retarget), "nodes_in_each_branch": len(nodes)},
                    details={"max_decode_tokens": max_decode_tokens, "prompt_accuracy_level": accuracy_level})
-
-
-def is_split(model: ir.Model) -> bool:
-    """Whether ``model``'s graph is already one prompt / decode ``If``."""
-    return any(node.op_type == "If" and node.name == "prefill_path_If" for node in model.graph)
 
 
 def _retargeted(node: ir.Node, accuracy_level: int, bits) -> bool:
