@@ -195,10 +195,14 @@ class Pipeline:
         in the list), which the other passes would rewrite one branch of."""
         split = computing_graph(model.graph) is not model.graph
         for i, p in enumerate(self.passes):
-            if not p.splits_graph and (split or any(q.splits_graph for q in self.passes[:i])):
-                where = f"{model_name} is" if split else "the passes before it leave"
-                raise OnnxpressError(f"{p.name}: {where} a graph split into prompt and decode branches "
-                                     "(prefill_path): run it before prefill_path, which goes last")
+            if p.splits_graph:
+                continue
+            if split:
+                raise OnnxpressError(f"{p.name}: {model_name} is split into prompt and decode branches "
+                                     "(prefill_path), which no pass may follow: compile the model it was made from")
+            if any(q.splits_graph for q in self.passes[:i]):
+                raise OnnxpressError(f"{p.name}: comes after prefill_path, which no pass may follow: "
+                                     "put prefill_path last")
         needs = [p.name for p in self.passes if p.needs_attention]
         if not needs:
             return
