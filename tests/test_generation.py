@@ -29,8 +29,8 @@ from tiny_models import (
 RECIPES = ["lossless", "balanced", "small", "edge-int4"]
 CALIB = dict(calib=["sotu"], max_samples=48, max_length=32)
 PROMPT = [5, 17, 300, 42, 99, 7, 123, 456, 88, 12]
-# longer than the tokens a call may have and still run as a decode step (prefill_path's default,
-# in small and edge-int4): the prompt takes the graph's prompt branch, the new tokens the other
+# longer than the 32 tokens a call may have and still run as a decode step where small and
+# edge-int4 end with prefill_path (the pass splits the graph where that is faster on this host)
 LONG_PROMPT = list(range(40, 80))
 NEW = 24
 SIDE_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -3,6 +3,8 @@ MatMulNBits; checked against ONNX Runtime running each kernel choice on its own.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -10,12 +12,13 @@ import pytest
 from onnxpress.analysis import analyze, count_macs
 from onnxpress.errors import OnnxpressError
 from onnxpress.evaluation import window_nll
-from onnxpress.generation import DecoderRunner
+from onnxpress.generation import DecoderRunner, eos_token_ids
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pass_infra import build_pass
 from onnxpress.passes.quantize import prefill_path
 from onnxpress.passes.quantize.prefill_path import split_prefill
 from onnxpress.pipeline import Pipeline
+from onnxpress.runtime_files import genai_runner, optimum_runner, write_runtime_files
 from tests.passes.quantize.test_quantize import _context
 from tests.tiny_models import tiny_model
 
@@ -94,7 +97,7 @@ def test_longer_calls_run_the_float_compute_kernels(quantized, split, tmp_path, 
     assert not np.array_equal(got, level4)  # the branch taken is not the decode one
 
 
-def test_the_error_it_reports_is_the_prompt_branch_s(split):
+def test_the_error_it_reports_is_the_prompt_branch_s_against_the_graph_before(split):
     _, report = split
     assert 0 < report.error < 0.05
 
@@ -175,3 +178,15 @@ def test_no_other_pass_may_follow_a_split(quantized, split):
                                              r"\(prefill_path\), .*: compile the model it was made from$"):
         Pipeline([build_pass("cleanup")]).check_applicable(split_model, _context(model), "split.onnx")
     Pipeline([build_pass("prefill_path")]).check_applicable(split_model, _context(model))  # a no-op, allowed
+
+
+def test_genai_and_optimum_decode_our_greedy_tokens_through_both_branches(split, tmp_path):
+    """The prompt (longer than the limit) takes the prompt branch, each new token the decode one."""
+    model = tmp_path / "model.onnx"
+    shutil.copy(split[0], model)
+    write_runtime_files(model, source_dir=tiny_model("llama", with_past=True).parent)
+    prompt, new = list(range(40, 40 + 3 * LIMIT)), 12
+    eos = sorted(eos_token_ids(tmp_path))
+    ours = DecoderRunner(model, threads=1).generate(prompt, new, eos_ids=eos).tokens
+    assert genai_runner(tmp_path)(prompt, new) == ours
+    assert optimum_runner(model, eos)(prompt, new) == ours
