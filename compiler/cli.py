@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="calibration sequence length (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="store weights in OUT.onnx.data (default: for decoders with a KV cache, whose runtime "
+                   "files compile writes: ONNX Runtime maps them instead of copying; and beyond 2 GB)")
     p.add_argument("--no-verify", action="store_true", help="skip the per-stage checks (not recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -148,7 +150,7 @@ def _cmd_compile(args) -> int:
         seed=args.seed,
         threads=args.threads,
         verify=not args.no_verify,
-        external_data=args.external_data or None,
+        external_data=args.external_data,
         progress=not args.quiet and sys.stderr.isatty(),
         budget=args.budget,
         objective=args.objective,

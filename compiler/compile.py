@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxpress import datasets
-from onnxpress.calibration import BATCH_SIZE
+from onnxpress.calibration import BATCH_SIZE, is_past_input
 from onnxpress.datasets import TOKENIZER_FILES, find_tokenizer_dir
 from onnxpress.editing import weights_spilled_to
 from onnxpress.errors import OnnxpressError
@@ -210,6 +210,10 @@ def compile_model(
             report.extra["runtime_files"] = sorted(runtime.files)
         if runtime.notes:
             report.extra["notes"] = [*report.extra.get("notes", []), *runtime.notes]
+        if external_data is None and _has_kv_cache(ir_model):
+            # a decoder for the runtimes that generate: ONNX Runtime maps weights from a data file
+            # where it copies inline ones (SmolLM2 edge-int4: a session of 252 MiB against 171)
+            external_data = True
         _save_with_report(ir_model, out, report, runtime, external_data=external_data, start=start)
     return report
 
@@ -311,6 +315,10 @@ def _save_with_report(model: ir.Model, out: Path, report: CompileReport, runtime
         move_into_place([*side, *[f for f in (data, tmp / report_path(out).name) if f.exists()], saved], out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _has_kv_cache(model: ir.Model) -> bool:
+    return "logits" in [v.name for v in model.graph.outputs] and any(is_past_input(v.name) for v in model.graph.inputs)
 
 
 def _tokenizer_dir(model_path: Path, tokenizer_dir) -> Path | None:

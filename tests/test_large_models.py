@@ -51,7 +51,8 @@ def test_compiling_over_the_limit_gives_what_compiling_under_it_gives(monkeypatc
     passes = ["cleanup", "prune_ffn:fraction=0.25", "lowrank:fraction=0.1", "attention:optional=true",
               "quantize:mode=dynamic"]
     src = tiny_model("llama", with_past=True)
-    small = compile_model(src, tmp_path / "small.onnx", passes=passes, calib=[calib], progress=False, threads=1)
+    small = compile_model(src, tmp_path / "small.onnx", passes=passes, calib=[calib], progress=False, threads=1,
+                          external_data=False)
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", LIMIT)
     large = compile_model(src, tmp_path / "large.onnx", passes=passes, calib=[calib], progress=False, threads=1)
 
@@ -115,7 +116,7 @@ def test_an_output_without_external_data_holds_the_weights_it_kept_from_the_inpu
                               external_data=True)
     out = tmp_path / "out" / "model.onnx"
     compile_model(src, out, passes=["cleanup", "quantize:mode=weight_only,bits=4,gptq=false"], progress=False,
-                  threads=1)
+                  threads=1, external_data=False)
     for path in (tmp_path / "src").iterdir():
         path.unlink()
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.report.json"]
