@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxpress.analysis.graph_utils import computing_graph
+from onnxpress.analysis.graph_utils import split_if
 from onnxpress.calibration import leading_batches, replaceable_ids, with_replaced_tokens
 from onnxpress.datasets import load_tokenizer
 from onnxpress.errors import OnnxpressError, first_line
@@ -193,7 +193,7 @@ class Pipeline:
         """Fail early, naming every pass that cannot apply: to a model without attention, or to a
         graph split into a prompt and a decode branch (by ``prefill_path``, in the model or earlier
         in the list), which the other passes would rewrite one branch of."""
-        split = computing_graph(model.graph) is not model.graph
+        split = split_if(model.graph) is not None
         for i, p in enumerate(self.passes):
             if p.splits_graph:
                 continue

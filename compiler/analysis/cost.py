@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxpress.analysis.graph_utils import FLOAT_TYPES, computing_graph, constant_tensor, numel
+from onnxpress.analysis.graph_utils import FLOAT_TYPES, constant_tensor, decode_body, numel
 
 # Weights are float tensors or the integer storage of quantized ones.
 _WEIGHT_TYPES = FLOAT_TYPES | {
@@ -91,7 +91,7 @@ def linear_macs(model: ir.Model) -> int:
     from onnxpress.analysis.linear import as_linear
 
     total = 0
-    for node in computing_graph(model.graph):
+    for node in decode_body(model).graph:
         lin = as_linear(node)
         if lin is not None:
             total += lin.d_in * lin.d_out

@@ -165,17 +165,34 @@ def data_consumers(value: ir.Value | None) -> list[ir.Node]:
     return [n for n in consumers(value) if n.op_type != "Shape"]
 
 
-def computing_graph(graph: ir.Graph) -> ir.Graph:
-    """The graph whose nodes compute the model: ``graph``, or where ``graph`` only picks one of
-    two copies of its body by the size of its input (an ``If`` whose outputs are the graph's,
-    after a node or two computing its condition: quantize's ``prefill_path``), the else branch,
-    the body decode steps run."""
-    nodes = list(graph)
-    last = nodes[-1] if nodes else None
-    if (last is not None and last.op_type == "If" and len(nodes) <= 4
-            and all(out.is_graph_output() for out in last.outputs)):
-        return last.attributes["else_branch"].as_graph()
-    return graph
+def split_if(graph: ir.Graph) -> ir.Node | None:
+    """The ``If`` of ``graph`` that runs one of two copies of the same nodes, picked by the size of
+    an input (quantize's ``prefill_path``: prompts and decode steps on different kernels), if any."""
+    ifs = [node for node in graph if node.op_type == "If"]
+    if len(ifs) != 1:
+        return None
+    then, other = (ifs[0].attributes[b].as_graph() for b in ("then_branch", "else_branch"))
+    return ifs[0] if [n.op_type for n in then] == [n.op_type for n in other] else None
+
+
+def decode_body(model: ir.Model) -> ir.Model:
+    """``model``, or where its graph has a ``split_if``, a copy (weights shared) with the else
+    branch's nodes in the If's place: one plain graph, the one decode steps run, for the analysis."""
+    if split_if(model.graph) is None:
+        return model
+    copy = model.clone()
+    graph = copy.graph
+    branch_if = split_if(graph)
+    body = branch_if.attributes["else_branch"].as_graph()
+    nodes, results = list(body), list(body.outputs)
+    body.outputs.clear()
+    body.remove(nodes, safe=False)
+    graph.insert_before(branch_if, nodes)
+    for inner, outer in zip(results, branch_if.outputs, strict=True):
+        outer.replace_all_uses_with(inner, replace_graph_outputs=True)
+        inner.name = outer.name
+    graph.remove(branch_if, safe=False)
+    return copy
 
 
 def graph_nodes(model_or_graph: ir.Model | ir.Graph) -> list[ir.Node]:

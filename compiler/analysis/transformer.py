@@ -27,9 +27,9 @@ from onnxpress.analysis.cost import attention_macs, count_params
 from onnxpress.analysis.ffn import find_ffns
 from onnxpress.analysis.graph_utils import (
     LAYOUT_OPS,
-    computing_graph,
     consumers,
     data_consumers,
+    decode_body,
     is_constant,
     is_scalar_scale,
     memoized,
@@ -48,7 +48,7 @@ def analyze(model: ir.Model, *, seq_len: int = 128) -> TransformerMap:
 
 
 def _analyze(model: ir.Model, seq_len: int) -> TransformerMap:
-    graph = computing_graph(model.graph)
+    graph = decode_body(model).graph
     index = LinearIndex(graph)
     order = {id(n): i for i, n in enumerate(graph)}
     finder = AttentionFinder(graph, index)

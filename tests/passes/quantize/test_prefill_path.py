@@ -53,13 +53,19 @@ def _logits_and_cache(path, ids, start=0, cache=None):
     return DecoderRunner(path, threads=1).run(ids, start, cache)
 
 
-def test_the_graph_becomes_one_if_and_every_4bit_kernel_is_counted(quantized, split):
+def test_the_nodes_between_the_4bit_kernels_go_into_an_if_and_every_kernel_is_counted(quantized, split):
     path, report = split
     before, after = load_model(quantized), load_model(path)
     kernels = sum(n.op_type == "MatMulNBits" for n in before.graph)
     assert report.modified and report.changes["kernels_retargeted"] == kernels > 0
-    assert report.changes["nodes_in_each_branch"] == len(list(before.graph))
-    assert [n.op_type for n in after.graph] == ["Size", "Greater", "If"]
+    (branch,) = [n for n in after.graph if n.op_type == "If"]
+    then, other = (list(branch.attributes[b].as_graph()) for b in ("then_branch", "else_branch"))
+    assert len(then) == len(other) == report.changes["nodes_in_each_branch"]
+    # what runs before the first 4-bit kernel (the embedding Gather) and after the last runs once
+    outside = [n for n in after.graph if n.op_type not in ("Size", "Greater", "If")]
+    assert len(outside) == report.details["nodes_outside"] > 0
+    assert len(outside) + len(then) == len(list(before.graph))
+    assert "Gather" in {n.op_type for n in outside}
     assert [v.name for v in after.graph.outputs] == [v.name for v in before.graph.outputs]
     assert report.details["decode_step_max_abs_diff"] == 0.0
     assert report.details["prompt_ms_prompt_kernels"] > 0 and report.details["prompt_ms_decode_kernels"] > 0
