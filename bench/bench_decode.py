@@ -8,7 +8,9 @@ weights; a peer that fails on the model is a row with its error), all run by pla
 sessions with the same threads. Each round runs every variant once,
 in a new random order: prefill of a ``--prompt``-token prompt taken from held-out SOTU text,
 then ``--new`` greedy steps, each one token with the cache. Columns: prefill ms and decode
-tokens/s (medians over rounds; ratios against the fp32 export in the same run), how many
+tokens/s (medians over rounds; ratios against the fp32 export in the same run), memory (the
+peak RSS of a fresh process that loads the variant and reads the prompt, less that of the same
+process loading nothing), how many
 greedy tokens agree with the fp32 export's before the first that differs, perplexity over
 held-out windows of both corpora (the same windows for every row) fed in one call and fed
 ``STEP`` tokens per call through the KV cache (``stepped``: the kernels decode steps run,
@@ -50,6 +52,7 @@ from common import (  # noqa: E402
     format_table,
     machine,
     model_size_mb,
+    peak_rss_mb,
     peer_python,
     record_build,
     write_results,
@@ -222,6 +225,7 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
             samples[label].append((done.prefill_seconds, done.decode_seconds))
     held_out = {corpus: perplexity_windows(tokenizer_dir, max_windows=windows, corpus=corpus) for corpus in CORPORA}
     reference = "ORT fp32 (optimum export)"
+    baseline_mb = peak_rss_mb("-", {}, THREADS)
     rows = []
     for label, v in variants.items():
         row = {"variant": label, "group": v["group"]}
@@ -230,7 +234,9 @@ def measure(variants: dict[str, dict], tokenizer_dir: Path, head_dim: int, *, pr
             continue
         prefill = statistics.median(s[0] for s in samples[label])
         decode = statistics.median(s[1] for s in samples[label])
+        memory = peak_rss_mb(v["path"], decoders[label].feeds(prompt[None]), THREADS) - baseline_mb
         row.update(size_mb=round(model_size_mb(v["path"]), 1), compile_s=v["compile_s"], prefill_ms=round(prefill * 1e3, 1),
+                   peak_rss_mb=round(memory),
                    decode_tokens_per_s=round(new / decode, 1),
                    greedy_prefix_as_fp32=common_prefix(tokens[label], tokens[reference]))
         for corpus, prefix in CORPORA.items():
@@ -281,7 +287,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-COLUMNS = ["variant", "size_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
+COLUMNS = ["variant", "size_mb", "peak_rss_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
            "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "stepped_ppl_vs_fp32_pct",
            "bbc_stepped_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
            "genai_same_tokens", "optimum_same_tokens", "compile_s", "error"]

@@ -212,7 +212,7 @@ def compile_model(
             report.extra["notes"] = [*report.extra.get("notes", []), *runtime.notes]
         if external_data is None and _has_kv_cache(ir_model):
             # a decoder for the runtimes that generate: ONNX Runtime maps weights from a data file
-            # where it copies inline ones (SmolLM2 edge-int4: a session of 252 MiB against 171)
+            # where it copies inline ones (SmolLM2 edge-int4 unsplit: a session of 252 MiB against 171)
             external_data = True
         _save_with_report(ir_model, out, report, runtime, external_data=external_data, start=start)
     return report

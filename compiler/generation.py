@@ -106,10 +106,9 @@ class DecoderRunner:
     def has_cache(self) -> bool:
         return bool(self.past)
 
-    def run(self, ids: np.ndarray, start: int = 0, cache: dict[str, np.ndarray] | None = None
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits of ``ids`` [batch, n] at positions ``start``.. after ``cache`` (None: empty), and the
-        cache after them."""
+    def feeds(self, ids: np.ndarray, start: int = 0, cache: dict[str, np.ndarray] | None = None
+              ) -> dict[str, np.ndarray]:
+        """The session's inputs for ``ids`` [batch, n] at positions ``start``.. after ``cache`` (None: empty)."""
         batch, n = ids.shape
         feeds = {"input_ids": ids,
                  "attention_mask": np.ones((batch, start + n)),
@@ -118,7 +117,13 @@ class DecoderRunner:
         feeds = {k: np.ascontiguousarray(v, dtype=self.dtypes[k]) for k, v in feeds.items() if k in self.dtypes}
         for name, (_, heads, size) in self.past.items():
             feeds[name] = cache[name] if cache else np.zeros((batch, heads, 0, size), self.dtypes[name])
-        out = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
+        return feeds
+
+    def run(self, ids: np.ndarray, start: int = 0, cache: dict[str, np.ndarray] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits of ``ids`` [batch, n] at positions ``start``.. after ``cache`` (None: empty), and the
+        cache after them."""
+        out = dict(zip(self.outputs, self.session.run(None, self.feeds(ids, start, cache)), strict=True))
         return out["logits"], {name: out[present] for name, (present, _, _) in self.past.items()}
 
     def generate(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, *, eos_ids=(),
