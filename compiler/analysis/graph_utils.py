@@ -171,8 +171,11 @@ def split_if(graph: ir.Graph) -> ir.Node | None:
     ifs = [node for node in graph if node.op_type == "If"]
     if len(ifs) != 1:
         return None
+    condition = producer(ifs[0].inputs[0])
+    by_size = condition is not None and condition.op_type == "Greater" and (
+        (size := producer(condition.inputs[0])) is not None and size.op_type == "Size")
     then, other = (ifs[0].attributes[b].as_graph() for b in ("then_branch", "else_branch"))
-    return ifs[0] if [n.op_type for n in then] == [n.op_type for n in other] else None
+    return ifs[0] if by_size and [n.op_type for n in then] == [n.op_type for n in other] else None
 
 
 def decode_body(model: ir.Model) -> ir.Model:
