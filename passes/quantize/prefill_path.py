@@ -34,9 +34,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.errors import OnnxpressError, first_line
+from onnxpress.fidelity import compare_outputs
 from onnxpress.model_io import session_model
 from onnxpress.pass_infra import Outcome, Pass, PassConfig, register_pass
-from onnxpress.runtime import make_session, time_alternating
+from onnxpress.runtime import make_session, run_batches, time_alternating
 
 TOKEN_INPUT = "input_ids"
 PROMPT_BRANCH, DECODE_BRANCH = "prompt", "decode"
@@ -89,7 +90,8 @@ class PrefillPathPass(Pass):
         before = make_session(session_model(model), threads=ctx.threads)
         after = make_session(session_model(trial), threads=ctx.threads)
         batch = ctx.verification[0]
-        difference = max_difference(before, after, _first_sequence(batch, min(4, cfg.max_decode_tokens)))
+        short = [_first_sequence(batch, min(4, cfg.max_decode_tokens))]
+        difference = compare_outputs(run_batches(before, short), run_batches(after, short)).max_abs
         if difference:
             raise OnnxpressError(f"prefill_path: the decode branch moved an output by {difference:.3g}; it must "
                                  "run exactly the graph it was given (a bug: please report it)")
@@ -195,14 +197,6 @@ def _prefix_names(branch: ir.Graph, prefix: str) -> None:
         for out in node.outputs:
             if out.name:
                 out.name = f"{prefix}/{out.name}"
-
-
-def max_difference(a, b, feeds: dict[str, np.ndarray]) -> float:
-    """Largest |difference| between any output of sessions ``a`` and ``b`` on ``feeds``."""
-    worst = 0.0
-    for x, y in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
-        worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)))
-    return worst
 
 
 def _first_sequence(batch: dict[str, np.ndarray], tokens: int) -> dict[str, np.ndarray]:
