@@ -17,7 +17,10 @@ held-out windows of both corpora (the same windows for every row) fed in one cal
 where a graph takes prompts and decode steps apart, quantize's ``prefill_path``), file size. For each recipe
 row, whether the runtimes users run decoders on load it from a folder with the files
 ``onnxpress.runtime_files`` writes (onnxruntime-genai, optimum's ORTModelForCausalLM) and
-whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_tokens``).
+whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_tokens``); and, for
+those rows and the GenAI builder's, prefill ms and decode tokens/s in onnxruntime-genai's own loop
+(``genai_*``: each folder's genai_config, its cache buffers shared between past and present
+where it says so), timed round-robin as above.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_decode.py [--model smollm2] [--rounds 5] [--windows 16]
     python bench/bench_decode.py --runtimes-only   # only the runtime check, from the cached compiles
@@ -39,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,18 +173,58 @@ def genai_tokenizer_agrees(folder: Path, prompt: np.ndarray) -> bool | str:
         return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
 
 
-def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int) -> list[dict]:
-    """``rows`` with each recipe row's ``check_runtimes`` columns, from its cached compile."""
-    out = []
+def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int, rounds: int) -> list[dict]:
+    """``rows`` with each recipe row's ``check_runtimes`` columns, from its cached compile, and the
+    ``genai_timings`` of the recipe rows and the GenAI builder's."""
+    out, folders = [], {}
     for row in rows:
         row = {k: v for k, v in row.items() if not k.startswith(("genai_", "optimum_", "runtime_"))}
         if row["group"] == "recipe" and "error" not in row:
             compiled = WORK / f"recipe_{row['variant'].removeprefix('onnxpress ')}.onnx"
             if compiled.exists():
                 row.update(check_runtimes(compiled, src_dir, prompt, new))
+                if row.get("genai_loads"):
+                    folders[row["variant"]] = runtime_folder(compiled).parent
             else:
                 row["runtime_error"] = f"no cached compile {compiled}: run the bench without --runtimes-only"
+        elif row["variant"].startswith("GenAI builder") and "error" not in row:
+            folders[row["variant"]] = WORK / f"genai-{row['variant'].split()[-1]}"
         out.append(row)
+    timings = genai_timings(folders, prompt, new, rounds)
+    for row in out:
+        row.update(timings.get(row["variant"], {}))
+    return out
+
+
+def genai_timings(folders: dict[str, Path], prompt: np.ndarray, new: int, rounds: int) -> dict[str, dict]:
+    """Prefill ms and decode tokens/s in onnxruntime-genai's own loop (greedy, ``new`` tokens after
+    ``prompt``, each folder's genai_config: its threads and its cache buffers, shared or not),
+    medians over round-robin rounds in a new random order each."""
+    import onnxruntime_genai as og
+
+    models = {label: og.Model(str(folder)) for label, folder in folders.items()}
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in models}
+    ids = prompt.astype(np.int32)
+    rng, order = random.Random(0), list(models)
+    for i in range(rounds + 1):  # the first round warms up
+        rng.shuffle(order)
+        for label in order:
+            params = og.GeneratorParams(models[label])
+            params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new)
+            generator = og.Generator(models[label], params)
+            start = time.perf_counter()
+            generator.append_tokens(ids)
+            prompted = time.perf_counter()
+            for _ in range(new):
+                generator.generate_next_token()
+            if i:
+                samples[label].append((prompted - start, (time.perf_counter() - prompted) / new))
+    out = {}
+    for label, folder in folders.items():
+        config = json.loads((folder / "genai_config.json").read_text())
+        out[label] = {"genai_prefill_ms": round(1e3 * statistics.median(s[0] for s in samples[label]), 1),
+                      "genai_decode_tokens_per_s": round(1 / statistics.median(s[1] for s in samples[label]), 1),
+                      "genai_shared_buffer": config["search"].get("past_present_share_buffer", False)}
     return out
 
 
@@ -290,7 +334,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 COLUMNS = ["variant", "size_mb", "peak_rss_mb", "prefill_ms", "prefill_vs_fp32", "decode_tokens_per_s", "decode_vs_fp32",
            "greedy_prefix_as_fp32", "ppl_vs_fp32_pct", "bbc_ppl_vs_fp32_pct", "stepped_ppl_vs_fp32_pct",
            "bbc_stepped_ppl_vs_fp32_pct", "perplexity", "bbc_perplexity",
-           "genai_same_tokens", "optimum_same_tokens", "compile_s", "error"]
+           "genai_same_tokens", "optimum_same_tokens", "genai_decode_tokens_per_s", "genai_prefill_ms", "compile_s",
+           "error"]
 
 
 def runtimes_note(new: int) -> str:
@@ -299,7 +344,10 @@ def runtimes_note(new: int) -> str:
             f"{_version('onnxruntime-genai')} and optimum-onnx {_version('optimum-onnx')} loaded that folder "
             f"and greedy-decoded at most {new + 1} tokens after the prompt, stopping on the eos ids; "
             "same_tokens: equal to onnxpress.generation's loop on the same file; genai_tokenizer_same_ids: "
-            "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids")
+            "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids; genai_prefill_ms, "
+            "genai_decode_tokens_per_s: medians over the bench's rounds of onnxruntime-genai's own greedy loop "
+            f"(the prompt, then {new} tokens) on the recipe folders and the GenAI builder's, round-robin; "
+            "genai_shared_buffer: the folder's past_present_share_buffer")
 
 
 def merge_runtimes(src: Path, command: str) -> int:
@@ -308,15 +356,17 @@ def merge_runtimes(src: Path, command: str) -> int:
     path = RESULTS / "decode.json"
     data = json.loads(path.read_text())
     new = data["notes"]["new_tokens"]
-    data["rows"] = runtime_rows(data["rows"], src.parent, bench_prompt(src.parent, data["notes"]["prompt_tokens"]), new)
+    data["rows"] = runtime_rows(data["rows"], src.parent, bench_prompt(src.parent, data["notes"]["prompt_tokens"]), new,
+                                data["notes"]["rounds"])
     data["notes"]["runtimes"] = runtimes_note(new)
     data["notes"]["runtimes_command"] = command
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
-    print(format_table([r for r in data["rows"] if r["group"] == "recipe"],
+    print(format_table([r for r in data["rows"] if r["group"] == "recipe" or "genai_decode_tokens_per_s" in r],
                        ["variant", "genai_loads", "genai_same_tokens", "genai_greedy_prefix", "optimum_loads",
-                        "optimum_same_tokens", "optimum_greedy_prefix", "genai_tokenizer_same_ids", "genai_error",
+                        "optimum_same_tokens", "optimum_greedy_prefix", "genai_tokenizer_same_ids",
+                        "genai_decode_tokens_per_s", "genai_prefill_ms", "genai_shared_buffer", "genai_error",
                         "optimum_error", "runtime_error"]))
     return 0
 
@@ -347,7 +397,7 @@ def main(argv=None) -> int:
     rows = measure(variants, src.parent, head_dim, prompt_len=args.prompt, new=args.new, rounds=args.rounds,
                    windows=args.windows)
     rows = runtime_rows([{"model": args.model, **r} for r in rows], src.parent, bench_prompt(src.parent, args.prompt),
-                        args.new)
+                        args.new, args.rounds)
     notes = {
         "threads": THREADS, "batch": 1, "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
         "timing": "medians over round-robin rounds in one process; prefill: the prompt in one call; decode: the "

@@ -2,8 +2,11 @@
 
 * ``genai_config.json`` for onnxruntime-genai (``onnxruntime_genai.Model(folder)``): the model
   type, the cache geometry, the graph's input and output names as the graph has them, token ids
-  and greedy ``search`` defaults. The graphs concatenate the cache (present = past + new), so
-  ``past_present_share_buffer`` is false.
+  and greedy ``search`` defaults. ``past_present_share_buffer`` (GenAI then keeps each layer's past
+  and present in one context-long buffer and the attention appends to it in place, instead of
+  copying the cache into a new present every step) is set where the graph allows it: only
+  GroupQueryAttention reads the cache, and no attention's sequence lengths come from the cache's
+  shape (which, shared, is the buffer's).
 * The Hugging Face files that optimum's ``ORTModelForCausalLM.from_pretrained(folder,
   file_name=...)`` and GenAI's tokenizer read: config.json and generation_config.json from the
   model's source folder, and the tokenizer files from the tokenizer folder, copied when the output
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from onnxpress.analysis.graph_utils import ancestors
 from onnxpress.calibration import is_past_input
 from onnxpress.datasets import TOKENIZER_FILES
 from onnxpress.generation import (
@@ -176,7 +180,7 @@ def genai_config(model: ir.Model, filename: str, config: dict, generation: dict,
             "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": pad, "bos_token_id": bos,
             "decoder": {k: v for k, v in decoder.items() if v is not None}}
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": int(context),
-              "min_length": 0, "past_present_share_buffer": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+              "min_length": 0, "past_present_share_buffer": cache_shares_buffer(model, past), "temperature": 1.0, "top_k": 50, "top_p": 1.0,
               "repetition_penalty": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
               "no_repeat_ngram_size": 0, "early_stopping": True}
     note = None
@@ -185,6 +189,27 @@ def genai_config(model: ir.Model, filename: str, config: dict, generation: dict,
                 f"{model_type!r} model with one key and one value cache input per layer")
     body = {k: v for k, v in body.items() if v is not None and v != []}
     return {"model": body, "search": search}, note
+
+
+def cache_shares_buffer(model: ir.Model, past: Sequence[str]) -> bool:
+    """Whether the cache inputs ``past`` may share their buffers with the present outputs: each
+    is read only as a GroupQueryAttention's past key or value, and no GroupQueryAttention's
+    sequence lengths (seqlens_k, total_sequence_length) are computed from such a reader's
+    outputs (a present's shape is, shared, the buffer's) or by a node with subgraphs (not
+    followed; the answer is then no)."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    readers = {}
+    for name in past:
+        for node, index in inputs[name].uses():
+            if not (node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and index in (3, 4)):
+                return False
+            readers[id(node)] = node
+    for node in readers.values():
+        for upstream in ancestors([v for v in node.inputs[5:7] if v is not None]):
+            if id(upstream) in readers or any(
+                    a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in upstream.attributes.values()):
+                return False
+    return True
 
 
 def _cache_names(past: Sequence[str], outputs: set[str]) -> dict | None:

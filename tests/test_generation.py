@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from onnxpress.compile import compile_model
@@ -14,7 +15,13 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.generation import DecoderRunner, Sampling, eos_token_ids, next_token
 from onnxpress.model_io import load_model
 from onnxpress.runtime import make_session
-from onnxpress.runtime_files import genai_runner, optimum_runner, plan_runtime_files, write_runtime_files
+from onnxpress.runtime_files import (
+    cache_shares_buffer,
+    genai_runner,
+    optimum_runner,
+    plan_runtime_files,
+    write_runtime_files,
+)
 
 from tiny_models import (
     HEAD_SIZE,
@@ -84,12 +91,16 @@ def test_a_compiled_decoder_gets_its_runtime_files(compiled):
     assert (decoder["num_hidden_layers"], decoder["head_size"], decoder["num_key_value_heads"]) == (LAYERS, HEAD_SIZE, 4)
     assert model["context_length"] == genai["search"]["max_length"] == MAX_POS
     assert model["eos_token_id"] == sorted(eos_token_ids(source)) == [2, 3]  # config's and the tokenizer's
-    assert genai["search"]["past_present_share_buffer"] is False and genai["search"]["do_sample"] is False
+    assert genai["search"]["do_sample"] is False
+    # fused into GroupQueryAttention, whose sequence lengths come from the attention mask
+    assert genai["search"]["past_present_share_buffer"] is True
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_onnxruntime_genai_decodes_our_greedy_tokens(compiled, recipe):
+    """With past and present in one buffer: GenAI's cache is context-long from the first step."""
     out, _ = compiled(recipe)
+    assert json.loads((out.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     ours = our_tokens(out)
     assert ours == greedy_tokens(make_session(out, threads=1), load_model(out), np.array([PROMPT]), len(ours), True)
     assert genai_runner(out.parent)(PROMPT, NEW) == ours
@@ -123,12 +134,39 @@ def test_runtime_files_for_an_exported_model(tmp_path, arch):
     shutil.copy(src, tmp_path / "model.onnx")
     written = write_runtime_files(tmp_path / "model.onnx", source_dir=src.parent)
     assert SIDE_FILES | {"genai_config.json"} <= set(written.files)
-    genai = json.loads((tmp_path / "genai_config.json").read_text())["model"]
+    genai = json.loads((tmp_path / "genai_config.json").read_text())
+    # the exporter's attention concatenates the cache: its present is a new tensor every step
+    assert genai["search"]["past_present_share_buffer"] is False
+    genai = genai["model"]
     assert genai["type"] == ("decoder" if arch == "gpt2" else arch)
     assert any("generic decoder" in n for n in written.notes) == (arch == "gpt2")
     assert genai_runner(tmp_path)(PROMPT, NEW) == our_tokens(tmp_path / "model.onnx")
     # again: everything is already there
     assert write_runtime_files(tmp_path / "model.onnx", source_dir=src.parent).files == {}
+
+
+def test_no_shared_cache_buffer_where_the_cache_or_a_present_length_feeds_another_node(compiled):
+    """A cache input read by anything but GroupQueryAttention, or a sequence length taken from a
+    present's shape (a shared buffer's is the context's), rules the shared buffer out."""
+    out, _ = compiled("lossless")
+    model = load_model(out)
+    past = [v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+    assert cache_shares_buffer(model, past)
+
+    extra_reader = load_model(out)
+    shape = ir.node("Shape", [next(v for v in extra_reader.graph.inputs if v.name == past[0])])
+    extra_reader.graph.append(shape)
+    extra_reader.graph.outputs.append(shape.outputs[0])
+    assert not cache_shares_buffer(extra_reader, past)
+
+    length_from_present = load_model(out)
+    first, second = [n for n in length_from_present.graph if n.op_type == "GroupQueryAttention"][:2]
+    shape = ir.node("Shape", [first.outputs[1]], {"start": 2, "end": 3})
+    squeeze = ir.node("Squeeze", [shape.outputs[0]])
+    total = ir.node("Cast", [squeeze.outputs[0]], {"to": ir.DataType.INT32})
+    length_from_present.graph.insert_before(second, [shape, squeeze, total])
+    second.replace_input_with(6, total.outputs[0])
+    assert not cache_shares_buffer(length_from_present, past)
 
 
 def test_files_the_user_has_are_kept_and_a_failed_compile_writes_nothing(tmp_path, monkeypatch):

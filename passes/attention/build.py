@@ -136,19 +136,30 @@ def _along_queries(tape: AttentionTape, bias: ir.Value, query: ir.Value) -> ir.V
     return tape.op("Expand", [bias, tape.op("Concat", [ones, s_q, one], {"axis": 0})])
 
 
-def sequence_lengths(tape: AttentionTape, query: ir.Value,
-                     past: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+def sequence_lengths(tape: AttentionTape, query: ir.Value, past: ir.Value | None,
+                     mask: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
     """GroupQueryAttention's (seqlens_k [B] int32, total_sequence_length scalar int32):
-    every row valid up to past + new (padding, if any, is in the bias)."""
-    s_new = tape.op("Shape", [query], {"start": 1, "end": 2})
-    total = s_new
-    if past is not None:
-        total = tape.op("Add", [tape.op("Shape", [past], {"start": 2, "end": 3}), s_new])
+    every row valid up to past + new (padding, if any, is in the bias). With a 2-D padding
+    ``mask`` (past + new long), its length, built once for all layers: the cache's own length
+    then never enters, so past and present may share one buffer as long as the context
+    (onnxruntime-genai's ``past_present_share_buffer``)."""
+    key = ("lengths", id(mask))
+    if mask is not None and key in tape.shared:
+        return tape.shared[key]
     one = tape.constant("onnxpress_attn_one", np.array([1], np.int64))
-    batch = tape.op("Shape", [query], {"start": 0, "end": 1})
+    if mask is not None:
+        total = tape.op("Shape", [mask], {"start": 1, "end": 2})
+        batch = tape.op("Shape", [mask], {"start": 0, "end": 1})
+    else:
+        total = tape.op("Shape", [query], {"start": 1, "end": 2})
+        if past is not None:
+            total = tape.op("Add", [tape.op("Shape", [past], {"start": 2, "end": 3}), total])
+        batch = tape.op("Shape", [query], {"start": 0, "end": 1})
     last = tape.op("Expand", [tape.op("Sub", [total, one]), batch])
     seqlens = tape.op("Cast", [last], {"to": ir.DataType.INT32})
     scalar = tape.op("Cast", [tape.op("Squeeze", [total])], {"to": ir.DataType.INT32})
+    if mask is not None:
+        tape.shared[key] = seqlens, scalar
     return seqlens, scalar
 
 
@@ -218,7 +229,7 @@ def _onnxruntime(tape: AttentionTape, site: Site,
             bias = mask_bias(tape, site.terms, q)
         else:
             bias = None if mask is None else padding_bias(tape, mask, q, float_type(site.q.value))
-        seqlens, total = sequence_lengths(tape, q, site.past_key)
+        seqlens, total = sequence_lengths(tape, q, site.past_key, None if why else mask)
         ins = spec.input_list(query=q, key=k, value=v, **past, seqlens_k=seqlens, total_sequence_length=total,
                               attention_bias=bias)
         attrs = spec.attributes(num_heads=h, kv_num_heads=hkv, scale=site.scale)
