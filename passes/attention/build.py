@@ -14,7 +14,8 @@ The ORT and ONNX ops receive the model's own additive mask (padding, causal, and
 whatever else the exporter folded in) as their bias, which keeps them exact for any
 mask, except where the mask is a padding mask built from a 2-D graph input plus causality:
 GroupQueryAttention, causal itself, then gets a bias built from that input alone (a few nodes
-per step instead of the exported 4-D mask arithmetic), and ``onnxpress.Attention``, which
+per step instead of the exported 4-D mask arithmetic) and its sequence lengths from that input's
+length (not the cache's, so past and present may share a buffer), and ``onnxpress.Attention``, which
 has no bias input, only takes such cores. Input positions and
 attribute names come from the fused-op table (:mod:`onnxpress.analysis.attention.fused_ops`).
 """
