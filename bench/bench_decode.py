@@ -198,7 +198,7 @@ def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int, 
 
 def genai_timings(folders: dict[str, Path], prompt: np.ndarray, new: int, rounds: int) -> dict[str, dict]:
     """Prefill ms and decode tokens/s in onnxruntime-genai's own loop (greedy, ``new`` tokens after
-    ``prompt``, each folder's genai_config: its threads and its cache buffers, shared or not),
+    ``prompt``, each folder's genai_config: its session options and its cache buffers, shared or not),
     medians over round-robin rounds in a new random order each."""
     import onnxruntime_genai as og
 
