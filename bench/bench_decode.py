@@ -20,7 +20,7 @@ row, whether the runtimes users run decoders on load it from a folder with the f
 whether their greedy tokens equal ours (``genai_same_tokens``, ``optimum_same_tokens``); and, for
 those rows and the GenAI builder's, prefill ms and decode tokens/s in onnxruntime-genai's own loop
 (``genai_*``: each folder's genai_config, its cache buffers shared between past and present
-where it says so), timed round-robin as above.
+where it says so, at the same threads), timed round-robin as above.
 
     OPENBLAS_NUM_THREADS=1 nice python bench/bench_decode.py [--model smollm2] [--rounds 5] [--windows 16]
     python bench/bench_decode.py --runtimes-only   # only the runtime check, from the cached compiles
@@ -198,11 +198,17 @@ def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int, 
 
 def genai_timings(folders: dict[str, Path], prompt: np.ndarray, new: int, rounds: int) -> dict[str, dict]:
     """Prefill ms and decode tokens/s in onnxruntime-genai's own loop (greedy, ``new`` tokens after
-    ``prompt``, each folder's genai_config: its session options and its cache buffers, shared or not),
-    medians over round-robin rounds in a new random order each."""
+    ``prompt``, each folder's genai_config with its cache buffers shared or not, at ``THREADS``
+    threads as every other row: the configs leave the count to ONNX Runtime, which took one on a
+    2-core VM), medians over round-robin rounds in a new random order each."""
     import onnxruntime_genai as og
 
-    models = {label: og.Model(str(folder)) for label, folder in folders.items()}
+    threads = json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}})
+    models = {}
+    for label, folder in folders.items():
+        config = og.Config(str(folder))
+        config.overlay(threads)
+        models[label] = og.Model(config)
     samples: dict[str, list[tuple[float, float]]] = {label: [] for label in models}
     ids = prompt.astype(np.int32)
     rng, order = random.Random(0), list(models)
@@ -346,7 +352,8 @@ def runtimes_note(new: int) -> str:
             "same_tokens: equal to onnxpress.generation's loop on the same file; genai_tokenizer_same_ids: "
             "GenAI's tokenizer encodes the prompt's text to the Hugging Face tokenizer's ids; genai_prefill_ms, "
             "genai_decode_tokens_per_s: medians over the bench's rounds of onnxruntime-genai's own greedy loop "
-            f"(the prompt, then {new} tokens) on the recipe folders and the GenAI builder's, round-robin; "
+            f"(the prompt, then {new} tokens) on the recipe folders and the GenAI builder's, round-robin, "
+            f"intra_op_num_threads {THREADS}; "
             "genai_shared_buffer: the folder's past_present_share_buffer")
 
 
