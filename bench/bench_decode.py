@@ -199,8 +199,8 @@ def runtime_rows(rows: list[dict], src_dir: Path, prompt: np.ndarray, new: int, 
 def genai_timings(folders: dict[str, Path], prompt: np.ndarray, new: int, rounds: int) -> dict[str, dict]:
     """Prefill ms and decode tokens/s in onnxruntime-genai's own loop (greedy, ``new`` tokens after
     ``prompt``, each folder's genai_config with its cache buffers shared or not, at ``THREADS``
-    threads as every other row: the configs leave the count to ONNX Runtime, which took one on a
-    2-core VM), medians over round-robin rounds in a new random order each."""
+    threads as every other row: the configs leave the count to ONNX Runtime's default, at which a
+    2-core VM decoded about 1.7x slower), medians over round-robin rounds in a new random order each."""
     import onnxruntime_genai as og
 
     threads = json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}})
