@@ -137,7 +137,8 @@ class QuantizeConfig(PassConfig):
     float16_scales: bool = False
     # weight-only and dynamic: MatMuls reading one input (q/k/v, gate/up) become one kernel, split
     # after it (q/k/v: GroupQueryAttention's packed query input): one kernel call and one
-    # activation quantisation per input instead of two or three
+    # activation quantisation per input instead of two or three (gate/up keep their Split: ORT
+    # 1.32's com.microsoft.SwiGLU, which reads the packed pair, has no CPU kernel)
     pack: bool = True
     check_fusion: bool = True
 
