@@ -20,7 +20,14 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.datasets import expand_text_paths, load_tokenizer, read_text, text_chunks
+from onnxpress.datasets import (
+    EVALUATION_MIN_CHARS,
+    expand_text_paths,
+    load_tokenizer,
+    read_text,
+    split_sentences,
+    text_chunks,
+)
 from onnxpress.errors import OnnxpressError
 
 Feeds = dict[str, np.ndarray]
@@ -262,10 +269,12 @@ def leading_batches(batches: Sequence[Feeds], n_batches: int | None) -> list[Fee
 
 @dataclass
 class CalibrationSet:
-    """Feed batches keyed by model input names, plus a description for reports."""
+    """Feed batches keyed by model input names, plus a description for reports, and (when built
+    from text) each sample's text in sample order."""
 
     batches: list[Feeds]
     source: str
+    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -288,7 +297,9 @@ class CalibrationSet:
         return total
 
     def take(self, n_batches: int) -> CalibrationSet:
-        return CalibrationSet(self.batches[:n_batches], f"{self.source}, first {n_batches} batches")
+        batches = self.batches[:n_batches]
+        texts = self.texts[: sum(_batch_size(b) for b in batches)] if self.texts is not None else None
+        return CalibrationSet(batches, f"{self.source}, first {n_batches} batches", texts)
 
     def split(self, holdout_fraction: float) -> tuple[CalibrationSet, CalibrationSet]:
         """(calibration, holdout) by sample: the last ``holdout_fraction`` of samples, re-batched.
@@ -304,10 +315,22 @@ class CalibrationSet:
         n_hold = min(len(samples) - 1, max(1, round(len(samples) * holdout_fraction)))
         size = max(_batch_size(b) for b in self.batches)
         keep, hold = samples[: len(samples) - n_hold], samples[len(samples) - n_hold :]
+        texts = self.texts
         return (
-            CalibrationSet(_rebatch(keep, size), f"{self.source}, calibration part ({len(keep)} samples)"),
-            CalibrationSet(_rebatch(hold, size), f"{self.source}, holdout part ({len(hold)} samples)"),
+            CalibrationSet(_rebatch(keep, size), f"{self.source}, calibration part ({len(keep)} samples)",
+                           texts[: len(keep)] if texts else None),
+            CalibrationSet(_rebatch(hold, size), f"{self.source}, holdout part ({len(hold)} samples)",
+                           texts[len(keep) :] if texts else None),
         )
+
+    def sentences(self, tokenizer_dir, model: ir.Model, **kwargs) -> CalibrationSet | None:
+        """The sentences of this set's texts (those an evaluation would take: ``EVALUATION_MIN_CHARS``
+        or longer) as a set of their own, or None without texts or sentences."""
+        found = [s for text in self.texts or [] for s in split_sentences(text, EVALUATION_MIN_CHARS)]
+        if not found:
+            return None
+        kwargs.setdefault("source", f"{len(found)} sentences of {self.num_samples} samples")
+        return CalibrationSet.from_texts(found, tokenizer_dir, model, **kwargs)
 
     # ---- constructors -------------------------------------------------------------
 
@@ -338,7 +361,8 @@ class CalibrationSet:
             input_ids, mask = pad_right(ids, pad_id)
             batches.append(make_feeds(model, input_ids, mask, seed=seed + start))
         desc = source or f"{len(texts)} texts"
-        return cls(batches, f"{desc}: {len(order)} samples, max_length {max_length}, seed {seed}")
+        return cls(batches, f"{desc}: {len(order)} samples, max_length {max_length}, seed {seed}",
+                   [texts[i] for i in order])
 
     @classmethod
     def from_files(cls, paths, tokenizer_dir, model: ir.Model, **kwargs) -> CalibrationSet:

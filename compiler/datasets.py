@@ -176,9 +176,14 @@ def text_chunks(text: str, max_chars: int = 512, min_chars: int = 20) -> list[st
     return chunks
 
 
+# the shortest sentence an evaluation takes (shorter fragments: headings, datelines)
+EVALUATION_MIN_CHARS = 40
+
+
 def evaluation_sentences(n: int = 256, seed: int = 0, corpus: str = "sotu") -> list[str]:
     """``n`` sentences drawn with a fixed seed from a corpus's evaluation split."""
-    pool = [s for f in corpus_files(corpus, "evaluation") for s in split_sentences(read_text(f), min_chars=40)]
+    pool = [s for f in corpus_files(corpus, "evaluation")
+            for s in split_sentences(read_text(f), min_chars=EVALUATION_MIN_CHARS)]
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))
     return [pool[i] for i in idx]

@@ -23,6 +23,7 @@ from onnxpress.calibration import (  # noqa: E402
     vocab_size,
 )
 from onnxpress.compile import compile_model  # noqa: E402
+from onnxpress.datasets import EVALUATION_MIN_CHARS, load_tokenizer  # noqa: E402
 from onnxpress.errors import OnnxpressError  # noqa: E402
 from onnxpress.runtime import make_session, run_batches  # noqa: E402
 
@@ -160,6 +161,29 @@ def test_split_and_take_keep_every_sample(bert):
     assert len(calib.take(2)) == 2
     _one_line_error(lambda: calib.split(1.5), "between 0 and 1")
 
+
+def test_each_sample_keeps_its_text_through_split_and_take(bert):
+    """The texts are what an encoder's held-out part is re-measured on, sentence by sentence: they
+    must stay the samples' own texts, in the samples' order."""
+    model, tok = bert
+    tokenizer = load_tokenizer(tok)
+    calib = CalibrationSet.from_texts(TEXTS, tok, model, batch_size=2, seed=3)
+    ids = [row[mask > 0].tolist() for b in calib.batches
+           for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    assert [tokenizer(t)["input_ids"] for t in calib.texts] == ids
+    keep, hold = calib.split(0.3)
+    assert keep.texts + hold.texts == calib.texts and len(hold.texts) == hold.num_samples == 2
+    assert calib.take(2).texts == calib.texts[:4]
+
+
+def test_sentences_are_those_of_the_samples_texts_long_enough_to_evaluate(bert):
+    model, tok = bert
+    chunks = [" ".join(TEXTS[:3]), " ".join(TEXTS[3:])]
+    sentences = CalibrationSet.from_texts(chunks, tok, model, batch_size=2).sentences(tok, model, batch_size=4)
+    expected = sorted(t for t in TEXTS if len(t) >= EVALUATION_MIN_CHARS)
+    assert sorted(sentences.texts) == expected and sentences.num_samples == len(expected) < len(TEXTS)
+    assert f"{len(expected)} sentences of 2 samples" in sentences.source
+    assert CalibrationSet(sentences.batches, "no texts").sentences(tok, model) is None
 
 def test_from_files_txt_jsonl_and_folder(bert, tmp_path):
     model, tok = bert

@@ -17,8 +17,8 @@ import onnxpress.pipeline
 from onnxpress import model_io
 from onnxpress.calibration import CalibrationSet
 from onnxpress.cli import main
-from onnxpress.compile import VERIFY_FRACTION, compile_model, report_path
-from onnxpress.datasets import sotu_files
+from onnxpress.compile import VERIFY_FRACTION, compile_model, measured_part, report_path
+from onnxpress.datasets import EVALUATION_MIN_CHARS, sotu_files, split_sentences
 from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import FidelityMeter
 from onnxpress.model_io import load_model
@@ -289,10 +289,13 @@ def test_compile_analyses_the_input_model_once(tmp_path, monkeypatch):
 
 
 def _held_out(src):
-    """The held-out batches compile_model verifies on with CALIB below, rebuilt the same way."""
-    calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, load_model(src), max_length=32,
+    """What compile_model verifies on with CALIB below, rebuilt the same way: the held-out samples
+    (an encoder's: their sentences) and the held-out samples."""
+    model = load_model(src)
+    calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, model, max_length=32,
                                       batch_size=8, max_samples=48, seed=0)
-    return calib.split(VERIFY_FRACTION)[1].batches
+    held_out = calib.split(VERIFY_FRACTION)[1]
+    return measured_part(held_out, model, src.parent, max_length=32, batch_size=8, seed=0), held_out
 
 
 CALIB = dict(calib=["sotu"], max_samples=48, max_length=32, threads=1, progress=False)
@@ -303,12 +306,18 @@ def test_report_fidelity_is_the_models_own_measure_on_the_held_out_samples(tmp_p
     src = tiny_model(arch, with_past=arch == "llama")
     out = tmp_path / "o.onnx"
     report = compile_model(src, out, recipe="balanced", **CALIB)
-    batches = _held_out(src)
-    meter = FidelityMeter.of_model(load_model(src), batches, threads=1)
-    direct = meter.measure(run_batches(make_session(out, threads=1), batches, meter.outputs))
+    measured, held_out = _held_out(src)
+    meter = FidelityMeter.of_model(load_model(src), measured.batches, threads=1)
+    direct = meter.measure(run_batches(make_session(out, threads=1), measured.batches, meter.outputs))
     fid = report.fidelity
-    assert fid["metric"] == metric and fid["samples"] == meter.samples == 7
-    assert report.verified_on == "7 held-out calibration samples"
+    assert fid["metric"] == metric and fid["samples"] == meter.samples == measured.num_samples
+    assert held_out.num_samples == 7
+    if metric == "perplexity":  # a decoder: the window-filling samples themselves
+        assert measured is held_out and report.verified_on == "7 held-out calibration samples"
+    else:  # an encoder: the sentences of those samples, what a sentence embedding embeds
+        whole = [s for text in held_out.texts for s in split_sentences(text, EVALUATION_MIN_CHARS)]
+        assert sorted(measured.texts) == sorted(whole)
+        assert report.verified_on == f"{measured.num_samples} sentences of 7 held-out calibration samples"
     assert fid["loss"] == pytest.approx(direct.loss, rel=1e-3, abs=1e-7) and fid["loss"] != 0  # int8 moved it
     table = report.format_table()
     assert "rel L2" not in table and "vs input" in table
