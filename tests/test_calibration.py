@@ -185,6 +185,7 @@ def test_sentences_are_those_of_the_samples_texts_long_enough_to_evaluate(bert):
     assert f"{len(expected)} sentences of 2 samples" in sentences.source
     assert CalibrationSet(sentences.batches, "no texts").sentences(tok, model) is None
 
+
 def test_from_files_txt_jsonl_and_folder(bert, tmp_path):
     model, tok = bert
     (tmp_path / "a.txt").write_text(

@@ -289,8 +289,8 @@ def test_compile_analyses_the_input_model_once(tmp_path, monkeypatch):
 
 
 def _held_out(src):
-    """What compile_model verifies on with CALIB below, rebuilt the same way: the held-out samples
-    (an encoder's: their sentences) and the held-out samples."""
+    """What compile_model measures on with CALIB below, rebuilt the same way (for an encoder, the
+    sentences of the held-out samples), and the held-out samples themselves."""
     model = load_model(src)
     calib = CalibrationSet.from_files(sotu_files("calibration"), src.parent, model, max_length=32,
                                       batch_size=8, max_samples=48, seed=0)
