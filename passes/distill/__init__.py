@@ -30,11 +30,19 @@ from onnxpress.passes.distill.data import batches_from_calibration, read_texts, 
 
 # per token, the float32 copies of the model's output that the loss and its gradient hold at once
 LOSS_COPIES = 12
+# compiled matrix-product kernels oneDNN keeps (its default: 1,024). It compiles one per shape, and
+# sentences of a hundred lengths, each through a dozen weight shapes forward and backward, need
+# thousands: with the default, a MiniLM student with 20% of its weights split (low-rank) recompiled
+# most of its bfloat16 kernels at every step (1.5 minutes of training: 308 steps, 443 with this)
+ONEDNN_KERNEL_CACHE = 16384
+# what those kernels took (the same student: the compile's peak memory 3.20 GiB with the default
+# cache, 4.65 GiB with this one)
+KERNEL_CACHE_BYTES = 3 * 2**29
 
 
 @dataclass
 class DistillConfig(PassConfig):
-    steps: int = 3000  # optimizer steps at most
+    steps: int = 6000  # optimizer steps at most (MiniLM: the time limit comes first)
     max_minutes: float = 12.0  # wall-time limit of the training loop
     # peak learning rate (AdamW), after a linear warm-up; cosine decay to 0 at the last step or the
     # time limit, whichever comes first
@@ -49,7 +57,7 @@ class DistillConfig(PassConfig):
     texts: int = 8000  # training texts at most (sentences for encoders, chunks for decoders)
     max_length: int = 128  # tokens per text
     holdout: float = 0.05  # share of the texts kept aside for the held-out loss
-    eval_every: int = 50  # steps between held-out evaluations
+    eval_every: int = 100  # steps between held-out evaluations
     patience: int = 4  # evaluations without improvement before stopping, once the lr has decayed to half its peak
     hidden_weight: float = 1.0  # encoders: token hidden-state loss
     cosine_weight: float = 1.0  # encoders: pooled-embedding cosine loss
@@ -101,16 +109,22 @@ class DistillPass(Pass):
         with a quarter of its FFN pruned, 16 x 128 tokens: 9.4 GiB, and 2.1 GiB for 5x its
         weights, on top of the 1.9 GiB the compile held before; the pass peaked at 11.0 GiB in
         3 minutes and 15.4 GiB in 12 (bfloat16 products, AMX Xeon), where the weights' multiple
-        alone estimated 2.1 GiB."""
+        alone estimated 2.1 GiB. Products in bfloat16 add oneDNN's compiled kernels
+        (``KERNEL_CACHE_BYTES``)."""
         per_token = 2 * sum(lin.d_in + lin.d_out for lin in LinearIndex(model.graph).ordered)
         output = model.graph.outputs[0].shape
         if output is not None and len(output) and isinstance(output[-1], int):
             per_token += LOSS_COPIES * output[-1]
-        return 4 * per_token * self.config.batch_size * self.config.max_length
+        kernels = KERNEL_CACHE_BYTES if self._bfloat16() else 0
+        return 4 * per_token * self.config.batch_size * self.config.max_length + kernels
+
+    def _bfloat16(self) -> bool:
+        precision = self.config.precision
+        return precision == "bfloat16" or (precision == "auto" and has_bfloat16_matmul())
 
     def apply(self, model: ir.Model, ctx) -> Outcome:
         # torch is imported here: onnxpress runs without it until a pipeline distills
-        from onnxpress.passes.distill.engine import TorchGraph, check_supported, float32_copy
+        from onnxpress.passes.distill.engine import TorchGraph, check_supported, training_copy
         from onnxpress.passes.distill.train import Loss, Schedule, Trainer
 
         torch = _torch()
@@ -125,14 +139,14 @@ class DistillPass(Pass):
                            details={"note": "no initializer differs from the original model: nothing to recover"})
         decoder = "logits" in [v.name for v in model.graph.outputs]
         seed = ctx.seed if cfg.seed is None else cfg.seed
-        bfloat16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and has_bfloat16_matmul())
+        bfloat16 = self._bfloat16()
         data = self._data(model, ctx, cfg, decoder, seed)
         targets, notes = _targets(model, teacher_model, decoder, cfg.layer_weight > 0)
         threads = torch.get_num_threads()
         torch.set_num_threads(ctx.threads or os.cpu_count() or 1)
         torch.manual_seed(seed)
         try:
-            student_model = float32_copy(model)
+            student_model = training_copy(model)
             student = TorchGraph(student_model, trainable)
             teacher = _teacher_runner(teacher_model, targets, ctx.threads)
             loss = Loss(targets, cfg.hidden_weight, cfg.cosine_weight, cfg.layer_weight, cfg.temperature)
@@ -205,6 +219,8 @@ def _rewritten(name: str, tensor, original: ir.Model) -> bool:
 
 
 def _torch():
+    # read once, when oneDNN compiles its first kernel in the process; a user's setting is kept
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_KERNEL_CACHE))
     try:
         import torch
     except ImportError:

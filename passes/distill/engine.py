@@ -32,6 +32,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F  # noqa: N812
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import erfgelu
 
 from onnxpress.editing import new_tensor
 from onnxpress.errors import OnnxpressError
@@ -387,14 +389,36 @@ def _normalize(data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _layer_norm(rms: bool) -> OpFn:
-    def run(node: ir.Node, x: Inputs) -> tuple[torch.Tensor, ...]:
+    def run(node: ir.Node, x: Inputs) -> tuple[torch.Tensor | None, ...]:
         attrs = node.attributes
-        y, mean, inv_std = _normalize(x[0], x[1], None if rms else _opt(x, 2), attrs.get_int("axis", -1),
-                                      attrs.get_float("epsilon", 1e-5), rms=rms,
-                                      stash=attrs.get_int("stash_type", 1) == 1)
+        axis, eps, bias = attrs.get_int("axis", -1), attrs.get_float("epsilon", 1e-5), None if rms else _opt(x, 2)
+        stash = attrs.get_int("stash_type", 1) == 1
+        if not any(_read(v) for v in node.outputs[1:]):
+            fast = _fused_normalize(x[0], x[1], bias, axis, eps, rms=rms, stash=stash)
+            if fast is not None:
+                return (fast, None) if rms else (fast, None, None)
+        y, mean, inv_std = _normalize(x[0], x[1], bias, axis, eps, rms=rms, stash=stash)
         return (y, inv_std) if rms else (y, mean, inv_std)  # SimplifiedLayerNormalization: (Y, inv_std_var)
 
     return run
+
+
+def _read(value: ir.Value | None) -> bool:
+    return value is not None and (bool(value.uses()) or value.is_graph_output())
+
+
+def _fused_normalize(data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int, eps: float,
+                     *, rms: bool, stash: bool) -> torch.Tensor | None:
+    """``_normalize``'s y by torch's fused kernels, when the scale and bias cover the normalized
+    dims exactly (None otherwise): one op forward and one backward, where the composition is a
+    dozen (MiniLM, a batch of 16 sentences forward and backward, bfloat16 products: 113 -> 101 ms)."""
+    shape = tuple(data.shape[_axis(axis, data.ndim):])
+    if tuple(scale.shape) != shape or (bias is not None and tuple(bias.shape) != shape):
+        return None
+    xs = data.float() if stash and data.dtype in (torch.float16, torch.bfloat16) else data
+    scale, bias = scale.to(xs.dtype), None if bias is None else bias.to(xs.dtype)
+    y = F.rms_norm(xs, shape, scale, eps) if rms else F.layer_norm(xs, shape, scale, bias, eps)
+    return y.to(data.dtype)
 
 
 def _skip_layer_norm(rms: bool) -> OpFn:
@@ -619,6 +643,21 @@ def float32_copy(model: ir.Model) -> ir.Model:
             _to_float32_type(value)
     for value in copy.graph.inputs:
         _to_float32_type(value)
+    return copy
+
+
+# 0.5 * x * (1 + Erf(x / sqrt 2)), as exports write GELU, in any operand order -> com.microsoft.Gelu
+_ERF_GELU = pattern.RewriteRuleSet([erfgelu.rule1, erfgelu.rule2], commute=True)
+
+
+def training_copy(model: ir.Model) -> ir.Model:
+    """The graph a student trains as: ``float32_copy``, with GELUs written as the erf formula
+    fused into one op (F.gelu: one kernel forward and one backward, where the five ops' backward
+    is about a dozen; MiniLM, a batch of 16 sentences forward and backward: 101 -> 85 ms). The
+    same function of the same initializers; ``model`` is not changed."""
+    copy = float32_copy(model)
+    copy = model.clone() if copy is model else copy
+    _ERF_GELU.apply_to_model(copy)
     return copy
 
 

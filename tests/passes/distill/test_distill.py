@@ -9,6 +9,8 @@ cache, and misuse is a one-line error.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -157,6 +159,18 @@ def test_bfloat16_products_where_the_cpu_has_them_and_both_precisions_recover(mo
     assert any(not np.array_equal(runs[True][n], runs[False][n]) for n in runs[True])
 
 
+def test_onednn_keeps_thousands_of_kernels_unless_the_user_chose_how_many(monkeypatch):
+    """A kernel per matrix shape: the default cache of 1,024 is too small for a student's shapes."""
+    import onnxpress.passes.distill as distill_pass
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    distill_pass._torch()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(distill_pass.ONEDNN_KERNEL_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    distill_pass._torch()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
 @pytest.mark.parametrize("structural", [
     ("lowrank", {"fraction": 0.3, "allocation": "uniform"}),
     ("share_weights", {"fraction": 0.3, "group_size": 2}),
@@ -198,12 +212,16 @@ def test_a_batch_whose_logits_would_not_fit_is_warned_about_before_training(monk
     decoder's logits over its vocabulary grow with batch x tokens, and past free memory the pass
     is warned about before it trains."""
     import onnxpress.memory
+    import onnxpress.passes.distill as distill_pass
     from onnxpress.model_io import model_nbytes
 
     path = tiny_model("llama", with_past=True)
     model = load_model(path)
-    small, large = (build_pass("distill", {**FAST, "batch_size": b}).working_memory(model) for b in (4, 64))
+    fast = {**FAST, "precision": "float32"}
+    small, large = (build_pass("distill", {**fast, "batch_size": b}).working_memory(model) for b in (4, 64))
     assert large == 16 * small
+    bfloat16 = build_pass("distill", {**fast, "precision": "bfloat16"}).working_memory(model)
+    assert bfloat16 == small + distill_pass.KERNEL_CACHE_BYTES  # oneDNN's compiled kernels
     logits = 4 * 64 * FAST["max_length"] * VOCAB
     assert large > 12 * logits > 5 * model_nbytes(model)
 
@@ -212,9 +230,9 @@ def test_a_batch_whose_logits_would_not_fit_is_warned_about_before_training(monk
 
     monkeypatch.setattr(onnxpress.memory.psutil, "virtual_memory", lambda: Machine)
     ctx = _context(model)
-    [result] = _compile(model, [("distill", {**FAST, "batch_size": 64, "steps": 2, "eval_every": 1})], ctx)
+    [result] = _compile(model, [("distill", {**fast, "batch_size": 64, "steps": 2, "eval_every": 1})], ctx)
     assert "GiB of working memory" in result.details["memory_warning"]
-    [result] = _compile(load_model(path), [("distill", {**FAST, "steps": 2, "eval_every": 1})], _context(model))
+    [result] = _compile(load_model(path), [("distill", {**fast, "steps": 2, "eval_every": 1})], _context(model))
     assert "memory_warning" not in result.details
 
 

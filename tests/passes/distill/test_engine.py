@@ -22,7 +22,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.fidelity import compare_outputs
 from onnxpress.model_io import load_model, session_model
 from onnxpress.pass_infra import build_pass
-from onnxpress.passes.distill.engine import OPS, TorchGraph
+from onnxpress.passes.distill.engine import OPS, TorchGraph, training_copy
 from onnxpress.pipeline import CompileContext, Pipeline
 from onnxpress.runtime import make_session, run_batches
 
@@ -108,6 +108,22 @@ def test_forward_matches_ort_on_every_tiny_export(arch, exporter, past):
     model = load_model(tiny_model(arch, exporter, with_past=past))
     batches = [_feeds(model, seed) for seed in (0, 1)]
     _assert_matches_ort(_ort_outputs(model, batches), _torch_outputs(TorchGraph(model), batches))
+
+
+@pytest.mark.parametrize(("arch", "exporter", "past"), EXPORTS, ids=EXPORT_IDS)
+def test_training_copy_computes_what_ort_computes_on_every_tiny_export(arch, exporter, past):
+    model = load_model(tiny_model(arch, exporter, with_past=past))
+    batches = [_feeds(model, seed) for seed in (0, 1)]
+    _assert_matches_ort(_ort_outputs(model, batches), _torch_outputs(TorchGraph(training_copy(model)), batches))
+
+
+def test_training_copy_fuses_erf_gelus_and_leaves_the_model_as_it_was():
+    model = load_model(tiny_model("bert", "optimum"))
+    ops = [n.op_type for n in model.graph]
+    copy = [n.op_type for n in training_copy(model).graph]
+    assert ops.count("Erf") > 0 and "Gelu" not in ops
+    assert copy.count("Gelu") == ops.count("Erf") and "Erf" not in copy
+    assert [n.op_type for n in model.graph] == ops
 
 
 def test_dynamic_sizes_run_through_one_module():
@@ -269,6 +285,7 @@ OP_CASES = {
     "Dropout-mask": ("Dropout", [_f32(3, 4)], {}, 2),
     "LayerNormalization-stats": ("LayerNormalization", [_f32(2, 3, 4), *_vectors((3, 4), 2)],
                                  {"axis": 1, "epsilon": 1e-3}, 3, 17),
+    "LayerNormalization-axis": ("LayerNormalization", [_f32(2, 3, 4), *_vectors((3, 4), 2)], {"axis": 1}, 1, 17),
     "LayerNormalization-fp16": ("LayerNormalization", [_f16(2, 8), _f16(8, seed=1), _f16(8, seed=2)], {},
                                 1, 17),
     "MatMul-fp16": ("MatMul", [_f16(2, 3, 8), _f16(8, 4, seed=1)], {}),
