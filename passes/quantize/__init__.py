@@ -115,9 +115,10 @@ class QuantizeConfig(PassConfig):
     symmetric: bool = False
     lm_head_bits: int = 0  # 0: same as bits; 8: int8 blocks for the LM head; -1: keep it float
     lm_head_block_size: int = 0  # 0: same as block_size (int8 bears larger blocks: fewer scales to store)
-    # the LM head's first rows (token ids) in int8 blocks of 64 and the rest in 4 bits: byte-level BPE
-    # vocabularies number tokens in merge order, commonest first, so a few thousand rows carry most of
-    # what a 4-bit head loses (SmolLM2: ids below 4,096 are three quarters of English text's tokens)
+    # the LM head's first rows (token ids) in int8 blocks of 64 and the rest in 4 bits (a tied embedding
+    # reads each token's row from its kernel's codes): byte-level BPE vocabularies number tokens in
+    # merge order, commonest first, so a few thousand rows carry most of what a 4-bit head loses
+    # (SmolLM2: ids below 4,096 are three quarters of English text's tokens, below 16,384 over nine tenths)
     lm_head_int8_rows: int = 0
     # MatMuls of these roles in the outer layers (the first and last ``outer_layers`` share of
     # them, at least one at each end) get ``outer_bits`` in blocks of ``outer_block_size``
@@ -553,12 +554,9 @@ class QuantizePass(Pass):
             )
             head = group[0] if group[0].role == "lm_head" and len(group) == 1 else None
             if head is not None and 0 < cfg.lm_head_int8_rows < weight.shape[1]:
-                int8_rows, head_name, dtype = cfg.lm_head_int8_rows, head.name, head.dtype
+                int8_rows = cfg.lm_head_int8_rows
                 parts = [quantize(weight[:, :int8_rows], 8, INT8_ROWS_BLOCK), quantize(weight[:, int8_rows:], bits, block)]
-                _, rest = rw.nbits_by_rows(head, parts, cfg.accuracy_level)
-                if head.transposed:
-                    first_rows = quantize(weight[:, :int8_rows], bits, block, hessian=None)
-                    heads[id(head)] = rw.split_head_table(head_name, rest, first_rows, dtype)
+                heads[id(head)] = [CodeTable.of_kernel(k) for k in rw.nbits_by_rows(head, parts, cfg.accuracy_level)]
             elif cfg.pack:
                 node = rw.nbits(group, quantize(weight, bits, block), cfg.accuracy_level)
                 merged += len(group) - 1
@@ -566,8 +564,8 @@ class QuantizePass(Pass):
                 nw = quantize(weight, bits, block)
                 for lin, cols in zip(group, _column_splits(group), strict=True):
                     node = rw.nbits([lin], split_columns(nw, cols), cfg.accuracy_level)
-            if head is not None and head.transposed and id(head) not in heads:
-                heads[id(head)] = CodeTable.of_kernel(node)
+            if head is not None and id(head) not in heads:
+                heads[id(head)] = [CodeTable.of_kernel(node)]
             done += group
             per_bits[bits] += len(group)
         tied_tables = sum(rw.tied_embedding(gather, heads[id(lin)]) for lin, gather in tables if id(lin) in heads)

@@ -14,7 +14,8 @@ MatMuls reading one input (q/k/v, gate/up) may share one kernel (``pack``), spli
 read packed by GroupQueryAttention. An LM head tied to the embedding table (its weight is
 ``Transpose(table)``) gets weights of its own; under weight-only, the embedding Gather then
 reads the head's codes (``GatherBlockQuantized``), so the table is stored once. An LM head may
-be split by vocabulary rows into kernels of different bits, their outputs concatenated.
+be split by vocabulary rows into kernels of different bits, their outputs concatenated (a tied
+embedding then looks each token up in the codes of its rows' kernel).
 
 Half-precision models: MatMulNBits and the int8 embedding rows take the model's float
 type; the int8 MatMul kernels (and DynamicQuantizeLinear) take float32 only, so a float16
@@ -401,49 +402,56 @@ class QuantRewriter:
         for lin, out in zip(linears, split.outputs, strict=True):
             self._replace_output_with(lin.node, out)
 
-    def split_head_table(self, name: str, rest: ir.Node, first_rows, dtype: np.dtype) -> CodeTable:
-        """The table a tied embedding reads when its LM head is split by rows (``rest``: the
-        kernel of the later rows; ``first_rows``: the earlier ones in the same bits, rounded alone
-        as an embedding has no Hessian): one bit width for all rows, the earlier ones stored
-        again. Concatenated by nodes over initializers, which ORT folds when it loads the model.
-        ``name``: the head's, ``dtype``: its activations'."""
-        later = CodeTable.of_kernel(rest)
-        base = f"{_stem(name)}_embedding_rows"
-        earlier = CodeTable(*self.code_table(rest, first_rows, base, dtype), later.bits, later.block_size,
-                            later.K, first_rows.N)
-        stacked = []
-        for i, field in enumerate(("codes", "scales", "zero_points")):
-            values = [getattr(t, field) for t in (earlier, later)]
-            if values[0] is None:
-                stacked.append(None)
-                continue
-            concat = ir.node("Concat", values, {"axis": 0}, name=f"{base}_Stack{i}")
-            concat.outputs[0].name = self.editor.fresh_name(f"{base}_{field}")
-            self._insert(rest, [concat])
-            stacked.append(concat.outputs[0])
-        return CodeTable(*stacked, later.bits, later.block_size, later.K, earlier.N + later.N)
-
-    def tied_embedding(self, gather: ir.Node, table: CodeTable) -> bool:
+    def tied_embedding(self, gather: ir.Node, tables: list[CodeTable]) -> bool:
         """The embedding ``gather`` reads its rows from the int8/int4 codes of the LM head tied to
-        its table (``table``: a MatMulNBits' inputs, the head's transposed table): ``GatherBlockQuantized``
-        over the head's codes, scales and zero points, so the file stores the table once, quantised."""
-        bits, block, K, N = table.bits, table.block_size, table.K, table.N
-        if K % block or gather.attributes.get_int("axis", 0) != 0:
+        its table (``tables``: the MatMulNBits inputs of the head's row ranges in order, each the
+        transposed table of its rows): ``GatherBlockQuantized`` over each range's codes, scales
+        and zero points, so the file stores the table once, quantised. With several ranges (a head
+        split by rows) every token id is looked up in each range, clipped into it, and ``Where``
+        keeps the lookup of the range it falls in."""
+        if gather.attributes.get_int("axis", 0) != 0 or any(t.K % t.block_size for t in tables):
             return False
         base = _stem(gather.name or "embedding")
-        shape = self.editor.add_initializer(f"{base}_code_rows", np.array([N, K * bits // 8], np.int64))
-        rows = ir.node("Reshape", [table.codes, shape], name=f"{base}_CodeRows")  # [N, blocks, blob] -> [N, K]
-        rows.outputs[0].name = self.editor.fresh_name(f"{base}_code_rows")
-        zero_points = [table.zero_points] if table.zero_points is not None else []
-        lookup = ir.node(
-            "GatherBlockQuantized",
-            [rows.outputs[0], gather.inputs[1], table.scales, *zero_points],
-            {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
-            domain="com.microsoft",
-            name=f"{base}_GatherBlockQuantized",
-        )
-        self._insert(gather, [rows, lookup])
-        self._replace_node_output(gather, lookup)
+        ids = gather.inputs[1]
+        id_type = ids.dtype.numpy() if ids.dtype is not None else np.int64
+        nodes, lookups, start = [], [], 0
+        for i, table in enumerate(tables):
+            shape = self.editor.add_initializer(f"{base}_code_rows{i}",
+                                                np.array([table.N, table.K * table.bits // 8], np.int64))
+            rows = ir.node("Reshape", [table.codes, shape], name=f"{base}_CodeRows{i}")  # [N, blocks, blob] -> [N, K]
+            rows.outputs[0].name = self.editor.fresh_name(f"{base}_code_rows{i}")
+            nodes.append(rows)
+            local = ids
+            if len(tables) > 1:  # this range's row of each id, clipped into the range
+                first, zero, last = (self.editor.add_initializer(f"{base}_rows{i}_{what}", np.array(v, id_type))
+                                     for what, v in (("first", start), ("zero", 0), ("last", table.N - 1)))
+                shift = ir.node("Sub", [ids, first], name=f"{base}_Rows{i}Sub")
+                clip = ir.node("Clip", [shift.outputs[0], zero, last], name=f"{base}_Rows{i}Clip")
+                nodes += [shift, clip]
+                local = clip.outputs[0]
+            zero_points = [table.zero_points] if table.zero_points is not None else []
+            lookup = ir.node(
+                "GatherBlockQuantized",
+                [rows.outputs[0], local, table.scales, *zero_points],
+                {"bits": table.bits, "block_size": table.block_size, "gather_axis": 0, "quantize_axis": 1},
+                domain="com.microsoft",
+                name=f"{base}_GatherBlockQuantized{i if len(tables) > 1 else ''}",
+            )
+            nodes.append(lookup)
+            lookups.append((start + table.N, lookup))
+            start += table.N
+        result = lookups[-1][1]
+        if len(lookups) > 1:
+            axes = self.editor.add_initializer(f"{base}_last_axis", np.array([-1], np.int64))
+        for end, lookup in reversed(lookups[:-1]):  # an earlier range's lookup where the id is below its end
+            below = ir.node("Less", [ids, self.editor.add_initializer(f"{base}_rows_end{end}", np.array(end, id_type))],
+                            name=f"{base}_Below{end}")
+            column = ir.node("Unsqueeze", [below.outputs[0], axes], name=f"{base}_Below{end}Column")
+            pick = ir.node("Where", [column.outputs[0], lookup.outputs[0], result.outputs[0]], name=f"{base}_Pick{end}")
+            nodes += [below, column, pick]
+            result = pick
+        self._insert(gather, nodes)
+        self._replace_node_output(gather, result)
         return True
 
     def embedding(self, node: ir.Node) -> bool:
